@@ -1,0 +1,1 @@
+//! Acting on findings: alert sinks and guarded repair.

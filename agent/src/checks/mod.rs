@@ -1,0 +1,1 @@
+//! Pure checks: (desired, observed, counters) → findings. No I/O.

@@ -1,0 +1,1 @@
+//! Configuration file: serde structs with defaults, validation errors that name the key.

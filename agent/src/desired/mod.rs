@@ -1,0 +1,1 @@
+//! Desired state: the `Datastore` sources (file, kubernetes) → `model::DesiredState`.

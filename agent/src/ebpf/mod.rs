@@ -1,0 +1,1 @@
+//! eBPF: BTF offsets, load/attach, drop and neighbour counters.

@@ -1,0 +1,561 @@
+//! The data the checks reason about: what the kernel has ([`ObservedState`]), what the datastore
+//! says it should have ([`DesiredState`]), and what is wrong ([`Finding`]). Plain data, no I/O.
+
+use std::{
+    collections::BTreeMap,
+    fmt,
+    net::{IpAddr, Ipv4Addr},
+    str::FromStr,
+    time::SystemTime,
+};
+
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+
+/// An Ethernet address, printed and parsed as `aa:bb:cc:dd:ee:ff`.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct MacAddr(pub [u8; 6]);
+
+impl MacAddr {
+    /// Felix's VTEP MAC for a node that does not publish one: 0x66 followed by the first five
+    /// bytes of sha1(seed), where seed is the node name (`name + "-v6"` for IPv6).
+    pub fn derive_like_felix(seed: &str) -> Self {
+        use sha1::{Digest, Sha1};
+        let digest = Sha1::digest(seed.as_bytes());
+        let mut mac = [0u8; 6];
+        mac[0] = 0x66;
+        mac[1..].copy_from_slice(&digest[..5]);
+        MacAddr(mac)
+    }
+}
+
+impl fmt::Display for MacAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let m = self.0;
+        write!(
+            f,
+            "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+            m[0], m[1], m[2], m[3], m[4], m[5]
+        )
+    }
+}
+
+impl fmt::Debug for MacAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+/// Error parsing a MAC address.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("invalid MAC address {0:?}: expected six hex bytes like 66:aa:bb:cc:dd:ee")]
+pub struct MacParseError(pub String);
+
+impl FromStr for MacAddr {
+    type Err = MacParseError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let err = || MacParseError(s.to_string());
+        let mut mac = [0u8; 6];
+        let mut parts = s.split([':', '-']);
+        for byte in &mut mac {
+            let part = parts.next().ok_or_else(err)?;
+            if part.is_empty() || part.len() > 2 {
+                return Err(err());
+            }
+            *byte = u8::from_str_radix(part, 16).map_err(|_| err())?;
+        }
+        if parts.next().is_some() {
+            return Err(err());
+        }
+        Ok(MacAddr(mac))
+    }
+}
+
+impl Serialize for MacAddr {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for MacAddr {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Observed (kernel) state
+// ---------------------------------------------------------------------------------------------
+
+/// Everything the checks need from one network namespace, per watched overlay device.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct ObservedState {
+    /// Keyed by device name (`vxlan.calico`). A watched device that does not exist is absent.
+    pub devices: BTreeMap<String, ObservedDevice>,
+}
+
+/// One overlay device and the routes, neighbours and FDB entries that point out of it.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct ObservedDevice {
+    pub link: LinkInfo,
+    /// Routes (any table) whose output interface is this device.
+    pub routes: Vec<Route>,
+    /// IPv4/IPv6 neighbour entries on this device.
+    pub neighbours: Vec<Neighbour>,
+    /// AF_BRIDGE forwarding entries on this device (VXLAN remote destinations).
+    pub fdb: Vec<FdbEntry>,
+}
+
+/// Link attributes of an overlay device.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct LinkInfo {
+    pub name: String,
+    pub ifindex: u32,
+    /// `IFLA_INFO_KIND`, e.g. `vxlan`.
+    pub kind: Option<String>,
+    pub vni: Option<u32>,
+    /// UDP destination port.
+    pub port: Option<u16>,
+    pub learning: Option<bool>,
+    /// Local (source) underlay address of the tunnel, if set.
+    pub local: Option<IpAddr>,
+    /// Administratively and operationally up (IFF_UP).
+    pub up: bool,
+    pub mac: Option<MacAddr>,
+    pub mtu: Option<u32>,
+    /// Addresses configured on the device (Calico: the node's own VTEP as a /32).
+    pub addresses: Vec<IpNet>,
+}
+
+/// Route type (`rtm_type`), only the ones that matter here are distinguished.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RouteKind {
+    Unicast,
+    Blackhole,
+    Unreachable,
+    Prohibit,
+    Local,
+    Other,
+}
+
+/// A route whose output interface is an overlay device.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Route {
+    pub destination: IpNet,
+    pub gateway: Option<IpAddr>,
+    pub onlink: bool,
+    /// `rtm_protocol` (3 = boot, Calico's default; 80 = Calico's own on newer releases).
+    pub protocol: u8,
+    pub table: u32,
+    pub kind: RouteKind,
+    pub metric: Option<u32>,
+}
+
+impl Route {
+    /// The route as `ip route` prints it, for messages and fix hints.
+    pub fn display(&self, device: &str) -> String {
+        let mut s = match self.kind {
+            RouteKind::Blackhole => format!("blackhole {}", self.destination),
+            _ => self.destination.to_string(),
+        };
+        if let Some(gw) = self.gateway {
+            s.push_str(&format!(" via {gw}"));
+        }
+        if self.kind != RouteKind::Blackhole {
+            s.push_str(&format!(" dev {device}"));
+        }
+        if self.protocol != 3 {
+            s.push_str(&format!(" proto {}", self.protocol));
+        }
+        if self.onlink {
+            s.push_str(" onlink");
+        }
+        s
+    }
+}
+
+/// Neighbour cache state (`NUD_*` bits).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+pub struct NeighState(pub u16);
+
+impl NeighState {
+    pub const INCOMPLETE: u16 = 0x01;
+    pub const REACHABLE: u16 = 0x02;
+    pub const STALE: u16 = 0x04;
+    pub const DELAY: u16 = 0x08;
+    pub const PROBE: u16 = 0x10;
+    pub const FAILED: u16 = 0x20;
+    pub const NOARP: u16 = 0x40;
+    pub const PERMANENT: u16 = 0x80;
+
+    /// A usable link-layer address: permanent, reachable, or one the kernel still sends to
+    /// while it re-verifies (stale/delay/probe).
+    pub fn is_resolved(self) -> bool {
+        self.0
+            & (Self::PERMANENT
+                | Self::REACHABLE
+                | Self::STALE
+                | Self::DELAY
+                | Self::PROBE
+                | Self::NOARP)
+            != 0
+    }
+
+    pub fn is_permanent(self) -> bool {
+        self.0 & Self::PERMANENT != 0
+    }
+
+    /// Lower-case name as `ip neigh` prints it (`incomplete`, `failed`, `permanent`, …).
+    pub fn name(self) -> String {
+        const NAMES: [(u16, &str); 8] = [
+            (NeighState::INCOMPLETE, "incomplete"),
+            (NeighState::REACHABLE, "reachable"),
+            (NeighState::STALE, "stale"),
+            (NeighState::DELAY, "delay"),
+            (NeighState::PROBE, "probe"),
+            (NeighState::FAILED, "failed"),
+            (NeighState::NOARP, "noarp"),
+            (NeighState::PERMANENT, "permanent"),
+        ];
+        let names: Vec<&str> = NAMES
+            .iter()
+            .filter(|(bit, _)| self.0 & bit != 0)
+            .map(|(_, n)| *n)
+            .collect();
+        if names.is_empty() {
+            "none".to_string()
+        } else {
+            names.join(",")
+        }
+    }
+}
+
+/// A neighbour (ARP/NDP) entry.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Neighbour {
+    pub ip: IpAddr,
+    pub mac: Option<MacAddr>,
+    pub state: NeighState,
+}
+
+/// A VXLAN forwarding entry: frames for `mac` are encapsulated to `destination`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct FdbEntry {
+    pub mac: MacAddr,
+    pub destination: Option<IpAddr>,
+    pub permanent: bool,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Desired (datastore) state
+// ---------------------------------------------------------------------------------------------
+
+/// What the datastore says the overlay should look like, seen from `local_node`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct DesiredState {
+    /// Where this came from (`file:/etc/...`, `kubernetes`), for messages.
+    pub source: String,
+    pub local_node: String,
+    /// Every node, including the local one, keyed by name.
+    pub nodes: BTreeMap<String, PeerNode>,
+    /// Datastore entries that failed validation: their peers are skipped, never checked
+    /// against garbage, and each one is reported.
+    pub problems: Vec<DatastoreProblem>,
+}
+
+impl DesiredState {
+    /// Remote nodes (every node except the local one).
+    pub fn peers(&self) -> impl Iterator<Item = &PeerNode> {
+        self.nodes
+            .values()
+            .filter(move |n| n.name != self.local_node)
+    }
+}
+
+/// One node as the datastore describes it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct PeerNode {
+    pub name: String,
+    /// Underlay address: the FDB destination for this node's VTEP MAC.
+    pub node_ip: IpAddr,
+    /// Tunnel endpoint address: the gateway of routes to this node's blocks.
+    pub vtep_ip: IpAddr,
+    pub vtep_mac: MacAddr,
+    /// True when `vtep_mac` was derived like Felix rather than published.
+    pub vtep_mac_derived: bool,
+    /// Pod address blocks affine to this node.
+    pub blocks: Vec<IpNet>,
+    /// Single addresses this node uses from other nodes' blocks (routed as /32).
+    pub borrowed: Vec<IpNet>,
+}
+
+/// A datastore entry that could not be used, with enough context to find and fix it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct DatastoreProblem {
+    /// Where: file path or Kubernetes object (`Node/k8s03`).
+    pub object: String,
+    /// The node it concerns, if known.
+    pub node: Option<String>,
+    /// The field at fault (`vtep_ip`, `blocks[2]`, `metadata.annotations[...]`).
+    pub field: String,
+    pub message: String,
+}
+
+/// IPv4 network base address of a block (`10.1.235.128` for `10.1.235.128/26`).
+pub fn network_address(net: &IpNet) -> IpAddr {
+    net.network()
+}
+
+/// Convenience for tests and the file source.
+pub fn v4(a: u8, b: u8, c: u8, d: u8) -> IpAddr {
+    IpAddr::V4(Ipv4Addr::new(a, b, c, d))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Findings
+// ---------------------------------------------------------------------------------------------
+
+/// Stable check identifiers (DESIGN.md §3). Serialized in kebab-case.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum CheckId {
+    GatewayWrongVtep,
+    GatewayNotAVtep,
+    GatewayIsNetworkAddress,
+    NeighbourUnresolved,
+    NeighbourMacMismatch,
+    FdbMissing,
+    FdbWrongDestination,
+    RouteMissing,
+    RouteStale,
+    TrafficBlackholed,
+    DropsUnexplained,
+    DeviceMissing,
+    DeviceMisconfigured,
+    DatastoreInvalid,
+    DatastoreStale,
+    KubeletWatchStalled,
+}
+
+impl CheckId {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CheckId::GatewayWrongVtep => "gateway-wrong-vtep",
+            CheckId::GatewayNotAVtep => "gateway-not-a-vtep",
+            CheckId::GatewayIsNetworkAddress => "gateway-is-network-address",
+            CheckId::NeighbourUnresolved => "neighbour-unresolved",
+            CheckId::NeighbourMacMismatch => "neighbour-mac-mismatch",
+            CheckId::FdbMissing => "fdb-missing",
+            CheckId::FdbWrongDestination => "fdb-wrong-destination",
+            CheckId::RouteMissing => "route-missing",
+            CheckId::RouteStale => "route-stale",
+            CheckId::TrafficBlackholed => "traffic-blackholed",
+            CheckId::DropsUnexplained => "drops-unexplained",
+            CheckId::DeviceMissing => "device-missing",
+            CheckId::DeviceMisconfigured => "device-misconfigured",
+            CheckId::DatastoreInvalid => "datastore-invalid",
+            CheckId::DatastoreStale => "datastore-stale",
+            CheckId::KubeletWatchStalled => "kubelet-watch-stalled",
+        }
+    }
+}
+
+impl fmt::Display for CheckId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Ordered so that `max()` is the worst.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Severity {
+    Info,
+    Warning,
+    Critical,
+}
+
+impl fmt::Display for Severity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Severity::Info => "info",
+            Severity::Warning => "warning",
+            Severity::Critical => "critical",
+        })
+    }
+}
+
+/// Supporting facts for a finding. Every field is optional; absent ones are not serialized.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Evidence {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub neighbour_state: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub neighbour_mac: Option<MacAddr>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub expected_mac: Option<MacAddr>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fdb_destination: Option<IpAddr>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub expected_fdb_destination: Option<IpAddr>,
+    /// Every route this finding covers (one peer-level problem may span several blocks).
+    #[serde(skip_serializing_if = "Vec::is_empty", default)]
+    pub routes: Vec<String>,
+    /// Packets dropped toward the peer since the problem was first seen (eBPF).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub drops: Option<u64>,
+    /// Drop reasons seen, by kernel name.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty", default)]
+    pub drop_reasons: BTreeMap<String, u64>,
+    /// Free-form facts that do not fit above (`vni`, `port`, `datastore field`, …).
+    #[serde(skip_serializing_if = "BTreeMap::is_empty", default)]
+    pub details: BTreeMap<String, String>,
+}
+
+/// What repair did, or would do, about a finding.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RepairInfo {
+    /// `route-replace`, `neigh-replace`, `fdb-replace`, …
+    pub action: String,
+    /// `planned`, `applied`, `failed`, `refused`, `contested`.
+    pub status: String,
+    /// The equivalent `ip`/`bridge` command, for a human to run or audit.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub command: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+/// One problem, with everything an SRE needs to act on it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Finding {
+    pub check: CheckId,
+    pub severity: Severity,
+    pub device: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub route: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gateway: Option<IpAddr>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub expected_gateway: Option<IpAddr>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub peer_node: Option<String>,
+    /// When the problem was first seen (set by whoever tracks findings over time).
+    #[serde(
+        with = "humantime_serde",
+        skip_serializing_if = "Option::is_none",
+        default
+    )]
+    pub since: Option<SystemTime>,
+    pub message: String,
+    /// The exact command that would fix it, when one is known.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hint: Option<String>,
+    pub evidence: Evidence,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub repair: Option<RepairInfo>,
+}
+
+impl Finding {
+    pub fn new(check: CheckId, severity: Severity, device: &str, message: String) -> Self {
+        Finding {
+            check,
+            severity,
+            device: device.to_string(),
+            route: None,
+            gateway: None,
+            expected_gateway: None,
+            peer_node: None,
+            since: None,
+            message,
+            hint: None,
+            evidence: Evidence::default(),
+            repair: None,
+        }
+    }
+
+    /// Identity of a finding across re-evaluations: same check, device, peer and route means
+    /// the same problem (so `since` survives).
+    pub fn key(&self) -> (CheckId, String, Option<String>, Option<String>) {
+        (
+            self.check,
+            self.device.clone(),
+            self.peer_node.clone(),
+            self.route.clone(),
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mac_round_trips_and_rejects_garbage() {
+        let mac: MacAddr = "66:0a:BB:cc:dd:ee".parse().unwrap();
+        assert_eq!(mac.to_string(), "66:0a:bb:cc:dd:ee");
+        for bad in [
+            "",
+            "66:aa",
+            "66:aa:bb:cc:dd:ee:ff",
+            "zz:aa:bb:cc:dd:ee",
+            "666:a:b:c:d:e",
+        ] {
+            assert!(bad.parse::<MacAddr>().is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn felix_mac_derivation_matches_sha1_prefix() {
+        let mac = MacAddr::derive_like_felix("k8s03");
+        assert_eq!(mac.0[0], 0x66);
+        use sha1::{Digest, Sha1};
+        let d = Sha1::digest(b"k8s03");
+        assert_eq!(&mac.0[1..], &d[..5]);
+        assert_ne!(mac, MacAddr::derive_like_felix("k8s03-v6"));
+    }
+
+    #[test]
+    fn neighbour_state_classification() {
+        assert!(!NeighState(NeighState::INCOMPLETE).is_resolved());
+        assert!(!NeighState(NeighState::FAILED).is_resolved());
+        assert!(!NeighState(0).is_resolved());
+        assert!(NeighState(NeighState::PERMANENT).is_resolved());
+        assert!(NeighState(NeighState::STALE).is_resolved());
+        assert_eq!(NeighState(NeighState::INCOMPLETE).name(), "incomplete");
+    }
+
+    #[test]
+    fn route_displays_like_ip_route() {
+        let r = Route {
+            destination: "10.1.235.128/26".parse().unwrap(),
+            gateway: Some(v4(10, 1, 235, 128)),
+            onlink: true,
+            protocol: 3,
+            table: 254,
+            kind: RouteKind::Unicast,
+            metric: None,
+        };
+        assert_eq!(
+            r.display("vxlan.calico"),
+            "10.1.235.128/26 via 10.1.235.128 dev vxlan.calico onlink"
+        );
+    }
+
+    #[test]
+    fn finding_json_uses_contract_names() {
+        let mut f = Finding::new(
+            CheckId::GatewayWrongVtep,
+            Severity::Critical,
+            "vxlan.calico",
+            "x".into(),
+        );
+        f.expected_gateway = Some(v4(10, 1, 235, 133));
+        let j = serde_json::to_value(&f).unwrap();
+        assert_eq!(j["check"], "gateway-wrong-vtep");
+        assert_eq!(j["severity"], "critical");
+        assert_eq!(j["expected_gateway"], "10.1.235.133");
+    }
+}

@@ -1,0 +1,1 @@
+//! Kernel state from netlink: dump and multicast monitor of overlay devices, routes, neighbours and FDB → `model::ObservedState`.

@@ -1,0 +1,1 @@
+//! Serving state: status API on a Unix socket, Prometheus metrics.
