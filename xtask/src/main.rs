@@ -118,7 +118,10 @@ fn cargo(env: &setup::Toolchain, args: &[&str]) -> Command {
 fn test(unprivileged: bool, filter: Option<&str>) -> Result<()> {
     let started = Instant::now();
     let env = setup::run()?;
-    run("cargo fmt --check", &mut cargo(&env, &["fmt", "--all", "--check"]))?;
+    run(
+        "cargo fmt --check",
+        &mut cargo(&env, &["fmt", "--all", "--check"]),
+    )?;
     run(
         "clippy (host crates, -D warnings)",
         &mut cargo(

@@ -1,1 +1,268 @@
-//! Pure checks: (desired, observed, counters) → findings. No I/O.
+//! Pure checks: `(desired, observed, drops) -> findings`. No I/O, no clocks.
+//!
+//! Level-triggered: every evaluation looks at the whole state of the devices it is given, so the
+//! daemon can call it after any event and on every resync and get the same answer for the same
+//! state. One finding per root cause: a peer whose six blocks all point at one wrong gateway is
+//! one `gateway-wrong-vtep` finding with six routes as evidence.
+
+mod device;
+mod drops;
+mod offline;
+mod peers;
+#[cfg(test)]
+mod tests;
+
+use std::{collections::BTreeMap, net::IpAddr};
+
+use serde::Serialize;
+
+pub use drops::{DropSummary, PeerDrops};
+
+use crate::model::{
+    CheckId, DesiredState, Finding, MacAddr, ObservedDevice, ObservedState, Severity,
+};
+
+/// Address family routed by an overlay device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum Family {
+    V4,
+    V6,
+}
+
+impl Family {
+    pub fn of(ip: &IpAddr) -> Family {
+        match ip {
+            IpAddr::V4(_) => Family::V4,
+            IpAddr::V6(_) => Family::V6,
+        }
+    }
+}
+
+/// How one overlay device should be configured.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct DeviceSpec {
+    pub name: String,
+    pub family: Family,
+    /// Expected VNI, when known (Calico 4096, flannel 1).
+    pub vni: Option<u32>,
+    /// Expected UDP port, when known (Calico 4789, flannel 8472).
+    pub port: Option<u16>,
+}
+
+impl DeviceSpec {
+    /// The conventional settings for a device name used by Calico or flannel; unknown names get
+    /// no VNI/port expectation (checked only for presence, state and routes).
+    pub fn for_name(name: &str) -> DeviceSpec {
+        let (family, vni, port) = match name {
+            "vxlan.calico" => (Family::V4, Some(4096), Some(4789)),
+            "vxlan-v6.calico" => (Family::V6, Some(4096), Some(4789)),
+            n if n.starts_with("flannel.") => {
+                let vni = n["flannel.".len()..].parse().ok();
+                (Family::V4, vni, Some(8472))
+            }
+            n if n.starts_with("flannel-v6.") => {
+                let vni = n["flannel-v6.".len()..].parse().ok();
+                (Family::V6, vni, Some(8472))
+            }
+            _ => (Family::V4, None, None),
+        };
+        DeviceSpec {
+            name: name.to_string(),
+            family,
+            vni,
+            port,
+        }
+    }
+}
+
+/// Everything a check evaluation looks at.
+#[derive(Debug, Clone, Copy)]
+pub struct CheckInput<'a> {
+    pub devices: &'a [DeviceSpec],
+    pub observed: &'a ObservedState,
+    /// `None`: offline mode (no datastore); only the checks that need none run.
+    pub desired: Option<&'a DesiredState>,
+    /// Drops toward peers since the previous evaluation (eBPF), when available.
+    pub drops: Option<&'a DropSummary>,
+}
+
+/// Verdict for one remote node, for status views.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct PeerVerdict {
+    pub node: String,
+    pub vtep: IpAddr,
+    pub vtep_mac: MacAddr,
+    pub node_ip: IpAddr,
+    pub blocks: Vec<String>,
+    /// `ok`, `warning` or `critical`.
+    pub verdict: String,
+    pub findings: usize,
+}
+
+/// A check that could not run, and why (offline mode, missing device, …).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct SkippedCheck {
+    pub check: CheckId,
+    pub reason: String,
+}
+
+/// The result of one evaluation.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct CheckReport {
+    pub findings: Vec<Finding>,
+    pub skipped: Vec<SkippedCheck>,
+    pub peers: Vec<PeerVerdict>,
+    /// Routes on overlay devices that were evaluated.
+    pub routes_checked: usize,
+}
+
+impl CheckReport {
+    /// Worst severity present, if any finding exists.
+    pub fn worst(&self) -> Option<Severity> {
+        self.findings.iter().map(|f| f.severity).max()
+    }
+}
+
+/// Runs every check that the inputs allow.
+pub fn evaluate(input: &CheckInput<'_>) -> CheckReport {
+    let mut report = CheckReport::default();
+    if let Some(desired) = input.desired {
+        report
+            .findings
+            .extend(datastore_findings(desired, input.devices));
+    }
+    for spec in input.devices {
+        let Some(dev) = input.observed.devices.get(&spec.name) else {
+            report.findings.push(device::missing(spec, input.desired));
+            report.skipped.push(SkippedCheck {
+                check: CheckId::RouteMissing,
+                reason: format!("device {} does not exist", spec.name),
+            });
+            continue;
+        };
+        report.routes_checked += dev.routes.iter().filter(|r| r.table == MAIN_TABLE).count();
+        report
+            .findings
+            .extend(device::misconfigured(spec, dev, input.desired));
+        match input.desired {
+            Some(desired) => report.findings.extend(peers::check(spec, dev, desired)),
+            None => report.findings.extend(offline::check(spec, dev)),
+        }
+    }
+    if input.desired.is_none() {
+        for check in [
+            CheckId::GatewayWrongVtep,
+            CheckId::RouteMissing,
+            CheckId::RouteStale,
+            CheckId::NeighbourMacMismatch,
+            CheckId::FdbWrongDestination,
+        ] {
+            report.skipped.push(SkippedCheck {
+                check,
+                reason: "no datastore (offline mode): expected VTEPs and blocks are unknown"
+                    .to_string(),
+            });
+        }
+    }
+    if let Some(drops) = input.drops {
+        drops::apply(drops, &mut report.findings);
+    }
+    report.findings.sort_by(|a, b| {
+        b.severity
+            .cmp(&a.severity)
+            .then_with(|| a.peer_node.cmp(&b.peer_node))
+            .then_with(|| a.check.cmp(&b.check))
+            .then_with(|| a.route.cmp(&b.route))
+    });
+    if let Some(desired) = input.desired {
+        report.peers = verdicts(desired, &report.findings);
+    }
+    report
+}
+
+/// Routes Calico and flannel program live in the main table.
+pub const MAIN_TABLE: u32 = 254;
+
+fn datastore_findings(desired: &DesiredState, devices: &[DeviceSpec]) -> Vec<Finding> {
+    let device = devices.first().map(|d| d.name.as_str()).unwrap_or("");
+    let mut out: Vec<Finding> = desired
+        .problems
+        .iter()
+        .map(|p| {
+            let mut f = Finding::new(
+                CheckId::DatastoreInvalid,
+                Severity::Warning,
+                device,
+                format!(
+                    "{}: {}: {} (checks that depend on it are skipped)",
+                    p.object, p.field, p.message
+                ),
+            );
+            f.peer_node = p.node.clone();
+            f.evidence.details.insert("object".into(), p.object.clone());
+            f.evidence.details.insert("field".into(), p.field.clone());
+            f
+        })
+        .collect();
+    if !desired.local_node.is_empty() && !desired.nodes.contains_key(&desired.local_node) {
+        out.push(Finding::new(
+            CheckId::DatastoreInvalid,
+            Severity::Warning,
+            device,
+            format!(
+                "local node {:?} is not in the datastore ({}): every node in it is treated as a \
+                 peer; set node_name in the config if the host name differs from the node name",
+                desired.local_node, desired.source
+            ),
+        ));
+    }
+    out
+}
+
+fn verdicts(desired: &DesiredState, findings: &[Finding]) -> Vec<PeerVerdict> {
+    let mut by_peer: BTreeMap<&str, (usize, Option<Severity>)> = BTreeMap::new();
+    for f in findings {
+        if let Some(p) = &f.peer_node {
+            let e = by_peer.entry(p.as_str()).or_default();
+            e.0 += 1;
+            e.1 = e.1.max(Some(f.severity));
+        }
+    }
+    desired
+        .peers()
+        .map(|p| {
+            let (count, worst) = by_peer.get(p.name.as_str()).copied().unwrap_or_default();
+            PeerVerdict {
+                node: p.name.clone(),
+                vtep: p.vtep_ip,
+                vtep_mac: p.vtep_mac,
+                node_ip: p.node_ip,
+                blocks: p.blocks.iter().map(|b| b.to_string()).collect(),
+                verdict: match worst {
+                    None | Some(Severity::Info) => "ok",
+                    Some(Severity::Warning) => "warning",
+                    Some(Severity::Critical) => "critical",
+                }
+                .to_string(),
+                findings: count,
+            }
+        })
+        .collect()
+}
+
+/// Neighbour entry for `ip` on a device, if any.
+pub(crate) fn neighbour<'a>(
+    dev: &'a ObservedDevice,
+    ip: &IpAddr,
+) -> Option<&'a crate::model::Neighbour> {
+    dev.neighbours.iter().find(|n| &n.ip == ip)
+}
+
+/// FDB destinations for `mac` on a device.
+pub(crate) fn fdb_destinations(dev: &ObservedDevice, mac: &MacAddr) -> Vec<Option<IpAddr>> {
+    dev.fdb
+        .iter()
+        .filter(|e| &e.mac == mac)
+        .map(|e| e.destination)
+        .collect()
+}

@@ -1,0 +1,92 @@
+//! Kernel drop counters turned into evidence: `traffic-blackholed` when packets toward a peer are
+//! being dropped while a dataplane finding explains it, `drops-unexplained` when nothing does.
+
+use std::collections::BTreeMap;
+
+use serde::Serialize;
+
+use crate::model::{CheckId, Finding, Severity};
+
+/// Data packets dropped toward one peer in the evaluation window, by kernel drop reason.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct PeerDrops {
+    pub device: String,
+    pub packets: u64,
+    pub reasons: BTreeMap<String, u64>,
+}
+
+/// Drops since the previous evaluation, attributed to peers (control traffic such as ARP
+/// solicits is not data loss and is not in here).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct DropSummary {
+    pub per_peer: BTreeMap<String, PeerDrops>,
+}
+
+/// Checks whose finding explains data drops toward their peer.
+fn explains_drops(check: CheckId) -> bool {
+    matches!(
+        check,
+        CheckId::GatewayWrongVtep
+            | CheckId::GatewayNotAVtep
+            | CheckId::GatewayIsNetworkAddress
+            | CheckId::NeighbourUnresolved
+            | CheckId::NeighbourMacMismatch
+            | CheckId::FdbMissing
+            | CheckId::FdbWrongDestination
+            | CheckId::RouteMissing
+            | CheckId::RouteStale
+    )
+}
+
+pub(super) fn apply(drops: &DropSummary, findings: &mut Vec<Finding>) {
+    let mut added = Vec::new();
+    for (peer, d) in &drops.per_peer {
+        if d.packets == 0 {
+            continue;
+        }
+        let mut explained = Vec::new();
+        for f in findings.iter_mut() {
+            if f.peer_node.as_deref() == Some(peer.as_str()) && explains_drops(f.check) {
+                f.evidence.drops = Some(d.packets);
+                f.evidence.drop_reasons = d.reasons.clone();
+                explained.push(f.check.as_str());
+            }
+        }
+        let reasons = d
+            .reasons
+            .iter()
+            .map(|(r, n)| format!("{r}={n}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let mut f = if explained.is_empty() {
+            Finding::new(
+                CheckId::DropsUnexplained,
+                Severity::Warning,
+                &d.device,
+                format!(
+                    "{} packets to {peer} dropped by the kernel ({reasons}) although routes, \
+                     neighbour and FDB entries look right",
+                    d.packets
+                ),
+            )
+        } else {
+            explained.sort();
+            explained.dedup();
+            Finding::new(
+                CheckId::TrafficBlackholed,
+                Severity::Critical,
+                &d.device,
+                format!(
+                    "{} packets to {peer} dropped ({reasons}), explained by {}",
+                    d.packets,
+                    explained.join(", ")
+                ),
+            )
+        };
+        f.peer_node = Some(peer.clone());
+        f.evidence.drops = Some(d.packets);
+        f.evidence.drop_reasons = d.reasons.clone();
+        added.push(f);
+    }
+    findings.extend(added);
+}

@@ -1,0 +1,400 @@
+//! Checks against the datastore, peer by peer: routes to each remote node's blocks, its VTEP's
+//! neighbour and FDB entries, and routes that no node accounts for.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::IpAddr,
+};
+
+use ipnet::IpNet;
+
+use super::{fdb_destinations, neighbour, DeviceSpec, Family, MAIN_TABLE};
+use crate::model::{
+    CheckId, DesiredState, Finding, MacAddr, ObservedDevice, PeerNode, Route, RouteKind, Severity,
+};
+
+pub(super) fn check(
+    spec: &DeviceSpec,
+    dev: &ObservedDevice,
+    desired: &DesiredState,
+) -> Vec<Finding> {
+    let family_ok = |ip: &IpAddr| Family::of(ip) == spec.family;
+    let vtep_owner: HashMap<IpAddr, &str> = desired
+        .nodes
+        .values()
+        .map(|n| (n.vtep_ip, n.name.as_str()))
+        .collect();
+    let routes = best_routes(dev, spec.family);
+    let peers: Vec<&PeerNode> = desired.peers().filter(|p| family_ok(&p.vtep_ip)).collect();
+
+    let mut findings = Vec::new();
+    let mut expected: HashMap<IpNet, &PeerNode> = HashMap::new();
+    for peer in &peers {
+        for dst in peer.blocks.iter().chain(&peer.borrowed) {
+            if family_ok(&dst.addr()) {
+                expected.insert(*dst, peer);
+            }
+        }
+    }
+
+    for peer in &peers {
+        findings.extend(peer_routes(spec, dev, peer, &routes, &vtep_owner));
+        findings.extend(peer_vtep(spec, dev, peer));
+    }
+    findings.extend(stray_routes(spec, desired, &routes, &expected, &peers));
+    findings
+}
+
+/// The route the kernel would use per destination in the main table: lowest metric wins.
+fn best_routes(dev: &ObservedDevice, family: Family) -> BTreeMap<IpNet, &Route> {
+    let mut best: BTreeMap<IpNet, &Route> = BTreeMap::new();
+    for r in &dev.routes {
+        if r.table != MAIN_TABLE
+            || r.kind != RouteKind::Unicast
+            || Family::of(&r.destination.addr()) != family
+        {
+            continue;
+        }
+        let better = match best.get(&r.destination) {
+            None => true,
+            Some(cur) => r.metric.unwrap_or(0) < cur.metric.unwrap_or(0),
+        };
+        if better {
+            best.insert(r.destination, r);
+        }
+    }
+    best
+}
+
+fn peer_routes(
+    spec: &DeviceSpec,
+    dev: &ObservedDevice,
+    peer: &PeerNode,
+    routes: &BTreeMap<IpNet, &Route>,
+    vtep_owner: &HashMap<IpAddr, &str>,
+) -> Vec<Finding> {
+    let device = spec.name.as_str();
+    let mut missing: Vec<IpNet> = Vec::new();
+    let mut wrong: BTreeMap<Option<IpAddr>, Vec<&Route>> = BTreeMap::new();
+    for dst in peer
+        .blocks
+        .iter()
+        .chain(&peer.borrowed)
+        .filter(|d| Family::of(&d.addr()) == spec.family)
+    {
+        match routes.get(dst) {
+            None => missing.push(*dst),
+            Some(r) if r.gateway == Some(peer.vtep_ip) => {}
+            Some(r) => wrong.entry(r.gateway).or_default().push(r),
+        }
+    }
+
+    let mut out = Vec::new();
+    if !missing.is_empty() {
+        let list: Vec<String> = missing.iter().map(|d| d.to_string()).collect();
+        let mut f = Finding::new(
+            CheckId::RouteMissing,
+            Severity::Critical,
+            device,
+            format!(
+                "{} to {}'s block{} {} missing: pods there are unreachable over the overlay",
+                plural(missing.len(), "route", "routes"),
+                peer.name,
+                if missing.len() == 1 { "" } else { "s" },
+                if missing.len() == 1 { "is" } else { "are" },
+            ),
+        );
+        f.route = Some(list[0].clone());
+        f.expected_gateway = Some(peer.vtep_ip);
+        f.peer_node = Some(peer.name.clone());
+        f.evidence.routes = list;
+        f.hint = Some(route_fix(device, &missing, peer.vtep_ip));
+        out.push(f);
+    }
+
+    for (gateway, bad) in wrong {
+        let dsts: Vec<IpNet> = bad.iter().map(|r| r.destination).collect();
+        let mut f = Finding::new(
+            CheckId::GatewayWrongVtep,
+            Severity::Critical,
+            device,
+            String::new(),
+        );
+        let what = match gateway {
+            None => "no gateway (the kernel would ARP for every pod address)".to_string(),
+            Some(gw) => {
+                let mut facts = Vec::new();
+                match vtep_owner.get(&gw) {
+                    Some(owner) => facts.push(format!("{owner}'s VTEP")),
+                    None => facts.push("nobody's VTEP".to_string()),
+                }
+                if dsts.iter().any(|d| d.network() == gw) {
+                    facts.push("the block's network address".to_string());
+                    f.evidence
+                        .details
+                        .insert("gateway_is_network_address".into(), "true".into());
+                }
+                match neighbour(dev, &gw) {
+                    None => facts.push("no neighbour entry".to_string()),
+                    Some(n) => {
+                        facts.push(format!("neighbour {}", n.state.name()));
+                        f.evidence.neighbour_mac = n.mac;
+                    }
+                }
+                f.evidence.neighbour_state = Some(
+                    neighbour(dev, &gw)
+                        .map(|n| n.state.name())
+                        .unwrap_or_else(|| "missing".to_string()),
+                );
+                if let Some(owner) = vtep_owner.get(&gw) {
+                    f.evidence
+                        .details
+                        .insert("gateway_is_vtep_of".into(), owner.to_string());
+                }
+                format!("{gw}, which is {}", facts.join(", "))
+            }
+        };
+        f.message = format!(
+            "{} to {}'s blocks {} via {what}; {}'s VTEP is {}",
+            plural(dsts.len(), "route", "routes"),
+            peer.name,
+            if dsts.len() == 1 { "goes" } else { "go" },
+            peer.name,
+            peer.vtep_ip
+        );
+        f.route = Some(dsts[0].to_string());
+        f.gateway = gateway;
+        f.expected_gateway = Some(peer.vtep_ip);
+        f.peer_node = Some(peer.name.clone());
+        f.evidence.routes = bad.iter().map(|r| r.display(device)).collect();
+        f.hint = Some(route_fix(device, &dsts, peer.vtep_ip));
+        out.push(f);
+    }
+    out
+}
+
+/// The peer's VTEP must resolve to its MAC (neighbour) and the MAC to its node IP (FDB).
+fn peer_vtep(spec: &DeviceSpec, dev: &ObservedDevice, peer: &PeerNode) -> Vec<Finding> {
+    let device = spec.name.as_str();
+    let mut out = Vec::new();
+    let base = |check, message: String| {
+        let mut f = Finding::new(check, Severity::Critical, device, message);
+        f.peer_node = Some(peer.name.clone());
+        f.gateway = Some(peer.vtep_ip);
+        f
+    };
+    let neigh = neighbour(dev, &peer.vtep_ip);
+    // The MAC frames to this peer are actually sent to: the neighbour's when it has one.
+    let mut effective_mac = peer.vtep_mac;
+    match neigh {
+        Some(n) if n.state.is_resolved() => {
+            if let Some(mac) = n.mac {
+                if mac != peer.vtep_mac {
+                    // A derived MAC is our guess, not the datastore's word: accept a different
+                    // one as long as the FDB sends it to the right node.
+                    let fdb_ok = fdb_destinations(dev, &mac).contains(&Some(peer.node_ip));
+                    if peer.vtep_mac_derived && fdb_ok {
+                        effective_mac = mac;
+                    } else {
+                        let mut f = base(
+                            CheckId::NeighbourMacMismatch,
+                            format!(
+                                "neighbour {} (VTEP of {}) resolves to {mac}, expected {}",
+                                peer.vtep_ip, peer.name, peer.vtep_mac
+                            ),
+                        );
+                        f.evidence.neighbour_state = Some(n.state.name());
+                        f.evidence.neighbour_mac = Some(mac);
+                        f.evidence.expected_mac = Some(peer.vtep_mac);
+                        f.hint = Some(neigh_fix(device, peer.vtep_ip, peer.vtep_mac));
+                        out.push(f);
+                    }
+                }
+            }
+        }
+        other => {
+            let state = other
+                .map(|n| n.state.name())
+                .unwrap_or_else(|| "missing".to_string());
+            let mut f = base(
+                CheckId::NeighbourUnresolved,
+                format!(
+                    "no usable neighbour entry for {} (VTEP of {}): state {state}; with \
+                     learning off nothing will resolve it, traffic to {} is dropped",
+                    peer.vtep_ip, peer.name, peer.name
+                ),
+            );
+            f.evidence.neighbour_state = Some(state);
+            f.evidence.expected_mac = Some(peer.vtep_mac);
+            f.hint = Some(neigh_fix(device, peer.vtep_ip, peer.vtep_mac));
+            out.push(f);
+        }
+    }
+
+    let dests = fdb_destinations(dev, &effective_mac);
+    let mac_mismatch = out
+        .iter_mut()
+        .find(|f| f.check == CheckId::NeighbourMacMismatch);
+    if let (true, Some(f)) = (dests.is_empty(), mac_mismatch) {
+        // Neighbour and FDB both still describe an old MAC: one stale-MAC problem, whose fix
+        // needs both entries.
+        f.evidence
+            .details
+            .insert("fdb_for_expected_mac".into(), "missing".into());
+        f.evidence.expected_fdb_destination = Some(peer.node_ip);
+        f.hint = Some(format!(
+            "{} && {}",
+            fdb_fix(device, effective_mac, peer.node_ip),
+            neigh_fix(device, peer.vtep_ip, peer.vtep_mac)
+        ));
+    } else if dests.is_empty() {
+        let mut f = base(
+            CheckId::FdbMissing,
+            format!(
+                "no FDB entry for {effective_mac} (VTEP MAC of {}): encapsulated frames have \
+                 no destination and are dropped",
+                peer.name
+            ),
+        );
+        f.evidence.expected_mac = Some(effective_mac);
+        f.evidence.expected_fdb_destination = Some(peer.node_ip);
+        f.hint = Some(fdb_fix(device, effective_mac, peer.node_ip));
+        out.push(f);
+    } else if !dests.contains(&Some(peer.node_ip)) {
+        let have = dests.iter().flatten().next().copied();
+        let mut f = base(
+            CheckId::FdbWrongDestination,
+            format!(
+                "FDB sends {effective_mac} (VTEP MAC of {}) to {}, but {} is at {}",
+                peer.name,
+                have.map(|h| h.to_string())
+                    .unwrap_or_else(|| "no address".into()),
+                peer.name,
+                peer.node_ip
+            ),
+        );
+        f.evidence.fdb_destination = have;
+        f.evidence.expected_fdb_destination = Some(peer.node_ip);
+        f.evidence.expected_mac = Some(effective_mac);
+        f.hint = Some(fdb_fix(device, effective_mac, peer.node_ip));
+        out.push(f);
+    }
+    out
+}
+
+/// Routes on the overlay device that no peer's block or borrowed address accounts for.
+fn stray_routes(
+    spec: &DeviceSpec,
+    desired: &DesiredState,
+    routes: &BTreeMap<IpNet, &Route>,
+    expected: &HashMap<IpNet, &PeerNode>,
+    peers: &[&PeerNode],
+) -> Vec<Finding> {
+    let device = spec.name.as_str();
+    let local = desired.nodes.get(&desired.local_node);
+    let mut out = Vec::new();
+    for (dst, route) in routes {
+        if expected.contains_key(dst) {
+            continue;
+        }
+        let local_overlap = local.and_then(|l| {
+            l.blocks
+                .iter()
+                .chain(&l.borrowed)
+                .find(|b| overlaps(b, dst))
+        });
+        // A more specific route inside a peer's block wins over the block route (LPM).
+        let shadowed = peers.iter().find_map(|p| {
+            p.blocks
+                .iter()
+                .find(|b| b.contains(dst) && b != &dst)
+                .map(|b| (*p, *b))
+        });
+        let (severity, why, expected_gateway, peer_node) = if let Some(block) = local_overlap {
+            (
+                Severity::Critical,
+                format!(
+                    "overlaps this node's own block {block}: traffic for local pods is sent out \
+                     the overlay"
+                ),
+                None,
+                None,
+            )
+        } else if let Some((peer, block)) = shadowed {
+            if route.gateway == Some(peer.vtep_ip) {
+                // Points at the block owner anyway (e.g. a borrowed IP the datastore file
+                // does not list): traffic is delivered, nothing to report.
+                continue;
+            }
+            (
+                Severity::Critical,
+                format!(
+                    "is more specific than {}'s block {block} and sends that traffic elsewhere",
+                    peer.name
+                ),
+                Some(peer.vtep_ip),
+                Some(peer.name.clone()),
+            )
+        } else {
+            (
+                Severity::Warning,
+                "matches no block or borrowed address of any node in the datastore (released \
+                 block, or a node that left)"
+                    .to_string(),
+                None,
+                None,
+            )
+        };
+        let mut f = Finding::new(
+            CheckId::RouteStale,
+            severity,
+            device,
+            format!("route {} {why}", route.display(device)),
+        );
+        f.route = Some(dst.to_string());
+        f.gateway = route.gateway;
+        f.expected_gateway = expected_gateway;
+        f.peer_node = peer_node;
+        f.evidence.routes = vec![route.display(device)];
+        f.hint = Some(match expected_gateway {
+            Some(gw) => route_fix(device, &[*dst], gw),
+            None => format!("ip route del {dst} dev {device}"),
+        });
+        out.push(f);
+    }
+    out
+}
+
+fn overlaps(a: &IpNet, b: &IpNet) -> bool {
+    a.contains(b) || b.contains(a)
+}
+
+fn plural(n: usize, one: &str, many: &str) -> String {
+    if n == 1 {
+        format!("1 {one}")
+    } else {
+        format!("{n} {many}")
+    }
+}
+
+/// The command that fixes routes, as the incident's responders typed it.
+pub(crate) fn route_fix(device: &str, dsts: &[IpNet], gateway: IpAddr) -> String {
+    match dsts {
+        [one] => format!("ip route replace {one} via {gateway} dev {device} onlink"),
+        many => format!(
+            "for r in {}; do ip route replace $r via {gateway} dev {device} onlink; done",
+            many.iter()
+                .map(|d| d.to_string())
+                .collect::<Vec<_>>()
+                .join(" ")
+        ),
+    }
+}
+
+pub(crate) fn neigh_fix(device: &str, ip: IpAddr, mac: MacAddr) -> String {
+    format!("ip neigh replace {ip} lladdr {mac} dev {device} nud permanent")
+}
+
+pub(crate) fn fdb_fix(device: &str, mac: MacAddr, dst: IpAddr) -> String {
+    format!("bridge fdb replace {mac} dev {device} dst {dst} self permanent")
+}
