@@ -1,1 +1,788 @@
 //! Configuration file: serde structs with defaults, validation errors that name the key.
+//!
+//! Every key has a default (DESIGN.md §3), so a missing file at the default path means
+//! "all defaults". Anything wrong is reported as one line naming the file and the key, e.g.
+//! `config /x/config.toml: resync_interval: invalid duration "fast"`, so `main` can print it
+//! and exit 2.
+
+use std::{
+    fmt, io,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use serde::{Deserialize, Deserializer};
+
+/// Where `watchdog run` looks when `--config` is not given.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/dataplane-watchdog/config.toml";
+
+/// Longest interface name the kernel accepts (IFNAMSIZ - 1).
+const MAX_IFNAME: usize = 15;
+
+/// The whole agent configuration, fully resolved (defaults applied, validated).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    /// Name of the local node in the datastore. Default: the host name (gethostname).
+    pub node_name: String,
+    /// Which overlay the node runs. Default: calico.
+    pub profile: Profile,
+    /// Overlay devices to watch. Default: from the profile (`vxlan.calico` / `flannel.1`).
+    pub devices: Vec<String>,
+    /// What to do about findings. Default: alert.
+    pub mode: Mode,
+    /// Full netlink dump + datastore reload even without events. Default: 60s.
+    pub resync_interval: Duration,
+    /// tracing `EnvFilter` directive. Default: "info".
+    pub log_level: String,
+    pub datastore: DatastoreConfig,
+    pub status: StatusConfig,
+    pub metrics: MetricsConfig,
+    pub ebpf: EbpfConfig,
+    pub repair: RepairConfig,
+}
+
+/// Overlay flavour; decides the default devices and how the datastore is read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Profile {
+    #[default]
+    Calico,
+    Flannel,
+}
+
+impl Profile {
+    /// Devices this overlay creates (IPv4).
+    pub fn default_devices(self) -> Vec<String> {
+        match self {
+            Profile::Calico => vec!["vxlan.calico".to_string()],
+            Profile::Flannel => vec!["flannel.1".to_string()],
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Profile::Calico => "calico",
+            Profile::Flannel => "flannel",
+        }
+    }
+}
+
+/// How far the agent goes. Repair only ever happens in `repair`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Check and report (status, metrics) but send no alerts.
+    Observe,
+    /// Check, report and alert.
+    #[default]
+    Alert,
+    /// Alert, and fix what the guard rails allow.
+    Repair,
+}
+
+impl Mode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Observe => "observe",
+            Mode::Alert => "alert",
+            Mode::Repair => "repair",
+        }
+    }
+}
+
+impl fmt::Display for Mode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Where desired state comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DatastoreSource {
+    /// A YAML/TOML node list (DESIGN.md §6).
+    #[default]
+    File,
+    /// Nodes + Calico IPAM objects from the API server.
+    Kubernetes,
+    /// No datastore: only checks that need none (device config, unresolved neighbours, drops).
+    None,
+}
+
+impl DatastoreSource {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DatastoreSource::File => "file",
+            DatastoreSource::Kubernetes => "kubernetes",
+            DatastoreSource::None => "none",
+        }
+    }
+}
+
+/// `[datastore]`
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DatastoreConfig {
+    /// Default: file.
+    pub source: DatastoreSource,
+    /// Node list for `source = "file"`; a relative path is taken relative to the config
+    /// file's directory. Default: /etc/dataplane-watchdog/nodes.yaml.
+    pub path: PathBuf,
+    /// kubeconfig for `source = "kubernetes"`. Default: none (in-cluster, then $KUBECONFIG).
+    pub kubeconfig: Option<PathBuf>,
+    /// Full relist compared with the watch cache. Default: 5m.
+    #[serde(deserialize_with = "de_duration")]
+    pub relist_interval: Duration,
+    /// No event/bookmark/relist success for this long → `datastore-stale`. Default: 10m.
+    #[serde(deserialize_with = "de_duration")]
+    pub stale_after: Duration,
+    /// Set a `DataplaneHealthy`-style condition on our own Node object. Default: false.
+    pub publish_node_condition: bool,
+    /// Emit Kubernetes Events for findings. Default: false.
+    pub publish_events: bool,
+}
+
+impl Default for DatastoreConfig {
+    fn default() -> Self {
+        DatastoreConfig {
+            source: DatastoreSource::File,
+            path: PathBuf::from("/etc/dataplane-watchdog/nodes.yaml"),
+            kubeconfig: None,
+            relist_interval: Duration::from_secs(5 * 60),
+            stale_after: Duration::from_secs(10 * 60),
+            publish_node_condition: false,
+            publish_events: false,
+        }
+    }
+}
+
+/// `[status]`
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StatusConfig {
+    /// Unix socket of the status API. Default: /run/dataplane-watchdog/status.sock.
+    pub socket: PathBuf,
+    /// Group that may read the socket; when set the socket is mode 0660 with this group,
+    /// otherwise 0600 (root only). Default: none.
+    pub group: Option<String>,
+}
+
+impl Default for StatusConfig {
+    fn default() -> Self {
+        StatusConfig {
+            socket: PathBuf::from("/run/dataplane-watchdog/status.sock"),
+            group: None,
+        }
+    }
+}
+
+/// `[metrics]`
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Prometheus listener; `""` or `"off"` in the file disables it (→ `None`).
+    /// Default: 127.0.0.1:9464.
+    #[serde(deserialize_with = "de_listen")]
+    pub listen: Option<SocketAddr>,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig {
+            listen: Some(SocketAddr::from(([127, 0, 0, 1], 9464))),
+        }
+    }
+}
+
+/// `[ebpf]`
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EbpfConfig {
+    /// Attach the drop/neighbour tracepoints. Failure to attach is reported, never fatal.
+    /// Default: true.
+    pub enabled: bool,
+}
+
+impl Default for EbpfConfig {
+    fn default() -> Self {
+        EbpfConfig { enabled: true }
+    }
+}
+
+/// `[repair]` — guard rails; repair itself is switched on only by `mode = "repair"`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RepairConfig {
+    /// Node-wide budget; further repairs in the same minute are refused. Default: 6.
+    pub max_repairs_per_minute: u32,
+    /// A finding must persist this long before it is repaired, so a transient state during
+    /// Felix's own programming is left alone. Default: 10s.
+    #[serde(deserialize_with = "de_duration")]
+    pub min_finding_age: Duration,
+    /// A repair undone this many times in a row (someone, usually a stale Felix, keeps putting
+    /// the old state back) is marked `contested` and not retried. Default: 2.
+    pub contested_after: u32,
+    /// How long a contested repair is left alone before it may be tried again. Default: 10m.
+    #[serde(deserialize_with = "de_duration")]
+    pub contested_backoff: Duration,
+}
+
+impl Default for RepairConfig {
+    fn default() -> Self {
+        RepairConfig {
+            max_repairs_per_minute: 6,
+            min_finding_age: Duration::from_secs(10),
+            contested_after: 2,
+            contested_backoff: Duration::from_secs(10 * 60),
+        }
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config::with_node_name(hostname())
+    }
+}
+
+impl Config {
+    /// All defaults for the given node name (tests and callers that know the name).
+    pub fn with_node_name(node_name: impl Into<String>) -> Self {
+        let profile = Profile::default();
+        Config {
+            node_name: node_name.into(),
+            profile,
+            devices: profile.default_devices(),
+            mode: Mode::default(),
+            resync_interval: Duration::from_secs(60),
+            log_level: "info".to_string(),
+            datastore: DatastoreConfig::default(),
+            status: StatusConfig::default(),
+            metrics: MetricsConfig::default(),
+            ebpf: EbpfConfig::default(),
+            repair: RepairConfig::default(),
+        }
+    }
+
+    /// True only in `mode = "repair"`.
+    pub fn repair_enabled(&self) -> bool {
+        self.mode == Mode::Repair
+    }
+
+    /// Load and validate `path`. A missing file means defaults unless the path was given
+    /// explicitly (`explicit = true`, i.e. `--config`), where it is an error.
+    pub fn load(path: &Path, explicit: bool) -> Result<Config, ConfigError> {
+        let text = match std::fs::read_to_string(path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == io::ErrorKind::NotFound && !explicit => {
+                tracing::debug!(path = %path.display(), "no config file, using defaults");
+                let config = Config::default();
+                config.validate(path)?;
+                return Ok(config);
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                return Err(ConfigError::NotFound {
+                    path: path.to_path_buf(),
+                })
+            }
+            Err(source) => {
+                return Err(ConfigError::Read {
+                    path: path.to_path_buf(),
+                    source,
+                })
+            }
+        };
+        Config::from_toml(&text, path)
+    }
+
+    /// Parse and validate TOML text; `path` is used for messages and to resolve a relative
+    /// `datastore.path`.
+    pub fn from_toml(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let raw: RawConfig = serde_path_to_error::deserialize(toml::Deserializer::new(text))
+            .map_err(|e| parse_error(path, text, e))?;
+        let mut config = raw.resolve();
+        if config.datastore.path.is_relative() && !config.datastore.path.as_os_str().is_empty() {
+            if let Some(dir) = path.parent() {
+                config.datastore.path = dir.join(&config.datastore.path);
+            }
+        }
+        config.validate(path)?;
+        Ok(config)
+    }
+
+    /// Checks that need more than one key or more than a type.
+    fn validate(&self, path: &Path) -> Result<(), ConfigError> {
+        let bad = |key: &str, message: String| {
+            Err(ConfigError::Invalid {
+                path: path.to_path_buf(),
+                key: key.to_string(),
+                message,
+            })
+        };
+        if self.node_name.trim().is_empty() {
+            return bad(
+                "node_name",
+                "must not be empty (and the host name could not be read)".into(),
+            );
+        }
+        if self.devices.is_empty() {
+            return bad("devices", "must name at least one device".into());
+        }
+        for (i, dev) in self.devices.iter().enumerate() {
+            if dev.is_empty()
+                || dev.len() > MAX_IFNAME
+                || dev.contains(|c: char| c == '/' || c.is_whitespace())
+            {
+                return bad(
+                    &format!("devices[{i}]"),
+                    format!("{dev:?} is not a valid interface name (1-{MAX_IFNAME} bytes, no '/' or spaces)"),
+                );
+            }
+        }
+        if self.resync_interval < Duration::from_secs(1) {
+            return bad(
+                "resync_interval",
+                format!(
+                    "{} is too short: at least 1s",
+                    humantime::format_duration(self.resync_interval)
+                ),
+            );
+        }
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log_level) {
+            return bad(
+                "log_level",
+                format!("invalid filter {:?}: {e}", self.log_level),
+            );
+        }
+        let ds = &self.datastore;
+        if ds.relist_interval < Duration::from_secs(1) {
+            return bad(
+                "datastore.relist_interval",
+                format!(
+                    "{} is too short: at least 1s",
+                    humantime::format_duration(ds.relist_interval)
+                ),
+            );
+        }
+        if ds.stale_after < ds.relist_interval {
+            return bad(
+                "datastore.stale_after",
+                format!(
+                    "{} is shorter than datastore.relist_interval ({}): the datastore would look stale between relists",
+                    humantime::format_duration(ds.stale_after),
+                    humantime::format_duration(ds.relist_interval)
+                ),
+            );
+        }
+        if ds.source == DatastoreSource::File && ds.path.as_os_str().is_empty() {
+            return bad(
+                "datastore.path",
+                "must be set when datastore.source = \"file\"".into(),
+            );
+        }
+        if !self.status.socket.is_absolute() {
+            return bad(
+                "status.socket",
+                format!("{:?} must be an absolute path", self.status.socket),
+            );
+        }
+        if let Some(group) = &self.status.group {
+            if group.trim().is_empty() {
+                return bad("status.group", "must not be empty when set".into());
+            }
+        }
+        if self.repair.max_repairs_per_minute == 0 {
+            return bad(
+                "repair.max_repairs_per_minute",
+                "must be at least 1 (use mode = \"alert\" to disable repair)".into(),
+            );
+        }
+        if self.repair.contested_after == 0 {
+            return bad("repair.contested_after", "must be at least 1".into());
+        }
+        Ok(())
+    }
+}
+
+/// Why the configuration could not be used. `Display` is the one line `main` prints.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("config {}: file not found", path.display())]
+    NotFound { path: PathBuf },
+    #[error("config {}: cannot read: {source}", path.display())]
+    Read { path: PathBuf, source: io::Error },
+    /// TOML syntax error, unknown key or a value of the wrong type/shape. `key` is the dotted
+    /// path (`datastore.stale_after`), empty for a syntax error outside any key.
+    #[error("config {}: {}{message}", path.display(), location(key, *line))]
+    Parse {
+        path: PathBuf,
+        key: String,
+        line: Option<usize>,
+        message: String,
+    },
+    /// Parsed fine but not usable.
+    #[error("config {}: {key}: {message}", path.display())]
+    Invalid {
+        path: PathBuf,
+        key: String,
+        message: String,
+    },
+}
+
+impl ConfigError {
+    /// The offending key, when there is one.
+    pub fn key(&self) -> Option<&str> {
+        match self {
+            ConfigError::Parse { key, .. } | ConfigError::Invalid { key, .. }
+                if !key.is_empty() =>
+            {
+                Some(key)
+            }
+            _ => None,
+        }
+    }
+}
+
+fn location(key: &str, line: Option<usize>) -> String {
+    match (key.is_empty(), line) {
+        (false, _) => format!("{key}: "),
+        (true, Some(line)) => format!("line {line}: "),
+        (true, None) => String::new(),
+    }
+}
+
+/// Turn a serde/toml error into one line naming the key.
+fn parse_error(
+    path: &Path,
+    text: &str,
+    err: serde_path_to_error::Error<toml::de::Error>,
+) -> ConfigError {
+    // serde_path_to_error reports "." for the root (syntax errors): name the line instead.
+    let key = match err.path().to_string() {
+        k if k == "." => String::new(),
+        k => k,
+    };
+    let inner = err.into_inner();
+    let line = inner.span().map(|span| {
+        text.as_bytes()[..span.start.min(text.len())]
+            .iter()
+            .filter(|&&b| b == b'\n')
+            .count()
+            + 1
+    });
+    ConfigError::Parse {
+        path: path.to_path_buf(),
+        key,
+        line,
+        message: inner.message().trim().replace('\n', " "),
+    }
+}
+
+/// The file's shape: keys whose default depends on other keys are optional here.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct RawConfig {
+    node_name: Option<String>,
+    profile: Profile,
+    devices: Option<Vec<String>>,
+    mode: Mode,
+    #[serde(deserialize_with = "de_opt_duration")]
+    resync_interval: Option<Duration>,
+    log_level: Option<String>,
+    datastore: DatastoreConfig,
+    status: StatusConfig,
+    metrics: MetricsConfig,
+    ebpf: EbpfConfig,
+    repair: RepairConfig,
+}
+
+impl RawConfig {
+    fn resolve(self) -> Config {
+        let node_name = self.node_name.unwrap_or_else(hostname);
+        let defaults = Config::with_node_name(node_name);
+        Config {
+            devices: self
+                .devices
+                .unwrap_or_else(|| self.profile.default_devices()),
+            profile: self.profile,
+            mode: self.mode,
+            resync_interval: self.resync_interval.unwrap_or(defaults.resync_interval),
+            log_level: self.log_level.unwrap_or(defaults.log_level),
+            datastore: self.datastore,
+            status: self.status,
+            metrics: self.metrics,
+            ebpf: self.ebpf,
+            repair: self.repair,
+            node_name: defaults.node_name,
+        }
+    }
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s.trim()).map_err(|_| {
+        format!("invalid duration {s:?}: expected a number and a unit, like \"60s\" or \"5m\"")
+    })
+}
+
+fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let s = String::deserialize(d)?;
+    parse_duration(&s).map_err(serde::de::Error::custom)
+}
+
+fn de_opt_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    de_duration(d).map(Some)
+}
+
+fn de_listen<'de, D: Deserializer<'de>>(d: D) -> Result<Option<SocketAddr>, D::Error> {
+    let s = String::deserialize(d)?;
+    let t = s.trim();
+    if t.is_empty() || t.eq_ignore_ascii_case("off") {
+        return Ok(None);
+    }
+    t.parse().map(Some).map_err(|_| {
+        serde::de::Error::custom(format!(
+            "invalid listen address {s:?}: expected ip:port like \"127.0.0.1:9464\", or \"off\""
+        ))
+    })
+}
+
+/// The kernel's host name, or "" if it cannot be read (validation then asks for node_name).
+pub fn hostname() -> String {
+    let mut buf = [0u8; 256];
+    // SAFETY: buf is valid for buf.len() bytes; gethostname NUL-terminates on success when
+    // the name fits, and we cap at the buffer length regardless.
+    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+    if rc != 0 {
+        return String::new();
+    }
+    let len = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+    String::from_utf8_lossy(&buf[..len]).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const P: &str = "/x/config.toml";
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::from_toml(text, Path::new(P))
+    }
+
+    fn err(text: &str) -> String {
+        parse(text).expect_err("accepted bad config").to_string()
+    }
+
+    #[test]
+    fn empty_file_is_all_defaults() {
+        let c = parse("").unwrap();
+        assert_eq!(c, Config::default());
+        assert_eq!(c.node_name, hostname());
+        assert_eq!(c.devices, ["vxlan.calico"]);
+        assert_eq!(c.mode, Mode::Alert);
+        assert_eq!(c.resync_interval, Duration::from_secs(60));
+        assert_eq!(c.datastore.source, DatastoreSource::File);
+        assert_eq!(
+            c.datastore.path,
+            Path::new("/etc/dataplane-watchdog/nodes.yaml")
+        );
+        assert_eq!(c.datastore.relist_interval, Duration::from_secs(300));
+        assert_eq!(c.datastore.stale_after, Duration::from_secs(600));
+        assert_eq!(c.metrics.listen, Some("127.0.0.1:9464".parse().unwrap()));
+        assert!(c.ebpf.enabled);
+        assert!(!c.repair_enabled());
+    }
+
+    #[test]
+    fn full_example_parses() {
+        let c = parse(
+            r#"
+node_name = "k8s01"
+profile = "flannel"
+devices = ["flannel.1", "flannel.2"]
+mode = "repair"
+resync_interval = "30s"
+log_level = "debug,dataplane_watchdog=trace"
+[datastore]
+source = "kubernetes"
+path = "nodes.toml"
+kubeconfig = "/var/snap/microk8s/current/credentials/client.config"
+relist_interval = "2m"
+stale_after = "4m 30s"
+publish_node_condition = true
+publish_events = true
+[status]
+socket = "/run/wd.sock"
+group = "adm"
+[metrics]
+listen = "[::1]:9000"
+[ebpf]
+enabled = false
+[repair]
+max_repairs_per_minute = 3
+min_finding_age = "5s"
+contested_after = 4
+contested_backoff = "1h"
+"#,
+        )
+        .unwrap();
+        assert_eq!(c.node_name, "k8s01");
+        assert_eq!(c.profile, Profile::Flannel);
+        assert_eq!(c.devices, ["flannel.1", "flannel.2"]);
+        assert!(c.repair_enabled());
+        assert_eq!(c.resync_interval, Duration::from_secs(30));
+        assert_eq!(c.log_level, "debug,dataplane_watchdog=trace");
+        assert_eq!(c.datastore.source, DatastoreSource::Kubernetes);
+        // Relative datastore path resolves next to the config file.
+        assert_eq!(c.datastore.path, Path::new("/x/nodes.toml"));
+        assert_eq!(
+            c.datastore.kubeconfig.as_deref(),
+            Some(Path::new(
+                "/var/snap/microk8s/current/credentials/client.config"
+            ))
+        );
+        assert_eq!(c.datastore.relist_interval, Duration::from_secs(120));
+        assert_eq!(c.datastore.stale_after, Duration::from_secs(270));
+        assert!(c.datastore.publish_node_condition && c.datastore.publish_events);
+        assert_eq!(c.status.socket, Path::new("/run/wd.sock"));
+        assert_eq!(c.status.group.as_deref(), Some("adm"));
+        assert_eq!(c.metrics.listen, Some("[::1]:9000".parse().unwrap()));
+        assert!(!c.ebpf.enabled);
+        assert_eq!(
+            c.repair,
+            RepairConfig {
+                max_repairs_per_minute: 3,
+                min_finding_age: Duration::from_secs(5),
+                contested_after: 4,
+                contested_backoff: Duration::from_secs(3600),
+            }
+        );
+    }
+
+    #[test]
+    fn flannel_profile_defaults_its_device() {
+        let c = parse("profile = \"flannel\"").unwrap();
+        assert_eq!(c.devices, ["flannel.1"]);
+    }
+
+    #[test]
+    fn metrics_can_be_disabled() {
+        for v in ["\"\"", "\"off\"", "\"OFF\""] {
+            let c = parse(&format!("[metrics]\nlisten = {v}")).unwrap();
+            assert_eq!(c.metrics.listen, None, "{v}");
+        }
+    }
+
+    #[test]
+    fn bad_configs_name_file_and_key() {
+        let cases: &[(&str, &str)] = &[
+            (
+                "resync_interval = \"fast\"",
+                "config /x/config.toml: resync_interval: invalid duration \"fast\"",
+            ),
+            ("resync_interval = \"500ms\"", "config /x/config.toml: resync_interval: 500ms is too short"),
+            ("resync_interval = 60", "config /x/config.toml: resync_interval: invalid type"),
+            ("colour = \"blue\"", "config /x/config.toml: colour: unknown field `colour`"),
+            ("[datastore]\nsorce = \"file\"", "config /x/config.toml: datastore.sorce: unknown field `sorce`"),
+            ("[nope]\n", "config /x/config.toml: nope: unknown field `nope`"),
+            ("mode = \"fix\"", "config /x/config.toml: mode: unknown variant `fix`"),
+            ("profile = \"cilium\"", "config /x/config.toml: profile: unknown variant `cilium`"),
+            ("devices = []", "config /x/config.toml: devices: must name at least one device"),
+            ("devices = [\"a/b\"]", "config /x/config.toml: devices[0]: \"a/b\" is not a valid interface name"),
+            ("devices = [\"averyveryverylongname\"]", "config /x/config.toml: devices[0]:"),
+            ("node_name = \"\"", "config /x/config.toml: node_name: must not be empty"),
+            ("log_level = \"info,[\"", "config /x/config.toml: log_level: invalid filter"),
+            ("[datastore]\nsource = \"etcd\"", "config /x/config.toml: datastore.source: unknown variant `etcd`"),
+            ("[datastore]\nrelist_interval = \"1h\"", "config /x/config.toml: datastore.stale_after: 10m is shorter than datastore.relist_interval (1h)"),
+            ("[datastore]\nstale_after = \"soon\"", "config /x/config.toml: datastore.stale_after: invalid duration \"soon\""),
+            ("[datastore]\npath = \"\"", "config /x/config.toml: datastore.path: must be set"),
+            ("[status]\nsocket = \"run/x.sock\"", "config /x/config.toml: status.socket: \"run/x.sock\" must be an absolute path"),
+            ("[status]\ngroup = \"\"", "config /x/config.toml: status.group: must not be empty"),
+            ("[metrics]\nlisten = \"localhost\"", "config /x/config.toml: metrics.listen: invalid listen address \"localhost\""),
+            ("[metrics]\nlisten = \"1.2.3.4:99999\"", "config /x/config.toml: metrics.listen: invalid listen address"),
+            ("[ebpf]\nenabled = \"yes\"", "config /x/config.toml: ebpf.enabled: invalid type"),
+            ("[repair]\nmax_repairs_per_minute = 0", "config /x/config.toml: repair.max_repairs_per_minute: must be at least 1"),
+            ("[repair]\nmax_repairs_per_minute = -1", "config /x/config.toml: repair.max_repairs_per_minute:"),
+            ("[repair]\ncontested_after = 0", "config /x/config.toml: repair.contested_after: must be at least 1"),
+            ("[repair]\nenabled = true", "config /x/config.toml: repair.enabled: unknown field `enabled`"),
+            ("mode = ", "config /x/config.toml: line 1: "),
+            ("\n\n[status\n", "config /x/config.toml: line 3: "),
+        ];
+        for (text, want) in cases {
+            let got = err(text);
+            assert!(
+                got.starts_with(want),
+                "config {text:?}\n  got:  {got}\n  want: {want}…"
+            );
+            assert!(!got.contains('\n'), "multi-line error for {text:?}: {got}");
+        }
+    }
+
+    #[test]
+    fn missing_file_defaults_only_when_implicit() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("config.toml");
+        assert_eq!(Config::load(&missing, false).unwrap(), Config::default());
+        let e = Config::load(&missing, true).unwrap_err();
+        assert!(matches!(e, ConfigError::NotFound { .. }), "{e}");
+        assert_eq!(
+            e.to_string(),
+            format!("config {}: file not found", missing.display())
+        );
+    }
+
+    #[test]
+    fn load_reads_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.toml");
+        std::fs::write(&path, "node_name = \"n1\"\nmode = \"observe\"\n").unwrap();
+        let c = Config::load(&path, true).unwrap();
+        assert_eq!(c.node_name, "n1");
+        assert_eq!(c.mode, Mode::Observe);
+        // A directory is not a config file: an I/O error that still names the path.
+        let e = Config::load(dir.path(), true).unwrap_err();
+        assert!(matches!(e, ConfigError::Read { .. }), "{e}");
+        assert!(e.to_string().contains(&dir.path().display().to_string()));
+    }
+
+    #[test]
+    fn example_config_is_the_defaults() {
+        let text = include_str!("../../systemd/config.example.toml");
+        let c = Config::from_toml(text, Path::new("/etc/dataplane-watchdog/config.toml"))
+            .expect("systemd/config.example.toml must parse");
+        // The example leaves node_name commented out: it is the host name here.
+        assert_eq!(c, Config::default());
+        // Every key in the example exists: uncommenting each commented `key = value` line
+        // must still parse (a typo in the example would be an unknown key).
+        let uncommented: String = text
+            .lines()
+            .map(
+                |l| match l.strip_prefix("# ").and_then(|r| r.split_once(" = ")) {
+                    Some((key, value))
+                        if !key.is_empty()
+                            && key.bytes().all(|b| b.is_ascii_lowercase() || b == b'_')
+                            && toml::from_str::<toml::Value>(&format!("v = {value}")).is_ok() =>
+                    {
+                        &l[2..]
+                    }
+                    _ => l,
+                },
+            )
+            .collect::<Vec<_>>()
+            .join("\n");
+        let all = Config::from_toml(
+            &uncommented,
+            Path::new("/etc/dataplane-watchdog/config.toml"),
+        )
+        .unwrap_or_else(|e| panic!("uncommented example: {e}"));
+        // The optional keys shown commented out really were uncommented and read.
+        assert_eq!(all.node_name, "k8s01");
+        assert_eq!(all.status.group.as_deref(), Some("adm"));
+        assert!(all.datastore.kubeconfig.is_some());
+    }
+
+    #[test]
+    fn hostname_is_readable() {
+        assert!(!hostname().is_empty());
+    }
+}
