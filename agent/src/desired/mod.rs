@@ -153,7 +153,7 @@ pub struct RawNode {
     pub borrowed: Vec<RawField>,
 }
 
-/// A record that passed its own checks, before the cross-node ones.
+/// A named record after its own checks, before the cross-node ones.
 struct Candidate {
     index: usize,
     object: String,
