@@ -337,7 +337,7 @@ impl ObservedState {
     }
 
     fn apply_link(&mut self, link: &LinkInfo, watched: &[String]) -> Applied {
-        let is_watched = watched.iter().any(|w| *w == link.name);
+        let is_watched = watched.contains(&link.name);
         // A watched device renamed away: it is no longer the device we were told to watch.
         let renamed: Vec<String> = self
             .devices
