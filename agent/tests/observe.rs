@@ -265,6 +265,22 @@ async fn missing_namespace_is_a_clear_error() {
     assert!(err.to_string().contains("does-not-exist-wd"), "{err}");
 }
 
+#[tokio::test]
+async fn host_namespace_and_impossible_names_are_just_absent() {
+    require_root!();
+    let observer = NetlinkObserver::new(None).expect("connect in host netns");
+    let names = vec![
+        "wd-no-such-dev".to_string(),
+        "a-name-longer-than-ifnamsiz".to_string(),
+        String::new(),
+    ];
+    let state = observer.snapshot(&names).await.expect("snapshot");
+    assert!(state.devices.is_empty(), "{state:?}");
+    let lo = observer.snapshot(&["lo".to_string()]).await.unwrap();
+    assert_eq!(lo.devices["lo"].link.ifindex, 1);
+    assert!(lo.devices["lo"].link.up);
+}
+
 /// Wait for the first event matching `pred`, skipping others.
 async fn wait_for(monitor: &mut Monitor, pred: impl Fn(&ObservedEvent) -> bool) -> ObservedEvent {
     let deadline = Instant::now() + Duration::from_secs(10);

@@ -225,7 +225,9 @@ impl ObservedState {
             dev.routes.sort_by(route_order);
             dev.routes.dedup();
             dev.neighbours.sort_by_key(|n| n.ip);
+            dev.neighbours.dedup();
             dev.fdb.sort_by_key(|f| (f.mac, f.destination));
+            dev.fdb.dedup();
         }
     }
 
