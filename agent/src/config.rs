@@ -470,11 +470,24 @@ fn parse_error(
             .count()
             + 1
     });
+    // toml's message can span lines ("invalid table header\nexpected `.`, `]`") or be empty
+    // (a value missing after `=`).
+    let message = inner
+        .message()
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join("; ");
     ConfigError::Parse {
         path: path.to_path_buf(),
         key,
         line,
-        message: inner.message().trim().replace('\n', " "),
+        message: if message.is_empty() {
+            "invalid TOML (a value is missing or malformed)".to_string()
+        } else {
+            message
+        },
     }
 }
 
@@ -705,8 +718,9 @@ contested_backoff = "1h"
             ("[repair]\nmax_repairs_per_minute = -1", "config /x/config.toml: repair.max_repairs_per_minute:"),
             ("[repair]\ncontested_after = 0", "config /x/config.toml: repair.contested_after: must be at least 1"),
             ("[repair]\nenabled = true", "config /x/config.toml: repair.enabled: unknown field `enabled`"),
-            ("mode = ", "config /x/config.toml: line 1: "),
-            ("\n\n[status\n", "config /x/config.toml: line 3: "),
+            ("mode = ", "config /x/config.toml: line 1: invalid TOML (a value is missing"),
+            ("\n\n[status\n", "config /x/config.toml: line 3: invalid table header; expected"),
+            ("mode = \"alert\"\nmode = \"repair\"", "config /x/config.toml: line 2: duplicate key `mode`"),
         ];
         for (text, want) in cases {
             let got = err(text);

@@ -265,6 +265,22 @@ async fn missing_namespace_is_a_clear_error() {
     assert!(err.to_string().contains("does-not-exist-wd"), "{err}");
 }
 
+#[tokio::test]
+async fn host_namespace_and_impossible_names_are_just_absent() {
+    require_root!();
+    let observer = NetlinkObserver::new(None).expect("connect in host netns");
+    let names = vec![
+        "wd-no-such-dev".to_string(),
+        "a-name-longer-than-ifnamsiz".to_string(),
+        String::new(),
+    ];
+    let state = observer.snapshot(&names).await.expect("snapshot");
+    assert!(state.devices.is_empty(), "{state:?}");
+    let lo = observer.snapshot(&["lo".to_string()]).await.unwrap();
+    assert_eq!(lo.devices["lo"].link.ifindex, 1);
+    assert!(lo.devices["lo"].link.up);
+}
+
 /// Wait for the first event matching `pred`, skipping others.
 async fn wait_for(monitor: &mut Monitor, pred: impl Fn(&ObservedEvent) -> bool) -> ObservedEvent {
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -380,10 +396,55 @@ async fn tiny_receive_buffer_reports_overrun() {
         queue: 1,
     };
     let mut monitor = Monitor::start(Some(&ns.path()), &options).unwrap();
-    let batch: String = (0..4000)
-        .map(|i| format!("route add 10.200.{}.{}/32 dev {DEV}\n", i / 256, i % 256))
-        .collect();
-    ns.ip_batch(&batch);
+    ns.ip_batch(&route_burst(0));
     let event = wait_for(&mut monitor, |e| matches!(e, ObservedEvent::Overrun)).await;
     assert_eq!(event, ObservedEvent::Overrun);
+    // The monitor survives an overrun: later changes still arrive.
+    ns.ip(&format!("route add 10.9.9.0/24 dev {DEV}"));
+    let dst = "10.9.9.0/24".parse().unwrap();
+    wait_for(
+        &mut monitor,
+        |e| matches!(e, ObservedEvent::RouteAdded { route, .. } if route.destination == dst),
+    )
+    .await;
+}
+
+/// 4000 /32 routes in 10.<first>.0.0/16 out of the vxlan device.
+fn route_burst(first: u8) -> String {
+    (0..4000)
+        .map(|i| {
+            format!(
+                "route add 10.{first}.{}.{}/32 dev {DEV}\n",
+                i / 256,
+                i % 256
+            )
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn default_buffer_absorbs_a_felix_sized_burst() {
+    require_root!();
+    let ns = Netns::calico_node();
+    let mut monitor = Monitor::start(Some(&ns.path()), &MonitorOptions::default()).unwrap();
+    ns.ip_batch(&route_burst(201));
+    let last = "10.201.15.159/32".parse().unwrap();
+    let mut routes = 0;
+    loop {
+        let event = tokio::time::timeout(Duration::from_secs(10), monitor.next())
+            .await
+            .expect("burst delivered within 10 s")
+            .expect("monitor alive");
+        match event {
+            ObservedEvent::Overrun => panic!("overrun after {routes} routes"),
+            ObservedEvent::RouteAdded { route, .. } => {
+                routes += 1;
+                if route.destination == last {
+                    break;
+                }
+            }
+            _ => {}
+        }
+    }
+    assert_eq!(routes, 4000);
 }

@@ -203,7 +203,20 @@ pub fn parse(
                     }
                     None => (None, None),
                 };
-                parse_err(line, column, e.message().trim().replace('\n', " "))
+                // toml's message may span lines, or be empty when a value is missing.
+                let message = e
+                    .message()
+                    .lines()
+                    .map(str::trim)
+                    .filter(|l| !l.is_empty())
+                    .collect::<Vec<_>>()
+                    .join("; ");
+                let message = if message.is_empty() {
+                    "invalid TOML (a value is missing or malformed)".to_string()
+                } else {
+                    message
+                };
+                parse_err(line, column, message)
             })?,
     };
 
@@ -835,7 +848,7 @@ borrowed = ["10.1.240.7/32", "10.1.240.8"]
             (
                 FileFormat::Toml,
                 "[[nodes]]\nname = \"a\"\nnode_ip = \n",
-                "datastore file /etc/dataplane-watchdog/nodes.yaml: line 3 column 11: ",
+                "datastore file /etc/dataplane-watchdog/nodes.yaml: line 3 column 11: invalid string; expected",
             ),
             (
                 FileFormat::Toml,

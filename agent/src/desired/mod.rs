@@ -153,7 +153,7 @@ pub struct RawNode {
     pub borrowed: Vec<RawField>,
 }
 
-/// A record that passed its own checks, before the cross-node ones.
+/// A named record after its own checks, before the cross-node ones.
 struct Candidate {
     index: usize,
     object: String,
@@ -566,5 +566,120 @@ fn drop_conflicting_claims(
             );
             problems.push(problem(&object, Some(&name), &f, message));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A record shaped the way a Kubernetes source would build it: fields named by their
+    /// annotation, blocks coming from separate IPAMBlock objects.
+    fn kube_node(name: &str, node_ip: &str, vtep: &str, blocks: &[(&str, &str)]) -> RawNode {
+        let ann = |k: &str| format!("metadata.annotations[projectcalico.org/{k}]");
+        RawNode {
+            object: format!("Node/{name}"),
+            name: RawField::new("metadata.name", Some(name.to_string())),
+            node_ip: RawField::new(ann("IPv4Address"), Some(node_ip.to_string())),
+            vtep_ip: RawField::new(ann("IPv4VXLANTunnelAddr"), Some(vtep.to_string())),
+            vtep_mac: RawField::new(ann("VXLANTunnelMACAddr"), None),
+            blocks: blocks
+                .iter()
+                .map(|(obj, cidr)| RawField {
+                    field: "spec.cidr".into(),
+                    value: Some(cidr.to_string()),
+                    object: Some(format!("IPAMBlock/{obj}")),
+                })
+                .collect(),
+            borrowed: vec![],
+        }
+    }
+
+    #[test]
+    fn problems_name_the_object_and_field_each_value_came_from() {
+        let s = build(
+            "kubernetes",
+            "a",
+            vec![
+                kube_node("a", "192.168.1.1", "10.0.0.0", &[("b1", "10.0.0.0/26")]),
+                kube_node("b", "192.168.1.2/24", "10.0.1.0", &[("b2", "10.0.1.0/26")]),
+                kube_node("c", "192.168.1.3", "10.0.2.0", &[("b3", "10.0.2.1/26")]),
+            ],
+            vec![],
+        );
+        assert_eq!(
+            s.problems,
+            vec![
+                DatastoreProblem {
+                    object: "Node/b".into(),
+                    node: Some("b".into()),
+                    field: "metadata.annotations[projectcalico.org/IPv4Address]".into(),
+                    message: "node address \"192.168.1.2/24\" must be a plain IP address, without a prefix length".into(),
+                },
+                DatastoreProblem {
+                    object: "IPAMBlock/b3".into(),
+                    node: Some("c".into()),
+                    field: "spec.cidr".into(),
+                    message: "block 10.0.2.1/26 has host bits set (the network is 10.0.2.0/26); skipped, not guessed".into(),
+                },
+            ]
+        );
+        assert_eq!(s.nodes.keys().collect::<Vec<_>>(), ["a", "c"]);
+        assert!(s.nodes["c"].blocks.is_empty());
+        assert_eq!(s.nodes["a"].vtep_mac, MacAddr::derive_like_felix("a"));
+        assert!(s.nodes["a"].vtep_mac_derived);
+        assert_eq!(s.source, "kubernetes");
+    }
+
+    #[test]
+    fn invalid_local_node_is_reported_as_such() {
+        let s = build(
+            "kubernetes",
+            "a",
+            vec![kube_node("a", "nope", "10.0.0.0", &[])],
+            vec![],
+        );
+        assert!(s.nodes.is_empty());
+        assert_eq!(s.problems.len(), 2);
+        assert_eq!(s.problems[1].field, "nodes");
+        assert!(s.problems[1].message.contains("has an invalid entry"));
+    }
+
+    #[test]
+    fn problems_from_the_source_are_kept_first() {
+        let earlier = DatastoreProblem {
+            object: "IPAMBlock/x".into(),
+            node: None,
+            field: "spec.affinity".into(),
+            message: "affinity \"zone:x\" is not host:<node>".into(),
+        };
+        let s = build(
+            "kubernetes",
+            "a",
+            vec![kube_node("a", "192.168.1.1", "10.0.0.0", &[])],
+            vec![earlier.clone()],
+        );
+        assert_eq!(s.problems, vec![earlier]);
+    }
+
+    #[tokio::test]
+    async fn no_datastore_has_no_peers() {
+        let mut d = AnyDatastore::None(NoDatastore {
+            local_node: "a".into(),
+        });
+        let s = d.load().await.unwrap();
+        assert_eq!(s.local_node, "a");
+        assert!(s.nodes.is_empty() && s.problems.is_empty());
+        assert_eq!(d.describe(), "none");
+        assert_eq!(s.source, "none");
+    }
+
+    #[test]
+    fn backend_errors_name_the_source() {
+        let e = DatastoreError::Backend {
+            source: "kubernetes".into(),
+            error: "connection refused".into(),
+        };
+        assert_eq!(e.to_string(), "datastore kubernetes: connection refused");
     }
 }

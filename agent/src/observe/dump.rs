@@ -90,14 +90,36 @@ async fn request(
     })
 }
 
+fn family_of(msg: &RouteNetlinkMessage) -> Option<AddressFamily> {
+    match msg {
+        RouteNetlinkMessage::NewRoute(m) | RouteNetlinkMessage::GetRoute(m) => {
+            Some(m.header.address_family)
+        }
+        RouteNetlinkMessage::NewNeighbour(m) | RouteNetlinkMessage::GetNeighbour(m) => {
+            Some(m.header.family)
+        }
+        RouteNetlinkMessage::NewAddress(m) | RouteNetlinkMessage::GetAddress(m) => {
+            Some(m.header.family)
+        }
+        _ => None,
+    }
+}
+
+/// Dump, keeping only replies of the requested family: a kernel without a handler for it
+/// (IPv6 disabled at boot) answers with a dump of every family instead.
 async fn dump(
     conn: &NetlinkConn,
     what: &'static str,
     msg: RouteNetlinkMessage,
 ) -> Result<Vec<RouteNetlinkMessage>> {
-    Ok(request(conn, what, msg, NLM_F_DUMP, None)
+    let family = family_of(&msg).filter(|f| *f != AddressFamily::Unspec);
+    let mut replies = request(conn, what, msg, NLM_F_DUMP, None)
         .await?
-        .unwrap_or_default())
+        .unwrap_or_default();
+    if let Some(family) = family {
+        replies.retain(|m| family_of(m) == Some(family));
+    }
+    Ok(replies)
 }
 
 fn route_dump_request(family: AddressFamily) -> RouteNetlinkMessage {

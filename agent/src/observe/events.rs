@@ -225,7 +225,9 @@ impl ObservedState {
             dev.routes.sort_by(route_order);
             dev.routes.dedup();
             dev.neighbours.sort_by_key(|n| n.ip);
+            dev.neighbours.dedup();
             dev.fdb.sort_by_key(|f| (f.mac, f.destination));
+            dev.fdb.dedup();
         }
     }
 
@@ -337,7 +339,7 @@ impl ObservedState {
     }
 
     fn apply_link(&mut self, link: &LinkInfo, watched: &[String]) -> Applied {
-        let is_watched = watched.iter().any(|w| *w == link.name);
+        let is_watched = watched.contains(&link.name);
         // A watched device renamed away: it is no longer the device we were told to watch.
         let renamed: Vec<String> = self
             .devices

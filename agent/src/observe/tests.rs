@@ -274,7 +274,7 @@ fn bridge_port_dellink_is_not_a_device_removal() {
     let port = parse_datagram(&nlmsg(
         RTM_DELLINK,
         0,
-        &ifinfomsg(AF_BRIDGE, 7, 0, &[name.clone()]),
+        &ifinfomsg(AF_BRIDGE, 7, 0, std::slice::from_ref(&name)),
     ));
     assert_eq!(port, vec![]);
     let gone = parse_datagram(&nlmsg(RTM_DELLINK, 0, &ifinfomsg(0, 7, 0, &[name])));
