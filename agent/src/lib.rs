@@ -9,4 +9,5 @@ pub mod desired;
 pub mod ebpf;
 pub mod model;
 pub mod observe;
+pub mod scan;
 pub mod serve;

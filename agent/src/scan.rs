@@ -1,0 +1,385 @@
+//! `watchdog scan`: one snapshot of kernel + datastore, every check, a report for a human or a
+//! machine. The incident's manual correlation of `ip route`, `ip neigh` and `kubectl get node`,
+//! as one command.
+
+use std::{fmt::Write as _, path::PathBuf, time::Instant};
+
+use serde::Serialize;
+
+use crate::{
+    checks::{self, CheckInput, CheckReport, DeviceSpec, PeerVerdict, SkippedCheck},
+    config::{Config, DatastoreSource},
+    desired::{Datastore, DatastoreError, FileDatastore},
+    model::{DesiredState, Finding, Severity},
+    observe::{self, KernelObserver, NetlinkObserver},
+};
+
+/// Why a scan could not produce a verdict at all (exit 3: UNKNOWN).
+#[derive(Debug, thiserror::Error)]
+pub enum ScanError {
+    #[error("kernel: {0}")]
+    Kernel(#[from] observe::Error),
+    #[error("{0}")]
+    Datastore(#[from] DatastoreError),
+    #[error("datastore source {0:?} is not supported by scan yet")]
+    UnsupportedSource(&'static str),
+}
+
+/// Where desired state comes from for this scan (`--datastore` overrides the config).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DatastoreChoice {
+    File(PathBuf),
+    Kubernetes,
+    None,
+}
+
+impl DatastoreChoice {
+    pub fn from_config(config: &Config) -> Self {
+        match config.datastore.source {
+            DatastoreSource::File => DatastoreChoice::File(config.datastore.path.clone()),
+            DatastoreSource::Kubernetes => DatastoreChoice::Kubernetes,
+            DatastoreSource::None => DatastoreChoice::None,
+        }
+    }
+
+    /// `none`, `kubernetes`, `file:PATH` or a bare `PATH`.
+    pub fn parse(s: &str) -> Self {
+        match s {
+            "none" => DatastoreChoice::None,
+            "kubernetes" | "k8s" => DatastoreChoice::Kubernetes,
+            other => {
+                DatastoreChoice::File(PathBuf::from(other.strip_prefix("file:").unwrap_or(other)))
+            }
+        }
+    }
+}
+
+/// Everything `scan --json` prints.
+#[derive(Debug, Clone, Serialize)]
+pub struct ScanOutput {
+    pub node: String,
+    pub netns: Option<String>,
+    pub devices: Vec<String>,
+    pub datastore: DatastoreInfo,
+    pub routes_checked: usize,
+    pub findings: Vec<Finding>,
+    pub peers: Vec<PeerVerdict>,
+    pub skipped: Vec<SkippedCheck>,
+    pub summary: Summary,
+    pub duration_ms: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct DatastoreInfo {
+    pub source: String,
+    pub nodes: usize,
+    pub problems: usize,
+}
+
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct Summary {
+    pub critical: usize,
+    pub warning: usize,
+    pub info: usize,
+    /// 0 healthy, 1 warnings, 2 critical.
+    pub exit_code: i32,
+}
+
+impl Summary {
+    pub fn of(findings: &[Finding]) -> Summary {
+        let count = |s| findings.iter().filter(|f| f.severity == s).count();
+        let (critical, warning, info) = (
+            count(Severity::Critical),
+            count(Severity::Warning),
+            count(Severity::Info),
+        );
+        let exit_code = if critical > 0 {
+            2
+        } else if warning > 0 {
+            1
+        } else {
+            0
+        };
+        Summary {
+            critical,
+            warning,
+            info,
+            exit_code,
+        }
+    }
+}
+
+/// Load the desired state for a scan.
+pub async fn load_desired(
+    choice: &DatastoreChoice,
+    local_node: &str,
+) -> Result<Option<DesiredState>, ScanError> {
+    match choice {
+        DatastoreChoice::None => Ok(None),
+        DatastoreChoice::File(path) => {
+            let mut ds = FileDatastore::new(path.clone(), local_node);
+            Ok(Some(ds.load().await?))
+        }
+        DatastoreChoice::Kubernetes => Err(ScanError::UnsupportedSource("kubernetes")),
+    }
+}
+
+/// Snapshot the kernel of `netns` and run every check.
+pub async fn scan(
+    config: &Config,
+    netns: Option<&std::path::Path>,
+    datastore: &DatastoreChoice,
+) -> Result<ScanOutput, ScanError> {
+    let started = Instant::now();
+    let observer = NetlinkObserver::new(netns)?;
+    let desired = load_desired(datastore, &config.node_name).await?;
+    let observed = observer.snapshot(&config.devices).await?;
+    let specs: Vec<DeviceSpec> = config
+        .devices
+        .iter()
+        .map(|d| DeviceSpec::for_name(d))
+        .collect();
+    let report = checks::evaluate(&CheckInput {
+        devices: &specs,
+        observed: &observed,
+        desired: desired.as_ref(),
+        drops: None,
+    });
+    Ok(output(
+        config,
+        netns.map(|p| p.display().to_string()),
+        desired.as_ref(),
+        report,
+        started.elapsed().as_secs_f64() * 1e3,
+    ))
+}
+
+fn output(
+    config: &Config,
+    netns: Option<String>,
+    desired: Option<&DesiredState>,
+    report: CheckReport,
+    duration_ms: f64,
+) -> ScanOutput {
+    ScanOutput {
+        node: config.node_name.clone(),
+        netns,
+        devices: config.devices.clone(),
+        datastore: DatastoreInfo {
+            source: desired
+                .map(|d| d.source.clone())
+                .unwrap_or_else(|| "none (offline checks only)".into()),
+            nodes: desired.map(|d| d.nodes.len()).unwrap_or(0),
+            problems: desired.map(|d| d.problems.len()).unwrap_or(0),
+        },
+        routes_checked: report.routes_checked,
+        summary: Summary::of(&report.findings),
+        findings: report.findings,
+        peers: report.peers,
+        skipped: report.skipped,
+        duration_ms,
+    }
+}
+
+/// The human view: header, peer table, findings with evidence and the fix.
+pub fn render_text(out: &ScanOutput) -> String {
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "node {}{}: {} route{} on {} checked against datastore {} ({} nodes)",
+        out.node,
+        out.netns
+            .as_deref()
+            .map(|n| format!(" (netns {n})"))
+            .unwrap_or_default(),
+        out.routes_checked,
+        if out.routes_checked == 1 { "" } else { "s" },
+        out.devices.join(", "),
+        out.datastore.source,
+        out.datastore.nodes,
+    );
+    if !out.peers.is_empty() {
+        let _ = writeln!(s);
+        let rows: Vec<[String; 5]> = out
+            .peers
+            .iter()
+            .map(|p| {
+                [
+                    p.node.clone(),
+                    p.vtep.to_string(),
+                    p.node_ip.to_string(),
+                    p.blocks.len().to_string(),
+                    p.verdict.to_uppercase(),
+                ]
+            })
+            .collect();
+        table(
+            &mut s,
+            ["PEER", "VTEP", "NODE IP", "BLOCKS", "VERDICT"],
+            &rows,
+        );
+    }
+    if !out.findings.is_empty() {
+        let _ = writeln!(s);
+        let rows: Vec<[String; 6]> = out
+            .findings
+            .iter()
+            .map(|f| {
+                [
+                    f.severity.to_string().to_uppercase(),
+                    f.check.to_string(),
+                    f.peer_node.clone().unwrap_or_else(|| "-".into()),
+                    f.route.clone().unwrap_or_else(|| "-".into()),
+                    f.gateway
+                        .map(|g| g.to_string())
+                        .unwrap_or_else(|| "-".into()),
+                    f.expected_gateway
+                        .map(|g| g.to_string())
+                        .unwrap_or_else(|| "-".into()),
+                ]
+            })
+            .collect();
+        table(
+            &mut s,
+            ["SEVERITY", "CHECK", "PEER", "ROUTE", "GATEWAY", "EXPECTED"],
+            &rows,
+        );
+        for f in &out.findings {
+            let _ = writeln!(s);
+            let _ = writeln!(
+                s,
+                "{} {}: {}",
+                f.severity.to_string().to_uppercase(),
+                f.check,
+                f.message
+            );
+            for r in &f.evidence.routes {
+                let _ = writeln!(s, "    route  {r}");
+            }
+            if let Some(state) = &f.evidence.neighbour_state {
+                let _ = writeln!(
+                    s,
+                    "    neigh  {} {state}",
+                    f.gateway.map(|g| g.to_string()).unwrap_or_default()
+                );
+            }
+            if let Some(d) = f.evidence.drops {
+                let _ = writeln!(s, "    drops  {d}");
+            }
+            if let Some(h) = &f.hint {
+                let _ = writeln!(s, "    fix    {h}");
+            }
+        }
+    }
+    if !out.skipped.is_empty() {
+        let _ = writeln!(s);
+        let names: Vec<&str> = out.skipped.iter().map(|k| k.check.as_str()).collect();
+        let _ = writeln!(
+            s,
+            "not checked: {} ({})",
+            names.join(", "),
+            out.skipped[0].reason
+        );
+    }
+    let _ = writeln!(s);
+    let verdict = match out.summary.exit_code {
+        0 => "HEALTHY",
+        1 => "WARNING",
+        _ => "CRITICAL",
+    };
+    let _ = writeln!(
+        s,
+        "{verdict}: {} critical, {} warning{} ({:.1} ms)",
+        out.summary.critical,
+        out.summary.warning,
+        if out.summary.warning == 1 { "" } else { "s" },
+        out.duration_ms
+    );
+    s
+}
+
+fn table<const N: usize>(s: &mut String, header: [&str; N], rows: &[[String; N]]) {
+    let mut widths: [usize; N] = header.map(str::len);
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.len());
+        }
+    }
+    let line = |s: &mut String, cells: Vec<&str>| {
+        let parts: Vec<String> = cells
+            .iter()
+            .zip(widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
+        let _ = writeln!(s, "{}", parts.join("  ").trim_end());
+    };
+    line(s, header.to_vec());
+    for row in rows {
+        line(s, row.iter().map(String::as_str).collect());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{CheckId, Finding};
+
+    fn config() -> Config {
+        Config::with_node_name("k8s01")
+    }
+
+    #[test]
+    fn exit_codes_follow_the_worst_severity() {
+        let warn = Finding::new(CheckId::RouteStale, Severity::Warning, "d", "w".into());
+        let crit = Finding::new(CheckId::RouteMissing, Severity::Critical, "d", "c".into());
+        assert_eq!(Summary::of(&[]).exit_code, 0);
+        assert_eq!(Summary::of(std::slice::from_ref(&warn)).exit_code, 1);
+        assert_eq!(Summary::of(&[warn, crit]).exit_code, 2);
+    }
+
+    #[test]
+    fn datastore_choice_parses_forms() {
+        assert_eq!(DatastoreChoice::parse("none"), DatastoreChoice::None);
+        assert_eq!(
+            DatastoreChoice::parse("file:/x.yaml"),
+            DatastoreChoice::File("/x.yaml".into())
+        );
+        assert_eq!(
+            DatastoreChoice::parse("/x.yaml"),
+            DatastoreChoice::File("/x.yaml".into())
+        );
+        assert_eq!(
+            DatastoreChoice::parse("kubernetes"),
+            DatastoreChoice::Kubernetes
+        );
+    }
+
+    #[test]
+    fn text_shows_finding_route_and_fix() {
+        let mut f = Finding::new(
+            CheckId::GatewayWrongVtep,
+            Severity::Critical,
+            "vxlan.calico",
+            "6 routes to k8s03's blocks go via 10.1.235.128".into(),
+        );
+        f.route = Some("10.1.235.128/26".into());
+        f.peer_node = Some("k8s03".into());
+        f.evidence.routes = vec!["10.1.235.128/26 via 10.1.235.128 dev vxlan.calico onlink".into()];
+        f.hint = Some(
+            "ip route replace 10.1.235.128/26 via 10.1.235.133 dev vxlan.calico onlink".into(),
+        );
+        let report = CheckReport {
+            findings: vec![f],
+            ..Default::default()
+        };
+        let out = output(&config(), None, None, report, 1.0);
+        let text = render_text(&out);
+        assert!(text.contains("gateway-wrong-vtep"), "{text}");
+        assert!(
+            text.contains("fix    ip route replace 10.1.235.128/26 via 10.1.235.133"),
+            "{text}"
+        );
+        assert!(text.contains("CRITICAL: 1 critical, 0 warnings"), "{text}");
+        assert_eq!(out.summary.exit_code, 2);
+    }
+}
