@@ -246,7 +246,7 @@ pub async fn run_check(args: CheckArgs) -> i32 {
     let outcome = match fetch_status(&socket, args.timeout).await {
         Ok(status) => render::classify(&status, SystemTime::now(), args.stale_after),
         Err(ClientError::Connect { source, .. }) => {
-            render::unreachable_outcome(&socket, &describe_connect_short(&source))
+            render::unreachable_outcome(&socket, &describe_connect(&source))
         }
         Err(e) => render::CheckOutcome {
             code: NAGIOS_UNKNOWN,
@@ -255,16 +255,6 @@ pub async fn run_check(args: CheckArgs) -> i32 {
     };
     println!("{}", outcome.line);
     outcome.code
-}
-
-/// Like [`describe_connect`] without the hint that `unreachable_outcome` adds itself.
-fn describe_connect_short(e: &io::Error) -> String {
-    match e.kind() {
-        io::ErrorKind::NotFound => "No such file or directory".into(),
-        io::ErrorKind::ConnectionRefused => "Connection refused".into(),
-        io::ErrorKind::PermissionDenied => "Permission denied".into(),
-        _ => e.to_string(),
-    }
 }
 
 #[cfg(test)]

@@ -28,7 +28,11 @@ use prometheus_client::{
 };
 use tokio::net::TcpListener;
 
-use super::{http, status::PeerStatus, ServeError};
+use super::{
+    http,
+    status::{PeerStatus, Status},
+    ServeError,
+};
 use crate::model::Finding;
 
 /// Default `[metrics] listen`.
@@ -420,6 +424,18 @@ impl Metrics {
         self.ebpf_programs.set(n as i64);
     }
 
+    /// Set every gauge that mirrors the status (findings, peers, routes checked, eBPF
+    /// programs, datastore age). Counters are event-driven and not touched.
+    pub fn update_from_status(&self, status: &Status) {
+        self.set_findings(&status.findings);
+        self.set_peers(&status.peers);
+        self.set_routes_checked(status.checks.routes_checked);
+        self.set_ebpf_programs_attached(status.ebpf.attached.len());
+        if let Some(age) = status.datastore.last_event_age_seconds {
+            self.datastore_last_event_age.set(age);
+        }
+    }
+
     /// The OpenMetrics text exposition of everything.
     pub fn encode(&self) -> String {
         let mut out = String::new();
@@ -660,6 +676,33 @@ mod tests {
         ));
         assert!(out.contains("dataplane_watchdog_check_duration_seconds_count 1\n"));
         assert!(out.ends_with("# EOF\n"));
+    }
+
+    #[test]
+    fn gauges_mirror_the_status() {
+        let m = Metrics::new();
+        let mut s = Status::starting("n", "alert", "calico", std::time::SystemTime::now());
+        s.peers.push(PeerStatus {
+            name: "k8s03".into(),
+            vtep: crate::model::v4(10, 1, 3, 5),
+            node_ip: None,
+            blocks: vec![],
+            verdict: crate::serve::status::Verdict::Ok,
+            findings: 0,
+            drops: 0,
+        });
+        let mut f = finding(CheckId::RouteMissing, Severity::Critical);
+        f.peer_node = Some("k8s03".into());
+        s.set_findings(vec![f]);
+        s.checks.routes_checked = 12;
+        s.datastore.last_event_age_seconds = Some(4.5);
+        m.update_from_status(&s);
+        let out = m.encode();
+        assert!(out.contains("dataplane_watchdog_peers{verdict=\"critical\"} 1\n"));
+        assert!(out.contains("dataplane_watchdog_peers{verdict=\"ok\"} 0\n"));
+        assert!(out.contains("dataplane_watchdog_routes_checked 12\n"));
+        assert!(out.contains("dataplane_watchdog_datastore_last_event_age_seconds 4.5\n"));
+        assert!(out.contains("findings{check=\"route-missing\",severity=\"critical\"} 1\n"));
     }
 
     #[test]

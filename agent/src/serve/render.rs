@@ -574,14 +574,11 @@ pub fn classify(status: &Status, now: SystemTime, stale_after: Duration) -> Chec
     )
 }
 
-/// The plugin line when the daemon cannot be asked at all.
+/// The plugin line when the daemon cannot be asked at all; `error` should say what to do.
 pub fn unreachable_outcome(socket: &Path, error: &dyn Display) -> CheckOutcome {
     outcome(
         NAGIOS_UNKNOWN,
-        &format!(
-            "cannot reach daemon at {}: {error} (is dataplane-watchdog running?)",
-            socket.display()
-        ),
+        &format!("cannot reach daemon at {}: {error}", socket.display()),
         "",
     )
 }
@@ -812,7 +809,10 @@ mod tests {
 
     #[test]
     fn unreachable_is_unknown_without_perfdata() {
-        let o = unreachable_outcome(Path::new("/run/x.sock"), &"No such file or directory");
+        let o = unreachable_outcome(
+            Path::new("/run/x.sock"),
+            &"No such file or directory (is dataplane-watchdog running?)",
+        );
         assert_eq!(o.code, NAGIOS_UNKNOWN);
         assert_eq!(
             o.line,

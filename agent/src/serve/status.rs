@@ -14,7 +14,7 @@ use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 use tokio::sync::RwLock;
 
-use crate::model::{Finding, Severity};
+use crate::model::{DesiredState, Finding, ObservedDevice, ObservedState, PeerNode, Severity};
 
 /// Everything `watchdog status` shows. Field names are a contract (DESIGN.md §3).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -91,6 +91,42 @@ impl Status {
         self.findings.iter().map(|f| f.severity).max()
     }
 
+    /// Replace the open findings and recompute peer verdicts.
+    pub fn set_findings(&mut self, findings: Vec<Finding>) {
+        self.findings = findings;
+        self.refresh_peer_verdicts();
+    }
+
+    /// Rebuild `peers` and the datastore counts from the desired state, keeping each known
+    /// peer's drop count, then recompute verdicts.
+    pub fn set_desired(&mut self, desired: &DesiredState) {
+        let old: BTreeMap<String, u64> = self
+            .peers
+            .iter()
+            .map(|p| (p.name.clone(), p.drops))
+            .collect();
+        self.peers = desired
+            .peers()
+            .map(|p| {
+                let mut ps = PeerStatus::from_peer(p);
+                ps.drops = old.get(&p.name).copied().unwrap_or(0);
+                ps
+            })
+            .collect();
+        self.datastore.source = desired.source.clone();
+        self.datastore.nodes = desired.nodes.len();
+        self.datastore.problems = desired.problems.len();
+        self.refresh_peer_verdicts();
+    }
+
+    /// Rebuild `devices` for the watched device names from the observed state.
+    pub fn set_observed(&mut self, watched: &[String], observed: &ObservedState) {
+        self.devices = watched
+            .iter()
+            .map(|name| DeviceStatus::from_observed(name, observed.devices.get(name)))
+            .collect();
+    }
+
     /// Recompute each peer's verdict and finding count from `findings` (findings without a
     /// peer, e.g. `device-missing`, count for no peer).
     pub fn refresh_peer_verdicts(&mut self) {
@@ -129,6 +165,31 @@ pub struct DeviceStatus {
     pub neighbours: usize,
     #[serde(default)]
     pub fdb: usize,
+}
+
+impl DeviceStatus {
+    /// `observed` is `None` when the device does not exist.
+    pub fn from_observed(name: &str, observed: Option<&ObservedDevice>) -> Self {
+        let Some(d) = observed else {
+            return DeviceStatus {
+                name: name.to_string(),
+                ..Default::default()
+            };
+        };
+        DeviceStatus {
+            name: name.to_string(),
+            present: true,
+            ifindex: Some(d.link.ifindex),
+            up: d.link.up,
+            vni: d.link.vni,
+            port: d.link.port,
+            mtu: d.link.mtu,
+            addresses: d.link.addresses.clone(),
+            routes: d.routes.len(),
+            neighbours: d.neighbours.len(),
+            fdb: d.fdb.len(),
+        }
+    }
 }
 
 /// Per-peer summary.
@@ -174,6 +235,21 @@ pub struct PeerStatus {
     /// Packets dropped toward this peer since the daemon started (eBPF; 0 without it).
     #[serde(default)]
     pub drops: u64,
+}
+
+impl PeerStatus {
+    /// A peer with no findings yet (verdict ok), blocks and borrowed /32s together.
+    pub fn from_peer(p: &PeerNode) -> Self {
+        PeerStatus {
+            name: p.name.clone(),
+            vtep: p.vtep_ip,
+            node_ip: Some(p.node_ip),
+            blocks: p.blocks.iter().chain(&p.borrowed).copied().collect(),
+            verdict: Verdict::Ok,
+            findings: 0,
+            drops: 0,
+        }
+    }
 }
 
 /// Kernel drop counters from eBPF. Empty when eBPF is not attached.
@@ -368,6 +444,73 @@ mod tests {
             (s.peers[1].verdict, s.peers[1].findings),
             (Verdict::Critical, 2)
         );
+    }
+
+    #[test]
+    fn desired_and_observed_fill_peers_and_devices() {
+        use crate::model::{LinkInfo, MacAddr};
+        let mut d = DesiredState {
+            source: "file:/x".into(),
+            local_node: "k8s01".into(),
+            ..Default::default()
+        };
+        for (name, last) in [("k8s01", 1), ("k8s03", 3)] {
+            d.nodes.insert(
+                name.into(),
+                PeerNode {
+                    name: name.into(),
+                    node_ip: crate::model::v4(192, 168, 77, last),
+                    vtep_ip: crate::model::v4(10, 1, last, 5),
+                    vtep_mac: MacAddr::derive_like_felix(name),
+                    vtep_mac_derived: true,
+                    blocks: vec![format!("10.1.{last}.0/26").parse().unwrap()],
+                    borrowed: vec!["10.1.9.7/32".parse().unwrap()],
+                },
+            );
+        }
+        let mut s = Status::starting("k8s01", "alert", "calico", SystemTime::UNIX_EPOCH);
+        s.peers.push(PeerStatus {
+            drops: 77,
+            ..PeerStatus::from_peer(&d.nodes["k8s03"])
+        });
+        s.set_desired(&d);
+        assert_eq!(s.peers.len(), 1, "local node is not a peer");
+        assert_eq!(s.peers[0].name, "k8s03");
+        assert_eq!(s.peers[0].drops, 77, "drop count survives a relist");
+        assert_eq!(s.peers[0].blocks.len(), 2);
+        assert_eq!(
+            (s.datastore.nodes, s.datastore.source.as_str()),
+            (2, "file:/x")
+        );
+
+        let mut f = Finding::new(
+            crate::model::CheckId::FdbMissing,
+            Severity::Warning,
+            "vxlan.calico",
+            "x".into(),
+        );
+        f.peer_node = Some("k8s03".into());
+        s.set_findings(vec![f]);
+        assert_eq!(s.peers[0].verdict, Verdict::Warning);
+
+        let mut obs = ObservedState::default();
+        obs.devices.insert(
+            "vxlan.calico".into(),
+            ObservedDevice {
+                link: LinkInfo {
+                    name: "vxlan.calico".into(),
+                    ifindex: 12,
+                    vni: Some(4096),
+                    up: true,
+                    ..Default::default()
+                },
+                ..Default::default()
+            },
+        );
+        s.set_observed(&["vxlan.calico".into(), "vxlan-v6.calico".into()], &obs);
+        assert_eq!(s.devices[0].ifindex, Some(12));
+        assert!(s.devices[0].present && s.devices[0].up);
+        assert!(!s.devices[1].present);
     }
 
     #[tokio::test]
