@@ -173,6 +173,16 @@ async fn status_api_serves_reads_and_refuses_writes() {
     }
     let resp = raw_unix(
         &srv.path,
+        "HEAD /status HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+    assert!(
+        resp.ends_with("\r\n\r\n"),
+        "HEAD must not send a body: {resp}"
+    );
+    let resp = raw_unix(
+        &srv.path,
         "GET /repair HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
     )
     .await;
