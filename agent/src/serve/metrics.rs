@@ -1,0 +1,769 @@
+//! Prometheus metrics (DESIGN.md §3, prefix `dataplane_watchdog_`) and the `/metrics` server.
+//!
+//! Label values that come from outside the program (peer names, drop reasons, sink names,
+//! repair actions) are capped per label so a large cluster or a misbehaving input cannot blow
+//! up the series count: past the cap they are reported as `other`.
+
+use std::{
+    collections::{HashMap, HashSet},
+    convert::Infallible,
+    future::Future,
+    net::SocketAddr,
+    sync::{atomic::AtomicU64, Arc, Mutex},
+    time::Duration,
+};
+
+use hyper::{server::conn::http1, service::service_fn, Request, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use prometheus_client::{
+    collector::Collector,
+    encoding::{text, DescriptorEncoder, EncodeLabelSet, EncodeMetric},
+    metrics::{
+        counter::{ConstCounter, Counter},
+        family::Family,
+        gauge::{ConstGauge, Gauge},
+        histogram::{exponential_buckets, Histogram},
+    },
+    registry::{Registry, Unit},
+};
+use tokio::net::TcpListener;
+
+use super::{
+    http,
+    status::{PeerStatus, Status},
+    ServeError,
+};
+use crate::model::Finding;
+
+/// Default `[metrics] listen`.
+pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9464";
+/// Distinct peer names exported as labels; the rest are `other`.
+pub const MAX_PEER_LABELS: usize = 64;
+/// Distinct values for other externally-derived labels (reasons, sinks, actions, devices).
+pub const MAX_LABEL_VALUES: usize = 128;
+/// Resync reasons exported at 0 from startup (`inc_resync` accepts others too).
+pub const RESYNC_REASONS: [&str; 4] = ["startup", "periodic", "overrun", "datastore"];
+/// The label value that absorbs everything past a cap.
+pub const OTHER_LABEL: &str = "other";
+
+const OPENMETRICS_CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct FindingLabels {
+    check: String,
+    severity: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DropLabels {
+    device: String,
+    reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PeerDropLabels {
+    device: String,
+    peer: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DeviceLabels {
+    device: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RepairLabels {
+    action: String,
+    result: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct AlertLabels {
+    sink: String,
+    result: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabels {
+    reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct VerdictLabels {
+    verdict: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct VersionLabels {
+    version: String,
+}
+
+/// Admits up to `max` distinct values, then maps new ones to [`OTHER_LABEL`].
+#[derive(Debug)]
+struct LabelCap {
+    max: usize,
+    seen: Mutex<HashSet<String>>,
+}
+
+impl LabelCap {
+    fn new(max: usize) -> Self {
+        LabelCap {
+            max,
+            seen: Mutex::new(HashSet::new()),
+        }
+    }
+
+    fn admit(&self, value: &str) -> String {
+        let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        if seen.contains(value) {
+            return value.to_string();
+        }
+        if seen.len() < self.max {
+            seen.insert(value.to_string());
+            return value.to_string();
+        }
+        OTHER_LABEL.to_string()
+    }
+}
+
+/// Turns absolute counter readings (eBPF per-CPU map sums) into counter increments. A reading
+/// lower than the last one means the source restarted (program reloaded): it counts in full.
+#[derive(Debug)]
+struct DeltaTracker<K> {
+    last: Mutex<HashMap<K, u64>>,
+}
+
+impl<K: std::hash::Hash + Eq> DeltaTracker<K> {
+    fn new() -> Self {
+        DeltaTracker {
+            last: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn delta(&self, key: K, total: u64) -> u64 {
+        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+        let prev = last.insert(key, total).unwrap_or(0);
+        if total >= prev {
+            total - prev
+        } else {
+            total
+        }
+    }
+}
+
+/// All metrics the daemon exports. Share as `Arc<Metrics>`; every method takes `&self`.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    findings: Family<FindingLabels, Gauge>,
+    findings_seen: Mutex<HashSet<FindingLabels>>,
+    vxlan_drops: Family<DropLabels, Counter>,
+    vxlan_drops_last: DeltaTracker<DropLabels>,
+    peer_drops: Family<PeerDropLabels, Counter>,
+    peer_drops_last: DeltaTracker<(String, String)>,
+    neighbour_unresolved: Family<DeviceLabels, Counter>,
+    repairs: Family<RepairLabels, Counter>,
+    alerts: Family<AlertLabels, Counter>,
+    datastore_last_event_age: Gauge<f64, AtomicU64>,
+    check_duration: Histogram,
+    routes_checked: Gauge,
+    resyncs: Family<ReasonLabels, Counter>,
+    netlink_overruns: Counter,
+    relist_mismatch: Counter,
+    peers: Family<VerdictLabels, Gauge>,
+    ebpf_programs: Gauge,
+    peer_cap: LabelCap,
+    label_cap: LabelCap,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::default();
+        // Standard, unprefixed process_* metrics so stock dashboards work.
+        registry.register_collector(Box::new(ProcessCollector));
+
+        let m = Metrics {
+            registry: Registry::default(),
+            findings: Family::default(),
+            findings_seen: Mutex::new(HashSet::new()),
+            vxlan_drops: Family::default(),
+            vxlan_drops_last: DeltaTracker::new(),
+            peer_drops: Family::default(),
+            peer_drops_last: DeltaTracker::new(),
+            neighbour_unresolved: Family::default(),
+            repairs: Family::default(),
+            alerts: Family::default(),
+            datastore_last_event_age: Gauge::default(),
+            check_duration: Histogram::new(exponential_buckets(0.0001, 4.0, 10)),
+            routes_checked: Gauge::default(),
+            resyncs: Family::default(),
+            netlink_overruns: Counter::default(),
+            relist_mismatch: Counter::default(),
+            peers: Family::default(),
+            ebpf_programs: Gauge::default(),
+            peer_cap: LabelCap::new(MAX_PEER_LABELS),
+            label_cap: LabelCap::new(MAX_LABEL_VALUES),
+        };
+
+        let r = registry.sub_registry_with_prefix("dataplane_watchdog");
+        r.register(
+            "findings",
+            "Open findings by check id and severity",
+            m.findings.clone(),
+        );
+        r.register(
+            "vxlan_drops",
+            "Packets the kernel dropped on a watched overlay device, by kfree_skb drop reason",
+            m.vxlan_drops.clone(),
+        );
+        r.register(
+            "peer_drops",
+            "Packets dropped on a watched overlay device toward a peer node (first 64 peers named, the rest 'other')",
+            m.peer_drops.clone(),
+        );
+        r.register(
+            "neighbour_unresolved",
+            "Neighbour entries on a watched overlay device that went INCOMPLETE or FAILED",
+            m.neighbour_unresolved.clone(),
+        );
+        r.register(
+            "repairs",
+            "Repair attempts by action and result (applied, failed, refused, contested, planned)",
+            m.repairs.clone(),
+        );
+        r.register(
+            "alerts",
+            "Alert deliveries by sink and result (sent, failed)",
+            m.alerts.clone(),
+        );
+        r.register_with_unit(
+            "datastore_last_event_age",
+            "Time since the datastore last delivered an event, bookmark or successful list",
+            Unit::Seconds,
+            m.datastore_last_event_age.clone(),
+        );
+        r.register_with_unit(
+            "check_duration",
+            "Time to evaluate all checks once",
+            Unit::Seconds,
+            m.check_duration.clone(),
+        );
+        r.register(
+            "routes_checked",
+            "Routes on watched devices evaluated in the last check run",
+            m.routes_checked.clone(),
+        );
+        r.register(
+            "resyncs",
+            "Full resyncs (netlink dump + datastore relist) by reason",
+            m.resyncs.clone(),
+        );
+        r.register(
+            "netlink_overruns",
+            "Netlink multicast socket overruns (events lost; each forces a resync)",
+            m.netlink_overruns.clone(),
+        );
+        r.register(
+            "datastore_relist_mismatch",
+            "Periodic datastore relists that disagreed with the watch cache",
+            m.relist_mismatch.clone(),
+        );
+        r.register(
+            "peers",
+            "Known peer nodes by verdict (ok, warning, critical)",
+            m.peers.clone(),
+        );
+        r.register(
+            "ebpf_programs_attached",
+            "eBPF programs currently attached",
+            m.ebpf_programs.clone(),
+        );
+        let info: Family<VersionLabels, Gauge> = Family::default();
+        info.get_or_create(&VersionLabels {
+            version: env!("CARGO_PKG_VERSION").to_string(),
+        })
+        .set(1);
+        r.register("build_info", "Agent version; always 1", info);
+        // Export the well-known series at 0 from the start, so rate() and absent() behave.
+        for reason in RESYNC_REASONS {
+            let _ = m.resyncs.get_or_create(&ReasonLabels {
+                reason: m.label_cap.admit(reason),
+            });
+        }
+        m.set_peers(&[]);
+        Metrics { registry, ..m }
+    }
+
+    /// Replace the open-findings gauges. Series seen before and now absent are set to 0
+    /// rather than removed, so alert rules see the drop to zero.
+    pub fn set_findings(&self, findings: &[Finding]) {
+        let mut counts: HashMap<FindingLabels, i64> = HashMap::new();
+        for f in findings {
+            *counts
+                .entry(FindingLabels {
+                    check: f.check.to_string(),
+                    severity: f.severity.to_string(),
+                })
+                .or_default() += 1;
+        }
+        let mut seen = self.findings_seen.lock().unwrap_or_else(|e| e.into_inner());
+        for labels in seen.iter() {
+            if !counts.contains_key(labels) {
+                self.findings.get_or_create(labels).set(0);
+            }
+        }
+        for (labels, n) in counts {
+            self.findings.get_or_create(&labels).set(n);
+            seen.insert(labels);
+        }
+    }
+
+    /// Absolute drop count for (device, reason) as read from the eBPF map.
+    pub fn observe_vxlan_drops_total(&self, device: &str, reason: &str, total: u64) {
+        let labels = DropLabels {
+            device: self.label_cap.admit(device),
+            reason: self.label_cap.admit(reason),
+        };
+        let d = self.vxlan_drops_last.delta(labels.clone(), total);
+        if d > 0 {
+            self.vxlan_drops.get_or_create(&labels).inc_by(d);
+        }
+    }
+
+    /// Absolute drop count toward one peer as read from the eBPF map.
+    pub fn observe_peer_drops_total(&self, device: &str, peer: &str, total: u64) {
+        // Track the delta per real peer name, so peers folded into `other` still add up.
+        let d = self
+            .peer_drops_last
+            .delta((device.to_string(), peer.to_string()), total);
+        if d > 0 {
+            let labels = PeerDropLabels {
+                device: self.label_cap.admit(device),
+                peer: self.peer_cap.admit(peer),
+            };
+            self.peer_drops.get_or_create(&labels).inc_by(d);
+        }
+    }
+
+    /// `n` more neighbour entries on `device` went unresolved.
+    pub fn add_neighbour_unresolved(&self, device: &str, n: u64) {
+        self.neighbour_unresolved
+            .get_or_create(&DeviceLabels {
+                device: self.label_cap.admit(device),
+            })
+            .inc_by(n);
+    }
+
+    pub fn inc_repair(&self, action: &str, result: &str) {
+        self.repairs
+            .get_or_create(&RepairLabels {
+                action: self.label_cap.admit(action),
+                result: self.label_cap.admit(result),
+            })
+            .inc();
+    }
+
+    pub fn inc_alert(&self, sink: &str, result: &str) {
+        self.alerts
+            .get_or_create(&AlertLabels {
+                sink: self.label_cap.admit(sink),
+                result: self.label_cap.admit(result),
+            })
+            .inc();
+    }
+
+    pub fn set_datastore_last_event_age(&self, age: Duration) {
+        self.datastore_last_event_age.set(age.as_secs_f64());
+    }
+
+    pub fn observe_check_duration(&self, d: Duration) {
+        self.check_duration.observe(d.as_secs_f64());
+    }
+
+    pub fn set_routes_checked(&self, n: u64) {
+        self.routes_checked
+            .set(i64::try_from(n).unwrap_or(i64::MAX));
+    }
+
+    /// `reason`: `startup`, `periodic`, `overrun`, `datastore`, … (a small fixed set).
+    pub fn inc_resync(&self, reason: &str) {
+        self.resyncs
+            .get_or_create(&ReasonLabels {
+                reason: self.label_cap.admit(reason),
+            })
+            .inc();
+    }
+
+    pub fn inc_netlink_overrun(&self) {
+        self.netlink_overruns.inc();
+    }
+
+    pub fn inc_datastore_relist_mismatch(&self) {
+        self.relist_mismatch.inc();
+    }
+
+    /// Peer counts by verdict; every verdict is always exported (0 when none).
+    pub fn set_peers(&self, peers: &[PeerStatus]) {
+        for v in ["ok", "warning", "critical"] {
+            let n = peers.iter().filter(|p| p.verdict.as_str() == v).count();
+            self.peers
+                .get_or_create(&VerdictLabels {
+                    verdict: v.to_string(),
+                })
+                .set(n as i64);
+        }
+    }
+
+    pub fn set_ebpf_programs_attached(&self, n: usize) {
+        self.ebpf_programs.set(n as i64);
+    }
+
+    /// Set every gauge that mirrors the status (findings, peers, routes checked, eBPF
+    /// programs, datastore age). Counters are event-driven and not touched.
+    pub fn update_from_status(&self, status: &Status) {
+        self.set_findings(&status.findings);
+        self.set_peers(&status.peers);
+        self.set_routes_checked(status.checks.routes_checked);
+        self.set_ebpf_programs_attached(status.ebpf.attached.len());
+        if let Some(age) = status.datastore.last_event_age_seconds {
+            self.datastore_last_event_age.set(age);
+        }
+    }
+
+    /// The OpenMetrics text exposition of everything.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+/// Reads /proc/self on every scrape.
+#[derive(Debug)]
+struct ProcessCollector;
+
+/// The fields of /proc/self/stat we export.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct ProcStat {
+    utime_ticks: u64,
+    stime_ticks: u64,
+    start_ticks: u64,
+    vsize_bytes: u64,
+    rss_pages: u64,
+}
+
+/// Parse /proc/<pid>/stat. Fields are counted after the last `)`, since the command name in
+/// parentheses may itself contain spaces and parentheses.
+fn parse_proc_stat(stat: &str) -> Option<ProcStat> {
+    let rest = &stat[stat.rfind(')')? + 1..];
+    // After ")" comes field 3 (state); field N is at index N - 3.
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let get = |n: usize| f.get(n - 3)?.parse::<u64>().ok();
+    Some(ProcStat {
+        utime_ticks: get(14)?,
+        stime_ticks: get(15)?,
+        start_ticks: get(22)?,
+        vsize_bytes: get(23)?,
+        rss_pages: get(24)?,
+    })
+}
+
+/// `btime` (boot time, seconds since the epoch) from /proc/stat.
+fn parse_btime(proc_stat: &str) -> Option<u64> {
+    proc_stat
+        .lines()
+        .find_map(|l| l.strip_prefix("btime "))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+impl Collector for ProcessCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let Some(stat) = std::fs::read_to_string("/proc/self/stat")
+            .ok()
+            .and_then(|s| parse_proc_stat(&s))
+        else {
+            return Ok(());
+        };
+        // SAFETY: sysconf has no memory-safety preconditions.
+        let (ticks, page) = unsafe {
+            (
+                libc::sysconf(libc::_SC_CLK_TCK),
+                libc::sysconf(libc::_SC_PAGESIZE),
+            )
+        };
+        let ticks = if ticks > 0 { ticks as f64 } else { 100.0 };
+        let page = if page > 0 { page as u64 } else { 4096 };
+
+        let cpu = ConstCounter::new((stat.utime_ticks + stat.stime_ticks) as f64 / ticks);
+        cpu.encode(encoder.encode_descriptor(
+            "process_cpu",
+            "Total user and system CPU time spent",
+            Some(&Unit::Seconds),
+            cpu.metric_type(),
+        )?)?;
+        let rss = ConstGauge::new((stat.rss_pages * page) as i64);
+        rss.encode(encoder.encode_descriptor(
+            "process_resident_memory",
+            "Resident memory size",
+            Some(&Unit::Bytes),
+            rss.metric_type(),
+        )?)?;
+        let vsize = ConstGauge::new(stat.vsize_bytes as i64);
+        vsize.encode(encoder.encode_descriptor(
+            "process_virtual_memory",
+            "Virtual memory size",
+            Some(&Unit::Bytes),
+            vsize.metric_type(),
+        )?)?;
+        if let Some(btime) = std::fs::read_to_string("/proc/stat")
+            .ok()
+            .and_then(|s| parse_btime(&s))
+        {
+            let start = ConstGauge::new(btime as f64 + stat.start_ticks as f64 / ticks);
+            start.encode(encoder.encode_descriptor(
+                "process_start_time",
+                "Start time of the process since the Unix epoch",
+                Some(&Unit::Seconds),
+                start.metric_type(),
+            )?)?;
+        }
+        if let Ok(fds) = std::fs::read_dir("/proc/self/fd") {
+            let open = ConstGauge::new(fds.count() as i64);
+            open.encode(encoder.encode_descriptor(
+                "process_open_fds",
+                "Open file descriptors",
+                None,
+                open.metric_type(),
+            )?)?;
+        }
+        Ok(())
+    }
+}
+
+/// The `/metrics` HTTP server.
+#[derive(Debug)]
+pub struct MetricsServer {
+    listener: TcpListener,
+}
+
+impl MetricsServer {
+    pub async fn bind(addr: SocketAddr) -> Result<Self, ServeError> {
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|source| ServeError::MetricsBind { addr, source })?;
+        tracing::info!(%addr, "metrics listening");
+        Ok(MetricsServer { listener })
+    }
+
+    /// The bound address (useful with port 0).
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// Serve `GET /metrics` until `shutdown` completes.
+    pub async fn run(
+        self,
+        metrics: Arc<Metrics>,
+        shutdown: impl Future<Output = ()>,
+    ) -> Result<(), ServeError> {
+        tokio::pin!(shutdown);
+        loop {
+            let stream = tokio::select! {
+                _ = &mut shutdown => return Ok(()),
+                accepted = self.listener.accept() => match accepted {
+                    Ok((stream, _)) => stream,
+                    Err(e) => {
+                        // Accept errors on TCP are per-connection or resource exhaustion:
+                        // back off and keep serving.
+                        tracing::warn!(error = %e, "metrics accept failed; retrying");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                },
+            };
+            let metrics = metrics.clone();
+            tokio::spawn(async move {
+                let service = service_fn(move |req: Request<hyper::body::Incoming>| {
+                    let metrics = metrics.clone();
+                    async move {
+                        if let Some(r) = http::method_not_allowed(req.method()) {
+                            return Ok::<_, Infallible>(r);
+                        }
+                        Ok(match req.uri().path() {
+                            "/metrics" => http::respond(
+                                StatusCode::OK,
+                                OPENMETRICS_CONTENT_TYPE,
+                                metrics.encode(),
+                            ),
+                            other => http::error(
+                                StatusCode::NOT_FOUND,
+                                &format!("no route {other}: try /metrics"),
+                            ),
+                        })
+                    }
+                });
+                let conn = http1::Builder::new()
+                    .timer(TokioTimer::new())
+                    .header_read_timeout(http::HEADER_READ_TIMEOUT)
+                    .serve_connection(TokioIo::new(stream), service);
+                if let Err(e) = conn.await {
+                    tracing::debug!(error = %e, "metrics connection ended with an error");
+                }
+            });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{CheckId, Severity};
+
+    fn finding(check: CheckId, sev: Severity) -> Finding {
+        Finding::new(check, sev, "vxlan.calico", String::new())
+    }
+
+    #[test]
+    fn exposition_has_contract_names_and_types() {
+        let m = Metrics::new();
+        m.set_findings(&[finding(CheckId::GatewayWrongVtep, Severity::Critical)]);
+        m.observe_vxlan_drops_total("vxlan.calico", "NEIGH_FAILED", 10);
+        m.inc_repair("route-replace", "applied");
+        m.inc_alert("webhook", "sent");
+        m.add_neighbour_unresolved("vxlan.calico", 1);
+        m.observe_check_duration(Duration::from_micros(300));
+        let out = m.encode();
+        for (name, ty) in [
+            ("dataplane_watchdog_findings", "gauge"),
+            ("dataplane_watchdog_vxlan_drops", "counter"),
+            ("dataplane_watchdog_neighbour_unresolved", "counter"),
+            ("dataplane_watchdog_repairs", "counter"),
+            ("dataplane_watchdog_alerts", "counter"),
+            (
+                "dataplane_watchdog_datastore_last_event_age_seconds",
+                "gauge",
+            ),
+            ("dataplane_watchdog_check_duration_seconds", "histogram"),
+            ("dataplane_watchdog_routes_checked", "gauge"),
+            ("dataplane_watchdog_resyncs", "counter"),
+            ("dataplane_watchdog_netlink_overruns", "counter"),
+            ("dataplane_watchdog_peers", "gauge"),
+            ("dataplane_watchdog_datastore_relist_mismatch", "counter"),
+            ("process_cpu_seconds", "counter"),
+            ("process_resident_memory_bytes", "gauge"),
+            ("process_start_time_seconds", "gauge"),
+        ] {
+            assert!(
+                out.contains(&format!("# TYPE {name} {ty}\n")),
+                "{name} {ty}:\n{out}"
+            );
+        }
+        assert!(out.contains(
+            "dataplane_watchdog_findings{check=\"gateway-wrong-vtep\",severity=\"critical\"} 1\n"
+        ));
+        assert!(out.contains(
+            "dataplane_watchdog_vxlan_drops_total{device=\"vxlan.calico\",reason=\"NEIGH_FAILED\"} 10\n"
+        ));
+        assert!(out.contains(
+            "dataplane_watchdog_repairs_total{action=\"route-replace\",result=\"applied\"} 1\n"
+        ));
+        assert!(out.contains("dataplane_watchdog_check_duration_seconds_count 1\n"));
+        assert!(out.ends_with("# EOF\n"));
+    }
+
+    #[test]
+    fn gauges_mirror_the_status() {
+        let m = Metrics::new();
+        let mut s = Status::starting("n", "alert", "calico", std::time::SystemTime::now());
+        s.peers.push(PeerStatus {
+            name: "k8s03".into(),
+            vtep: crate::model::v4(10, 1, 3, 5),
+            node_ip: None,
+            blocks: vec![],
+            verdict: crate::serve::status::Verdict::Ok,
+            findings: 0,
+            drops: 0,
+        });
+        let mut f = finding(CheckId::RouteMissing, Severity::Critical);
+        f.peer_node = Some("k8s03".into());
+        s.set_findings(vec![f]);
+        s.checks.routes_checked = 12;
+        s.datastore.last_event_age_seconds = Some(4.5);
+        m.update_from_status(&s);
+        let out = m.encode();
+        assert!(out.contains("dataplane_watchdog_peers{verdict=\"critical\"} 1\n"));
+        assert!(out.contains("dataplane_watchdog_peers{verdict=\"ok\"} 0\n"));
+        assert!(out.contains("dataplane_watchdog_routes_checked 12\n"));
+        assert!(out.contains("dataplane_watchdog_datastore_last_event_age_seconds 4.5\n"));
+        assert!(out.contains("findings{check=\"route-missing\",severity=\"critical\"} 1\n"));
+    }
+
+    #[test]
+    fn cleared_findings_drop_to_zero() {
+        let m = Metrics::new();
+        m.set_findings(&[
+            finding(CheckId::FdbMissing, Severity::Warning),
+            finding(CheckId::FdbMissing, Severity::Warning),
+        ]);
+        assert!(m
+            .encode()
+            .contains("findings{check=\"fdb-missing\",severity=\"warning\"} 2\n"));
+        m.set_findings(&[]);
+        assert!(m
+            .encode()
+            .contains("findings{check=\"fdb-missing\",severity=\"warning\"} 0\n"));
+    }
+
+    #[test]
+    fn absolute_readings_become_monotonic_increments() {
+        let m = Metrics::new();
+        let line = |n: u64| format!("vxlan_drops_total{{device=\"d\",reason=\"r\"}} {n}\n");
+        m.observe_vxlan_drops_total("d", "r", 5);
+        m.observe_vxlan_drops_total("d", "r", 8);
+        assert!(m.encode().contains(&line(8)));
+        // Source restarted at 2: the counter keeps rising.
+        m.observe_vxlan_drops_total("d", "r", 2);
+        assert!(m.encode().contains(&line(10)));
+    }
+
+    #[test]
+    fn peer_labels_are_capped() {
+        let m = Metrics::new();
+        for i in 0..(MAX_PEER_LABELS + 10) {
+            m.observe_peer_drops_total("vxlan.calico", &format!("node{i}"), 1);
+        }
+        let out = m.encode();
+        let series = out
+            .lines()
+            .filter(|l| l.starts_with("dataplane_watchdog_peer_drops_total{"))
+            .count();
+        assert_eq!(series, MAX_PEER_LABELS + 1);
+        assert!(out.contains("peer=\"other\"} 10\n"), "{out}");
+    }
+
+    #[test]
+    fn proc_stat_parses_odd_command_names() {
+        let stat = "1234 (we ird) (name)) S 1 1234 1234 0 -1 4194560 100 0 0 0 \
+                    250 50 0 0 20 0 4 0 98765 123456789 2048 18446744073709551615";
+        let p = parse_proc_stat(stat).unwrap();
+        assert_eq!(
+            p,
+            ProcStat {
+                utime_ticks: 250,
+                stime_ticks: 50,
+                start_ticks: 98765,
+                vsize_bytes: 123456789,
+                rss_pages: 2048
+            }
+        );
+        assert!(parse_proc_stat("garbage").is_none());
+        assert_eq!(parse_btime("cpu 1 2\nbtime 1700000000\n"), Some(1700000000));
+    }
+}
