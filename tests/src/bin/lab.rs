@@ -1,0 +1,153 @@
+//! `watchdog-lab`: replays incident-k8s03 in network namespaces (run by `cargo xtask lab`).
+//!
+//! Builds the 3-node incident cluster, shows healthy pod-to-pod traffic, corrupts k8s01's and
+//! k8s02's routes to k8s03 the way Felix did (via 10.1.235.128, nobody's VTEP), shows the
+//! blackhole, restores and shows traffic back. Needs root.
+
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use watchdog_lab::{Fault, Lab, LabSpec};
+
+/// Packets per destination address in each traffic check.
+const PACKETS: u32 = 5;
+
+/// The point in the story at which the agent is asked for its view.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Healthy,
+    Corrupted,
+    Restored,
+}
+
+fn main() -> ExitCode {
+    match run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("watchdog-lab: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> Result<()> {
+    let stale = Lab::cleanup_stale()?;
+    if !stale.is_empty() {
+        println!("removed {} namespace(s) left by dead labs", stale.len());
+    }
+    let mut lab = Lab::build(LabSpec::incident()).context("building the incident lab")?;
+    let datastore = lab.write_datastore()?;
+
+    section("Lab");
+    println!(
+        "{} nodes, profile {}, device {}, underlay netns {}",
+        lab.nodes().len(),
+        lab.profile(),
+        lab.device(),
+        lab.underlay_netns()
+    );
+    for n in lab.nodes() {
+        println!(
+            "  {:<6} node {:<13} VTEP {:<13} {}  netns {}",
+            n.name,
+            n.node_ip,
+            n.vtep_ip,
+            n.vtep_mac,
+            lab.netns_path(&n.name).display()
+        );
+        let blocks: Vec<String> = n.blocks.iter().map(|b| b.to_string()).collect();
+        println!("         blocks {}", blocks.join(" "));
+    }
+    println!("datastore (file source): {}", datastore.display());
+
+    section("Healthy");
+    show_routes(&lab, "k8s01")?;
+    show_traffic(&lab)?;
+    agent_view(&lab, Phase::Healthy)?;
+
+    section("Incident: k8s01 and k8s02 route k8s03's blocks via 10.1.235.128");
+    for on in ["k8s01", "k8s02"] {
+        let f = lab.inject(Fault::incident(on))?;
+        println!("{}", f.description);
+    }
+    show_routes(&lab, "k8s01")?;
+    let traffic = show_traffic(&lab)?;
+    // The kernel marks the gateway FAILED only after its ARP retries run out.
+    for on in ["k8s01", "k8s02"] {
+        let neigh = lab.neighbour(on, "10.1.235.128".parse()?)?;
+        println!(
+            "{on}$ ip neigh show 10.1.235.128 dev {}\n  {}",
+            lab.device(),
+            neigh.as_deref().unwrap_or("(no entry)")
+        );
+    }
+    let lost: u32 = traffic.iter().map(|t| t.lost()).sum();
+    println!("{lost} packets blackholed, every node still looks Ready");
+    agent_view(&lab, Phase::Corrupted)?;
+
+    section("Repair: ip route replace <block> via 10.1.235.133 dev vxlan.calico onlink");
+    lab.restore_all()?;
+    show_routes(&lab, "k8s01")?;
+    show_traffic(&lab)?;
+    let diff = lab.diff_from_healthy()?;
+    if diff.is_empty() {
+        println!("dataplane identical to the healthy build");
+    } else {
+        println!(
+            "dataplane still differs from healthy:\n  {}",
+            diff.join("\n  ")
+        );
+    }
+    agent_view(&lab, Phase::Restored)?;
+    Ok(())
+}
+
+fn section(title: &str) {
+    println!("\n== {title}");
+}
+
+/// k8s03's block routes on `node`, as `ip route` prints them.
+fn show_routes(lab: &Lab, node: &str) -> Result<()> {
+    let k8s03 = lab.node("k8s03");
+    println!("{node}$ ip route show dev {} | k8s03 blocks", lab.device());
+    for b in &k8s03.blocks {
+        let out = lab.ip(node, &["route", "show", "exact", &b.to_string()])?;
+        for line in out.lines() {
+            println!("  {}", line.trim());
+        }
+    }
+    Ok(())
+}
+
+/// Pod-to-pod traffic between every pair of nodes, one line per pair.
+fn show_traffic(lab: &Lab) -> Result<Vec<watchdog_lab::TrafficReport>> {
+    let reports = lab.traffic_matrix(PACKETS)?;
+    for r in &reports {
+        let mark = if r.all_delivered() {
+            "ok"
+        } else if r.none_delivered() {
+            "BLACKHOLED"
+        } else {
+            "LOSS"
+        };
+        println!("  {r}  {mark}");
+    }
+    Ok(reports)
+}
+
+/// Hook: what the agent says at each phase. The lead wires `watchdog scan` in here, e.g. for
+/// each node: `watchdog scan --netns <lab.netns_path(node)> --config <file with
+/// lab.agent_config_toml(node, datastore)>` and prints its output. Until then it prints
+/// the command a human would run.
+fn agent_view(lab: &Lab, phase: Phase) -> Result<()> {
+    let _ = phase;
+    for n in lab.nodes() {
+        println!(
+            "  [agent] {}: watchdog scan --netns {} (node_name = \"{}\")",
+            n.name,
+            lab.netns_path(&n.name).display(),
+            n.name
+        );
+    }
+    Ok(())
+}
