@@ -1,11 +1,22 @@
 //! Kernel programs of dataplane-watchdog. Entry points are thin; the work is in `try_*`.
+//!
+//! Every program first filters on the watched network namespace (inode) and the watched
+//! devices (ifindex), so traffic elsewhere on the host costs a few loads and nothing more.
 #![no_std]
 #![no_main]
 
-use agent_ebpf::{DropKey, DROPS_MAP_CAPACITY, WATCHED_DEVICES_CAPACITY};
+use agent_ebpf::{
+    DropKey, NeighKey, CLASS_ARP, CLASS_IPV4, CLASS_IPV6, CLASS_OTHER, DROPS_MAP_CAPACITY,
+    NEIGH_DEVICE_CAPACITY, NEIGH_GATEWAY_CAPACITY, NEIGH_LAST_STATE_CAPACITY, NUD_FAILED,
+    NUD_INCOMPLETE, OVERFLOW_DROPS, OVERFLOW_HEADER_UNREADABLE, OVERFLOW_NEIGH, OVERFLOW_SLOTS,
+    PEER_BLOCKS_CAPACITY, PEER_UNKNOWN, WATCHED_DEVICES_CAPACITY,
+};
 use aya_ebpf::{
+    helpers::bpf_probe_read_kernel,
     macros::{btf_tracepoint, map},
-    maps::{HashMap, PerCpuHashMap},
+    maps::{
+        lpm_trie::Key, HashMap, LpmTrie, LruHashMap, LruPerCpuHashMap, PerCpuArray, PerCpuHashMap,
+    },
     programs::BtfTracePointContext,
 };
 
@@ -15,17 +26,58 @@ static TARGET_NETNS_INUM: u32 = 0;
 #[no_mangle]
 static OFFSET_SKB_DEV: u32 = 0;
 #[no_mangle]
+static OFFSET_SKB_HEAD: u32 = 0;
+#[no_mangle]
+static OFFSET_SKB_NETWORK_HEADER: u32 = 0;
+#[no_mangle]
+static OFFSET_SKB_PROTOCOL: u32 = 0;
+#[no_mangle]
 static OFFSET_DEV_IFINDEX: u32 = 0;
 #[no_mangle]
 static OFFSET_DEV_ND_NET: u32 = 0;
 #[no_mangle]
 static OFFSET_NET_NS_INUM: u32 = 0;
+#[no_mangle]
+static OFFSET_NEIGH_DEV: u32 = 0;
+#[no_mangle]
+static OFFSET_NEIGH_NUD_STATE: u32 = 0;
+#[no_mangle]
+static OFFSET_NEIGH_PRIMARY_KEY: u32 = 0;
+#[no_mangle]
+static OFFSET_NEIGH_TBL: u32 = 0;
+#[no_mangle]
+static OFFSET_NEIGH_TABLE_FAMILY: u32 = 0;
 
 #[map]
 static DROPS: PerCpuHashMap<DropKey, u64> = PerCpuHashMap::with_max_entries(DROPS_MAP_CAPACITY, 0);
 
 #[map]
 static WATCHED_DEVICES: HashMap<u32, u32> = HashMap::with_max_entries(WATCHED_DEVICES_CAPACITY, 0);
+
+#[map]
+static PEER_BLOCKS: LpmTrie<u32, u32> = LpmTrie::with_max_entries(PEER_BLOCKS_CAPACITY, 0);
+
+#[map]
+static NEIGH_LAST_STATE: LruHashMap<NeighKey, u32> =
+    LruHashMap::with_max_entries(NEIGH_LAST_STATE_CAPACITY, 0);
+
+#[map]
+static NEIGH_GATEWAY: LruPerCpuHashMap<NeighKey, u64> =
+    LruPerCpuHashMap::with_max_entries(NEIGH_GATEWAY_CAPACITY, 0);
+
+#[map]
+static NEIGH_DEVICE: PerCpuHashMap<NeighKey, u64> =
+    PerCpuHashMap::with_max_entries(NEIGH_DEVICE_CAPACITY, 0);
+
+#[map]
+static OVERFLOW: PerCpuArray<u64> = PerCpuArray::with_max_entries(OVERFLOW_SLOTS, 0);
+
+const ETH_P_IP: u16 = 0x0800;
+const ETH_P_ARP: u16 = 0x0806;
+const ETH_P_IPV6: u16 = 0x86dd;
+const AF_INET: u32 = 2;
+/// `offsetof(struct iphdr, daddr)`: a UAPI layout, stable across kernels.
+const IPHDR_DADDR: usize = 16;
 
 /// Reads a global that user space patched; volatile so LLVM cannot fold the default 0.
 #[inline(always)]
@@ -38,6 +90,44 @@ fn global(value: &'static u32) -> usize {
 #[inline(always)]
 unsafe fn load<T: Copy>(base: *const u8, offset: usize) -> T {
     unsafe { core::ptr::read_volatile(base.add(offset) as *const T) }
+}
+
+#[inline(always)]
+fn bump_overflow(slot: u32) {
+    if let Some(count) = OVERFLOW.get_ptr_mut(slot) {
+        unsafe { *count += 1 };
+    }
+}
+
+/// Adds one to a per-CPU counter; false when the map is full.
+#[inline(always)]
+fn bump<K>(map: &PerCpuHashMap<K, u64>, key: &K) -> bool {
+    match map.get_ptr_mut(key) {
+        Some(count) => {
+            unsafe { *count += 1 };
+            true
+        }
+        None => map.insert(key, &1, 0).is_ok(),
+    }
+}
+
+/// ifindex of `dev` if it is a watched device in the watched namespace.
+#[inline(always)]
+fn watched_ifindex(dev: *const u8) -> Option<u32> {
+    if dev.is_null() {
+        return None;
+    }
+    let net: *const u8 = unsafe { load(dev, global(&OFFSET_DEV_ND_NET)) };
+    if net.is_null() {
+        return None;
+    }
+    let inum: u32 = unsafe { load(net, global(&OFFSET_NET_NS_INUM)) };
+    if inum != global(&TARGET_NETNS_INUM) as u32 {
+        return None;
+    }
+    let ifindex: u32 = unsafe { load(dev, global(&OFFSET_DEV_IFINDEX)) };
+    unsafe { WATCHED_DEVICES.get(&ifindex) }?;
+    Some(ifindex)
 }
 
 #[btf_tracepoint(function = "kfree_skb")]
@@ -54,27 +144,128 @@ fn try_kfree_skb(ctx: &BtfTracePointContext) -> Result<(), ()> {
         return Err(());
     }
     let dev: *const u8 = unsafe { load(skb, global(&OFFSET_SKB_DEV)) };
-    if dev.is_null() {
+    let ifindex = watched_ifindex(dev).ok_or(())?;
+    let protocol = u16::from_be(unsafe { load::<u16>(skb, global(&OFFSET_SKB_PROTOCOL)) });
+    let (class, peer) = match protocol {
+        ETH_P_IP => (CLASS_IPV4, peer_of(skb)),
+        ETH_P_ARP => (CLASS_ARP, PEER_UNKNOWN),
+        ETH_P_IPV6 => (CLASS_IPV6, PEER_UNKNOWN),
+        _ => (CLASS_OTHER, PEER_UNKNOWN),
+    };
+    let key = DropKey {
+        ifindex,
+        reason,
+        class,
+        peer,
+    };
+    if !bump(&DROPS, &key) {
+        bump_overflow(OVERFLOW_DROPS);
+    }
+    Ok(())
+}
+
+/// Peer id of the skb's IPv4 destination. On the VXLAN device before encapsulation the
+/// network header is the inner (pod-to-pod) IP header.
+#[inline(always)]
+fn peer_of(skb: *const u8) -> u32 {
+    // `head` is a plain `unsigned char *`: the verifier treats it as a scalar, so the packet
+    // bytes need bpf_probe_read_kernel rather than a direct load.
+    let head: *const u8 = unsafe { load(skb, global(&OFFSET_SKB_HEAD)) };
+    let network_header: u16 = unsafe { load(skb, global(&OFFSET_SKB_NETWORK_HEADER)) };
+    if head.is_null() || network_header == u16::MAX {
+        bump_overflow(OVERFLOW_HEADER_UNREADABLE);
+        return PEER_UNKNOWN;
+    }
+    let daddr_ptr = unsafe { head.add(network_header as usize + IPHDR_DADDR) } as *const u32;
+    let Ok(daddr) = (unsafe { bpf_probe_read_kernel(daddr_ptr) }) else {
+        bump_overflow(OVERFLOW_HEADER_UNREADABLE);
+        return PEER_UNKNOWN;
+    };
+    PEER_BLOCKS
+        .get(Key::new(32, daddr))
+        .copied()
+        .unwrap_or(PEER_UNKNOWN)
+}
+
+// Neighbour transitions. Each hook reads the entry's current state and compares it with the
+// last state seen for that (device, address): one count per transition into INCOMPLETE or
+// FAILED, however many packets or timer runs happen while it stays there.
+// NONE/FAILED→INCOMPLETE happens in __neigh_event_send (neigh_event_send_done), INCOMPLETE→FAILED
+// in neigh_timer_handler, administrative changes in __neigh_update (neigh_update_done).
+
+#[btf_tracepoint(function = "neigh_update_done")]
+pub fn neigh_update_done(ctx: BtfTracePointContext) -> i32 {
+    // TP_PROTO(struct neighbour *neigh, int err)
+    let _ = observe_neigh(ctx.arg(0));
+    0
+}
+
+#[btf_tracepoint(function = "neigh_timer_handler")]
+pub fn neigh_timer_handler(ctx: BtfTracePointContext) -> i32 {
+    // TP_PROTO(struct neighbour *neigh, int err)
+    let _ = observe_neigh(ctx.arg(0));
+    0
+}
+
+#[btf_tracepoint(function = "neigh_event_send_done")]
+pub fn neigh_event_send_done(ctx: BtfTracePointContext) -> i32 {
+    // TP_PROTO(struct neighbour *neigh, int err)
+    let _ = observe_neigh(ctx.arg(0));
+    0
+}
+
+#[inline(always)]
+fn observe_neigh(neigh: *const u8) -> Result<(), ()> {
+    if neigh.is_null() {
         return Err(());
     }
-    let net: *const u8 = unsafe { load(dev, global(&OFFSET_DEV_ND_NET)) };
-    if net.is_null() {
+    let dev: *const u8 = unsafe { load(neigh, global(&OFFSET_NEIGH_DEV)) };
+    let ifindex = watched_ifindex(dev).ok_or(())?;
+    let tbl: *const u8 = unsafe { load(neigh, global(&OFFSET_NEIGH_TBL)) };
+    if tbl.is_null() {
         return Err(());
     }
-    let inum: u32 = unsafe { load(net, global(&OFFSET_NET_NS_INUM)) };
-    if inum != global(&TARGET_NETNS_INUM) as u32 {
+    let family: u32 = unsafe { load(tbl, global(&OFFSET_NEIGH_TABLE_FAMILY)) };
+    if family != AF_INET {
         return Ok(());
     }
-    let ifindex: u32 = unsafe { load(dev, global(&OFFSET_DEV_IFINDEX)) };
-    if unsafe { WATCHED_DEVICES.get(&ifindex) }.is_none() {
+    let state = u32::from(unsafe { load::<u8>(neigh, global(&OFFSET_NEIGH_NUD_STATE)) });
+    // primary_key is a flexible array member: read it with probe_read, not a typed load.
+    let key_ptr = unsafe { neigh.add(global(&OFFSET_NEIGH_PRIMARY_KEY)) } as *const u32;
+    let addr = unsafe { bpf_probe_read_kernel(key_ptr) }.map_err(|_| ())?;
+
+    let last_key = NeighKey {
+        ifindex,
+        addr,
+        state: 0,
+    };
+    let previous = unsafe { NEIGH_LAST_STATE.get(&last_key) }.copied();
+    if previous == Some(state) {
         return Ok(());
     }
-    let key = DropKey { ifindex, reason };
-    match DROPS.get_ptr_mut(&key) {
+    let _ = NEIGH_LAST_STATE.insert(&last_key, &state, 0);
+    if state != NUD_INCOMPLETE && state != NUD_FAILED {
+        return Ok(());
+    }
+    let gateway_key = NeighKey {
+        ifindex,
+        addr,
+        state,
+    };
+    match NEIGH_GATEWAY.get_ptr_mut(&gateway_key) {
         Some(count) => unsafe { *count += 1 },
         None => {
-            let _ = DROPS.insert(&key, &1, 0);
+            // An LRU map evicts instead of failing.
+            let _ = NEIGH_GATEWAY.insert(&gateway_key, &1, 0);
         }
+    }
+    let device_key = NeighKey {
+        ifindex,
+        addr: 0,
+        state,
+    };
+    if !bump(&NEIGH_DEVICE, &device_key) {
+        bump_overflow(OVERFLOW_NEIGH);
     }
     Ok(())
 }

@@ -1,1 +1,460 @@
 //! eBPF: BTF offsets, load/attach, drop and neighbour counters.
+//!
+//! The daemon and checks see only [`DropCounterSource`]: [`open`] returns the real eBPF source
+//! when it could be loaded, or a [`Disabled`] source whose [`EbpfStatus`] says exactly what is
+//! missing (not compiled in, no BTF, no privilege, a tracepoint absent, verifier refusal).
+//! [`FakeDropCounters`] serves tests.
+//!
+//! Not done yet (TODO): a fallback reading per-device `tx_dropped` via rtnetlink IFLA_STATS64
+//! when eBPF is unavailable; `observe/` already dumps links and can expose those numbers.
+
+pub mod bench;
+pub mod btf;
+mod loader;
+pub mod offsets;
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::Ipv4Addr,
+    path::Path,
+};
+
+use ipnet::{IpNet, Ipv4Net};
+use serde::Serialize;
+
+use crate::model::DesiredState;
+pub use loader::{netns_inode, EbpfDropCounters, EBPF_OBJECT};
+
+/// Errors of the eBPF layer. Load-time problems do not surface here but as an [`EbpfStatus`].
+#[derive(Debug, thiserror::Error)]
+pub enum EbpfError {
+    #[error("eBPF map {map}: {source}")]
+    Map {
+        map: &'static str,
+        #[source]
+        source: aya::maps::MapError,
+    },
+    #[error("eBPF map {0} missing from the object")]
+    MissingMap(&'static str),
+    #[error("{count} peer blocks exceed the map capacity {capacity}")]
+    TooManyBlocks { count: usize, capacity: u32 },
+    #[error("{count} watched devices exceed the map capacity {capacity}")]
+    TooManyDevices { count: usize, capacity: u32 },
+    #[error("program {program}: {source}")]
+    Program {
+        program: String,
+        #[source]
+        source: aya::programs::ProgramError,
+    },
+    #[error("enabling BPF run-time stats: {0}")]
+    Stats(#[source] std::io::Error),
+}
+
+/// What a dropped skb was, from `skb->protocol`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum TrafficClass {
+    /// IPv4: data toward a peer. Its drops are data loss.
+    Ipv4,
+    /// ARP: gateway resolution (control). Dropped solicits mean an unresolvable neighbour.
+    Arp,
+    Ipv6,
+    Other,
+}
+
+impl TrafficClass {
+    pub fn from_raw(raw: u32) -> Self {
+        match raw {
+            agent_ebpf::CLASS_IPV4 => TrafficClass::Ipv4,
+            agent_ebpf::CLASS_ARP => TrafficClass::Arp,
+            agent_ebpf::CLASS_IPV6 => TrafficClass::Ipv6,
+            _ => TrafficClass::Other,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TrafficClass::Ipv4 => "ipv4",
+            TrafficClass::Arp => "arp",
+            TrafficClass::Ipv6 => "ipv6",
+            TrafficClass::Other => "other",
+        }
+    }
+
+    /// Whether drops of this class are data loss (as opposed to control traffic).
+    pub fn is_data(self) -> bool {
+        self == TrafficClass::Ipv4
+    }
+}
+
+/// Packets dropped on one watched device, for one reason, class and peer, since load.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct DropCount {
+    pub ifindex: u32,
+    /// Kernel name without prefix (`NEIGH_FAILED`), resolved from this kernel's BTF.
+    pub reason: String,
+    pub class: TrafficClass,
+    /// Peer node whose block holds the inner IPv4 destination; None when unknown/not IPv4.
+    pub peer: Option<String>,
+    pub packets: u64,
+}
+
+/// Neighbour state a transition went into.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum NeighTarget {
+    Incomplete,
+    Failed,
+}
+
+/// Transitions of neighbour entries on a watched device into INCOMPLETE or FAILED, since load.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct NeighTransitionCount {
+    pub ifindex: u32,
+    /// The neighbour (gateway) address; None for the per-device total, which is never evicted
+    /// (per-gateway entries live in a bounded LRU map).
+    pub gateway: Option<Ipv4Addr>,
+    pub state: NeighTarget,
+    pub transitions: u64,
+}
+
+/// Events the programs could not account precisely (map full, header unreadable).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct Overflow {
+    pub drops_map_full: u64,
+    pub neigh_map_full: u64,
+    pub header_unreadable: u64,
+}
+
+/// Monotonic counters since the programs were loaded, summed over CPUs.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct DropSnapshot {
+    pub drops: Vec<DropCount>,
+    pub neighbour_transitions: Vec<NeighTransitionCount>,
+    pub overflow: Overflow,
+}
+
+impl DropSnapshot {
+    /// Data (IPv4) packets dropped toward `peer`, by reason.
+    pub fn data_drops_to_peer(&self, peer: &str) -> BTreeMap<String, u64> {
+        let mut out = BTreeMap::new();
+        for d in &self.drops {
+            if d.class.is_data() && d.peer.as_deref() == Some(peer) {
+                *out.entry(d.reason.clone()).or_default() += d.packets;
+            }
+        }
+        out
+    }
+
+    /// All packets dropped on `ifindex`, by reason (the `vxlan_drops_total{device,reason}` metric).
+    pub fn drops_by_reason(&self, ifindex: u32) -> BTreeMap<String, u64> {
+        let mut out = BTreeMap::new();
+        for d in self.drops.iter().filter(|d| d.ifindex == ifindex) {
+            *out.entry(d.reason.clone()).or_default() += d.packets;
+        }
+        out
+    }
+
+    /// Per-device total of transitions into `state` (the `neighbour_unresolved_total` metric
+    /// counts `Failed`).
+    pub fn neighbour_total(&self, ifindex: u32, state: NeighTarget) -> u64 {
+        self.neighbour_transitions
+            .iter()
+            .filter(|n| n.ifindex == ifindex && n.gateway.is_none() && n.state == state)
+            .map(|n| n.transitions)
+            .sum()
+    }
+
+    /// Transitions into `state` for one gateway on `ifindex` (0 if evicted or never seen).
+    pub fn neighbour_gateway(&self, ifindex: u32, gateway: Ipv4Addr, state: NeighTarget) -> u64 {
+        self.neighbour_transitions
+            .iter()
+            .filter(|n| n.ifindex == ifindex && n.gateway == Some(gateway) && n.state == state)
+            .map(|n| n.transitions)
+            .sum()
+    }
+}
+
+/// Overall state of eBPF accounting, for `status --json` (`ebpf`) and logs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum EbpfState {
+    /// Every program attached.
+    Attached,
+    /// Some programs attached (see `programs` for which failed and why).
+    Partial,
+    /// The agent was built without bpf-linker: the embedded object is empty.
+    NotCompiledIn,
+    /// Nothing attached; `missing` and `reason` say why.
+    Unavailable,
+}
+
+/// The prerequisite that was missing when eBPF accounting is unavailable or partial.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Missing {
+    /// Built without bpf-linker.
+    Object,
+    /// `/sys/kernel/btf/vmlinux` absent or lacking a needed type/member.
+    Btf,
+    /// No CAP_BPF + CAP_PERFMON (or CAP_SYS_ADMIN), or the kernel refused map/program creation.
+    Privilege,
+    /// A tracepoint does not exist on this kernel.
+    Tracepoint,
+    /// The verifier or the kernel rejected a program.
+    Load,
+    /// The watched network namespace could not be identified.
+    Netns,
+}
+
+/// One program and whether it is attached.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ProgramStatus {
+    pub name: String,
+    pub tracepoint: String,
+    pub attached: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// What eBPF accounting is doing, or exactly why it is not.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct EbpfStatus {
+    pub state: EbpfState,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub missing: Option<Missing>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    pub programs: Vec<ProgramStatus>,
+}
+
+impl EbpfStatus {
+    pub fn unavailable(missing: Missing, reason: impl Into<String>) -> Self {
+        EbpfStatus {
+            state: if missing == Missing::Object {
+                EbpfState::NotCompiledIn
+            } else {
+                EbpfState::Unavailable
+            },
+            missing: Some(missing),
+            reason: Some(reason.into()),
+            programs: Vec::new(),
+        }
+    }
+
+    /// True when at least the drop counter (kfree_skb) is attached.
+    pub fn counting_drops(&self) -> bool {
+        self.programs
+            .iter()
+            .any(|p| p.attached && p.name == agent_ebpf::programs::KFREE_SKB.0)
+    }
+}
+
+/// Source of kernel drop and neighbour counters. The daemon updates the watched devices (when
+/// devices are re-created their ifindex changes) and the peer blocks (when the desired state
+/// changes), and reads snapshots.
+pub trait DropCounterSource: Send {
+    fn status(&self) -> EbpfStatus;
+    /// Replaces the set of watched overlay device ifindexes (in the watched netns).
+    fn set_watched_devices(&mut self, ifindexes: &BTreeSet<u32>) -> Result<(), EbpfError>;
+    /// Replaces the IPv4 block → peer mapping. IPv6 blocks are ignored (IPv6 drops are
+    /// counted per device, class `ipv6`, without a peer). Peer names keep stable ids for
+    /// the lifetime of the source, so counters never move between peers.
+    fn set_peer_blocks(&mut self, blocks: &[(String, Ipv4Net)]) -> Result<(), EbpfError>;
+    fn snapshot(&self) -> Result<DropSnapshot, EbpfError>;
+}
+
+/// (peer name, IPv4 block) for every remote peer's blocks and borrowed addresses.
+pub fn peer_blocks_from_desired(desired: &DesiredState) -> Vec<(String, Ipv4Net)> {
+    let mut out = Vec::new();
+    for peer in desired.peers() {
+        for net in peer.blocks.iter().chain(&peer.borrowed) {
+            if let IpNet::V4(v4) = net {
+                out.push((peer.name.clone(), v4.trunc()));
+            }
+        }
+    }
+    out
+}
+
+/// Opens eBPF accounting for the network namespace at `netns` (default: the agent's own).
+/// Never fails: when the programs cannot run, the returned source is [`Disabled`] and its
+/// status says why.
+pub fn open(netns: Option<&Path>) -> Box<dyn DropCounterSource> {
+    match EbpfDropCounters::load(netns) {
+        Ok(counters) => {
+            let status = counters.status();
+            tracing::info!(state = ?status.state, programs = ?status.programs, "eBPF accounting loaded");
+            Box::new(counters)
+        }
+        Err(status) => {
+            tracing::warn!(missing = ?status.missing, reason = ?status.reason, "eBPF accounting unavailable; the daemon keeps running without drop counters");
+            Box::new(Disabled(status))
+        }
+    }
+}
+
+/// A source with nothing attached: empty snapshots and the reason in its status.
+#[derive(Debug, Clone)]
+pub struct Disabled(pub EbpfStatus);
+
+impl DropCounterSource for Disabled {
+    fn status(&self) -> EbpfStatus {
+        self.0.clone()
+    }
+    fn set_watched_devices(&mut self, _: &BTreeSet<u32>) -> Result<(), EbpfError> {
+        Ok(())
+    }
+    fn set_peer_blocks(&mut self, _: &[(String, Ipv4Net)]) -> Result<(), EbpfError> {
+        Ok(())
+    }
+    fn snapshot(&self) -> Result<DropSnapshot, EbpfError> {
+        Ok(DropSnapshot::default())
+    }
+}
+
+/// Test double: returns whatever snapshot the test put in, records what the daemon set.
+#[derive(Debug, Clone)]
+pub struct FakeDropCounters {
+    pub status: EbpfStatus,
+    pub snapshot: DropSnapshot,
+    pub watched: BTreeSet<u32>,
+    pub blocks: Vec<(String, Ipv4Net)>,
+}
+
+impl Default for FakeDropCounters {
+    fn default() -> Self {
+        FakeDropCounters {
+            status: EbpfStatus {
+                state: EbpfState::Attached,
+                missing: None,
+                reason: None,
+                programs: Vec::new(),
+            },
+            snapshot: DropSnapshot::default(),
+            watched: BTreeSet::new(),
+            blocks: Vec::new(),
+        }
+    }
+}
+
+impl DropCounterSource for FakeDropCounters {
+    fn status(&self) -> EbpfStatus {
+        self.status.clone()
+    }
+    fn set_watched_devices(&mut self, ifindexes: &BTreeSet<u32>) -> Result<(), EbpfError> {
+        self.watched = ifindexes.clone();
+        Ok(())
+    }
+    fn set_peer_blocks(&mut self, blocks: &[(String, Ipv4Net)]) -> Result<(), EbpfError> {
+        self.blocks = blocks.to_vec();
+        Ok(())
+    }
+    fn snapshot(&self) -> Result<DropSnapshot, EbpfError> {
+        Ok(self.snapshot.clone())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn drop(
+        ifindex: u32,
+        reason: &str,
+        class: TrafficClass,
+        peer: Option<&str>,
+        n: u64,
+    ) -> DropCount {
+        DropCount {
+            ifindex,
+            reason: reason.into(),
+            class,
+            peer: peer.map(str::to_string),
+            packets: n,
+        }
+    }
+
+    #[test]
+    fn snapshot_aggregations_separate_data_from_control() {
+        let s = DropSnapshot {
+            drops: vec![
+                drop(5, "NEIGH_FAILED", TrafficClass::Ipv4, Some("k8s03"), 3),
+                drop(5, "NEIGH_QUEUEFULL", TrafficClass::Ipv4, Some("k8s03"), 2),
+                drop(5, "NO_TX_TARGET", TrafficClass::Arp, None, 7),
+                drop(5, "NEIGH_FAILED", TrafficClass::Ipv4, Some("k8s02"), 1),
+                drop(6, "NEIGH_FAILED", TrafficClass::Ipv4, Some("k8s03"), 100),
+            ],
+            neighbour_transitions: vec![
+                NeighTransitionCount {
+                    ifindex: 5,
+                    gateway: None,
+                    state: NeighTarget::Failed,
+                    transitions: 2,
+                },
+                NeighTransitionCount {
+                    ifindex: 5,
+                    gateway: Some(Ipv4Addr::new(10, 9, 0, 0)),
+                    state: NeighTarget::Failed,
+                    transitions: 2,
+                },
+            ],
+            overflow: Overflow::default(),
+        };
+        let k3 = s.data_drops_to_peer("k8s03");
+        assert_eq!(k3.get("NEIGH_FAILED"), Some(&103));
+        assert_eq!(k3.get("NEIGH_QUEUEFULL"), Some(&2));
+        assert_eq!(k3.get("NO_TX_TARGET"), None);
+        let dev5 = s.drops_by_reason(5);
+        assert_eq!(dev5.get("NO_TX_TARGET"), Some(&7));
+        assert_eq!(dev5.get("NEIGH_FAILED"), Some(&4));
+        assert_eq!(s.neighbour_total(5, NeighTarget::Failed), 2);
+        assert_eq!(s.neighbour_total(5, NeighTarget::Incomplete), 0);
+        assert_eq!(
+            s.neighbour_gateway(5, Ipv4Addr::new(10, 9, 0, 0), NeighTarget::Failed),
+            2
+        );
+    }
+
+    #[test]
+    fn peer_blocks_cover_remote_blocks_and_borrowed_ipv4_only() {
+        use crate::model::{v4, MacAddr, PeerNode};
+        let node = |name: &str, blocks: &[&str], borrowed: &[&str]| PeerNode {
+            name: name.into(),
+            node_ip: v4(192, 168, 0, 1),
+            vtep_ip: v4(10, 0, 0, 1),
+            vtep_mac: MacAddr::default(),
+            vtep_mac_derived: true,
+            blocks: blocks.iter().map(|b| b.parse().unwrap()).collect(),
+            borrowed: borrowed.iter().map(|b| b.parse().unwrap()).collect(),
+        };
+        let mut d = DesiredState {
+            local_node: "me".into(),
+            ..Default::default()
+        };
+        for n in [
+            node("me", &["10.1.0.0/26"], &[]),
+            node("k8s03", &["10.1.235.128/26", "fd00::/64"], &["10.1.0.7/32"]),
+        ] {
+            d.nodes.insert(n.name.clone(), n);
+        }
+        let blocks = peer_blocks_from_desired(&d);
+        assert_eq!(
+            blocks,
+            vec![
+                ("k8s03".to_string(), "10.1.235.128/26".parse().unwrap()),
+                ("k8s03".to_string(), "10.1.0.7/32".parse().unwrap()),
+            ]
+        );
+    }
+
+    #[test]
+    fn status_serializes_reason_for_the_status_api() {
+        let s = EbpfStatus::unavailable(Missing::Object, "built without bpf-linker");
+        assert_eq!(s.state, EbpfState::NotCompiledIn);
+        let json = serde_json::to_value(&s).unwrap();
+        assert_eq!(json["state"], "not-compiled-in");
+        assert_eq!(json["missing"], "object");
+        assert!(!s.counting_drops());
+    }
+}

@@ -1,0 +1,701 @@
+//! Loads the embedded kernel programs with offsets from BTF, attaches them, and reads their maps.
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap as StdHashMap},
+    net::Ipv4Addr,
+    os::unix::fs::MetadataExt,
+    path::Path,
+};
+
+use agent_ebpf::{
+    globals, programs, DropKey, NeighKey, DROPS_MAP, NEIGH_DEVICE_MAP, NEIGH_GATEWAY_MAP,
+    NUD_FAILED, NUD_INCOMPLETE, OVERFLOW_DROPS, OVERFLOW_HEADER_UNREADABLE, OVERFLOW_MAP,
+    OVERFLOW_NEIGH, PEER_BLOCKS_CAPACITY, PEER_BLOCKS_MAP, PEER_UNKNOWN, WATCHED_DEVICES_CAPACITY,
+    WATCHED_DEVICES_MAP,
+};
+use aya::{
+    maps::{lpm_trie::Key, HashMap, LpmTrie, MapData, PerCpuArray, PerCpuHashMap},
+    programs::BtfTracePoint,
+    Ebpf, EbpfLoader,
+};
+use ipnet::Ipv4Net;
+
+use super::{
+    btf::Btf,
+    offsets::{DropReasons, KernelOffsets},
+    DropCount, DropCounterSource, DropSnapshot, EbpfError, EbpfState, EbpfStatus, Missing,
+    NeighTarget, NeighTransitionCount, Overflow, ProgramStatus, TrafficClass,
+};
+
+/// The kernel programs, built by agent/build.rs. Empty when built without bpf-linker.
+pub static EBPF_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/agent-ebpf"));
+
+const DEFAULT_NETNS: &str = "/proc/self/ns/net";
+
+/// Inode of a network namespace file (`/proc/<pid>/ns/net`, `/run/netns/<name>`): the value the
+/// kernel holds in `net.ns.inum`.
+pub fn netns_inode(path: &Path) -> std::io::Result<u32> {
+    let ino = std::fs::metadata(path)?.ino();
+    u32::try_from(ino).map_err(|_| std::io::Error::other(format!("inode {ino} exceeds u32")))
+}
+
+/// Real eBPF accounting: the loaded object, the reason table, and the user-space mirror of what
+/// was written into the configuration maps.
+pub struct EbpfDropCounters {
+    bpf: Ebpf,
+    status: EbpfStatus,
+    reasons: DropReasons,
+    peers: PeerIds,
+    /// (prefix, network-order address) → peer id currently in the LPM trie.
+    trie: StdHashMap<(u32, u32), u32>,
+    watched: BTreeSet<u32>,
+}
+
+impl std::fmt::Debug for EbpfDropCounters {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EbpfDropCounters")
+            .field("status", &self.status)
+            .field("watched", &self.watched)
+            .finish_non_exhaustive()
+    }
+}
+
+/// CAP_SYS_ADMIN, CAP_PERFMON, CAP_BPF bit numbers (include/uapi/linux/capability.h).
+const CAP_SYS_ADMIN: u32 = 21;
+const CAP_PERFMON: u32 = 38;
+const CAP_BPF: u32 = 39;
+
+/// Effective capabilities from /proc/self/status, or None when unreadable.
+fn effective_caps() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let hex = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))?
+        .trim();
+    u64::from_str_radix(hex, 16).ok()
+}
+
+/// Whether `caps` allows loading tracing programs: CAP_BPF + CAP_PERFMON, or CAP_SYS_ADMIN.
+pub(crate) fn caps_allow_tracing(caps: u64) -> bool {
+    let has = |bit: u32| caps & (1u64 << bit) != 0;
+    has(CAP_SYS_ADMIN) || (has(CAP_BPF) && has(CAP_PERFMON))
+}
+
+fn looks_like_permission(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    while let Some(e) = cur {
+        if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            if matches!(io.raw_os_error(), Some(libc::EPERM) | Some(libc::EACCES)) {
+                return true;
+            }
+        }
+        let text = e.to_string();
+        if text.contains("Operation not permitted") || text.contains("Permission denied") {
+            return true;
+        }
+        cur = e.source();
+    }
+    false
+}
+
+/// Full error chain on one line (aya's errors nest the useful part).
+fn chain(error: &dyn std::error::Error) -> String {
+    let mut out = error.to_string();
+    let mut cur = error.source();
+    while let Some(e) = cur {
+        out.push_str(": ");
+        out.push_str(&e.to_string());
+        cur = e.source();
+    }
+    out
+}
+
+impl EbpfDropCounters {
+    /// Loads and attaches the programs for the netns at `netns` (default: our own). The error
+    /// is the status to report: what is missing and why.
+    pub fn load(netns: Option<&Path>) -> Result<Self, EbpfStatus> {
+        Self::load_object(EBPF_OBJECT, netns)
+    }
+
+    /// As [`Self::load`] with an explicit object (tests pass an empty one).
+    pub fn load_object(object: &[u8], netns: Option<&Path>) -> Result<Self, EbpfStatus> {
+        if object.is_empty() {
+            return Err(EbpfStatus::unavailable(
+                Missing::Object,
+                "eBPF programs not compiled in: the agent was built without bpf-linker on PATH \
+                 (run `cargo xtask setup` and rebuild)",
+            ));
+        }
+        let netns_path = netns.unwrap_or(Path::new(DEFAULT_NETNS));
+        let inum = netns_inode(netns_path).map_err(|e| {
+            EbpfStatus::unavailable(
+                Missing::Netns,
+                format!(
+                    "cannot stat network namespace {}: {e}",
+                    netns_path.display()
+                ),
+            )
+        })?;
+        let btf = Btf::from_sys().map_err(|e| {
+            EbpfStatus::unavailable(Missing::Btf, format!("kernel BTF unusable: {e}"))
+        })?;
+        let offsets = KernelOffsets::from_btf(&btf).map_err(|e| {
+            EbpfStatus::unavailable(
+                Missing::Btf,
+                format!("kernel BTF lacks a needed field: {e}"),
+            )
+        })?;
+        let reasons = DropReasons::from_btf(&btf).map_err(|e| {
+            EbpfStatus::unavailable(Missing::Btf, format!("kernel BTF lacks drop reasons: {e}"))
+        })?;
+        if let Some(caps) = effective_caps() {
+            if !caps_allow_tracing(caps) {
+                return Err(EbpfStatus::unavailable(
+                    Missing::Privilege,
+                    format!(
+                        "effective capabilities {caps:#x} lack CAP_BPF+CAP_PERFMON (or \
+                         CAP_SYS_ADMIN) needed to load tracing programs"
+                    ),
+                ));
+            }
+        }
+
+        let globals_values: Vec<(&'static str, u32)> = offsets
+            .globals()
+            .into_iter()
+            .chain([(globals::TARGET_NETNS_INUM, inum)])
+            .collect();
+        let mut loader = EbpfLoader::new();
+        for (name, value) in &globals_values {
+            loader.override_global(name, value, true);
+        }
+        let mut bpf = loader.load(object).map_err(|e| {
+            let missing = if looks_like_permission(&e) {
+                Missing::Privilege
+            } else {
+                Missing::Load
+            };
+            EbpfStatus::unavailable(missing, format!("loading the eBPF object: {}", chain(&e)))
+        })?;
+
+        let aya_btf = aya::Btf::from_sys_fs().map_err(|e| {
+            EbpfStatus::unavailable(
+                Missing::Btf,
+                format!("aya cannot read kernel BTF: {}", chain(&e)),
+            )
+        })?;
+        let mut programs_status = Vec::new();
+        let mut first_failure: Option<Missing> = None;
+        for (name, tracepoint) in programs::ALL {
+            let result = attach_one(&mut bpf, &btf, &aya_btf, name, tracepoint);
+            if let Err((missing, _)) = &result {
+                first_failure.get_or_insert(*missing);
+            }
+            programs_status.push(ProgramStatus {
+                name: name.to_string(),
+                tracepoint: tracepoint.to_string(),
+                attached: result.is_ok(),
+                error: result.err().map(|(_, e)| e),
+            });
+        }
+        let attached = programs_status.iter().filter(|p| p.attached).count();
+        let status = if attached == programs_status.len() {
+            EbpfStatus {
+                state: EbpfState::Attached,
+                missing: None,
+                reason: None,
+                programs: programs_status,
+            }
+        } else {
+            let failed: Vec<String> = programs_status
+                .iter()
+                .filter(|p| !p.attached)
+                .map(|p| format!("{}: {}", p.name, p.error.as_deref().unwrap_or("?")))
+                .collect();
+            EbpfStatus {
+                state: if attached == 0 {
+                    EbpfState::Unavailable
+                } else {
+                    EbpfState::Partial
+                },
+                missing: first_failure,
+                reason: Some(failed.join("; ")),
+                programs: programs_status,
+            }
+        };
+        if status.state == EbpfState::Unavailable {
+            return Err(status);
+        }
+        tracing::debug!(
+            ?offsets,
+            netns_inum = inum,
+            reasons = reasons.len(),
+            "eBPF programs attached"
+        );
+        Ok(EbpfDropCounters {
+            bpf,
+            status,
+            reasons,
+            peers: PeerIds::default(),
+            trie: StdHashMap::new(),
+            watched: BTreeSet::new(),
+        })
+    }
+
+    /// Run-time statistics of each attached program (needs [`super::bench::enable_stats`]).
+    pub fn program_stats(&self) -> Result<Vec<super::bench::ProgramRunStats>, EbpfError> {
+        let mut out = Vec::new();
+        for (name, _) in programs::ALL {
+            let Some(program) = self.bpf.program(name) else {
+                continue;
+            };
+            let Ok(tp) = <&BtfTracePoint>::try_from(program) else {
+                continue;
+            };
+            let info = match tp.info() {
+                Ok(info) => info,
+                // Not loaded (its tracepoint was missing): nothing to report.
+                Err(_) => continue,
+            };
+            out.push(super::bench::ProgramRunStats {
+                name: name.to_string(),
+                run_count: info.run_count(),
+                run_time: info.run_time(),
+            });
+        }
+        Ok(out)
+    }
+
+    fn map_mut(&mut self, name: &'static str) -> Result<&mut aya::maps::Map, EbpfError> {
+        self.bpf.map_mut(name).ok_or(EbpfError::MissingMap(name))
+    }
+
+    fn map(&self, name: &'static str) -> Result<&aya::maps::Map, EbpfError> {
+        self.bpf.map(name).ok_or(EbpfError::MissingMap(name))
+    }
+}
+
+fn attach_one(
+    bpf: &mut Ebpf,
+    btf: &Btf,
+    aya_btf: &aya::Btf,
+    name: &str,
+    tracepoint: &str,
+) -> Result<(), (Missing, String)> {
+    if !btf.has_typedef(&format!("btf_trace_{tracepoint}")) {
+        return Err((
+            Missing::Tracepoint,
+            format!("tracepoint {tracepoint} does not exist on this kernel"),
+        ));
+    }
+    let program = bpf.program_mut(name).ok_or_else(|| {
+        (
+            Missing::Load,
+            format!("program {name} missing from the object"),
+        )
+    })?;
+    let tp: &mut BtfTracePoint = program
+        .try_into()
+        .map_err(|e: aya::programs::ProgramError| (Missing::Load, chain(&e)))?;
+    let classify = |e: aya::programs::ProgramError| {
+        let missing = if looks_like_permission(&e) {
+            Missing::Privilege
+        } else {
+            Missing::Load
+        };
+        (missing, chain(&e))
+    };
+    tp.load(tracepoint, aya_btf).map_err(classify)?;
+    tp.attach().map_err(classify)?;
+    Ok(())
+}
+
+impl DropCounterSource for EbpfDropCounters {
+    fn status(&self) -> EbpfStatus {
+        self.status.clone()
+    }
+
+    fn set_watched_devices(&mut self, ifindexes: &BTreeSet<u32>) -> Result<(), EbpfError> {
+        if ifindexes.len() > WATCHED_DEVICES_CAPACITY as usize {
+            return Err(EbpfError::TooManyDevices {
+                count: ifindexes.len(),
+                capacity: WATCHED_DEVICES_CAPACITY,
+            });
+        }
+        let (add, remove) = diff_sets(&self.watched, ifindexes);
+        let map_err = |source| EbpfError::Map {
+            map: WATCHED_DEVICES_MAP,
+            source,
+        };
+        let mut map: HashMap<&mut MapData, u32, u32> =
+            HashMap::try_from(self.map_mut(WATCHED_DEVICES_MAP)?).map_err(map_err)?;
+        for ifindex in &remove {
+            match map.remove(ifindex) {
+                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+                Err(e) => return Err(map_err(e)),
+            }
+        }
+        for ifindex in &add {
+            map.insert(ifindex, 1, 0).map_err(map_err)?;
+        }
+        self.watched = ifindexes.clone();
+        Ok(())
+    }
+
+    fn set_peer_blocks(&mut self, blocks: &[(String, Ipv4Net)]) -> Result<(), EbpfError> {
+        let desired = self.peers.trie_entries(blocks);
+        if desired.len() > PEER_BLOCKS_CAPACITY as usize {
+            return Err(EbpfError::TooManyBlocks {
+                count: desired.len(),
+                capacity: PEER_BLOCKS_CAPACITY,
+            });
+        }
+        let (upserts, removals) = diff_trie(&self.trie, &desired);
+        let map_err = |source| EbpfError::Map {
+            map: PEER_BLOCKS_MAP,
+            source,
+        };
+        let mut trie: LpmTrie<&mut MapData, u32, u32> =
+            LpmTrie::try_from(self.map_mut(PEER_BLOCKS_MAP)?).map_err(map_err)?;
+        for (prefix, addr) in &removals {
+            match trie.remove(&Key::new(*prefix, *addr)) {
+                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+                Err(e) => return Err(map_err(e)),
+            }
+        }
+        for ((prefix, addr), id) in &upserts {
+            trie.insert(&Key::new(*prefix, *addr), id, 0)
+                .map_err(map_err)?;
+        }
+        self.trie = desired;
+        Ok(())
+    }
+
+    fn snapshot(&self) -> Result<DropSnapshot, EbpfError> {
+        let drops_err = |source| EbpfError::Map {
+            map: DROPS_MAP,
+            source,
+        };
+        let drops_map: PerCpuHashMap<&MapData, DropKey, u64> =
+            PerCpuHashMap::try_from(self.map(DROPS_MAP)?).map_err(drops_err)?;
+        let mut raw_drops = Vec::new();
+        for entry in drops_map.iter() {
+            let (key, values) = entry.map_err(drops_err)?;
+            raw_drops.push((key, values.iter().sum::<u64>()));
+        }
+        let mut neigh = Vec::new();
+        for map_name in [NEIGH_DEVICE_MAP, NEIGH_GATEWAY_MAP] {
+            let err = |source| EbpfError::Map {
+                map: map_name,
+                source,
+            };
+            let map: PerCpuHashMap<&MapData, NeighKey, u64> =
+                PerCpuHashMap::try_from(self.map(map_name)?).map_err(err)?;
+            for entry in map.iter() {
+                let (key, values) = entry.map_err(err)?;
+                neigh.push((key, values.iter().sum::<u64>()));
+            }
+        }
+        let overflow_err = |source| EbpfError::Map {
+            map: OVERFLOW_MAP,
+            source,
+        };
+        let overflow_map: PerCpuArray<&MapData, u64> =
+            PerCpuArray::try_from(self.map(OVERFLOW_MAP)?).map_err(overflow_err)?;
+        let slot = |i: u32| -> Result<u64, EbpfError> {
+            Ok(overflow_map.get(&i, 0).map_err(overflow_err)?.iter().sum())
+        };
+        let overflow = Overflow {
+            drops_map_full: slot(OVERFLOW_DROPS)?,
+            neigh_map_full: slot(OVERFLOW_NEIGH)?,
+            header_unreadable: slot(OVERFLOW_HEADER_UNREADABLE)?,
+        };
+        Ok(build_snapshot(
+            &self.reasons,
+            &self.peers,
+            raw_drops,
+            neigh,
+            overflow,
+        ))
+    }
+}
+
+/// Turns raw map contents into named counters. Pure, so it is unit-tested without a kernel.
+fn build_snapshot(
+    reasons: &DropReasons,
+    peers: &PeerIds,
+    raw_drops: Vec<(DropKey, u64)>,
+    raw_neigh: Vec<(NeighKey, u64)>,
+    overflow: Overflow,
+) -> DropSnapshot {
+    let mut drops: Vec<DropCount> = raw_drops
+        .into_iter()
+        .filter(|(_, n)| *n > 0)
+        .map(|(k, packets)| DropCount {
+            ifindex: k.ifindex,
+            reason: reasons.name(k.reason),
+            class: TrafficClass::from_raw(k.class),
+            peer: peers.name(k.peer).map(str::to_string),
+            packets,
+        })
+        .collect();
+    drops.sort_by(|a, b| {
+        (a.ifindex, &a.reason, a.class, &a.peer).cmp(&(b.ifindex, &b.reason, b.class, &b.peer))
+    });
+    let mut neighbour_transitions: Vec<NeighTransitionCount> = raw_neigh
+        .into_iter()
+        .filter(|(_, n)| *n > 0)
+        .filter_map(|(k, transitions)| {
+            let state = match k.state {
+                NUD_INCOMPLETE => NeighTarget::Incomplete,
+                NUD_FAILED => NeighTarget::Failed,
+                _ => return None,
+            };
+            Some(NeighTransitionCount {
+                ifindex: k.ifindex,
+                gateway: (k.addr != 0).then(|| Ipv4Addr::from(k.addr.to_ne_bytes())),
+                state,
+                transitions,
+            })
+        })
+        .collect();
+    neighbour_transitions.sort_by_key(|n| (n.ifindex, n.gateway, n.state));
+    DropSnapshot {
+        drops,
+        neighbour_transitions,
+        overflow,
+    }
+}
+
+/// Stable peer name ↔ id mapping (ids from 1; 0 means unknown). Ids are never reused, so a
+/// counter key always names the same peer.
+#[derive(Debug, Default, Clone)]
+pub(crate) struct PeerIds {
+    by_name: BTreeMap<String, u32>,
+    names: Vec<String>,
+}
+
+impl PeerIds {
+    fn id(&mut self, name: &str) -> u32 {
+        if let Some(id) = self.by_name.get(name) {
+            return *id;
+        }
+        self.names.push(name.to_string());
+        let id = self.names.len() as u32;
+        self.by_name.insert(name.to_string(), id);
+        id
+    }
+
+    fn name(&self, id: u32) -> Option<&str> {
+        if id == PEER_UNKNOWN {
+            return None;
+        }
+        self.names.get(id as usize - 1).map(String::as_str)
+    }
+
+    /// Desired trie contents: (prefix length, network-order address) → peer id. When two peers
+    /// claim the same prefix (a datastore conflict), the first wins, deterministically.
+    fn trie_entries(&mut self, blocks: &[(String, Ipv4Net)]) -> StdHashMap<(u32, u32), u32> {
+        let mut out = StdHashMap::new();
+        for (peer, net) in blocks {
+            let net = net.trunc();
+            let key = (
+                u32::from(net.prefix_len()),
+                u32::from_ne_bytes(net.network().octets()),
+            );
+            let id = self.id(peer);
+            out.entry(key).or_insert(id);
+        }
+        out
+    }
+}
+
+fn diff_sets(current: &BTreeSet<u32>, desired: &BTreeSet<u32>) -> (Vec<u32>, Vec<u32>) {
+    (
+        desired.difference(current).copied().collect(),
+        current.difference(desired).copied().collect(),
+    )
+}
+
+type TrieKey = (u32, u32);
+
+/// Entries to insert or overwrite, and keys to remove, to turn `current` into `desired`.
+fn diff_trie(
+    current: &StdHashMap<TrieKey, u32>,
+    desired: &StdHashMap<TrieKey, u32>,
+) -> (Vec<(TrieKey, u32)>, Vec<TrieKey>) {
+    let upserts = desired
+        .iter()
+        .filter(|(k, v)| current.get(k) != Some(v))
+        .map(|(k, v)| (*k, *v))
+        .collect();
+    let removals = current
+        .keys()
+        .filter(|k| !desired.contains_key(k))
+        .copied()
+        .collect();
+    (upserts, removals)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn net(s: &str) -> Ipv4Net {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn empty_object_reports_not_compiled_in() {
+        let status = EbpfDropCounters::load_object(&[], None).unwrap_err();
+        assert_eq!(status.state, EbpfState::NotCompiledIn);
+        assert_eq!(status.missing, Some(Missing::Object));
+        assert!(status.reason.unwrap().contains("bpf-linker"));
+    }
+
+    #[test]
+    fn missing_netns_is_reported_as_such() {
+        let status = EbpfDropCounters::load_object(&[1, 2, 3], Some(Path::new("/nonexistent/ns")))
+            .unwrap_err();
+        assert_eq!(status.missing, Some(Missing::Netns));
+        assert!(status.reason.unwrap().contains("/nonexistent/ns"));
+    }
+
+    #[test]
+    fn capability_check() {
+        assert!(caps_allow_tracing(1 << CAP_SYS_ADMIN));
+        assert!(caps_allow_tracing(1 << CAP_BPF | 1 << CAP_PERFMON));
+        assert!(!caps_allow_tracing(1 << CAP_BPF));
+        assert!(!caps_allow_tracing(0));
+    }
+
+    #[test]
+    fn peer_ids_are_stable_and_trie_diff_is_minimal() {
+        let mut peers = PeerIds::default();
+        let first = peers.trie_entries(&[
+            ("k8s02".into(), net("10.1.0.64/26")),
+            ("k8s03".into(), net("10.1.235.128/26")),
+            ("k8s03".into(), net("10.1.0.7/32")),
+        ]);
+        assert_eq!(first.len(), 3);
+        let k3 = peers.by_name["k8s03"];
+        assert_eq!(peers.name(k3), Some("k8s03"));
+        assert_eq!(peers.name(PEER_UNKNOWN), None);
+        let key = (26, u32::from_ne_bytes([10, 1, 235, 128]));
+        assert_eq!(first[&key], k3);
+
+        // k8s02 leaves, k8s04 takes over its block; k8s03 unchanged.
+        let second = peers.trie_entries(&[
+            ("k8s04".into(), net("10.1.0.64/26")),
+            ("k8s03".into(), net("10.1.235.128/26")),
+            ("k8s03".into(), net("10.1.0.7/32")),
+        ]);
+        assert_eq!(peers.by_name["k8s03"], k3, "ids survive updates");
+        let (upserts, removals) = diff_trie(&first, &second);
+        assert_eq!(
+            upserts,
+            vec![(
+                (26, u32::from_ne_bytes([10, 1, 0, 64])),
+                peers.by_name["k8s04"]
+            )]
+        );
+        assert!(removals.is_empty());
+        let (upserts, removals) = diff_trie(&second, &StdHashMap::new());
+        assert!(upserts.is_empty());
+        assert_eq!(removals.len(), 3);
+    }
+
+    #[test]
+    fn host_bits_are_truncated_in_trie_keys() {
+        let mut peers = PeerIds::default();
+        let e = peers.trie_entries(&[("a".into(), net("10.1.0.70/26"))]);
+        assert!(e.contains_key(&(26, u32::from_ne_bytes([10, 1, 0, 64]))));
+    }
+
+    #[test]
+    fn device_diff() {
+        let cur: BTreeSet<u32> = [3, 5].into();
+        let want: BTreeSet<u32> = [5, 9].into();
+        assert_eq!(diff_sets(&cur, &want), (vec![9], vec![3]));
+    }
+
+    #[test]
+    fn snapshot_names_reasons_classes_peers_and_gateways() {
+        let reasons = DropReasons::from_values([
+            ("SKB_DROP_REASON_NEIGH_FAILED".to_string(), 73),
+            ("SKB_DROP_REASON_NO_TX_TARGET".to_string(), 90),
+        ]);
+        let mut peers = PeerIds::default();
+        let id = peers.id("k8s03");
+        let snap = build_snapshot(
+            &reasons,
+            &peers,
+            vec![
+                (
+                    DropKey {
+                        ifindex: 4,
+                        reason: 90,
+                        class: agent_ebpf::CLASS_ARP,
+                        peer: 0,
+                    },
+                    6,
+                ),
+                (
+                    DropKey {
+                        ifindex: 4,
+                        reason: 73,
+                        class: agent_ebpf::CLASS_IPV4,
+                        peer: id,
+                    },
+                    3,
+                ),
+                (
+                    DropKey {
+                        ifindex: 4,
+                        reason: 73,
+                        class: agent_ebpf::CLASS_IPV4,
+                        peer: 0,
+                    },
+                    0,
+                ),
+            ],
+            vec![
+                (
+                    NeighKey {
+                        ifindex: 4,
+                        addr: u32::from_ne_bytes([10, 9, 0, 0]),
+                        state: NUD_FAILED,
+                    },
+                    2,
+                ),
+                (
+                    NeighKey {
+                        ifindex: 4,
+                        addr: 0,
+                        state: NUD_INCOMPLETE,
+                    },
+                    3,
+                ),
+            ],
+            Overflow::default(),
+        );
+        assert_eq!(snap.drops.len(), 2, "zero counters are dropped");
+        assert_eq!(
+            snap.data_drops_to_peer("k8s03").get("NEIGH_FAILED"),
+            Some(&3)
+        );
+        let arp = snap
+            .drops
+            .iter()
+            .find(|d| d.class == TrafficClass::Arp)
+            .unwrap();
+        assert_eq!(arp.reason, "NO_TX_TARGET");
+        assert_eq!(arp.peer, None);
+        assert_eq!(
+            snap.neighbour_gateway(4, Ipv4Addr::new(10, 9, 0, 0), NeighTarget::Failed),
+            2
+        );
+        assert_eq!(snap.neighbour_total(4, NeighTarget::Incomplete), 3);
+    }
+}

@@ -1,0 +1,531 @@
+//! Privileged tests of the eBPF accounting with real traffic in throwaway network namespaces.
+//!
+//! Need root and an agent built with bpf-linker on PATH. Run:
+//! `PATH=<tools>/bin:$PATH cargo test -p dataplane-watchdog --test ebpf -- --ignored`
+//!
+//! The loader always runs in the test's own (root) namespace and targets a namespace by path;
+//! traffic is sent from threads that `setns` into the namespace (never `ip netns exec` for the
+//! loader, which remounts /sys).
+
+use std::{
+    collections::BTreeSet,
+    fs::File,
+    net::{Ipv4Addr, UdpSocket},
+    os::fd::AsRawFd,
+    path::PathBuf,
+    process::Command,
+    sync::atomic::{AtomicU32, Ordering},
+    time::{Duration, Instant},
+};
+
+use dataplane_watchdog::ebpf::{
+    DropCounterSource, DropSnapshot, EbpfDropCounters, EbpfState, NeighTarget, TrafficClass,
+    EBPF_OBJECT,
+};
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+/// A network namespace that exists for the life of the value, deleted on drop (also on panic).
+struct Netns {
+    name: String,
+}
+
+impl Netns {
+    fn new(tag: &str) -> Self {
+        let name = format!(
+            "wdebpf-{tag}-{}-{}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::SeqCst)
+        );
+        run("ip", &["netns", "add", &name]);
+        let ns = Netns { name };
+        ns.ip(&["link", "set", "lo", "up"]);
+        ns
+    }
+
+    fn path(&self) -> PathBuf {
+        PathBuf::from(format!("/run/netns/{}", self.name))
+    }
+
+    fn ip(&self, args: &[&str]) {
+        let mut full = vec!["-n", &self.name];
+        full.extend_from_slice(args);
+        run("ip", &full);
+    }
+
+    fn bridge(&self, args: &[&str]) {
+        let mut full = vec!["-n", &self.name];
+        full.extend_from_slice(args);
+        run("bridge", &full);
+    }
+
+    /// Writes `/proc/sys/<key>` inside the namespace (`key` as a path: device names have dots).
+    fn sysctl(&self, key: &str, value: &str) {
+        let path = format!("/proc/sys/{key}");
+        run(
+            "ip",
+            &[
+                "netns",
+                "exec",
+                &self.name,
+                "sh",
+                "-c",
+                &format!("echo {value} > {path}"),
+            ],
+        );
+    }
+
+    fn ifindex(&self, dev: &str) -> u32 {
+        let out = output("ip", &["-n", &self.name, "-o", "link", "show", "dev", dev]);
+        out.split(':')
+            .next()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no ifindex in {out:?}"))
+    }
+
+    /// Runs `f` on a thread that has entered this namespace.
+    fn run_in<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
+        let path = self.path();
+        std::thread::spawn(move || {
+            let file = File::open(&path).expect("open netns");
+            // SAFETY: plain syscall on a valid fd; only this thread changes namespace.
+            let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+            assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+            f()
+        })
+        .join()
+        .expect("netns thread panicked")
+    }
+
+    /// Sends `count` UDP datagrams to `dst:port` from inside the namespace (errors ignored:
+    /// an unresolvable gateway makes some sends fail, which is the point).
+    fn send_udp(&self, dst: Ipv4Addr, port: u16, count: usize) {
+        self.run_in(move || {
+            let sock = UdpSocket::bind("0.0.0.0:0").expect("bind");
+            for _ in 0..count {
+                let _ = sock.send_to(&[0u8; 200], (dst, port));
+            }
+        })
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
+}
+
+fn run(cmd: &str, args: &[&str]) {
+    let status = Command::new(cmd).args(args).status().expect("spawn");
+    assert!(status.success(), "{cmd} {args:?} failed: {status}");
+}
+
+fn output(cmd: &str, args: &[&str]) -> String {
+    let out = Command::new(cmd).args(args).output().expect("spawn");
+    assert!(
+        out.status.success(),
+        "{cmd} {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The incident's sender: `10.9.0.0/26 via 10.9.0.0 dev vxlan.calico onlink` with no neighbour
+/// and no FDB entry. Resolution is sped up (2 probes, 100 ms apart, tiny queue).
+fn broken_sender(tag: &str) -> Netns {
+    let ns = Netns::new(tag);
+    // No IPv6 link-local chatter (MLD, router solicits): those would be counted too (class
+    // ipv6, NO_TX_TARGET) and blur which namespace produced a drop.
+    ns.sysctl("net/ipv6/conf/default/disable_ipv6", "1");
+    ns.ip(&[
+        "link",
+        "add",
+        "vxlan.calico",
+        "type",
+        "vxlan",
+        "id",
+        "4096",
+        "dstport",
+        "4789",
+        "nolearning",
+    ]);
+    ns.ip(&["addr", "add", "10.9.1.0/32", "dev", "vxlan.calico"]);
+    ns.ip(&["link", "set", "vxlan.calico", "up"]);
+    ns.ip(&[
+        "route",
+        "add",
+        "10.9.0.0/26",
+        "via",
+        "10.9.0.0",
+        "dev",
+        "vxlan.calico",
+        "onlink",
+    ]);
+    ns.sysctl("net/ipv4/neigh/vxlan.calico/mcast_solicit", "2");
+    ns.sysctl("net/ipv4/neigh/vxlan.calico/retrans_time_ms", "100");
+    ns.sysctl("net/ipv4/neigh/vxlan.calico/unres_qlen_bytes", "2000");
+    ns
+}
+
+fn load(ns: &Netns) -> EbpfDropCounters {
+    assert!(
+        !EBPF_OBJECT.is_empty(),
+        "agent built without bpf-linker: put it on PATH and rebuild"
+    );
+    let counters = EbpfDropCounters::load(Some(&ns.path()))
+        .unwrap_or_else(|status| panic!("eBPF unavailable: {status:?}"));
+    let status = counters.status();
+    assert_eq!(status.state, EbpfState::Attached, "{status:?}");
+    counters
+}
+
+fn watch(counters: &mut EbpfDropCounters, ifindex: u32) {
+    counters
+        .set_watched_devices(&BTreeSet::from([ifindex]))
+        .expect("watch device");
+    counters
+        .set_peer_blocks(&[
+            ("k8s03".into(), "10.9.0.0/26".parse().unwrap()),
+            ("k8s02".into(), "10.9.2.0/26".parse().unwrap()),
+        ])
+        .expect("peer blocks");
+}
+
+/// Polls until `done` holds for a snapshot, or returns the last one after `timeout`.
+fn wait_for(
+    counters: &EbpfDropCounters,
+    timeout: Duration,
+    done: impl Fn(&DropSnapshot) -> bool,
+) -> DropSnapshot {
+    let start = Instant::now();
+    loop {
+        let snap = counters.snapshot().expect("snapshot");
+        if done(&snap) || start.elapsed() > timeout {
+            return snap;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+#[ignore = "needs root and the eBPF object (bpf-linker); run with --ignored"]
+fn unresolvable_gateway_counts_data_drops_per_peer_arp_as_control_and_neighbour_failures() {
+    let ns = broken_sender("drop");
+    let ifindex = ns.ifindex("vxlan.calico");
+    let mut counters = load(&ns);
+    watch(&mut counters, ifindex);
+
+    ns.send_udp(Ipv4Addr::new(10, 9, 0, 5), 9000, 50);
+    let gateway = Ipv4Addr::new(10, 9, 0, 0);
+    let snap = wait_for(&counters, Duration::from_secs(5), |s| {
+        s.data_drops_to_peer("k8s03").contains_key("NEIGH_FAILED")
+            && s.neighbour_total(ifindex, NeighTarget::Failed) > 0
+    });
+    eprintln!("{snap:#?}");
+
+    let data = snap.data_drops_to_peer("k8s03");
+    let data_total: u64 = data.values().sum();
+    assert!(
+        data.contains_key("NEIGH_FAILED"),
+        "no NEIGH_FAILED data drops: {data:?}"
+    );
+    assert!(
+        data.contains_key("NEIGH_QUEUEFULL"),
+        "no NEIGH_QUEUEFULL data drops: {data:?}"
+    );
+    // Every datagram is lost, each counted once, all on the right device and peer.
+    assert_eq!(data_total, 50, "{data:?}");
+    assert!(snap.drops.iter().all(|d| d.ifindex == ifindex));
+    assert!(
+        snap.data_drops_to_peer("k8s02").is_empty(),
+        "misattributed to k8s02"
+    );
+    assert!(
+        snap.drops
+            .iter()
+            .all(|d| !(d.class.is_data() && d.peer.is_none())),
+        "IPv4 drop without a peer: {snap:?}"
+    );
+
+    let arp: Vec<_> = snap
+        .drops
+        .iter()
+        .filter(|d| d.class == TrafficClass::Arp)
+        .collect();
+    assert!(!arp.is_empty(), "ARP solicits not counted");
+    assert!(
+        arp.iter()
+            .all(|d| d.reason == "NO_TX_TARGET" && d.peer.is_none()),
+        "{arp:?}"
+    );
+
+    assert_eq!(snap.neighbour_total(ifindex, NeighTarget::Incomplete), 1);
+    assert_eq!(snap.neighbour_total(ifindex, NeighTarget::Failed), 1);
+    assert_eq!(
+        snap.neighbour_gateway(ifindex, gateway, NeighTarget::Incomplete),
+        1
+    );
+    assert_eq!(
+        snap.neighbour_gateway(ifindex, gateway, NeighTarget::Failed),
+        1
+    );
+    assert_eq!(snap.overflow.header_unreadable, 0);
+
+    // A second burst after FAILED restarts resolution: one more transition each, not 20.
+    ns.send_udp(Ipv4Addr::new(10, 9, 0, 5), 9000, 20);
+    let snap = wait_for(&counters, Duration::from_secs(5), |s| {
+        s.neighbour_total(ifindex, NeighTarget::Failed) >= 2
+    });
+    assert_eq!(
+        snap.neighbour_total(ifindex, NeighTarget::Incomplete),
+        2,
+        "{snap:#?}"
+    );
+    assert_eq!(
+        snap.neighbour_total(ifindex, NeighTarget::Failed),
+        2,
+        "{snap:#?}"
+    );
+    assert_eq!(snap.data_drops_to_peer("k8s03").values().sum::<u64>(), 70);
+}
+
+#[test]
+#[ignore = "needs root and the eBPF object (bpf-linker); run with --ignored"]
+fn drops_in_another_netns_are_not_counted() {
+    let watched = broken_sender("watched");
+    let other = broken_sender("other");
+    let ifindex = watched.ifindex("vxlan.calico");
+    // Same device name and (in fresh namespaces) the same ifindex: only the netns filter
+    // tells them apart.
+    assert_eq!(other.ifindex("vxlan.calico"), ifindex);
+    let mut counters = load(&watched);
+    watch(&mut counters, ifindex);
+
+    other.send_udp(Ipv4Addr::new(10, 9, 0, 5), 9000, 30);
+    // Let the other namespace's neighbour fail completely.
+    std::thread::sleep(Duration::from_millis(1500));
+    let snap = counters.snapshot().unwrap();
+    assert!(snap.drops.is_empty(), "counted another netns: {snap:#?}");
+    assert!(snap.neighbour_transitions.is_empty(), "{snap:#?}");
+
+    // Positive control: the same traffic in the watched namespace is seen.
+    watched.send_udp(Ipv4Addr::new(10, 9, 0, 5), 9000, 5);
+    let snap = wait_for(&counters, Duration::from_secs(5), |s| !s.drops.is_empty());
+    assert!(!snap.drops.is_empty(), "watched netns drops not counted");
+}
+
+#[test]
+#[ignore = "needs root and the eBPF object (bpf-linker); run with --ignored"]
+fn unwatched_device_is_not_counted_and_rewatching_after_recreate_works() {
+    let ns = broken_sender("rewatch");
+    let old = ns.ifindex("vxlan.calico");
+    let mut counters = load(&ns);
+    watch(&mut counters, old + 100); // not the device
+    ns.send_udp(Ipv4Addr::new(10, 9, 0, 5), 9000, 10);
+    std::thread::sleep(Duration::from_millis(800));
+    assert!(counters.snapshot().unwrap().drops.is_empty());
+
+    // Re-create the device (new ifindex) and update the watch set, as the daemon does.
+    ns.ip(&["link", "del", "vxlan.calico"]);
+    ns.ip(&[
+        "link",
+        "add",
+        "vxlan.calico",
+        "type",
+        "vxlan",
+        "id",
+        "4096",
+        "dstport",
+        "4789",
+        "nolearning",
+    ]);
+    ns.ip(&["addr", "add", "10.9.1.0/32", "dev", "vxlan.calico"]);
+    ns.ip(&["link", "set", "vxlan.calico", "up"]);
+    ns.ip(&[
+        "route",
+        "add",
+        "10.9.0.0/26",
+        "via",
+        "10.9.0.0",
+        "dev",
+        "vxlan.calico",
+        "onlink",
+    ]);
+    let new = ns.ifindex("vxlan.calico");
+    assert_ne!(new, old);
+    counters
+        .set_watched_devices(&BTreeSet::from([new]))
+        .unwrap();
+    ns.send_udp(Ipv4Addr::new(10, 9, 0, 5), 9000, 10);
+    let snap = wait_for(&counters, Duration::from_secs(5), |s| {
+        s.data_drops_to_peer("k8s03").values().sum::<u64>() == 10
+    });
+    assert_eq!(
+        snap.data_drops_to_peer("k8s03").values().sum::<u64>(),
+        10,
+        "{snap:#?}"
+    );
+    assert!(snap.drops.iter().all(|d| d.ifindex == new));
+}
+
+/// Two namespaces joined by a veth underlay, each with a vxlan.calico configured like Felix's
+/// (permanent neighbour + FDB for the other): a healthy pair.
+#[test]
+#[ignore = "needs root and the eBPF object (bpf-linker); run with --ignored"]
+fn healthy_pair_shows_no_data_drops() {
+    let a = Netns::new("ha");
+    let b = Netns::new("hb");
+    a.ip(&[
+        "link", "add", "ul0", "type", "veth", "peer", "name", "ul0", "netns", &b.name,
+    ]);
+    for (ns, underlay, mac, vtep, peer_vtep, peer_mac, peer_underlay, peer_block) in [
+        (
+            &a,
+            "192.168.77.1/24",
+            "66:00:00:00:00:01",
+            "10.9.1.0/32",
+            "10.9.0.0",
+            "66:00:00:00:00:02",
+            "192.168.77.2",
+            "10.9.0.0/26",
+        ),
+        (
+            &b,
+            "192.168.77.2/24",
+            "66:00:00:00:00:02",
+            "10.9.0.0/32",
+            "10.9.1.0",
+            "66:00:00:00:00:01",
+            "192.168.77.1",
+            "10.9.1.0/26",
+        ),
+    ] {
+        ns.ip(&["addr", "add", underlay, "dev", "ul0"]);
+        ns.ip(&["link", "set", "ul0", "up"]);
+        let local = underlay.split('/').next().unwrap();
+        ns.ip(&[
+            "link",
+            "add",
+            "vxlan.calico",
+            "address",
+            mac,
+            "type",
+            "vxlan",
+            "id",
+            "4096",
+            "dstport",
+            "4789",
+            "nolearning",
+            "local",
+            local,
+            "dev",
+            "ul0",
+        ]);
+        ns.ip(&["addr", "add", vtep, "dev", "vxlan.calico"]);
+        ns.ip(&["link", "set", "vxlan.calico", "up"]);
+        ns.ip(&[
+            "neigh",
+            "add",
+            peer_vtep,
+            "lladdr",
+            peer_mac,
+            "dev",
+            "vxlan.calico",
+            "nud",
+            "permanent",
+        ]);
+        ns.bridge(&[
+            "fdb",
+            "add",
+            peer_mac,
+            "dev",
+            "vxlan.calico",
+            "dst",
+            peer_underlay,
+            "self",
+            "permanent",
+        ]);
+        ns.ip(&[
+            "route",
+            "add",
+            peer_block,
+            "via",
+            peer_vtep,
+            "dev",
+            "vxlan.calico",
+            "onlink",
+        ]);
+    }
+    b.ip(&["addr", "add", "10.9.0.5/32", "dev", "lo"]);
+    let ifindex = a.ifindex("vxlan.calico");
+    let mut counters = load(&a);
+    watch(&mut counters, ifindex);
+
+    let receiver = {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let path = b.path();
+        let handle = std::thread::spawn(move || {
+            let file = File::open(&path).unwrap();
+            // SAFETY: see Netns::run_in.
+            assert_eq!(
+                unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) },
+                0
+            );
+            let sock = UdpSocket::bind("10.9.0.5:9000").unwrap();
+            sock.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+            tx.send(()).unwrap();
+            let mut got = 0;
+            let mut buf = [0u8; 512];
+            while got < 50 && sock.recv(&mut buf).is_ok() {
+                got += 1;
+            }
+            got
+        });
+        rx.recv().unwrap();
+        handle
+    };
+    a.send_udp(Ipv4Addr::new(10, 9, 0, 5), 9000, 50);
+    let received = receiver.join().unwrap();
+    assert_eq!(
+        received, 50,
+        "the healthy pair lost datagrams: the fixture is wrong"
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    let snap = counters.snapshot().unwrap();
+    let data_drops: u64 = snap
+        .drops
+        .iter()
+        .filter(|d| d.class.is_data())
+        .map(|d| d.packets)
+        .sum();
+    assert_eq!(data_drops, 0, "{snap:#?}");
+    assert!(snap.neighbour_transitions.is_empty(), "{snap:#?}");
+}
+
+/// Bench helper smoke test: run-time stats move when the program runs.
+#[test]
+#[ignore = "needs root and the eBPF object (bpf-linker); run with --ignored"]
+fn program_stats_count_runs() {
+    let ns = broken_sender("stats");
+    let ifindex = ns.ifindex("vxlan.calico");
+    let _stats = dataplane_watchdog::ebpf::bench::enable_stats().expect("enable stats");
+    let mut counters = load(&ns);
+    watch(&mut counters, ifindex);
+    let before = counters.program_stats().unwrap();
+    ns.send_udp(Ipv4Addr::new(10, 9, 0, 5), 9000, 20);
+    wait_for(&counters, Duration::from_secs(5), |s| !s.drops.is_empty());
+    let after = counters.program_stats().unwrap();
+    let kfree = after
+        .iter()
+        .find(|p| p.name == "kfree_skb")
+        .expect("kfree_skb stats");
+    let kfree_before = before.iter().find(|p| p.name == "kfree_skb").unwrap();
+    let delta = kfree.since(kfree_before);
+    assert!(delta.run_count >= 20, "{delta:?}");
+    eprintln!(
+        "program stats: {after:#?}; kfree_skb mean {:?}",
+        delta.mean()
+    );
+}
