@@ -184,7 +184,8 @@ impl Lab {
     fn build_node(&self, i: usize) -> Result<()> {
         let n = &self.nodes[i];
         // Strict reverse-path filtering would turn a one-way fault into a two-way one; IPv6 off
-        // so the overlay carries no ND/MLD chatter that would show up as drops.
+        // so the overlay carries no ND/MLD chatter that would show up as drops. No forwarding:
+        // pod addresses are local (on lo), so decapsulated packets are delivered, not routed.
         set_sysctls(
             &self.netns_path(&n.name),
             &[
