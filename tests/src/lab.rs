@@ -87,7 +87,8 @@ pub struct Lab {
     pub(crate) fault_counter: u32,
     healthy: BTreeMap<String, NodeDataplane>,
     pub(crate) traffic_grace: Duration,
-    datastore_file: Option<PathBuf>,
+    /// Files written for the agent (datastore, configs), removed on drop.
+    temp_files: Vec<PathBuf>,
 }
 
 impl Lab {
@@ -130,7 +131,7 @@ impl Lab {
             fault_counter: 0,
             healthy: BTreeMap::new(),
             traffic_grace: Duration::from_millis(300),
-            datastore_file: None,
+            temp_files: Vec::new(),
         };
         // `lab` owns the cleanup from here: an early return drops it.
         lab.build_underlay()?;
@@ -183,7 +184,8 @@ impl Lab {
     fn build_node(&self, i: usize) -> Result<()> {
         let n = &self.nodes[i];
         // Strict reverse-path filtering would turn a one-way fault into a two-way one; IPv6 off
-        // so the overlay carries no ND/MLD chatter that would show up as drops.
+        // so the overlay carries no ND/MLD chatter that would show up as drops. No forwarding:
+        // pod addresses are local (on lo), so decapsulated packets are delivered, not routed.
         set_sysctls(
             &self.netns_path(&n.name),
             &[
@@ -409,13 +411,30 @@ impl Lab {
         y
     }
 
-    /// Writes [`Lab::datastore_yaml`] to a file removed when the lab is dropped; returns its path.
+    /// Writes [`Lab::datastore_yaml`] to `<tmp>/<lab id>-nodes.yaml` (removed when the lab is
+    /// dropped) and returns its path.
     pub fn write_datastore(&mut self) -> Result<PathBuf> {
         let path = std::env::temp_dir().join(format!("{}-nodes.yaml", self.id));
-        fs::write(&path, self.datastore_yaml())
-            .with_context(|| format!("writing {}", path.display()))?;
-        self.datastore_file = Some(path.clone());
+        self.write_temp(&path, &self.datastore_yaml())?;
         Ok(path)
+    }
+
+    /// Writes the datastore and an agent config for `node` (`<tmp>/<lab id>-<node>.toml`,
+    /// removed on drop); returns the config path. Then:
+    /// `watchdog scan --config <it> --netns <Lab::netns_path(node)>`.
+    pub fn write_agent_config(&mut self, node: &str) -> Result<PathBuf> {
+        let datastore = self.write_datastore()?;
+        let path = std::env::temp_dir().join(format!("{}-{node}.toml", self.id));
+        self.write_temp(&path, &self.agent_config_toml(node, &datastore))?;
+        Ok(path)
+    }
+
+    fn write_temp(&mut self, path: &Path, contents: &str) -> Result<()> {
+        fs::write(path, contents).with_context(|| format!("writing {}", path.display()))?;
+        if !self.temp_files.iter().any(|p| p == path) {
+            self.temp_files.push(path.to_path_buf());
+        }
+        Ok(())
     }
 
     /// An agent config (DESIGN.md §3) for running `watchdog` as `node` against `datastore`.
@@ -467,7 +486,7 @@ impl Drop for Lab {
                 tracing::warn!(netns = %ns, error = %e, "lab teardown: cannot delete namespace");
             }
         }
-        if let Some(f) = &self.datastore_file {
+        for f in &self.temp_files {
             let _ = fs::remove_file(f);
         }
     }

@@ -384,13 +384,17 @@ fn assert_gone(names: &[String]) {
 
 #[test]
 fn drop_removes_every_namespace_even_on_panic() {
-    let lab = build(LabSpec::calico(2));
+    let mut lab = build(LabSpec::calico(2));
     let names = namespaces(&lab);
     for ns in &names {
         assert!(Path::new("/run/netns").join(ns).exists(), "{ns} missing");
     }
+    let config = lab.write_agent_config("node1").unwrap();
+    let toml = std::fs::read_to_string(&config).unwrap();
+    assert!(toml.contains("node_name = \"node1\"") && toml.contains("source = \"file\""));
     drop(lab);
     assert_gone(&names);
+    assert!(!config.exists(), "agent config survived the lab");
 
     let seen = Arc::new(Mutex::new(Vec::new()));
     let seen2 = Arc::clone(&seen);

@@ -4,13 +4,15 @@
 //! k8s02's routes to k8s03 the way Felix did (via 10.1.235.128, nobody's VTEP), shows the
 //! blackhole, restores and shows traffic back. Needs root.
 
-use std::process::ExitCode;
+use std::{path::PathBuf, process::ExitCode};
 
 use anyhow::{Context, Result};
 use watchdog_lab::{Fault, Lab, LabSpec};
 
 /// Packets per destination address in each traffic check.
 const PACKETS: u32 = 5;
+/// The incident cluster's nodes.
+const NODES: [&str; 3] = ["k8s01", "k8s02", "k8s03"];
 
 /// The point in the story at which the agent is asked for its view.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -37,6 +39,10 @@ fn run() -> Result<()> {
     }
     let mut lab = Lab::build(LabSpec::incident()).context("building the incident lab")?;
     let datastore = lab.write_datastore()?;
+    let configs = NODES
+        .iter()
+        .map(|n| Ok((n.to_string(), lab.write_agent_config(n)?)))
+        .collect::<Result<Vec<_>>>()?;
 
     section("Lab");
     println!(
@@ -63,7 +69,7 @@ fn run() -> Result<()> {
     section("Healthy");
     show_routes(&lab, "k8s01")?;
     show_traffic(&lab)?;
-    agent_view(&lab, Phase::Healthy)?;
+    agent_view(&lab, &configs, Phase::Healthy)?;
 
     section("Incident: k8s01 and k8s02 route k8s03's blocks via 10.1.235.128");
     for on in ["k8s01", "k8s02"] {
@@ -81,9 +87,13 @@ fn run() -> Result<()> {
             neigh.as_deref().unwrap_or("(no entry)")
         );
     }
+    println!(
+        "datastore: k8s03 vtep_ip {} (10.1.235.128 is nobody's VTEP)",
+        lab.node("k8s03").vtep_ip
+    );
     let lost: u32 = traffic.iter().map(|t| t.lost()).sum();
     println!("{lost} packets blackholed, every node still looks Ready");
-    agent_view(&lab, Phase::Corrupted)?;
+    agent_view(&lab, &configs, Phase::Corrupted)?;
 
     section("Repair: ip route replace <block> via 10.1.235.133 dev vxlan.calico onlink");
     lab.restore_all()?;
@@ -98,7 +108,7 @@ fn run() -> Result<()> {
             diff.join("\n  ")
         );
     }
-    agent_view(&lab, Phase::Restored)?;
+    agent_view(&lab, &configs, Phase::Restored)?;
     Ok(())
 }
 
@@ -109,7 +119,7 @@ fn section(title: &str) {
 /// k8s03's block routes on `node`, as `ip route` prints them.
 fn show_routes(lab: &Lab, node: &str) -> Result<()> {
     let k8s03 = lab.node("k8s03");
-    println!("{node}$ ip route show dev {} | k8s03 blocks", lab.device());
+    println!("{node}$ ip route show exact <block>   # for each of k8s03's blocks");
     for b in &k8s03.blocks {
         let out = lab.ip(node, &["route", "show", "exact", &b.to_string()])?;
         for line in out.lines() {
@@ -135,18 +145,18 @@ fn show_traffic(lab: &Lab) -> Result<Vec<watchdog_lab::TrafficReport>> {
     Ok(reports)
 }
 
-/// Hook: what the agent says at each phase. The lead wires `watchdog scan` in here, e.g. for
-/// each node: `watchdog scan --netns <lab.netns_path(node)> --config <file with
-/// lab.agent_config_toml(node, datastore)>` and prints its output. Until then it prints
-/// the command a human would run.
-fn agent_view(lab: &Lab, phase: Phase) -> Result<()> {
-    let _ = phase;
-    for n in lab.nodes() {
+/// HOOK for the agent: what `watchdog scan` says at each phase. Wire it in here: for each
+/// `(node, config)` run `watchdog scan --config <config> --netns <lab.netns_path(node)>` (the
+/// config names the node and points at the lab's datastore file) and print its output.
+/// Expected: no findings when `Healthy` and `Restored`; on `Corrupted`, critical findings on
+/// k8s01 and k8s02 for k8s03's six blocks (gateway 10.1.235.128, expected 10.1.235.133).
+fn agent_view(lab: &Lab, configs: &[(String, PathBuf)], phase: Phase) -> Result<()> {
+    println!("  [agent, {phase:?}] not wired in yet; per node it would run:");
+    if let Some((node, config)) = configs.first() {
         println!(
-            "  [agent] {}: watchdog scan --netns {} (node_name = \"{}\")",
-            n.name,
-            lab.netns_path(&n.name).display(),
-            n.name
+            "    watchdog scan --config {} --netns {}",
+            config.display(),
+            lab.netns_path(node).display()
         );
     }
     Ok(())
