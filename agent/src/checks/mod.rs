@@ -140,7 +140,11 @@ pub fn evaluate(input: &CheckInput<'_>) -> CheckReport {
             });
             continue;
         };
-        report.routes_checked += dev.routes.iter().filter(|r| r.table == MAIN_TABLE).count();
+        report.routes_checked += dev
+            .routes
+            .iter()
+            .filter(|r| r.table == MAIN_TABLE && r.kind == crate::model::RouteKind::Unicast)
+            .count();
         report
             .findings
             .extend(device::misconfigured(spec, dev, input.desired));

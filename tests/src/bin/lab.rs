@@ -4,9 +4,12 @@
 //! k8s02's routes to k8s03 the way Felix did (via 10.1.235.128, nobody's VTEP), shows the
 //! blackhole, restores and shows traffic back. Needs root.
 
-use std::{path::PathBuf, process::ExitCode};
+use std::{
+    path::PathBuf,
+    process::{Command, ExitCode},
+};
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use watchdog_lab::{Fault, Lab, LabSpec};
 
 /// Packets per destination address in each traffic check.
@@ -145,19 +148,54 @@ fn show_traffic(lab: &Lab) -> Result<Vec<watchdog_lab::TrafficReport>> {
     Ok(reports)
 }
 
-/// HOOK for the agent: what `watchdog scan` says at each phase. Wire it in here: for each
-/// `(node, config)` run `watchdog scan --config <config> --netns <lab.netns_path(node)>` (the
-/// config names the node and points at the lab's datastore file) and print its output.
-/// Expected: no findings when `Healthy` and `Restored`; on `Corrupted`, critical findings on
-/// k8s01 and k8s02 for k8s03's six blocks (gateway 10.1.235.128, expected 10.1.235.133).
+/// What the agent says at each phase: `watchdog scan` against every node's namespace, exactly as
+/// an SRE would run it on the node. The full report for the first node whose verdict is not
+/// healthy, one summary line for the others.
 fn agent_view(lab: &Lab, configs: &[(String, PathBuf)], phase: Phase) -> Result<()> {
-    println!("  [agent, {phase:?}] not wired in yet; per node it would run:");
-    if let Some((node, config)) = configs.first() {
-        println!(
-            "    watchdog scan --config {} --netns {}",
-            config.display(),
-            lab.netns_path(node).display()
-        );
+    let bin = watchdog_bin();
+    let mut shown_full = false;
+    for (node, config) in configs {
+        let netns = lab.netns_path(node);
+        let out = Command::new(&bin)
+            .args(["scan", "--config"])
+            .arg(config)
+            .arg("--netns")
+            .arg(&netns)
+            .output()
+            .with_context(|| format!("running {}", bin.display()))?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        let code = out.status.code().unwrap_or(-1);
+        if code == 3 || text.is_empty() {
+            bail!(
+                "watchdog scan on {node} could not check (exit {code}): {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        if code != 0 && !shown_full {
+            shown_full = true;
+            println!(
+                "{node}$ watchdog scan --netns {}   (exit {code})",
+                netns.display()
+            );
+            for line in text.lines() {
+                println!("  {line}");
+            }
+        } else {
+            let verdict = text.lines().last().unwrap_or("");
+            println!("  [{phase:?}] {node}$ watchdog scan  ->  exit {code}  {verdict}");
+        }
     }
     Ok(())
+}
+
+/// The agent binary: `$WATCHDOG_BIN` (set by `cargo xtask lab`), else next to this binary.
+fn watchdog_bin() -> PathBuf {
+    std::env::var_os("WATCHDOG_BIN")
+        .map(PathBuf::from)
+        .or_else(|| {
+            std::env::current_exe()
+                .ok()
+                .and_then(|p| p.parent().map(|d| d.join("watchdog")))
+        })
+        .unwrap_or_else(|| PathBuf::from("watchdog"))
 }
