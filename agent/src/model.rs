@@ -263,6 +263,9 @@ pub struct DesiredState {
     /// Datastore entries that failed validation: their peers are skipped, never checked
     /// against garbage, and each one is reported.
     pub problems: Vec<DatastoreProblem>,
+    /// Networks claimed by entries that failed validation (a rejected node's blocks, a block
+    /// two nodes claim). Routes to them are neither expected nor stray: they are not judged.
+    pub unverifiable: Vec<IpNet>,
 }
 
 impl DesiredState {

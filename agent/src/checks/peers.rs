@@ -294,7 +294,7 @@ fn stray_routes(
     let local = desired.nodes.get(&desired.local_node);
     let mut out = Vec::new();
     for (dst, route) in routes {
-        if expected.contains_key(dst) {
+        if expected.contains_key(dst) || desired.unverifiable.iter().any(|u| overlaps(u, dst)) {
             continue;
         }
         let local_overlap = local.and_then(|l| {

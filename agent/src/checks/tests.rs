@@ -113,6 +113,7 @@ impl Cluster {
             local_node: local.name.clone(),
             nodes: nodes.into_iter().map(|n| (n.name.clone(), n)).collect(),
             problems: vec![],
+            unverifiable: vec![],
         };
         let mut observed = ObservedState::default();
         observed.devices.insert(device.into(), dev);
@@ -612,4 +613,25 @@ fn device_spec_defaults_by_name() {
     assert_eq!(DeviceSpec::for_name("flannel.1").vni, Some(1));
     assert_eq!(DeviceSpec::for_name("vxlan-v6.calico").family, Family::V6);
     assert_eq!(DeviceSpec::for_name("custom0").vni, None);
+}
+
+#[test]
+fn routes_to_blocks_of_invalid_entries_are_not_judged() {
+    // k8s03's entry failed validation: its routes are neither expected nor stray.
+    let mut c = Cluster::calico();
+    let k8s03 = c.desired.nodes.remove("k8s03").unwrap();
+    c.desired.unverifiable = k8s03.blocks.clone();
+    c.desired.problems.push(DatastoreProblem {
+        object: "nodes.yaml".into(),
+        node: Some("k8s03".into()),
+        field: "vtep_ip".into(),
+        message: "bad".into(),
+    });
+    let r = c.report();
+    assert_eq!(
+        summary(&r),
+        vec![(CheckId::DatastoreInvalid, Some("k8s03".into()))],
+        "{:#?}",
+        r.findings
+    );
 }

@@ -485,6 +485,7 @@ nodes:
             local_node: "k8s01".into(),
             nodes,
             problems: vec![],
+            unverifiable: vec![],
         };
         assert_eq!(got, want);
         assert_eq!(

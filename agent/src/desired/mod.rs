@@ -216,13 +216,27 @@ pub fn build(
         "VTEP MAC",
     );
 
-    drop_conflicting_claims(&mut candidates, &mut problems, |c| &mut c.blocks, "block");
+    let mut unverifiable = Vec::new();
     drop_conflicting_claims(
         &mut candidates,
         &mut problems,
+        &mut unverifiable,
+        |c| &mut c.blocks,
+        "block",
+    );
+    drop_conflicting_claims(
+        &mut candidates,
+        &mut problems,
+        &mut unverifiable,
         |c| &mut c.borrowed,
         "borrowed address",
     );
+    // A rejected node still claims its blocks: routes to them cannot be judged.
+    for c in candidates.iter().filter(|c| c.rejected) {
+        unverifiable.extend(c.blocks.iter().chain(&c.borrowed).map(|(net, _)| *net));
+    }
+    unverifiable.sort();
+    unverifiable.dedup();
 
     let mut nodes = BTreeMap::new();
     for c in candidates.into_iter().filter(|c| !c.rejected) {
@@ -266,6 +280,7 @@ pub fn build(
         local_node: local_node.to_string(),
         nodes,
         problems,
+        unverifiable,
     }
 }
 
@@ -516,6 +531,7 @@ fn describe_record(c: &Candidate, by_position: bool) -> String {
 fn drop_conflicting_claims(
     candidates: &mut [Candidate],
     problems: &mut Vec<DatastoreProblem>,
+    unverifiable: &mut Vec<IpNet>,
     claims: impl Fn(&mut Candidate) -> &mut Vec<(IpNet, RawField)>,
     what: &str,
 ) {
@@ -559,6 +575,7 @@ fn drop_conflicting_claims(
         // Every entry for that network (a node may list it twice), each reported.
         let (gone, kept): (Vec<_>, Vec<_>) = list.drain(..).partition(|(n, _)| *n == net);
         *list = kept;
+        unverifiable.push(net);
         for (_, f) in gone {
             let message = format!(
                 "{what} {net} of node {name} conflicts with {}; skipped for all of them, not guessed",

@@ -1,0 +1,265 @@
+//! `watchdog scan` against real dataplanes in the network-namespace lab (needs root).
+//!
+//! Every healthy variant must give zero findings on every node; every fault must give exactly
+//! the expected findings, for exactly the affected peer, on exactly the faulted node.
+
+use std::{collections::BTreeSet, path::Path, process::Command};
+
+use serde_json::Value;
+use watchdog_lab::{Fault, Lab, LabSpec};
+
+const WATCHDOG: &str = env!("CARGO_BIN_EXE_watchdog");
+
+struct Scan {
+    code: i32,
+    json: Value,
+}
+
+impl Scan {
+    /// (check, peer) of every finding.
+    fn checks(&self) -> BTreeSet<(String, Option<String>)> {
+        self.findings()
+            .iter()
+            .map(|f| {
+                (
+                    f["check"].as_str().unwrap().to_string(),
+                    f["peer_node"].as_str().map(String::from),
+                )
+            })
+            .collect()
+    }
+
+    fn findings(&self) -> Vec<Value> {
+        self.json["findings"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+    }
+}
+
+fn scan(lab: &mut Lab, node: &str, extra: &[&str]) -> Scan {
+    let config = lab.write_agent_config(node).expect("writing agent config");
+    scan_with(&config, &lab.netns_path(node), extra)
+}
+
+fn scan_with(config: &Path, netns: &Path, extra: &[&str]) -> Scan {
+    let out = Command::new(WATCHDOG)
+        .args(["scan", "--json", "--config"])
+        .arg(config)
+        .arg("--netns")
+        .arg(netns)
+        .args(extra)
+        .output()
+        .expect("running watchdog scan");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let code = out.status.code().expect("exit code");
+    let json = serde_json::from_str(&stdout).unwrap_or_else(|e| {
+        panic!(
+            "scan printed no JSON ({e}), exit {code}\nstdout: {stdout}\nstderr: {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    Scan { code, json }
+}
+
+fn assert_all_healthy(lab: &mut Lab, context: &str) {
+    let names: Vec<String> = lab.nodes().iter().map(|n| n.name.clone()).collect();
+    for node in names {
+        let s = scan(lab, &node, &[]);
+        assert!(
+            s.findings().is_empty() && s.code == 0,
+            "{context}: {node} must be healthy, got exit {} and {:#?}",
+            s.code,
+            s.findings()
+        );
+        assert!(s.json["routes_checked"].as_u64().unwrap() > 0);
+    }
+}
+
+fn expected(fault: &Fault) -> BTreeSet<(String, Option<String>)> {
+    let peer = fault.peer().map(String::from);
+    let ids: &[&str] = match fault {
+        Fault::GatewayNotAVtep { .. } => &["gateway-wrong-vtep"],
+        // Routes still point at the old VTEP, and the new VTEP has no neighbour entry.
+        Fault::StaleVtep { .. } => &["gateway-wrong-vtep", "neighbour-unresolved"],
+        Fault::NeighbourRemoved { .. } => &["neighbour-unresolved"],
+        Fault::NeighbourWrongMac { .. } => &["neighbour-mac-mismatch"],
+        Fault::FdbRemoved { .. } => &["fdb-missing"],
+        Fault::FdbWrongDestination { .. } => &["fdb-wrong-destination"],
+        Fault::RouteRemoved { .. } => &["route-missing"],
+        Fault::StrayRoute { .. } => return [("route-stale".to_string(), None)].into(),
+    };
+    ids.iter()
+        .map(|id| (id.to_string(), peer.clone()))
+        .collect()
+}
+
+fn every_fault_is_reported_exactly(spec: LabSpec) {
+    let mut lab = Lab::build(spec).expect("building lab");
+    assert_all_healthy(&mut lab, "before any fault");
+    for fault in Fault::all_kinds("node1", "node2") {
+        let want = expected(&fault);
+        let kind = fault.kind();
+        let injected = lab.inject(fault).expect("injecting fault");
+        let s = scan(&mut lab, "node1", &[]);
+        assert_eq!(
+            s.checks(),
+            want,
+            "{kind}: {}\nfindings: {:#?}",
+            injected.description,
+            s.findings()
+        );
+        let stray = kind == "stray-route";
+        assert_eq!(s.code, if stray { 1 } else { 2 }, "{kind}: exit code");
+        // Nobody else is affected.
+        for other in ["node2", "node3"] {
+            let o = scan(&mut lab, other, &[]);
+            assert!(
+                o.findings().is_empty(),
+                "{kind}: {other} {:#?}",
+                o.findings()
+            );
+        }
+        lab.restore(&injected).expect("restoring");
+        let after = scan(&mut lab, "node1", &[]);
+        assert!(
+            after.findings().is_empty(),
+            "{kind}: after restore {:#?}",
+            after.findings()
+        );
+    }
+}
+
+#[test]
+fn calico_every_fault_is_reported_exactly() {
+    every_fault_is_reported_exactly(LabSpec::calico(3));
+}
+
+#[test]
+fn flannel_every_fault_is_reported_exactly() {
+    every_fault_is_reported_exactly(LabSpec::flannel(3));
+}
+
+#[test]
+fn healthy_variants_have_zero_findings() {
+    for (name, spec) in [
+        ("incident cluster", LabSpec::incident()),
+        (
+            "calico with a borrowed address",
+            LabSpec::calico(3).with_borrowed("node2", "10.1.1.9".parse().unwrap()),
+        ),
+        ("flannel", LabSpec::flannel(3)),
+    ] {
+        let mut lab = Lab::build(spec).expect("building lab");
+        assert_all_healthy(&mut lab, name);
+    }
+}
+
+#[test]
+fn incident_replay_is_critical_with_the_right_expected_gateway() {
+    let mut lab = Lab::build(LabSpec::incident()).expect("building lab");
+    lab.inject(Fault::incident("k8s01")).unwrap();
+    // Real traffic makes the kernel try (and fail) to resolve the bogus gateway.
+    let t = lab.traffic("k8s01", "k8s03", 3).unwrap();
+    assert!(t.none_delivered(), "{t}");
+
+    let s = scan(&mut lab, "k8s01", &[]);
+    assert_eq!(s.code, 2);
+    let findings = s.findings();
+    assert_eq!(findings.len(), 1, "{findings:#?}");
+    let f = &findings[0];
+    assert_eq!(f["check"], "gateway-wrong-vtep");
+    assert_eq!(f["severity"], "critical");
+    assert_eq!(f["device"], "vxlan.calico");
+    assert_eq!(f["peer_node"], "k8s03");
+    assert_eq!(f["route"], "10.1.235.128/26");
+    assert_eq!(f["gateway"], "10.1.235.128");
+    assert_eq!(f["expected_gateway"], "10.1.235.133");
+    assert_eq!(f["evidence"]["routes"].as_array().unwrap().len(), 6);
+    let state = f["evidence"]["neighbour_state"].as_str().unwrap();
+    assert!(
+        state == "incomplete" || state == "failed",
+        "neighbour state {state}"
+    );
+    assert!(f["hint"]
+        .as_str()
+        .unwrap()
+        .contains("ip route replace $r via 10.1.235.133 dev vxlan.calico onlink"));
+    let peers = s.json["peers"].as_array().unwrap();
+    let k8s03 = peers.iter().find(|p| p["node"] == "k8s03").unwrap();
+    assert_eq!(k8s03["verdict"], "critical");
+
+    // Without a datastore the base-address gateway is still caught, because the unresolved
+    // neighbour corroborates it.
+    let offline = scan(&mut lab, "k8s01", &["--datastore", "none"]);
+    assert_eq!(offline.code, 2);
+    assert_eq!(
+        offline.checks(),
+        [("gateway-is-network-address".to_string(), None)].into()
+    );
+    assert!(!offline.json["skipped"].as_array().unwrap().is_empty());
+}
+
+#[test]
+fn offline_scan_of_a_healthy_calico_node_is_clean() {
+    // Calico's VTEPs ARE block base addresses: the heuristic alone must not fire.
+    let mut lab = Lab::build(LabSpec::calico(3)).expect("building lab");
+    let s = scan(&mut lab, "node1", &["--datastore", "none"]);
+    assert_eq!(s.code, 0, "{:#?}", s.findings());
+}
+
+#[test]
+fn bad_datastore_input_is_a_finding_or_a_clear_error_never_a_panic() {
+    let mut lab = Lab::build(LabSpec::calico(3)).expect("building lab");
+    let dir = tempfile::tempdir().unwrap();
+    let config = lab.write_agent_config("node1").unwrap();
+
+    // One node with a broken VTEP: reported, the rest still checked.
+    let broken = lab
+        .datastore_yaml()
+        .replacen("vtep_ip: 10.1.3.0", "vtep_ip: 10.1.3.x", 1);
+    assert_ne!(broken, lab.datastore_yaml(), "fixture must change");
+    let path = dir.path().join("nodes.yaml");
+    std::fs::write(&path, broken).unwrap();
+    let s = scan_with(
+        &config,
+        &lab.netns_path("node1"),
+        &["--datastore", path.to_str().unwrap()],
+    );
+    assert_eq!(
+        s.checks(),
+        [("datastore-invalid".to_string(), Some("node3".to_string()))].into()
+    );
+    assert_eq!(s.code, 1);
+
+    // Not YAML at all: exit 3 (could not check) with a message naming the file.
+    std::fs::write(&path, "nodes: [ {").unwrap();
+    let out = Command::new(WATCHDOG)
+        .args(["scan", "--config"])
+        .arg(&config)
+        .arg("--netns")
+        .arg(lab.netns_path("node1"))
+        .args(["--datastore", path.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(3));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("nodes.yaml"), "{err}");
+    assert_eq!(err.lines().count(), 1, "one line: {err}");
+}
+
+#[test]
+fn bad_config_is_one_line_naming_the_key_exit_2() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("config.toml");
+    std::fs::write(&config, "resync_interval = \"fast\"\n").unwrap();
+    let out = Command::new(WATCHDOG)
+        .args(["scan", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("resync_interval"), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+}
