@@ -1,1 +1,2 @@
 //! Desired state: the `Datastore` sources (file, kubernetes) → `model::DesiredState`.
+pub mod kubernetes;
