@@ -562,7 +562,8 @@ pub struct ResourceHealth {
     /// Last successful exchange of any kind (list, watch established, event, bookmark).
     #[serde(with = "humantime_serde")]
     pub last_contact: Option<SystemTime>,
-    /// Last successful periodic relist (matching or corrected).
+    /// Last successful full list: initial, after 410 Gone or errors, or periodic (matching or
+    /// corrected).
     #[serde(with = "humantime_serde")]
     pub last_relist: Option<SystemTime>,
     /// Relists that found the cache differing from the server: missed watch events.
@@ -599,8 +600,9 @@ impl KubeSnapshot {
         self
     }
 
-    /// Age of the most recent event or bookmark of the least recently heard-from resource
-    /// (`datastore_last_event_age_seconds`). `None` before anything was heard.
+    /// Age of the freshest proof that the cache is current (event, bookmark or full list) of
+    /// the least recently heard-from resource (`datastore_last_event_age_seconds`). `None`
+    /// until every resource has been listed once.
     pub fn last_event_age(&self, now: SystemTime) -> Option<Duration> {
         self.resources
             .values()
@@ -773,7 +775,10 @@ struct Watched<T> {
 enum WatchEnd {
     /// Re-establish the watch from the current position.
     Rewatch,
-    /// The position is unusable (410 Gone) or the cache was replaced: list again / restart.
+    /// A relist replaced the cache: the old stream lost events, start a new one from the
+    /// relist's position (no second list needed).
+    Restart,
+    /// The position is unusable (410 Gone): list again.
     Relist,
 }
 
@@ -809,6 +814,7 @@ where
                 h.synced = true;
                 h.objects = n;
                 h.last_contact = Some(SystemTime::now());
+                h.last_relist = h.last_contact;
                 h.last_error = None;
             }
         }
@@ -861,7 +867,7 @@ where
         });
         backoff.reset();
         match consume(rt, w, stream, &mut next_relist).await {
-            WatchEnd::Rewatch => rt.health(w.key, |h| h.watch_restarts += 1),
+            WatchEnd::Rewatch | WatchEnd::Restart => rt.health(w.key, |h| h.watch_restarts += 1),
             WatchEnd::Relist => return,
         }
     }
@@ -929,8 +935,8 @@ where
             _ = sleep_until_opt(grace_deadline), if grace_deadline.is_some() => {
                 let Some(p) = pending.take() else { continue };
                 if finish_relist(rt, w, p.list) {
-                    // The watch evidently lost events: do not trust it further.
-                    return WatchEnd::Relist;
+                    // The watch evidently lost events: do not trust that stream further.
+                    return WatchEnd::Restart;
                 }
             }
         }
