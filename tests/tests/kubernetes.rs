@@ -606,4 +606,96 @@ async fn condition_patch_and_event_post_reach_the_server() {
             .count(),
         1
     );
+
+    // With no update interval a repeat patches the Event's count; the per-minute budget
+    // stops a flood of distinct findings.
+    let (server, mut cfg) = start(&["crd.projectcalico.org/v1"]).await;
+    cfg.publish_events = true;
+    cfg.event_update_interval = Duration::ZERO;
+    cfg.events_per_minute = 1;
+    seed_calico(&server);
+    let src = KubeSource::connect(cfg).await.unwrap();
+    let EventOutcome::Created(name) = src.publish_event(&f).await.unwrap() else {
+        panic!("expected a created event");
+    };
+    assert_eq!(
+        src.publish_event(&f).await.unwrap(),
+        EventOutcome::Updated {
+            name: name.clone(),
+            count: 2
+        }
+    );
+    let reqs = server.requests();
+    let patch = reqs
+        .iter()
+        .find(|r| r.method == "PATCH")
+        .expect("an Event PATCH");
+    assert_eq!(
+        patch.path,
+        format!("/api/v1/namespaces/default/events/{name}")
+    );
+    assert_eq!(patch.body["count"], 2);
+    assert_eq!(
+        server.get(Res::Events, &format!("default/{name}")).unwrap()["count"],
+        2
+    );
+    let mut other = f.clone();
+    other.peer_node = Some("k8s02".into());
+    assert_eq!(
+        src.publish_event(&other).await.unwrap(),
+        EventOutcome::RateLimited
+    );
+}
+
+/// 5,000 nodes with a block each: the initial sync and the rebuild after one change stay
+/// quick. Ignored by default (seconds in debug builds); run with `--ignored`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore]
+async fn five_thousand_nodes() {
+    let (server, cfg) = start(&["crd.projectcalico.org/v1"]).await;
+    for i in 0..5000u32 {
+        let (a, b) = (i / 250, (i % 250) + 1);
+        let name = format!("n{i:04}");
+        server.put(
+            Res::Nodes,
+            calico_node(
+                &name,
+                &format!("10.{}.{}.0", 100 + a, b),
+                &format!("192.168.{a}.{b}/16"),
+            ),
+        );
+        server.put(
+            Res::IpamBlocks,
+            block(&format!("b{i}"), &format!("10.{}.{}.0/26", 100 + a, b), &name, json!([0]),
+                json!([{"handle_id": format!("vxlan-tunnel-addr-{name}"), "secondary": {"node": name}}])),
+        );
+    }
+    let src = KubeSource::connect(cfg).await.unwrap();
+    let t = Instant::now();
+    let mut rx = src.spawn();
+    let snap = wait_for(
+        &mut rx,
+        Duration::from_secs(60),
+        "sync of 5000 nodes",
+        |s| s.synced,
+    )
+    .await;
+    eprintln!(
+        "initial sync of 5000 nodes + 5000 blocks: {:?}",
+        t.elapsed()
+    );
+    assert_eq!(snap.desired.nodes.len(), 5000);
+    let t = Instant::now();
+    server.put(
+        Res::Nodes,
+        calico_node("n4999", "10.250.0.1", "192.168.19.250/16"),
+    );
+    wait_for(
+        &mut rx,
+        Duration::from_secs(3),
+        "one change among 5000",
+        |s| vtep_of(s, "n4999") == Some(ip("10.250.0.1")),
+    )
+    .await;
+    eprintln!("one change visible after {:?}", t.elapsed());
 }
