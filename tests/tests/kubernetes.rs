@@ -295,6 +295,39 @@ async fn silent_watch_is_caught_by_the_relist_and_flagged_stale() {
 }
 
 #[tokio::test]
+async fn dead_watch_stream_is_dropped_and_reestablished() {
+    // A stream that neither closes at its timeout nor delivers anything (not even bookmarks)
+    // is dropped by the client after watch_timeout + 5 s, without waiting for a relist.
+    let (server, mut cfg) = start(&["crd.projectcalico.org/v1"]).await;
+    cfg.watch_timeout = Duration::from_secs(1);
+    seed_calico(&server);
+    let src = KubeSource::connect(cfg).await.unwrap();
+    server.set_silent_watch(true);
+    server.set_ignore_watch_timeout(true);
+    let mut rx = src.spawn();
+    wait_for(&mut rx, Duration::from_secs(5), "initial sync", |s| {
+        s.synced
+    })
+    .await;
+    let started = server.watches_started();
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_eq!(
+        server.watches_started(),
+        started,
+        "no reconnect before the idle limit"
+    );
+    let snap = wait_for(
+        &mut rx,
+        Duration::from_secs(4),
+        "the idle stream to be dropped",
+        |s| s.resources["nodes"].watch_restarts >= 1,
+    )
+    .await;
+    assert!(server.watches_started() > started);
+    assert!(!snap.stale, "a quiet but reachable server is not stale");
+}
+
+#[tokio::test]
 async fn gone_410_relists_and_recovers() {
     let (server, cfg) = start(&["crd.projectcalico.org/v1"]).await;
     seed_calico(&server);

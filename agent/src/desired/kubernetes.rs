@@ -891,12 +891,16 @@ where
 {
     let cfg = rt.cfg.clone();
     let idle_limit = cfg.watch_timeout + Duration::from_secs(5);
+    // Measured from the last thing the stream delivered, not from each loop turn: a relist
+    // firing in between must not keep a dead stream alive.
+    let mut idle_deadline = Instant::now() + idle_limit;
     let mut pending: Option<PendingRelist<T>> = None;
     futures::pin_mut!(stream);
     loop {
         let grace_deadline = pending.as_ref().map(|p| p.deadline);
         tokio::select! {
-            next = tokio::time::timeout(idle_limit, stream.next()) => {
+            next = tokio::time::timeout_at(idle_deadline, stream.next()) => {
+                idle_deadline = Instant::now() + idle_limit;
                 let ev = match next {
                     Err(_) => {
                         tracing::info!(resource = w.key, "watch silent past its timeout; re-establishing");

@@ -305,7 +305,7 @@ fn list_or_watch(
         );
     }
     let bookmarks = q.get("allowWatchBookmarks").map(String::as_str) == Some("true");
-    let timeout = q
+    let mut timeout = q
         .get("timeoutSeconds")
         .and_then(|t| t.parse::<u64>().ok())
         .map(Duration::from_secs)
@@ -316,6 +316,9 @@ fn list_or_watch(
     let (initial, start_rv) = {
         let mut inner = st.inner.lock().unwrap();
         inner.watches_started += 1;
+        if inner.ignore_watch_timeout {
+            timeout = Duration::from_secs(1800);
+        }
         match rv_param.parse::<u64>() {
             Ok(rv) if rv != 0 && rv < inner.compacted => (
                 vec![event_line("ERROR", &gone("too old resource version"))],

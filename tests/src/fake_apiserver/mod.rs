@@ -115,6 +115,7 @@ struct Inner {
     /// an older resourceVersion.
     history: Vec<(u64, Res, Bytes)>,
     silent: bool,
+    ignore_watch_timeout: bool,
     down: bool,
     unavailable: bool,
     delay: Duration,
@@ -171,6 +172,7 @@ impl FakeApiServer {
                 objects: BTreeMap::new(),
                 history: Vec::new(),
                 silent: false,
+                ignore_watch_timeout: false,
                 down: false,
                 unavailable: false,
                 delay: Duration::ZERO,
@@ -253,6 +255,12 @@ impl FakeApiServer {
     /// and changes made meanwhile never enter the watch history), while lists stay correct.
     pub fn set_silent_watch(&self, on: bool) {
         self.state.inner.lock().unwrap().silent = on;
+    }
+
+    /// Watches started from now on ignore `timeoutSeconds`: a dead stream stays open until
+    /// the client gives up on it (combine with [`set_silent_watch`](Self::set_silent_watch)).
+    pub fn set_ignore_watch_timeout(&self, on: bool) {
+        self.state.inner.lock().unwrap().ignore_watch_timeout = on;
     }
 
     /// Down: every open connection is cut and new ones are closed at once.
