@@ -15,6 +15,7 @@
 //! Everything needs root. Shelling out to `ip`/`bridge` is deliberate: this is test
 //! infrastructure and must stay independent of the agent's own netlink code.
 
+pub mod fake_apiserver;
 mod fault;
 mod lab;
 mod spec;

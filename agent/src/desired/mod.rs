@@ -7,6 +7,7 @@
 //! parsed at all is a [`DatastoreError`].
 
 pub mod file;
+pub mod kubernetes;
 
 use std::{
     collections::{BTreeMap, BTreeSet},

@@ -1,0 +1,1153 @@
+//! Kubernetes datastore: Nodes (+ Calico IPAMBlocks and BlockAffinities) → [`DesiredState`].
+//!
+//! Two ways in:
+//! - [`KubeSource::list_once`]: one consistent list of everything, for `watchdog scan`.
+//! - [`KubeSource::spawn`]: list + watch per resource in the background, publishing a
+//!   [`KubeSnapshot`] (desired state + datastore health) on a `tokio::sync::watch` channel.
+//!
+//! The incident this project exists for was an event-only consumer that missed one event and
+//! kept a stale view for two hours while its watch looked healthy. So the watch is not trusted:
+//! - a short server-side watch timeout, plus a client-side idle limit: a stream that delivers
+//!   neither event nor bookmark is dropped and re-established;
+//! - a periodic consistent relist (default 5 min) compared with the cache: a difference means
+//!   the watch missed events; the snapshot is flagged stale, the cache is replaced by the relist
+//!   and the watch restarted from the relist's resourceVersion;
+//! - when the API server is unreachable the last good state is kept and reported with its age;
+//!   after `stale_after` without contact the snapshot is flagged stale; it recovers by itself.
+//!
+//! Credentials: an explicit kubeconfig path, else `KUBECONFIG` / `~/.kube/config` / the
+//! in-cluster service account, else MicroK8s's [`MICROK8S_KUBECONFIG`].
+
+mod parse;
+mod publish;
+mod store;
+
+use std::{
+    borrow::Cow,
+    collections::BTreeMap,
+    path::PathBuf,
+    sync::{Arc, Mutex},
+    time::{Duration, SystemTime},
+};
+
+use futures::StreamExt;
+use kube::{
+    api::{Api, ApiResource, ListParams, ObjectMeta, WatchEvent, WatchParams},
+    core::GroupVersion,
+    discovery::{self, verbs},
+    Client, Config, Resource,
+};
+use serde::Serialize;
+use tokio::{
+    sync::{watch, Notify},
+    task::JoinSet,
+    time::Instant,
+};
+
+pub use self::{
+    parse::{build_desired, AffinityInfo, BlockInfo, CacheView, KubeProfile, LiteObject, NodeInfo},
+    publish::EventOutcome,
+    store::{Difference, Entry, Store},
+};
+use crate::model::DesiredState;
+
+/// Where MicroK8s keeps a kubeconfig for its own cluster.
+pub const MICROK8S_KUBECONFIG: &str = "/var/snap/microk8s/current/credentials/client.config";
+
+/// Calico IPAM group/versions, in order of preference: Calico ≥ 3.32 may serve IPAM natively as
+/// `projectcalico.org/v3`; older releases keep it in the `crd.projectcalico.org/v1` CRDs.
+pub const IPAM_APIS: [&str; 2] = ["projectcalico.org/v3", "crd.projectcalico.org/v1"];
+
+/// Name of the Node condition written by [`KubeSource::publish_condition`].
+pub const CONDITION_TYPE: &str = "VXLANDataplaneHealthy";
+
+#[derive(Debug, thiserror::Error)]
+pub enum KubeError {
+    #[error("reading kubeconfig {path}: {source}")]
+    Kubeconfig {
+        path: PathBuf,
+        #[source]
+        source: kube::config::KubeconfigError,
+    },
+    #[error(
+        "no Kubernetes credentials found (KUBECONFIG, ~/.kube/config, in-cluster service account, \
+         {MICROK8S_KUBECONFIG}): {0}"
+    )]
+    Infer(#[source] kube::config::InferConfigError),
+    #[error("building the Kubernetes client: {0}")]
+    Client(#[source] kube::Error),
+    #[error(
+        "no Calico IPAM API found: none of {tried} serves ipamblocks (set datastore.ipam_api, or \
+         use profile = \"flannel\")"
+    )]
+    NoIpamApi { tried: String },
+    #[error("{what}: {source}")]
+    Api {
+        what: String,
+        #[source]
+        source: kube::Error,
+    },
+    #[error("{what} timed out after {after:?}")]
+    Timeout { what: String, after: Duration },
+}
+
+pub type Result<T, E = KubeError> = std::result::Result<T, E>;
+
+/// Settings of the Kubernetes source. Every field has a default.
+#[derive(Debug, Clone)]
+pub struct KubeSourceConfig {
+    /// Kubeconfig file; `None` infers (KUBECONFIG, ~/.kube/config, in-cluster, MicroK8s).
+    pub kubeconfig: Option<PathBuf>,
+    /// The local node (its own entry is in the desired state too; checks skip it).
+    pub node_name: String,
+    pub profile: KubeProfile,
+    /// Force the IPAM group/version (`crd.projectcalico.org/v1`) instead of discovering it.
+    pub ipam_api: Option<String>,
+    /// Full consistent relist compared with the watch cache.
+    pub relist_interval: Duration,
+    /// No contact with the API server (list, watch start, event or bookmark) for this long
+    /// flags the snapshot stale.
+    pub stale_after: Duration,
+    /// Server-side watch timeout; a stream silent for this long plus 5 s is dropped.
+    pub watch_timeout: Duration,
+    /// Bound on one list/discovery/patch call. kube silently retries 503s with backoff, so
+    /// without this an unavailable server looks like a slow call, not an error.
+    pub request_timeout: Duration,
+    /// After a relist that differs, how long the watch may still deliver the difference
+    /// before it counts as missed (events in flight during the list are not a fault).
+    pub relist_grace: Duration,
+    /// Upper bound of the retry backoff after errors.
+    pub retry_max: Duration,
+    /// Page size of lists: bounds memory at 5,000 nodes.
+    pub page_size: u32,
+    /// Coalesce bursts of events into one rebuild of the desired state.
+    pub debounce: Duration,
+    /// Patch the `VXLANDataplaneHealthy` condition on the local Node.
+    pub publish_condition: bool,
+    /// Re-patch an unchanged condition this often (refreshes lastHeartbeatTime).
+    pub condition_refresh: Duration,
+    /// Create Events on the local Node for new critical findings.
+    pub publish_events: bool,
+    /// Namespace for Node events (kubelet uses `default`).
+    pub event_namespace: String,
+    /// Repeats of one finding within this window update the same Event (count + 1).
+    pub event_aggregation_window: Duration,
+    /// An aggregated Event is re-patched at most this often.
+    pub event_update_interval: Duration,
+    /// At most this many new Events per minute; the rest are counted, not sent.
+    pub events_per_minute: u32,
+}
+
+impl Default for KubeSourceConfig {
+    fn default() -> Self {
+        KubeSourceConfig {
+            kubeconfig: None,
+            node_name: String::new(),
+            profile: KubeProfile::Calico,
+            ipam_api: None,
+            relist_interval: Duration::from_secs(300),
+            stale_after: Duration::from_secs(600),
+            watch_timeout: Duration::from_secs(60),
+            request_timeout: Duration::from_secs(30),
+            relist_grace: Duration::from_secs(2),
+            retry_max: Duration::from_secs(30),
+            page_size: 500,
+            debounce: Duration::from_millis(100),
+            publish_condition: false,
+            condition_refresh: Duration::from_secs(300),
+            publish_events: false,
+            event_namespace: "default".to_string(),
+            event_aggregation_window: Duration::from_secs(600),
+            event_update_interval: Duration::from_secs(60),
+            events_per_minute: 10,
+        }
+    }
+}
+
+// `LiteObject` is served by every resource we read; its type information is the discovered
+// `ApiResource`, exactly like kube's `DynamicObject`.
+impl Resource for LiteObject {
+    type DynamicType = ApiResource;
+    type Scope = kube::core::DynamicResourceScope;
+
+    fn group(dt: &ApiResource) -> Cow<'_, str> {
+        dt.group.as_str().into()
+    }
+    fn version(dt: &ApiResource) -> Cow<'_, str> {
+        dt.version.as_str().into()
+    }
+    fn kind(dt: &ApiResource) -> Cow<'_, str> {
+        dt.kind.as_str().into()
+    }
+    fn api_version(dt: &ApiResource) -> Cow<'_, str> {
+        dt.api_version.as_str().into()
+    }
+    fn plural(dt: &ApiResource) -> Cow<'_, str> {
+        dt.plural.as_str().into()
+    }
+    fn meta(&self) -> &ObjectMeta {
+        &self.metadata
+    }
+    fn meta_mut(&mut self) -> &mut ObjectMeta {
+        &mut self.metadata
+    }
+}
+
+/// The resources read, as discovered.
+#[derive(Debug, Clone)]
+struct Apis {
+    nodes: ApiResource,
+    blocks: Option<ApiResource>,
+    affinities: Option<ApiResource>,
+}
+
+/// A connected Kubernetes datastore. Cheap to clone.
+#[derive(Clone)]
+pub struct KubeSource {
+    client: Client,
+    cfg: Arc<KubeSourceConfig>,
+    apis: Apis,
+    publisher: Arc<publish::Publisher>,
+}
+
+impl std::fmt::Debug for KubeSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KubeSource")
+            .field("node", &self.cfg.node_name)
+            .field("ipam_api", &self.ipam_api())
+            .finish()
+    }
+}
+
+async fn bounded<T>(
+    what: impl Fn() -> String,
+    after: Duration,
+    fut: impl std::future::Future<Output = kube::Result<T>>,
+) -> Result<T> {
+    match tokio::time::timeout(after, fut).await {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(source)) => Err(KubeError::Api {
+            what: what(),
+            source,
+        }),
+        Err(_) => Err(KubeError::Timeout {
+            what: what(),
+            after,
+        }),
+    }
+}
+
+async fn load_config(cfg: &KubeSourceConfig) -> Result<Config> {
+    let from_file = |path: PathBuf| async move {
+        let kc =
+            kube::config::Kubeconfig::read_from(&path).map_err(|source| KubeError::Kubeconfig {
+                path: path.clone(),
+                source,
+            })?;
+        Config::from_custom_kubeconfig(kc, &Default::default())
+            .await
+            .map_err(|source| KubeError::Kubeconfig { path, source })
+    };
+    if let Some(path) = &cfg.kubeconfig {
+        return from_file(path.clone()).await;
+    }
+    match Config::infer().await {
+        Ok(c) => Ok(c),
+        Err(e) if std::path::Path::new(MICROK8S_KUBECONFIG).exists() => {
+            tracing::info!(error = %e, path = MICROK8S_KUBECONFIG, "using the MicroK8s kubeconfig");
+            from_file(PathBuf::from(MICROK8S_KUBECONFIG)).await
+        }
+        Err(e) => Err(KubeError::Infer(e)),
+    }
+}
+
+/// Finds which group/version serves Calico's IPAM resources. `pinned_group` costs one request
+/// per candidate and works with or without aggregated discovery; a candidate that errors (an
+/// aggregated Calico API server that is down) is skipped, not fatal.
+async fn discover_ipam(
+    client: &Client,
+    cfg: &KubeSourceConfig,
+) -> Result<(ApiResource, Option<ApiResource>)> {
+    let candidates: Vec<&str> = match &cfg.ipam_api {
+        Some(forced) => vec![forced.as_str()],
+        None => IPAM_APIS.to_vec(),
+    };
+    let mut found: Vec<(String, Vec<ApiResource>)> = Vec::new();
+    for gv_str in &candidates {
+        let Ok(gv) = gv_str.parse::<GroupVersion>() else {
+            tracing::warn!(api = gv_str, "not a group/version; skipped");
+            continue;
+        };
+        let res = bounded(
+            || format!("discovering {gv_str}"),
+            cfg.request_timeout,
+            discovery::pinned_group(client, &gv),
+        )
+        .await;
+        match res {
+            Ok(group) => {
+                let listable = group
+                    .versioned_resources(&gv.version)
+                    .into_iter()
+                    .filter(|(_, caps)| {
+                        caps.supports_operation(verbs::LIST)
+                            && caps.supports_operation(verbs::WATCH)
+                    })
+                    .map(|(ar, _)| ar)
+                    .collect();
+                found.push((gv_str.to_string(), listable));
+            }
+            Err(e) => tracing::debug!(api = gv_str, error = %e, "IPAM API candidate not served"),
+        }
+    }
+    let pick = |plural: &str, prefer: Option<&str>| {
+        let in_gv = |gv: &str| {
+            found
+                .iter()
+                .filter(|(g, _)| g == gv)
+                .flat_map(|(_, rs)| rs.iter())
+                .find(|ar| ar.plural == plural)
+                .cloned()
+        };
+        prefer
+            .and_then(in_gv)
+            .or_else(|| found.iter().find_map(|(g, _)| in_gv(g)))
+    };
+    let blocks = pick("ipamblocks", None).ok_or_else(|| KubeError::NoIpamApi {
+        tried: candidates.join(", "),
+    })?;
+    let affinities = pick("blockaffinities", Some(&blocks.api_version));
+    tracing::info!(
+        ipamblocks = %blocks.api_version,
+        blockaffinities = ?affinities.as_ref().map(|a| &a.api_version),
+        "discovered Calico IPAM API"
+    );
+    Ok((blocks, affinities))
+}
+
+/// Lists every object of a resource, page by page, reducing each to its compact form as it
+/// arrives. No `resourceVersion` is sent: the read is consistent (from etcd/kine), never the
+/// API server's watch cache — which is exactly what was stuck in the incident.
+async fn list_all<T>(
+    api: &Api<LiteObject>,
+    compact: fn(&LiteObject) -> T,
+    page_size: u32,
+) -> kube::Result<Store<T>> {
+    let mut store = Store::default();
+    let mut lp = ListParams::default().limit(page_size);
+    loop {
+        let list = api.list(&lp).await?;
+        for obj in &list.items {
+            store.items.insert(
+                obj.name().to_string(),
+                Entry {
+                    rv: obj.metadata.resource_version.clone().unwrap_or_default(),
+                    item: compact(obj),
+                },
+            );
+        }
+        if store.position.is_empty() {
+            store.position = list.metadata.resource_version.unwrap_or_default();
+        }
+        match list.metadata.continue_ {
+            Some(c) if !c.is_empty() => lp.continue_token = Some(c),
+            _ => break,
+        }
+    }
+    Ok(store)
+}
+
+impl KubeSource {
+    /// Builds the client from the configured credentials and, for Calico, discovers which API
+    /// serves the IPAM objects. Fails if the API server cannot be reached for discovery.
+    pub async fn connect(cfg: KubeSourceConfig) -> Result<Self> {
+        let mut kcfg = load_config(&cfg).await?;
+        kcfg.connect_timeout = Some(cfg.request_timeout.min(Duration::from_secs(10)));
+        let client = Client::try_from(kcfg).map_err(KubeError::Client)?;
+        Self::with_client(client, cfg).await
+    }
+
+    /// Like [`connect`](Self::connect) with a client built elsewhere.
+    pub async fn with_client(client: Client, cfg: KubeSourceConfig) -> Result<Self> {
+        let nodes = ApiResource::erase::<k8s_openapi::api::core::v1::Node>(&());
+        let (blocks, affinities) = match cfg.profile {
+            KubeProfile::Calico => {
+                let (b, a) = discover_ipam(&client, &cfg).await?;
+                (Some(b), a)
+            }
+            KubeProfile::Flannel => (None, None),
+        };
+        Ok(KubeSource {
+            publisher: Arc::new(publish::Publisher::default()),
+            client,
+            cfg: Arc::new(cfg),
+            apis: Apis {
+                nodes,
+                blocks,
+                affinities,
+            },
+        })
+    }
+
+    /// The IPAM group/version in use (`crd.projectcalico.org/v1`), `None` for flannel.
+    pub fn ipam_api(&self) -> Option<&str> {
+        self.apis.blocks.as_ref().map(|b| b.api_version.as_str())
+    }
+
+    pub fn config(&self) -> &KubeSourceConfig {
+        &self.cfg
+    }
+
+    fn api(&self, ar: &ApiResource) -> Api<LiteObject> {
+        Api::all_with(self.client.clone(), ar)
+    }
+
+    /// One consistent list of every resource, validated into a desired state.
+    pub async fn list_once(&self) -> Result<DesiredState> {
+        let cfg = &self.cfg;
+        let nodes = bounded(
+            || "listing nodes".to_string(),
+            cfg.request_timeout,
+            list_all(
+                &self.api(&self.apis.nodes),
+                NodeInfo::from_object,
+                cfg.page_size,
+            ),
+        )
+        .await?;
+        let mut blocks = Store::default();
+        if let Some(ar) = &self.apis.blocks {
+            blocks = bounded(
+                || format!("listing {}", ar.plural),
+                cfg.request_timeout,
+                list_all(&self.api(ar), BlockInfo::from_object, cfg.page_size),
+            )
+            .await?;
+        }
+        let mut affinities = Store::default();
+        if let Some(ar) = &self.apis.affinities {
+            affinities = bounded(
+                || format!("listing {}", ar.plural),
+                cfg.request_timeout,
+                list_all(&self.api(ar), AffinityInfo::from_object, cfg.page_size),
+            )
+            .await?;
+        }
+        let shared = Shared {
+            nodes,
+            blocks,
+            affinities,
+            health: BTreeMap::new(),
+        };
+        Ok(shared.build(cfg))
+    }
+
+    /// Starts list+watch of every resource in the background (needs a Tokio runtime) and
+    /// returns the channel of snapshots. The first value has `synced == false`; a new value is
+    /// announced whenever the desired state or the staleness verdict changes (ages in the
+    /// current value are kept fresh without an announcement). The background tasks stop when
+    /// every receiver is dropped.
+    pub fn spawn(&self) -> watch::Receiver<KubeSnapshot> {
+        let rt = Arc::new(Runtime {
+            shared: Mutex::new(Shared {
+                nodes: Store::default(),
+                blocks: Store::default(),
+                affinities: Store::default(),
+                health: BTreeMap::new(),
+            }),
+            dirty: Notify::new(),
+            cfg: self.cfg.clone(),
+            started: SystemTime::now(),
+        });
+        let mut tasks = JoinSet::new();
+        let add = |key: &'static str, ar: &ApiResource| {
+            rt.shared.lock().unwrap().health.insert(
+                key.to_string(),
+                ResourceHealth {
+                    api: format!("{}/{}", ar.api_version, ar.plural),
+                    ..Default::default()
+                },
+            );
+            key
+        };
+        let key = add("nodes", &self.apis.nodes);
+        tasks.spawn(run_resource(
+            rt.clone(),
+            Watched {
+                key,
+                api: self.api(&self.apis.nodes),
+                compact: NodeInfo::from_object,
+                store: |s| &mut s.nodes,
+            },
+        ));
+        if let Some(ar) = &self.apis.blocks {
+            let key = add("ipamblocks", ar);
+            tasks.spawn(run_resource(
+                rt.clone(),
+                Watched {
+                    key,
+                    api: self.api(ar),
+                    compact: BlockInfo::from_object,
+                    store: |s| &mut s.blocks,
+                },
+            ));
+        }
+        if let Some(ar) = &self.apis.affinities {
+            let key = add("blockaffinities", ar);
+            tasks.spawn(run_resource(
+                rt.clone(),
+                Watched {
+                    key,
+                    api: self.api(ar),
+                    compact: AffinityInfo::from_object,
+                    store: |s| &mut s.affinities,
+                },
+            ));
+        }
+        let first = rt.snapshot(Arc::new(DesiredState {
+            source: "kubernetes".to_string(),
+            local_node: self.cfg.node_name.clone(),
+            ..Default::default()
+        }));
+        let (tx, rx) = watch::channel(first.with_ipam(self.ipam_api()));
+        tokio::spawn(run_publisher(
+            rt,
+            tx,
+            tasks,
+            self.ipam_api().map(str::to_string),
+        ));
+        rx
+    }
+
+    /// Sets the `VXLANDataplaneHealthy` condition on the local Node (strategic merge patch on
+    /// `nodes/status`, which merges conditions by type). Returns whether a patch was sent:
+    /// an unchanged condition is only re-sent every `condition_refresh`.
+    pub async fn publish_condition(
+        &self,
+        healthy: bool,
+        reason: &str,
+        message: &str,
+    ) -> Result<bool> {
+        if !self.cfg.publish_condition {
+            return Ok(false);
+        }
+        publish::publish_condition(self, healthy, reason, message).await
+    }
+
+    /// Records a Kubernetes Event on the local Node for a critical finding, aggregated per
+    /// finding and rate-limited (see [`EventOutcome`]).
+    pub async fn publish_event(&self, finding: &crate::model::Finding) -> Result<EventOutcome> {
+        publish::publish_event(self, finding).await
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Background list/watch
+// ---------------------------------------------------------------------------------------------
+
+/// Health of one watched resource. Timestamps are wall-clock so they serialize for the status
+/// API; ages are computed by the reader.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct ResourceHealth {
+    /// `crd.projectcalico.org/v1/ipamblocks`.
+    pub api: String,
+    /// The initial list completed.
+    pub synced: bool,
+    pub objects: usize,
+    /// Last ADDED/MODIFIED/DELETED event.
+    #[serde(with = "humantime_serde")]
+    pub last_event: Option<SystemTime>,
+    #[serde(with = "humantime_serde")]
+    pub last_bookmark: Option<SystemTime>,
+    /// Last successful exchange of any kind (list, watch established, event, bookmark).
+    #[serde(with = "humantime_serde")]
+    pub last_contact: Option<SystemTime>,
+    /// Last successful full list: initial, after 410 Gone or errors, or periodic (matching or
+    /// corrected).
+    #[serde(with = "humantime_serde")]
+    pub last_relist: Option<SystemTime>,
+    /// Relists that found the cache differing from the server: missed watch events.
+    pub relist_mismatches: u64,
+    /// The differences of the last relist, when it found any; cleared by a clean relist.
+    pub mismatch: Option<String>,
+    /// Watches re-established (server timeout, idle stream, error, 410 Gone).
+    pub watch_restarts: u64,
+    /// Relists forced by `410 Gone`.
+    pub gone: u64,
+    pub last_error: Option<String>,
+}
+
+/// What [`KubeSource::spawn`] publishes.
+#[derive(Debug, Clone, Serialize)]
+pub struct KubeSnapshot {
+    #[serde(skip)]
+    pub desired: Arc<DesiredState>,
+    /// Every resource completed its initial list: `desired` is complete.
+    pub synced: bool,
+    /// The data cannot be trusted to be current: the daemon reports `datastore-stale`.
+    pub stale: bool,
+    pub stale_reason: Option<String>,
+    /// Per resource (`nodes`, `ipamblocks`, `blockaffinities`).
+    pub resources: BTreeMap<String, ResourceHealth>,
+    /// Sum of the per-resource relist mismatches.
+    pub relist_mismatches: u64,
+    pub ipam_api: Option<String>,
+}
+
+impl KubeSnapshot {
+    fn with_ipam(mut self, ipam: Option<&str>) -> Self {
+        self.ipam_api = ipam.map(str::to_string);
+        self
+    }
+
+    /// Age of the freshest proof that the cache is current (event, bookmark or full list) of
+    /// the least recently heard-from resource (`datastore_last_event_age_seconds`). `None`
+    /// until every resource has been listed once.
+    pub fn last_event_age(&self, now: SystemTime) -> Option<Duration> {
+        self.resources
+            .values()
+            .map(|h| {
+                let last = h.last_event.max(h.last_bookmark).max(h.last_relist);
+                last.map(|t| now.duration_since(t).unwrap_or_default())
+            })
+            .try_fold(Duration::ZERO, |acc, age| age.map(|a| acc.max(a)))
+    }
+
+    /// Oldest successful relist over all resources.
+    pub fn last_relist(&self) -> Option<SystemTime> {
+        self.resources
+            .values()
+            .map(|h| h.last_relist)
+            .try_fold(None::<SystemTime>, |acc, t| {
+                t.map(|t| Some(acc.map_or(t, |a| a.min(t))))
+            })
+            .flatten()
+    }
+}
+
+struct Shared {
+    nodes: Store<NodeInfo>,
+    blocks: Store<BlockInfo>,
+    affinities: Store<AffinityInfo>,
+    health: BTreeMap<String, ResourceHealth>,
+}
+
+fn items<T: Clone>(s: &Store<T>) -> BTreeMap<String, T> {
+    s.items
+        .iter()
+        .map(|(k, e)| (k.clone(), e.item.clone()))
+        .collect()
+}
+
+impl Shared {
+    fn build(&self, cfg: &KubeSourceConfig) -> DesiredState {
+        let (n, b, a) = (
+            items(&self.nodes),
+            items(&self.blocks),
+            items(&self.affinities),
+        );
+        build_desired(
+            cfg.profile,
+            &cfg.node_name,
+            &CacheView {
+                nodes: &n,
+                blocks: &b,
+                affinities: &a,
+            },
+        )
+    }
+}
+
+struct Runtime {
+    shared: Mutex<Shared>,
+    /// Signalled when the cache changed: the publisher rebuilds the desired state.
+    dirty: Notify,
+    cfg: Arc<KubeSourceConfig>,
+    started: SystemTime,
+}
+
+impl Runtime {
+    fn health(&self, key: &str, f: impl FnOnce(&mut ResourceHealth)) {
+        let mut s = self.shared.lock().unwrap();
+        if let Some(h) = s.health.get_mut(key) {
+            f(h);
+        }
+    }
+
+    fn snapshot(&self, desired: Arc<DesiredState>) -> KubeSnapshot {
+        let s = self.shared.lock().unwrap();
+        let now = SystemTime::now();
+        let reason = staleness(&s.health, &self.cfg, self.started, now);
+        KubeSnapshot {
+            desired,
+            synced: !s.health.is_empty() && s.health.values().all(|h| h.synced),
+            stale: reason.is_some(),
+            stale_reason: reason,
+            relist_mismatches: s.health.values().map(|h| h.relist_mismatches).sum(),
+            resources: s.health.clone(),
+            ipam_api: None,
+        }
+    }
+}
+
+/// The staleness verdict: `Some(reason)` when the cached state cannot be trusted.
+fn staleness(
+    health: &BTreeMap<String, ResourceHealth>,
+    cfg: &KubeSourceConfig,
+    started: SystemTime,
+    now: SystemTime,
+) -> Option<String> {
+    let age = |t: SystemTime| now.duration_since(t).unwrap_or_default();
+    let mut reasons = Vec::new();
+    for (key, h) in health {
+        let err = h
+            .last_error
+            .as_deref()
+            .map(|e| format!(" (last error: {e})"))
+            .unwrap_or_default();
+        match h.last_contact {
+            None if age(started) >= cfg.stale_after => reasons.push(format!(
+                "{key}: no successful list in {}{err}",
+                humantime::format_duration(trunc(age(started)))
+            )),
+            Some(t) if age(t) >= cfg.stale_after => reasons.push(format!(
+                "{key}: no contact with the API server for {}{err}; serving the last good state",
+                humantime::format_duration(trunc(age(t)))
+            )),
+            _ => {}
+        }
+        if let Some(m) = &h.mismatch {
+            reasons.push(format!(
+                "{key}: the watch missed events (relist found {m}); cache replaced by the relist"
+            ));
+        }
+    }
+    (!reasons.is_empty()).then(|| reasons.join("; "))
+}
+
+fn trunc(d: Duration) -> Duration {
+    Duration::from_secs(d.as_secs())
+}
+
+async fn run_publisher(
+    rt: Arc<Runtime>,
+    tx: watch::Sender<KubeSnapshot>,
+    _tasks: JoinSet<()>,
+    ipam: Option<String>,
+) {
+    let mut desired = tx.borrow().desired.clone();
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let rebuild = tokio::select! {
+            _ = rt.dirty.notified() => true,
+            _ = tick.tick() => false,
+            _ = tx.closed() => break,
+        };
+        if rebuild {
+            // Let a burst of events land before rebuilding.
+            tokio::time::sleep(rt.cfg.debounce).await;
+            let built = rt.shared.lock().unwrap().build(&rt.cfg);
+            desired = Arc::new(built);
+        }
+        let snap = rt.snapshot(desired.clone()).with_ipam(ipam.as_deref());
+        tx.send_if_modified(|cur| {
+            let announce = rebuild
+                || cur.stale != snap.stale
+                || cur.stale_reason != snap.stale_reason
+                || cur.synced != snap.synced
+                || cur.relist_mismatches != snap.relist_mismatches;
+            *cur = snap;
+            announce
+        });
+    }
+    // Dropping `_tasks` aborts the resource loops.
+}
+
+/// One resource to list and watch.
+struct Watched<T> {
+    key: &'static str,
+    api: Api<LiteObject>,
+    compact: fn(&LiteObject) -> T,
+    store: fn(&mut Shared) -> &mut Store<T>,
+}
+
+enum WatchEnd {
+    /// Re-establish the watch from the current position.
+    Rewatch,
+    /// A relist replaced the cache: the old stream lost events, start a new one from the
+    /// relist's position (no second list needed).
+    Restart,
+    /// The position is unusable (410 Gone): list again.
+    Relist,
+}
+
+async fn run_resource<T>(rt: Arc<Runtime>, w: Watched<T>)
+where
+    T: Clone + PartialEq + Send + 'static,
+{
+    let cfg = rt.cfg.clone();
+    let mut backoff = Backoff::new(cfg.retry_max);
+    loop {
+        // (Re)list: the initial sync, and recovery after 410 Gone or errors.
+        let listed = bounded(
+            || format!("listing {}", w.key),
+            cfg.request_timeout,
+            list_all(&w.api, w.compact, cfg.page_size),
+        )
+        .await;
+        let list = match listed {
+            Ok(list) => list,
+            Err(e) => {
+                tracing::warn!(resource = w.key, error = %e, "list failed; keeping the last good state");
+                rt.health(w.key, |h| h.last_error = Some(e.to_string()));
+                backoff.wait().await;
+                continue;
+            }
+        };
+        backoff.reset();
+        {
+            let mut s = rt.shared.lock().unwrap();
+            let n = list.items.len();
+            (w.store)(&mut s).replace(list);
+            if let Some(h) = s.health.get_mut(w.key) {
+                h.synced = true;
+                h.objects = n;
+                h.last_contact = Some(SystemTime::now());
+                h.last_relist = h.last_contact;
+                h.last_error = None;
+            }
+        }
+        rt.dirty.notify_one();
+        watch_until_relist(&rt, &w, &mut backoff).await;
+    }
+}
+
+/// Watches from the store's position, with periodic relists, until a full relist is needed.
+async fn watch_until_relist<T>(rt: &Arc<Runtime>, w: &Watched<T>, backoff: &mut Backoff)
+where
+    T: Clone + PartialEq + Send + 'static,
+{
+    let cfg = rt.cfg.clone();
+    let mut next_relist = Instant::now() + cfg.relist_interval;
+    loop {
+        let position = (w.store)(&mut rt.shared.lock().unwrap()).position.clone();
+        let wp = WatchParams::default()
+            // Bookmarks are on by default: they keep a quiet watch visibly alive.
+            .timeout(cfg.watch_timeout.as_secs().clamp(1, 290) as u32);
+        let started = bounded(
+            || format!("watching {}", w.key),
+            cfg.request_timeout,
+            w.api.watch(&wp, &position),
+        )
+        .await;
+        let stream = match started {
+            Ok(s) => s,
+            Err(KubeError::Api {
+                source: kube::Error::Api(status),
+                ..
+            }) if status.code == 410 => {
+                rt.health(w.key, |h| h.gone += 1);
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(resource = w.key, error = %e, "watch failed");
+                rt.health(w.key, |h| h.last_error = Some(e.to_string()));
+                backoff.wait().await;
+                // A long outage still gets its relist (and so its recovery) on schedule.
+                if Instant::now() >= next_relist {
+                    return;
+                }
+                continue;
+            }
+        };
+        rt.health(w.key, |h| {
+            h.last_contact = Some(SystemTime::now());
+            h.last_error = None;
+        });
+        backoff.reset();
+        match consume(rt, w, stream, &mut next_relist).await {
+            WatchEnd::Rewatch | WatchEnd::Restart => rt.health(w.key, |h| h.watch_restarts += 1),
+            WatchEnd::Relist => return,
+        }
+    }
+}
+
+/// A relist waiting out its grace period before being compared.
+struct PendingRelist<T> {
+    list: Store<T>,
+    deadline: Instant,
+}
+
+async fn consume<T, S>(
+    rt: &Arc<Runtime>,
+    w: &Watched<T>,
+    stream: S,
+    next_relist: &mut Instant,
+) -> WatchEnd
+where
+    T: Clone + PartialEq + Send + 'static,
+    S: futures::Stream<Item = kube::Result<WatchEvent<LiteObject>>> + Send,
+{
+    let cfg = rt.cfg.clone();
+    let idle_limit = cfg.watch_timeout + Duration::from_secs(5);
+    // Measured from the last thing the stream delivered, not from each loop turn: a relist
+    // firing in between must not keep a dead stream alive.
+    let mut idle_deadline = Instant::now() + idle_limit;
+    let mut pending: Option<PendingRelist<T>> = None;
+    futures::pin_mut!(stream);
+    loop {
+        let grace_deadline = pending.as_ref().map(|p| p.deadline);
+        tokio::select! {
+            next = tokio::time::timeout_at(idle_deadline, stream.next()) => {
+                idle_deadline = Instant::now() + idle_limit;
+                let ev = match next {
+                    Err(_) => {
+                        tracing::info!(resource = w.key, "watch silent past its timeout; re-establishing");
+                        return WatchEnd::Rewatch;
+                    }
+                    Ok(None) => return WatchEnd::Rewatch,
+                    Ok(Some(Err(e))) => {
+                        tracing::warn!(resource = w.key, error = %e, "watch stream error");
+                        rt.health(w.key, |h| h.last_error = Some(e.to_string()));
+                        return WatchEnd::Rewatch;
+                    }
+                    Ok(Some(Ok(ev))) => ev,
+                };
+                if let Some(end) = apply_event(rt, w, ev) {
+                    return end;
+                }
+            }
+            _ = tokio::time::sleep_until(*next_relist), if pending.is_none() => {
+                *next_relist = Instant::now() + cfg.relist_interval;
+                let listed = bounded(
+                    || format!("relisting {}", w.key),
+                    cfg.request_timeout,
+                    list_all(&w.api, w.compact, cfg.page_size),
+                ).await;
+                match listed {
+                    Ok(list) => {
+                        rt.health(w.key, |h| h.last_contact = Some(SystemTime::now()));
+                        pending = Some(PendingRelist { list, deadline: Instant::now() + cfg.relist_grace });
+                    }
+                    Err(e) => {
+                        tracing::warn!(resource = w.key, error = %e, "relist failed");
+                        rt.health(w.key, |h| h.last_error = Some(e.to_string()));
+                    }
+                }
+            }
+            _ = sleep_until_opt(grace_deadline), if grace_deadline.is_some() => {
+                let Some(p) = pending.take() else { continue };
+                if finish_relist(rt, w, p.list) {
+                    // The watch evidently lost events: do not trust that stream further.
+                    return WatchEnd::Restart;
+                }
+            }
+        }
+    }
+}
+
+async fn sleep_until_opt(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Applies one watch event to the cache. `Some` ends the stream.
+fn apply_event<T>(rt: &Arc<Runtime>, w: &Watched<T>, ev: WatchEvent<LiteObject>) -> Option<WatchEnd>
+where
+    T: Clone + PartialEq + Send + 'static,
+{
+    let now = SystemTime::now();
+    let mut s = rt.shared.lock().unwrap();
+    let changed = match ev {
+        WatchEvent::Added(obj) | WatchEvent::Modified(obj) => {
+            let rv = obj.metadata.resource_version.clone().unwrap_or_default();
+            let store = (w.store)(&mut s);
+            let entry = Entry {
+                rv: rv.clone(),
+                item: (w.compact)(&obj),
+            };
+            let changed = store.items.get(obj.name()).map(|e| &e.item) != Some(&entry.item);
+            store.items.insert(obj.name().to_string(), entry);
+            store.position = rv;
+            changed
+        }
+        WatchEvent::Deleted(obj) => {
+            let store = (w.store)(&mut s);
+            store.position = obj.metadata.resource_version.clone().unwrap_or_default();
+            store.items.remove(obj.name()).is_some()
+        }
+        WatchEvent::Bookmark(b) => {
+            (w.store)(&mut s).position = b.metadata.resource_version;
+            if let Some(h) = s.health.get_mut(w.key) {
+                h.last_bookmark = Some(now);
+                h.last_contact = Some(now);
+            }
+            return None;
+        }
+        WatchEvent::Error(status) => {
+            let gone = status.code == 410;
+            if let Some(h) = s.health.get_mut(w.key) {
+                if gone {
+                    h.gone += 1;
+                } else {
+                    h.last_error = Some(format!("watch error {}: {}", status.code, status.message));
+                }
+            }
+            tracing::info!(resource = w.key, code = status.code, message = %status.message, "watch ended by the server");
+            return Some(if gone {
+                WatchEnd::Relist
+            } else {
+                WatchEnd::Rewatch
+            });
+        }
+    };
+    let n = (w.store)(&mut s).items.len();
+    if let Some(h) = s.health.get_mut(w.key) {
+        h.last_event = Some(now);
+        h.last_contact = Some(now);
+        h.objects = n;
+    }
+    drop(s);
+    if changed {
+        rt.dirty.notify_one();
+    }
+    None
+}
+
+/// Compares a relist (after its grace period) with the cache. Returns true when they differed:
+/// the mismatch is counted, the cache replaced and the caller restarts the watch.
+fn finish_relist<T>(rt: &Arc<Runtime>, w: &Watched<T>, list: Store<T>) -> bool
+where
+    T: Clone + PartialEq + Send + 'static,
+{
+    let now = SystemTime::now();
+    let mut s = rt.shared.lock().unwrap();
+    let store = (w.store)(&mut s);
+    let diffs = store.differences(&list);
+    let n = list.items.len();
+    if !diffs.is_empty() {
+        store.replace(list);
+    }
+    let h = s.health.get_mut(w.key);
+    let Some(h) = h else { return false };
+    h.last_relist = Some(now);
+    h.objects = n;
+    if diffs.is_empty() {
+        h.mismatch = None;
+        return false;
+    }
+    const SHOWN: usize = 5;
+    let mut text: Vec<String> = diffs.iter().take(SHOWN).map(|d| d.to_string()).collect();
+    if diffs.len() > SHOWN {
+        text.push(format!("and {} more", diffs.len() - SHOWN));
+    }
+    let text = format!("{} difference(s): {}", diffs.len(), text.join(", "));
+    tracing::warn!(resource = w.key, differences = %text, "relist differs from the watch cache: events were missed");
+    h.relist_mismatches += 1;
+    h.mismatch = Some(text);
+    drop(s);
+    rt.dirty.notify_one();
+    true
+}
+
+/// Exponential retry delay, 250 ms doubling up to `max`.
+struct Backoff {
+    next: Duration,
+    max: Duration,
+}
+
+impl Backoff {
+    const FIRST: Duration = Duration::from_millis(250);
+    fn new(max: Duration) -> Self {
+        Backoff {
+            next: Self::FIRST.min(max),
+            max,
+        }
+    }
+    fn reset(&mut self) {
+        self.next = Self::FIRST.min(self.max);
+    }
+    async fn wait(&mut self) {
+        tokio::time::sleep(self.next).await;
+        self.next = (self.next * 2).min(self.max);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn health(contact_ago: Option<u64>, mismatch: Option<&str>) -> ResourceHealth {
+        ResourceHealth {
+            last_contact: contact_ago.map(|s| SystemTime::now() - Duration::from_secs(s)),
+            mismatch: mismatch.map(str::to_string),
+            synced: contact_ago.is_some(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn staleness_rules() {
+        let cfg = KubeSourceConfig {
+            stale_after: Duration::from_secs(60),
+            ..Default::default()
+        };
+        let now = SystemTime::now();
+        let started = now - Duration::from_secs(3600);
+        let mut h = BTreeMap::new();
+        h.insert("nodes".to_string(), health(Some(5), None));
+        assert_eq!(staleness(&h, &cfg, started, now), None);
+        h.insert("ipamblocks".to_string(), health(Some(120), None));
+        let r = staleness(&h, &cfg, started, now).unwrap();
+        assert!(r.contains("ipamblocks: no contact"), "{r}");
+        h.insert(
+            "ipamblocks".to_string(),
+            health(Some(1), Some("1 difference(s): k8s03 changed")),
+        );
+        let r = staleness(&h, &cfg, started, now).unwrap();
+        assert!(r.contains("missed events"), "{r}");
+        h.insert("ipamblocks".to_string(), health(None, None));
+        assert!(staleness(&h, &cfg, started, now)
+            .unwrap()
+            .contains("no successful list"));
+        assert_eq!(
+            staleness(&h, &cfg, now, now),
+            None,
+            "not stale before stale_after"
+        );
+    }
+
+    #[test]
+    fn last_event_age_is_the_worst_resource() {
+        let now = SystemTime::now();
+        let mut snap = KubeSnapshot {
+            desired: Arc::default(),
+            synced: true,
+            stale: false,
+            stale_reason: None,
+            resources: BTreeMap::new(),
+            relist_mismatches: 0,
+            ipam_api: None,
+        };
+        snap.resources.insert(
+            "a".into(),
+            ResourceHealth {
+                last_bookmark: Some(now - Duration::from_secs(3)),
+                ..Default::default()
+            },
+        );
+        snap.resources.insert(
+            "b".into(),
+            ResourceHealth {
+                last_event: Some(now - Duration::from_secs(9)),
+                ..Default::default()
+            },
+        );
+        assert_eq!(snap.last_event_age(now), Some(Duration::from_secs(9)));
+        snap.resources.insert("c".into(), ResourceHealth::default());
+        assert_eq!(snap.last_event_age(now), None);
+    }
+}
