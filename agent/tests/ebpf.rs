@@ -529,3 +529,44 @@ fn program_stats_count_runs() {
         delta.mean()
     );
 }
+
+/// Without eBPF the fallback still sees the overlay device's own drop counter move, and it
+/// agrees with the eBPF count of what VXLAN itself dropped (ARP solicits with no FDB entry).
+#[test]
+#[ignore = "needs root (network namespaces); run with --ignored"]
+fn fallback_reports_device_tx_dropped_matching_ebpf_no_tx_target() {
+    use dataplane_watchdog::ebpf::{Disabled, EbpfStatus, Missing};
+    let ns = broken_sender("fallback");
+    let ifindex = ns.ifindex("vxlan.calico");
+    let mut fallback = Disabled::new(
+        EbpfStatus::unavailable(Missing::Privilege, "test"),
+        Some(&ns.path()),
+    );
+    fallback
+        .set_watched_devices(&BTreeSet::from([ifindex]))
+        .unwrap();
+    let before = fallback.snapshot().unwrap();
+    assert_eq!(before.link_stats.len(), 1, "{before:?}");
+    assert_eq!(before.link_stats[0].name, "vxlan.calico");
+    assert!(before.drops.is_empty());
+
+    let mut counters = load(&ns);
+    watch(&mut counters, ifindex);
+    ns.send_udp(Ipv4Addr::new(10, 9, 0, 5), 9000, 10);
+    let snap = wait_for(&counters, Duration::from_secs(5), |s| {
+        s.neighbour_total(ifindex, NeighTarget::Failed) > 0
+    });
+    let no_tx_target: u64 = snap
+        .drops
+        .iter()
+        .filter(|d| d.reason == "NO_TX_TARGET")
+        .map(|d| d.packets)
+        .sum();
+    let after = fallback.snapshot().unwrap();
+    let delta = after.link_stats[0].tx_dropped - before.link_stats[0].tx_dropped;
+    assert!(delta > 0, "device tx_dropped did not move: {after:?}");
+    assert_eq!(
+        delta, no_tx_target,
+        "device counter vs eBPF: {after:?} {snap:#?}"
+    );
+}
