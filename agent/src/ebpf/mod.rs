@@ -8,6 +8,20 @@
 //! Without eBPF, [`Disabled`] still reports each watched device's own `tx_dropped`/`rx_dropped`
 //! (rtnetlink IFLA_STATS64) in [`DropSnapshot::link_stats`]: no reason or peer, but a rising
 //! number on the overlay device.
+//!
+//! Measured on the dev kernel (6.18, 2 vCPU; `agent/tests/ebpf.rs`, BPF run-time stats):
+//! - incident scenario (onlink gateway with no neighbour/FDB): data packets dropped on the
+//!   sender's vxlan device as NEIGH_QUEUEFULL (queue overflow while INCOMPLETE) and
+//!   NEIGH_FAILED (queue flushed on failure), each packet exactly once; ARP solicits as
+//!   NO_TX_TARGET (class `arp`), which equals the device's own `tx_dropped` delta; one
+//!   INCOMPLETE and one FAILED transition per resolution attempt, not per packet.
+//! - `enum skb_drop_reason` numbering here: NEIGH_FAILED=58, NEIGH_QUEUEFULL=59,
+//!   NO_TX_TARGET=113 (other builds differ: always resolve from BTF).
+//! - cost per event: kfree_skb 356 ns when counted (LPM lookup + probe_read of the inner
+//!   header), 88 ns when filtered out (other netns); neigh_event_send_done (runs per packet
+//!   while unresolved) 230 ns / 83 ns.
+//! - a fresh vxlan device with IPv6 enabled emits MLD/RS that VXLAN drops as NO_TX_TARGET
+//!   (class `ipv6`) when there is no default FDB entry.
 
 pub mod bench;
 pub mod btf;
