@@ -107,7 +107,7 @@ fn bump<K>(map: &PerCpuHashMap<K, u64>, key: &K) -> bool {
             unsafe { *count += 1 };
             true
         }
-        None => map.insert(key, &1, 0).is_ok(),
+        None => map.insert(key, 1, 0).is_ok(),
     }
 }
 
@@ -126,7 +126,7 @@ fn watched_ifindex(dev: *const u8) -> Option<u32> {
         return None;
     }
     let ifindex: u32 = unsafe { load(dev, global(&OFFSET_DEV_IFINDEX)) };
-    unsafe { WATCHED_DEVICES.get(&ifindex) }?;
+    unsafe { WATCHED_DEVICES.get(ifindex) }?;
     Some(ifindex)
 }
 
@@ -239,11 +239,11 @@ fn observe_neigh(neigh: *const u8) -> Result<(), ()> {
         addr,
         state: 0,
     };
-    let previous = unsafe { NEIGH_LAST_STATE.get(&last_key) }.copied();
+    let previous = unsafe { NEIGH_LAST_STATE.get(last_key) }.copied();
     if previous == Some(state) {
         return Ok(());
     }
-    let _ = NEIGH_LAST_STATE.insert(&last_key, &state, 0);
+    let _ = NEIGH_LAST_STATE.insert(last_key, state, 0);
     if state != NUD_INCOMPLETE && state != NUD_FAILED {
         return Ok(());
     }
@@ -252,11 +252,11 @@ fn observe_neigh(neigh: *const u8) -> Result<(), ()> {
         addr,
         state,
     };
-    match NEIGH_GATEWAY.get_ptr_mut(&gateway_key) {
+    match NEIGH_GATEWAY.get_ptr_mut(gateway_key) {
         Some(count) => unsafe { *count += 1 },
         None => {
             // An LRU map evicts instead of failing.
-            let _ = NEIGH_GATEWAY.insert(&gateway_key, &1, 0);
+            let _ = NEIGH_GATEWAY.insert(gateway_key, 1, 0);
         }
     }
     let device_key = NeighKey {

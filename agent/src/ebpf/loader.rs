@@ -465,6 +465,7 @@ fn build_snapshot(
         drops,
         neighbour_transitions,
         overflow,
+        link_stats: Vec::new(),
     }
 }
 

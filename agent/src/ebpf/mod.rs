@@ -5,24 +5,41 @@
 //! missing (not compiled in, no BTF, no privilege, a tracepoint absent, verifier refusal).
 //! [`FakeDropCounters`] serves tests.
 //!
-//! Not done yet (TODO): a fallback reading per-device `tx_dropped` via rtnetlink IFLA_STATS64
-//! when eBPF is unavailable; `observe/` already dumps links and can expose those numbers.
+//! Without eBPF, [`Disabled`] still reports each watched device's own `tx_dropped`/`rx_dropped`
+//! (rtnetlink IFLA_STATS64) in [`DropSnapshot::link_stats`]: no reason or peer, but a rising
+//! number on the overlay device.
+//!
+//! Measured on the dev kernel (6.18, 2 vCPU; `agent/tests/ebpf.rs`, BPF run-time stats):
+//! - incident scenario (onlink gateway with no neighbour/FDB): data packets dropped on the
+//!   sender's vxlan device as NEIGH_QUEUEFULL (queue overflow while INCOMPLETE) and
+//!   NEIGH_FAILED (queue flushed on failure), each packet exactly once; ARP solicits as
+//!   NO_TX_TARGET (class `arp`), which equals the device's own `tx_dropped` delta; one
+//!   INCOMPLETE and one FAILED transition per resolution attempt, not per packet.
+//! - `enum skb_drop_reason` numbering here: NEIGH_FAILED=58, NEIGH_QUEUEFULL=59,
+//!   NO_TX_TARGET=113 (other builds differ: always resolve from BTF).
+//! - cost per event: kfree_skb 356 ns when counted (LPM lookup + probe_read of the inner
+//!   header), 88 ns when filtered out (other netns); neigh_event_send_done (runs per packet
+//!   while unresolved) 230 ns / 83 ns.
+//! - a fresh vxlan device with IPv6 enabled emits MLD/RS that VXLAN drops as NO_TX_TARGET
+//!   (class `ipv6`) when there is no default FDB entry.
 
 pub mod bench;
 pub mod btf;
+pub mod linkstats;
 mod loader;
 pub mod offsets;
 
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::Ipv4Addr,
-    path::Path,
+    path::{Path, PathBuf},
 };
 
 use ipnet::{IpNet, Ipv4Net};
 use serde::Serialize;
 
 use crate::model::DesiredState;
+pub use linkstats::{read_link_drop_stats, LinkDropStats};
 pub use loader::{netns_inode, EbpfDropCounters, EBPF_OBJECT};
 
 /// Errors of the eBPF layer. Load-time problems do not surface here but as an [`EbpfStatus`].
@@ -46,6 +63,8 @@ pub enum EbpfError {
         #[source]
         source: aya::programs::ProgramError,
     },
+    #[error("reading device counters over rtnetlink: {0}")]
+    LinkStats(#[source] std::io::Error),
     #[error("enabling BPF run-time stats: {0}")]
     Stats(#[source] std::io::Error),
 }
@@ -132,6 +151,9 @@ pub struct DropSnapshot {
     pub drops: Vec<DropCount>,
     pub neighbour_transitions: Vec<NeighTransitionCount>,
     pub overflow: Overflow,
+    /// Device counters of the watched devices; filled only by the fallback ([`Disabled`]).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub link_stats: Vec<LinkDropStats>,
 }
 
 impl DropSnapshot {
@@ -288,28 +310,54 @@ pub fn open(netns: Option<&Path>) -> Box<dyn DropCounterSource> {
             Box::new(counters)
         }
         Err(status) => {
-            tracing::warn!(missing = ?status.missing, reason = ?status.reason, "eBPF accounting unavailable; the daemon keeps running without drop counters");
-            Box::new(Disabled(status))
+            tracing::warn!(missing = ?status.missing, reason = ?status.reason, "eBPF accounting unavailable; falling back to device counters");
+            Box::new(Disabled::new(status, netns))
         }
     }
 }
 
-/// A source with nothing attached: empty snapshots and the reason in its status.
+/// A source without eBPF: the reason in its status, and snapshots holding only the watched
+/// devices' own counters ([`DropSnapshot::link_stats`]).
 #[derive(Debug, Clone)]
-pub struct Disabled(pub EbpfStatus);
+pub struct Disabled {
+    pub status: EbpfStatus,
+    netns: Option<PathBuf>,
+    watched: BTreeSet<u32>,
+}
+
+impl Disabled {
+    pub fn new(status: EbpfStatus, netns: Option<&Path>) -> Self {
+        Disabled {
+            status,
+            netns: netns.map(Path::to_path_buf),
+            watched: BTreeSet::new(),
+        }
+    }
+}
 
 impl DropCounterSource for Disabled {
     fn status(&self) -> EbpfStatus {
-        self.0.clone()
+        self.status.clone()
     }
-    fn set_watched_devices(&mut self, _: &BTreeSet<u32>) -> Result<(), EbpfError> {
+    fn set_watched_devices(&mut self, ifindexes: &BTreeSet<u32>) -> Result<(), EbpfError> {
+        self.watched = ifindexes.clone();
         Ok(())
     }
     fn set_peer_blocks(&mut self, _: &[(String, Ipv4Net)]) -> Result<(), EbpfError> {
         Ok(())
     }
     fn snapshot(&self) -> Result<DropSnapshot, EbpfError> {
-        Ok(DropSnapshot::default())
+        if self.watched.is_empty() {
+            return Ok(DropSnapshot::default());
+        }
+        let link_stats = read_link_drop_stats(self.netns.as_deref())?
+            .into_iter()
+            .filter(|l| self.watched.contains(&l.ifindex))
+            .collect();
+        Ok(DropSnapshot {
+            link_stats,
+            ..Default::default()
+        })
     }
 }
 
@@ -400,6 +448,7 @@ mod tests {
                 },
             ],
             overflow: Overflow::default(),
+            link_stats: Vec::new(),
         };
         let k3 = s.data_drops_to_peer("k8s03");
         assert_eq!(k3.get("NEIGH_FAILED"), Some(&103));

@@ -265,6 +265,10 @@ mod tests {
             o.skb_network_header + 2
         );
         let r = DropReasons::from_btf(&btf).unwrap();
+        eprintln!("offsets on this kernel: {o:?}");
+        for name in ["NEIGH_FAILED", "NEIGH_QUEUEFULL", "NO_TX_TARGET"] {
+            eprintln!("{name} = {:?}", r.code(name));
+        }
         for name in [
             "NEIGH_FAILED",
             "NEIGH_QUEUEFULL",
