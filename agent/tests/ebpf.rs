@@ -1,6 +1,6 @@
 //! Privileged tests of the eBPF accounting with real traffic in throwaway network namespaces.
 //!
-//! Need root and an agent built with bpf-linker on PATH. Run:
+//! Need root and an agent built with bpf-linker on PATH (`cargo xtask test` does both). Run:
 //! `PATH=<tools>/bin:$PATH cargo test -p dataplane-watchdog --test ebpf -- --ignored`
 //!
 //! The loader always runs in the test's own (root) namespace and targets a namespace by path;
@@ -210,7 +210,6 @@ fn wait_for(
 }
 
 #[test]
-#[ignore = "needs root and the eBPF object (bpf-linker); run with --ignored"]
 fn unresolvable_gateway_counts_data_drops_per_peer_arp_as_control_and_neighbour_failures() {
     let ns = broken_sender("drop");
     let ifindex = ns.ifindex("vxlan.calico");
@@ -292,7 +291,6 @@ fn unresolvable_gateway_counts_data_drops_per_peer_arp_as_control_and_neighbour_
 }
 
 #[test]
-#[ignore = "needs root and the eBPF object (bpf-linker); run with --ignored"]
 fn drops_in_another_netns_are_not_counted() {
     let watched = broken_sender("watched");
     let other = broken_sender("other");
@@ -317,7 +315,6 @@ fn drops_in_another_netns_are_not_counted() {
 }
 
 #[test]
-#[ignore = "needs root and the eBPF object (bpf-linker); run with --ignored"]
 fn unwatched_device_is_not_counted_and_rewatching_after_recreate_works() {
     let ns = broken_sender("rewatch");
     let old = ns.ifindex("vxlan.calico");
@@ -373,7 +370,6 @@ fn unwatched_device_is_not_counted_and_rewatching_after_recreate_works() {
 /// Two namespaces joined by a veth underlay, each with a vxlan.calico configured like Felix's
 /// (permanent neighbour + FDB for the other): a healthy pair.
 #[test]
-#[ignore = "needs root and the eBPF object (bpf-linker); run with --ignored"]
 fn healthy_pair_shows_no_data_drops() {
     let a = Netns::new("ha");
     let b = Netns::new("hb");
@@ -506,7 +502,6 @@ fn healthy_pair_shows_no_data_drops() {
 
 /// Bench helper smoke test: run-time stats move when the program runs.
 #[test]
-#[ignore = "needs root and the eBPF object (bpf-linker); run with --ignored"]
 fn program_stats_count_runs() {
     let ns = broken_sender("stats");
     let ifindex = ns.ifindex("vxlan.calico");
@@ -533,7 +528,6 @@ fn program_stats_count_runs() {
 /// Without eBPF the fallback still sees the overlay device's own drop counter move, and it
 /// agrees with the eBPF count of what VXLAN itself dropped (ARP solicits with no FDB entry).
 #[test]
-#[ignore = "needs root (network namespaces); run with --ignored"]
 fn fallback_reports_device_tx_dropped_matching_ebpf_no_tx_target() {
     use dataplane_watchdog::ebpf::{Disabled, EbpfStatus, Missing};
     let ns = broken_sender("fallback");
@@ -588,7 +582,6 @@ fn child_print_load_status() {
 /// Without capabilities the loader returns a status naming the missing privilege (the daemon
 /// keeps running), not an error or a crash.
 #[test]
-#[ignore = "needs root (to drop privileges with setpriv) and the eBPF object; run with --ignored"]
 fn unprivileged_load_reports_missing_privilege() {
     assert!(!EBPF_OBJECT.is_empty(), "agent built without bpf-linker");
     let exe = std::env::current_exe().unwrap();
