@@ -1,7 +1,7 @@
 //! Privileged tests of the eBPF accounting with real traffic in throwaway network namespaces.
 //!
 //! Need root and an agent built with bpf-linker on PATH (`cargo xtask test` does both). Run:
-//! `PATH=<tools>/bin:$PATH cargo test -p dataplane-watchdog --test ebpf -- --ignored`
+//! `cargo xtask test ebpf`
 //!
 //! The loader always runs in the test's own (root) namespace and targets a namespace by path;
 //! traffic is sent from threads that `setns` into the namespace (never `ip netns exec` for the

@@ -68,7 +68,7 @@ fn main() -> ExitCode {
             filter,
         } => test(unprivileged, filter.as_deref()),
         Task::Lab { args } => lab(&args),
-        Task::Bench { which } => bench::run(which.as_deref()),
+        Task::Bench { which } => bench::run_bench(which.as_deref()),
         Task::Install { dry_run, root } => install::run(&root, dry_run),
     };
     match result {
@@ -108,7 +108,7 @@ pub fn run(step: &str, cmd: &mut Command) -> Result<()> {
     Ok(())
 }
 
-fn cargo(env: &setup::Toolchain, args: &[&str]) -> Command {
+pub fn cargo(env: &setup::Toolchain, args: &[&str]) -> Command {
     let mut cmd = Command::new("cargo");
     cmd.args(args);
     env.apply(&mut cmd);
