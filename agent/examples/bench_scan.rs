@@ -178,7 +178,7 @@ fn ratio(a: Duration, b: Duration) -> String {
 
 fn print(name: &str, t: &Timing) {
     println!(
-        "| {name} | {} | {} | {} ({}) | {} | {} | {} ({}) | **{}** | {} |",
+        "| {name} | {} | {} | {} ({}) | {} | {} ({}) | {} (**{}**) | {} |",
         t.routes,
         ms(t.raw_dump),
         ms(t.snapshot),

@@ -12,14 +12,17 @@ mod peers;
 #[cfg(test)]
 mod tests;
 
-use std::{collections::BTreeMap, net::IpAddr};
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::IpAddr,
+};
 
 use serde::Serialize;
 
 pub use drops::{DropSummary, PeerDrops};
 
 use crate::model::{
-    CheckId, DesiredState, Finding, MacAddr, ObservedDevice, ObservedState, Severity,
+    CheckId, DesiredState, Finding, MacAddr, Neighbour, ObservedDevice, ObservedState, Severity,
 };
 
 /// Address family routed by an overlay device.
@@ -149,8 +152,14 @@ pub fn evaluate(input: &CheckInput<'_>) -> CheckReport {
             .findings
             .extend(device::misconfigured(spec, dev, input.desired));
         match input.desired {
-            Some(desired) => report.findings.extend(peers::check(spec, dev, desired)),
-            None => report.findings.extend(offline::check(spec, dev)),
+            Some(desired) => {
+                report
+                    .findings
+                    .extend(peers::check(spec, &Indexed::new(dev), desired))
+            }
+            None => report
+                .findings
+                .extend(offline::check(spec, &Indexed::new(dev))),
         }
     }
     if input.desired.is_none() {
@@ -254,19 +263,45 @@ fn verdicts(desired: &DesiredState, findings: &[Finding]) -> Vec<PeerVerdict> {
         .collect()
 }
 
-/// Neighbour entry for `ip` on a device, if any.
-pub(crate) fn neighbour<'a>(
+/// An observed device with lookup tables, built once per evaluation: per-peer lookups must not
+/// scan every neighbour and FDB entry (5,000 peers would make that quadratic).
+pub(crate) struct Indexed<'a> {
     dev: &'a ObservedDevice,
-    ip: &IpAddr,
-) -> Option<&'a crate::model::Neighbour> {
-    dev.neighbours.iter().find(|n| &n.ip == ip)
+    neighbours: HashMap<IpAddr, &'a Neighbour>,
+    fdb: HashMap<MacAddr, Vec<Option<IpAddr>>>,
+}
+
+impl<'a> Indexed<'a> {
+    pub(crate) fn new(dev: &'a ObservedDevice) -> Self {
+        let mut neighbours = HashMap::with_capacity(dev.neighbours.len());
+        for n in &dev.neighbours {
+            neighbours.entry(n.ip).or_insert(n);
+        }
+        let mut fdb: HashMap<MacAddr, Vec<Option<IpAddr>>> = HashMap::with_capacity(dev.fdb.len());
+        for e in &dev.fdb {
+            fdb.entry(e.mac).or_default().push(e.destination);
+        }
+        Indexed {
+            dev,
+            neighbours,
+            fdb,
+        }
+    }
+}
+
+impl std::ops::Deref for Indexed<'_> {
+    type Target = ObservedDevice;
+    fn deref(&self) -> &ObservedDevice {
+        self.dev
+    }
+}
+
+/// Neighbour entry for `ip` on a device, if any.
+pub(crate) fn neighbour<'a>(dev: &Indexed<'a>, ip: &IpAddr) -> Option<&'a Neighbour> {
+    dev.neighbours.get(ip).copied()
 }
 
 /// FDB destinations for `mac` on a device.
-pub(crate) fn fdb_destinations(dev: &ObservedDevice, mac: &MacAddr) -> Vec<Option<IpAddr>> {
-    dev.fdb
-        .iter()
-        .filter(|e| &e.mac == mac)
-        .map(|e| e.destination)
-        .collect()
+pub(crate) fn fdb_destinations(dev: &Indexed<'_>, mac: &MacAddr) -> Vec<Option<IpAddr>> {
+    dev.fdb.get(mac).cloned().unwrap_or_default()
 }

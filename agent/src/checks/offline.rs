@@ -7,10 +7,10 @@ use std::{collections::BTreeMap, net::IpAddr};
 
 use ipnet::IpNet;
 
-use super::{fdb_destinations, neighbour, DeviceSpec, Family, MAIN_TABLE};
-use crate::model::{CheckId, Finding, ObservedDevice, RouteKind, Severity};
+use super::{fdb_destinations, neighbour, DeviceSpec, Family, Indexed, MAIN_TABLE};
+use crate::model::{CheckId, Finding, RouteKind, Severity};
 
-pub(super) fn check(spec: &DeviceSpec, dev: &ObservedDevice) -> Vec<Finding> {
+pub(super) fn check(spec: &DeviceSpec, dev: &Indexed<'_>) -> Vec<Finding> {
     let device = spec.name.as_str();
     // Group routes by gateway: one broken gateway is one problem, however many routes use it.
     let mut by_gateway: BTreeMap<IpAddr, Vec<IpNet>> = BTreeMap::new();

@@ -8,16 +8,12 @@ use std::{
 
 use ipnet::IpNet;
 
-use super::{fdb_destinations, neighbour, DeviceSpec, Family, MAIN_TABLE};
+use super::{fdb_destinations, neighbour, DeviceSpec, Family, Indexed, MAIN_TABLE};
 use crate::model::{
     CheckId, DesiredState, Finding, MacAddr, ObservedDevice, PeerNode, Route, RouteKind, Severity,
 };
 
-pub(super) fn check(
-    spec: &DeviceSpec,
-    dev: &ObservedDevice,
-    desired: &DesiredState,
-) -> Vec<Finding> {
+pub(super) fn check(spec: &DeviceSpec, dev: &Indexed<'_>, desired: &DesiredState) -> Vec<Finding> {
     let family_ok = |ip: &IpAddr| Family::of(ip) == spec.family;
     let vtep_owner: HashMap<IpAddr, &str> = desired
         .nodes
@@ -68,7 +64,7 @@ fn best_routes(dev: &ObservedDevice, family: Family) -> BTreeMap<IpNet, &Route> 
 
 fn peer_routes(
     spec: &DeviceSpec,
-    dev: &ObservedDevice,
+    dev: &Indexed<'_>,
     peer: &PeerNode,
     routes: &BTreeMap<IpNet, &Route>,
     vtep_owner: &HashMap<IpAddr, &str>,
@@ -174,7 +170,7 @@ fn peer_routes(
 }
 
 /// The peer's VTEP must resolve to its MAC (neighbour) and the MAC to its node IP (FDB).
-fn peer_vtep(spec: &DeviceSpec, dev: &ObservedDevice, peer: &PeerNode) -> Vec<Finding> {
+fn peer_vtep(spec: &DeviceSpec, dev: &Indexed<'_>, peer: &PeerNode) -> Vec<Finding> {
     let device = spec.name.as_str();
     let mut out = Vec::new();
     let base = |check, message: String| {
