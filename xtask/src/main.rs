@@ -40,7 +40,7 @@ enum Task {
     /// Replay the k8s03 incident in a network-namespace lab and show the agent catch it.
     Lab {
         /// Extra arguments for the lab demo (see `cargo xtask lab -- --help`).
-        #[arg(trailing_var_arg = true)]
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
     /// Benchmarks (numbers for the README): `scan`, `daemon`, `ebpf`, or all.
