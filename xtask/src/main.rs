@@ -218,3 +218,17 @@ fn lab(args: &[String]) -> Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lab_passes_flags_through() {
+        let cli = Cli::try_parse_from(["xtask", "lab", "--datastore", "kubernetes"]).unwrap();
+        match cli.task {
+            Task::Lab { args } => assert_eq!(args, ["--datastore", "kubernetes"]),
+            _ => panic!("not the lab task"),
+        }
+    }
+}
