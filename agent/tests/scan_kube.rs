@@ -313,3 +313,99 @@ async fn config_file_alone_selects_kubernetes() {
         .starts_with("kubernetes:"));
     assert_eq!(json["datastore"]["nodes"], 2);
 }
+
+/// The daemon's path without the daemon: list+watch in the background, the incident's silent
+/// watch while k8s03's VTEP moves, the relist catching it, and the checks run on the corrected
+/// desired state against node1's real kernel — plus the `datastore-stale` warning saying why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_watch_caught_by_relist_flips_the_checks() {
+    use std::time::Duration;
+
+    use dataplane_watchdog::{
+        checks::{self, CheckInput, DeviceSpec},
+        config::Config,
+        desired::kubernetes::{stale_findings, KubeSource, KubeSourceConfig},
+        model::CheckId,
+        observe::{KernelObserver, NetlinkObserver},
+    };
+
+    let lab = Lab::build(LabSpec::calico(3)).expect("building lab (needs root)");
+    let (server, kubeconfig) = serve(&lab).await;
+    let mut config = Config::with_node_name("node1");
+    config.datastore.kubeconfig = Some(kubeconfig);
+    config.datastore.relist_interval = Duration::from_millis(1500);
+    let cfg = KubeSourceConfig {
+        relist_grace: Duration::from_millis(200),
+        debounce: Duration::from_millis(20),
+        ..KubeSourceConfig::from_config(&config)
+    };
+    let src = KubeSource::connect(cfg).await.unwrap();
+    let mut rx = src.spawn();
+
+    let observer = NetlinkObserver::new(Some(&lab.netns_path("node1"))).unwrap();
+    let devices = vec![lab.device().to_string()];
+    let specs: Vec<DeviceSpec> = devices.iter().map(|d| DeviceSpec::for_name(d)).collect();
+    let evaluate = |snap: &dataplane_watchdog::desired::kubernetes::KubeSnapshot,
+                    observed: &dataplane_watchdog::model::ObservedState| {
+        let mut report = checks::evaluate(&CheckInput {
+            devices: &specs,
+            observed,
+            desired: Some(&snap.desired),
+            drops: None,
+        });
+        report.findings.extend(stale_findings(snap, lab.device()));
+        report
+            .findings
+            .iter()
+            .map(|f| (f.check, f.peer_node.clone()))
+            .collect::<BTreeSet<_>>()
+    };
+
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while !rx.borrow().synced {
+        assert!(tokio::time::Instant::now() < deadline, "no initial sync");
+        let _ = tokio::time::timeout(Duration::from_millis(100), rx.changed()).await;
+    }
+    let observed = observer.snapshot(&devices).await.unwrap();
+    assert!(
+        evaluate(&rx.borrow(), &observed).is_empty(),
+        "healthy cluster"
+    );
+
+    server.set_silent_watch(true);
+    kube_fixture::move_vtep(&lab, &server, "node3", Ipv4Addr::new(10, 1, 3, 5)).unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        evaluate(&rx.borrow(), &observed).is_empty(),
+        "the silent watch hides the move (else this test proves nothing)"
+    );
+
+    // Within two relist periods the relist finds the difference.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
+    while rx.borrow().relist_mismatches == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "relist did not catch the silent watch"
+        );
+        let _ = tokio::time::timeout(Duration::from_millis(100), rx.changed()).await;
+    }
+    let snap = rx.borrow().clone();
+    let found = evaluate(&snap, &observed);
+    let node3 = Some("node3".to_string());
+    assert_eq!(
+        found,
+        BTreeSet::from([
+            (CheckId::GatewayWrongVtep, node3.clone()),
+            (CheckId::NeighbourUnresolved, node3),
+            (CheckId::DatastoreStale, None),
+        ]),
+    );
+    let stale = stale_findings(&snap, lab.device());
+    assert!(
+        stale[0]
+            .message
+            .contains("relist found 1 difference(s): node3 changed"),
+        "{}",
+        stale[0].message
+    );
+}

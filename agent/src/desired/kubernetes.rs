@@ -764,6 +764,25 @@ impl KubeSnapshot {
             .try_fold(Duration::ZERO, |acc, age| age.map(|a| acc.max(a)))
     }
 
+    /// The `datastore` section of the status API for this snapshot. `error` is every
+    /// resource's last error, when any resource has one.
+    pub fn datastore_status(&self, now: SystemTime) -> crate::serve::status::DatastoreStatus {
+        let errors: Vec<String> = self
+            .resources
+            .iter()
+            .filter_map(|(k, h)| h.last_error.as_ref().map(|e| format!("{k}: {e}")))
+            .collect();
+        crate::serve::status::DatastoreStatus {
+            source: self.desired.source.clone(),
+            last_event_age_seconds: self.last_event_age(now).map(|d| d.as_secs_f64()),
+            last_relist: self.last_relist(),
+            stale: self.stale,
+            nodes: self.desired.nodes.len(),
+            problems: self.desired.problems.len(),
+            error: (!errors.is_empty()).then(|| errors.join("; ")),
+        }
+    }
+
     /// Oldest successful relist over all resources.
     pub fn last_relist(&self) -> Option<SystemTime> {
         self.resources
@@ -1553,6 +1572,36 @@ ipam_api = "projectcalico.org/v3"
         assert_eq!(
             gone.to_string(),
             "watching nodes: 410 Expired: too old resource version"
+        );
+    }
+
+    #[test]
+    fn status_section_reports_ages_staleness_and_errors() {
+        let now = SystemTime::now();
+        let mut snap = snapshot(vec![StaleCause::NoContact {
+            resource: "nodes".into(),
+            silent: Duration::from_secs(700),
+            last_event_age: None,
+            last_bookmark_age: None,
+            last_error: None,
+        }]);
+        snap.resources.insert(
+            "nodes".into(),
+            ResourceHealth {
+                last_relist: Some(now - Duration::from_secs(700)),
+                last_error: Some("listing nodes: API server unreachable".into()),
+                ..Default::default()
+            },
+        );
+        let st = snap.datastore_status(now);
+        assert_eq!(st.source, "kubernetes:https://10.0.0.1:16443");
+        assert!(st.stale);
+        assert_eq!(st.nodes, 3);
+        assert_eq!(st.last_event_age_seconds, Some(700.0));
+        assert_eq!(st.last_relist, Some(now - Duration::from_secs(700)));
+        assert_eq!(
+            st.error.as_deref(),
+            Some("nodes: listing nodes: API server unreachable")
         );
     }
 
