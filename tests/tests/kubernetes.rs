@@ -448,6 +448,33 @@ async fn server_down_keeps_last_state_goes_stale_and_recovers() {
 }
 
 #[tokio::test]
+async fn connect_retrying_waits_for_the_api_server() {
+    let (server, mut cfg) = start(&["crd.projectcalico.org/v1"]).await;
+    cfg.retry_max = Duration::from_millis(200);
+    seed_calico(&server);
+    server.set_down(true);
+    let errors = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = errors.clone();
+    let task = tokio::spawn(KubeSource::connect_retrying(cfg, move |e| {
+        seen.lock().unwrap().push(e.to_string())
+    }));
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert!(
+        !task.is_finished(),
+        "must not give up while the server is down"
+    );
+    server.set_down(false);
+    let src = tokio::time::timeout(Duration::from_secs(3), task)
+        .await
+        .expect("connected once the server is back")
+        .unwrap();
+    assert_eq!(src.ipam_api(), Some("crd.projectcalico.org/v1"));
+    let errors = errors.lock().unwrap();
+    assert!(errors.len() >= 2, "{errors:?}");
+    assert!(errors[0].contains("API server unreachable"), "{errors:?}");
+}
+
+#[tokio::test]
 async fn unavailable_server_is_an_error_not_a_hang() {
     // kube retries 503 silently; the source bounds every call by request_timeout.
     let (server, mut cfg) = start(&["crd.projectcalico.org/v1"]).await;

@@ -509,6 +509,26 @@ impl KubeSource {
         Ok(src)
     }
 
+    /// [`connect`](Self::connect) until it succeeds, backing off from 250 ms to
+    /// `retry_max`; every failure is handed to `on_error` (log it, put it in the status).
+    /// For the daemon: an API server that is down at boot (MicroK8s still starting) must not
+    /// stop the agent — run this in a task and start the kernel-only checks meanwhile.
+    pub async fn connect_retrying(
+        cfg: KubeSourceConfig,
+        mut on_error: impl FnMut(&KubeError),
+    ) -> Self {
+        let mut backoff = Backoff::new(cfg.retry_max);
+        loop {
+            match Self::connect(cfg.clone()).await {
+                Ok(src) => return src,
+                Err(e) => {
+                    on_error(&e);
+                    backoff.wait().await;
+                }
+            }
+        }
+    }
+
     /// Like [`connect`](Self::connect) with a client built elsewhere.
     pub async fn with_client(client: Client, cfg: KubeSourceConfig) -> Result<Self> {
         let nodes = ApiResource::erase::<k8s_openapi::api::core::v1::Node>(&());
