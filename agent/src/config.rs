@@ -129,7 +129,8 @@ pub struct DatastoreConfig {
     /// Node list for `source = "file"`; a relative path is taken relative to the config
     /// file's directory. Default: /etc/dataplane-watchdog/nodes.yaml.
     pub path: PathBuf,
-    /// kubeconfig for `source = "kubernetes"`. Default: none (in-cluster, then $KUBECONFIG).
+    /// kubeconfig for `source = "kubernetes"`. Default: none ($KUBECONFIG or ~/.kube/config,
+    /// then in-cluster, then MicroK8s's client.config).
     pub kubeconfig: Option<PathBuf>,
     /// Full relist compared with the watch cache. Default: 5m.
     #[serde(deserialize_with = "de_duration")]
@@ -141,6 +142,9 @@ pub struct DatastoreConfig {
     pub publish_node_condition: bool,
     /// Emit Kubernetes Events for findings. Default: false.
     pub publish_events: bool,
+    /// Calico IPAM group/version to read (`crd.projectcalico.org/v1` or
+    /// `projectcalico.org/v3`) instead of discovering it. Default: none (discover).
+    pub ipam_api: Option<String>,
 }
 
 impl Default for DatastoreConfig {
@@ -153,6 +157,7 @@ impl Default for DatastoreConfig {
             stale_after: Duration::from_secs(10 * 60),
             publish_node_condition: false,
             publish_events: false,
+            ipam_api: None,
         }
     }
 }

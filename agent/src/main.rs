@@ -79,6 +79,10 @@ struct ScanArgs {
     /// Print the full report as JSON (findings per DESIGN.md §3) instead of tables.
     #[arg(long)]
     json: bool,
+    /// kubeconfig for `--datastore kubernetes` (overrides `datastore.kubeconfig`; default:
+    /// KUBECONFIG, ~/.kube/config, in-cluster, then MicroK8s's client.config).
+    #[arg(long, value_name = "PATH")]
+    kubeconfig: Option<PathBuf>,
 }
 
 fn main() -> ExitCode {
@@ -147,12 +151,16 @@ fn runtime() -> tokio::runtime::Runtime {
 }
 
 fn scan_command(args: ScanArgs) -> ExitCode {
-    let config = match load_config(&args.common) {
+    let mut config = match load_config(&args.common) {
         Ok(c) => c,
         Err(code) => return code,
     };
-    // A one-shot command prints its report; logs only for problems.
-    init_logging("warn");
+    if let Some(path) = &args.kubeconfig {
+        config.datastore.kubeconfig = Some(path.clone());
+    }
+    // A one-shot command prints its report; logs only for problems. kube's client logs every
+    // failed request at ERROR: scan reports the failure itself, as one line.
+    init_logging("warn,kube_client=off");
     let choice = args
         .datastore
         .as_deref()

@@ -9,7 +9,7 @@ use serde::Serialize;
 use crate::{
     checks::{self, CheckInput, CheckReport, DeviceSpec, PeerVerdict, SkippedCheck},
     config::{Config, DatastoreSource},
-    desired::{Datastore, DatastoreError, FileDatastore},
+    desired::{AnyDatastore, Datastore, DatastoreError, FileDatastore},
     model::{DesiredState, Finding, Severity},
     observe::{self, KernelObserver, NetlinkObserver},
 };
@@ -21,8 +21,6 @@ pub enum ScanError {
     Kernel(#[from] observe::Error),
     #[error("{0}")]
     Datastore(#[from] DatastoreError),
-    #[error("datastore source {0:?} is not supported by scan yet")]
-    UnsupportedSource(&'static str),
 }
 
 /// Where desired state comes from for this scan (`--datastore` overrides the config).
@@ -109,18 +107,24 @@ impl Summary {
     }
 }
 
-/// Load the desired state for a scan.
+/// Load the desired state for a scan. Kubernetes settings (kubeconfig, profile, IPAM API)
+/// come from `config.datastore`; the read is one consistent list, never a watch.
 pub async fn load_desired(
     choice: &DatastoreChoice,
-    local_node: &str,
+    config: &Config,
 ) -> Result<Option<DesiredState>, ScanError> {
     match choice {
         DatastoreChoice::None => Ok(None),
         DatastoreChoice::File(path) => {
-            let mut ds = FileDatastore::new(path.clone(), local_node);
+            let mut ds = FileDatastore::new(path.clone(), config.node_name.as_str());
             Ok(Some(ds.load().await?))
         }
-        DatastoreChoice::Kubernetes => Err(ScanError::UnsupportedSource("kubernetes")),
+        DatastoreChoice::Kubernetes => {
+            let mut config = config.clone();
+            config.datastore.source = DatastoreSource::Kubernetes;
+            let mut ds = AnyDatastore::from_config(&config).await?;
+            Ok(Some(ds.load().await?))
+        }
     }
 }
 
@@ -132,7 +136,7 @@ pub async fn scan(
 ) -> Result<ScanOutput, ScanError> {
     let started = Instant::now();
     let observer = NetlinkObserver::new(netns)?;
-    let desired = load_desired(datastore, &config.node_name).await?;
+    let desired = load_desired(datastore, config).await?;
     let observed = observer.snapshot(&config.devices).await?;
     let specs: Vec<DeviceSpec> = config
         .devices

@@ -429,7 +429,7 @@ impl Lab {
         Ok(path)
     }
 
-    fn write_temp(&mut self, path: &Path, contents: &str) -> Result<()> {
+    pub(crate) fn write_temp(&mut self, path: &Path, contents: &str) -> Result<()> {
         fs::write(path, contents).with_context(|| format!("writing {}", path.display()))?;
         if !self.temp_files.iter().any(|p| p == path) {
             self.temp_files.push(path.to_path_buf());

@@ -17,6 +17,7 @@
 
 pub mod fake_apiserver;
 mod fault;
+pub mod kube_fixture;
 mod lab;
 mod spec;
 mod sys;

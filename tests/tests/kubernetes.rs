@@ -8,7 +8,8 @@ use std::{
 
 use dataplane_watchdog::{
     desired::kubernetes::{
-        EventOutcome, KubeProfile, KubeSnapshot, KubeSource, KubeSourceConfig, CONDITION_TYPE,
+        stale_findings, EventOutcome, KubeProfile, KubeSnapshot, KubeSource, KubeSourceConfig,
+        CONDITION_TYPE,
     },
     model::{CheckId, Finding, MacAddr, Severity},
 };
@@ -283,6 +284,15 @@ async fn silent_watch_is_caught_by_the_relist_and_flagged_stale() {
         "cache corrected by the relist"
     );
     assert_eq!(snap.resources["nodes"].relist_mismatches, 1);
+    let findings = stale_findings(&snap, "vxlan.calico");
+    assert_eq!(findings.len(), 1);
+    assert_eq!(findings[0].check, CheckId::DatastoreStale);
+    let m = &findings[0].message;
+    assert!(
+        m.contains("nodes: the watch missed events (relist found 1 difference(s): k8s03 changed)")
+            && m.contains("checks run against the relisted state"),
+        "{m}"
+    );
 
     // Once the watch works again, a clean relist clears the flag.
     server.set_silent_watch(false);
@@ -408,6 +418,17 @@ async fn server_down_keeps_last_state_goes_stale_and_recovers() {
     );
     assert_eq!(snap.desired, good.desired);
     assert!(snap.last_event_age(std::time::SystemTime::now()).unwrap() >= Duration::from_secs(2));
+    let f = stale_findings(&snap, "vxlan.calico");
+    assert_eq!(f.len(), 1);
+    assert_eq!(f[0].severity, Severity::Warning);
+    let m = &f[0].message;
+    assert!(
+        m.starts_with("datastore kubernetes:http://127.0.0.1:")
+            && m.contains("no contact with the API server for")
+            && m.contains("API server unreachable")
+            && m.contains("checks run against the last good state (3 nodes)"),
+        "{m}"
+    );
 
     server.set_down(false);
     server.put(
@@ -418,11 +439,39 @@ async fn server_down_keeps_last_state_goes_stale_and_recovers() {
         !s.stale && vtep_of(s, "k8s03") == Some(ip("10.1.235.160"))
     })
     .await;
+    assert!(stale_findings(&snap, "vxlan.calico").is_empty());
     assert!(
         snap.resources.values().all(|h| h.last_error.is_none()),
         "{:?}",
         snap.resources
     );
+}
+
+#[tokio::test]
+async fn connect_retrying_waits_for_the_api_server() {
+    let (server, mut cfg) = start(&["crd.projectcalico.org/v1"]).await;
+    cfg.retry_max = Duration::from_millis(200);
+    seed_calico(&server);
+    server.set_down(true);
+    let errors = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = errors.clone();
+    let task = tokio::spawn(KubeSource::connect_retrying(cfg, move |e| {
+        seen.lock().unwrap().push(e.to_string())
+    }));
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert!(
+        !task.is_finished(),
+        "must not give up while the server is down"
+    );
+    server.set_down(false);
+    let src = tokio::time::timeout(Duration::from_secs(3), task)
+        .await
+        .expect("connected once the server is back")
+        .unwrap();
+    assert_eq!(src.ipam_api(), Some("crd.projectcalico.org/v1"));
+    let errors = errors.lock().unwrap();
+    assert!(errors.len() >= 2, "{errors:?}");
+    assert!(errors[0].contains("API server unreachable"), "{errors:?}");
 }
 
 #[tokio::test]

@@ -40,7 +40,7 @@ enum Task {
     /// Replay the k8s03 incident in a network-namespace lab and show the agent catch it.
     Lab {
         /// Extra arguments for the lab demo (see `cargo xtask lab -- --help`).
-        #[arg(trailing_var_arg = true)]
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
     /// Benchmarks (numbers for the README): `scan`, `daemon`, `ebpf`, or all.
@@ -217,4 +217,18 @@ fn lab(args: &[String]) -> Result<()> {
         bail!("lab demo failed ({status})");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lab_passes_flags_through() {
+        let cli = Cli::try_parse_from(["xtask", "lab", "--datastore", "kubernetes"]).unwrap();
+        match cli.task {
+            Task::Lab { args } => assert_eq!(args, ["--datastore", "kubernetes"]),
+            _ => panic!("not the lab task"),
+        }
+    }
 }

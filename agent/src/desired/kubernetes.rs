@@ -49,7 +49,7 @@ pub use self::{
     publish::EventOutcome,
     store::{Difference, Entry, Store},
 };
-use crate::model::DesiredState;
+use crate::model::{CheckId, DesiredState, Finding, Severity};
 
 /// Where MicroK8s keeps a kubeconfig for its own cluster.
 pub const MICROK8S_KUBECONFIG: &str = "/var/snap/microk8s/current/credentials/client.config";
@@ -81,14 +81,89 @@ pub enum KubeError {
          use profile = \"flannel\")"
     )]
     NoIpamApi { tried: String },
-    #[error("{what}: {source}")]
+    /// The API server answered with an error status (other than 403).
+    #[error("{what}: {}", describe_kube_error(source))]
     Api {
+        what: String,
+        #[source]
+        source: kube::Error,
+    },
+    /// 403: the credentials lack a verb on a resource. `message` is the server's, which names
+    /// the user, verb and resource.
+    #[error(
+        "{what}: forbidden by RBAC: {message} (the agent needs get/list/watch on nodes and the \
+         Calico IPAM resources: apply systemd/rbac.yaml)"
+    )]
+    Forbidden { what: String, message: String },
+    /// No answer at all: connection refused or reset, DNS, TLS.
+    #[error("{what}: API server unreachable: {}", describe_kube_error(source))]
+    Unreachable {
         what: String,
         #[source]
         source: kube::Error,
     },
     #[error("{what} timed out after {after:?}")]
     Timeout { what: String, after: Duration },
+    /// Any of the above while connecting to `server` (the kubeconfig's URL): displayed as the
+    /// inner error; [`KubeError::server`] lets callers name the source.
+    #[error("{error}")]
+    AtServer {
+        server: String,
+        #[source]
+        error: Box<KubeError>,
+    },
+}
+
+impl KubeError {
+    /// The API server URL, when the error happened talking to a known one.
+    pub fn server(&self) -> Option<&str> {
+        match self {
+            KubeError::AtServer { server, .. } => Some(server),
+            _ => None,
+        }
+    }
+
+    /// Sorts a client error by what the operator has to do about it.
+    fn from_kube(what: String, source: kube::Error) -> Self {
+        match &source {
+            kube::Error::Api(status) if status.code == 403 => KubeError::Forbidden {
+                what,
+                message: status.message.clone(),
+            },
+            kube::Error::Api(_)
+            | kube::Error::SerdeError(_)
+            | kube::Error::FromUtf8(_)
+            | kube::Error::LinesCodecMaxLineLengthExceeded
+            | kube::Error::BuildRequest(_)
+            | kube::Error::HttpError(_) => KubeError::Api { what, source },
+            _ => KubeError::Unreachable { what, source },
+        }
+    }
+}
+
+/// One line for a kube client error: the server's own message for API errors, else the chain
+/// of causes (`client error (Connect): tcp connect error: Connection refused (os error 111)`).
+fn describe_kube_error(e: &kube::Error) -> String {
+    if let kube::Error::Api(status) = e {
+        return format!("{} {}: {}", status.code, status.reason, status.message);
+    }
+    // kube's own wrappers ("ServiceError: client error (Connect)") add a type name, not a fact.
+    let start: Option<&(dyn std::error::Error + 'static)> = match e {
+        kube::Error::Service(inner) => Some(inner.as_ref()),
+        kube::Error::HyperError(inner) => Some(inner),
+        _ => Some(e),
+    };
+    let mut parts: Vec<String> = Vec::new();
+    let mut cur = start;
+    while let Some(err) = cur {
+        let text = err.to_string();
+        // Wrappers often repeat their cause's text; keep each fact once.
+        if !parts.last().is_some_and(|last| last.contains(&text)) {
+            parts.push(text);
+        }
+        cur = err.source();
+    }
+    parts.join(": ")
 }
 
 pub type Result<T, E = KubeError> = std::result::Result<T, E>;
@@ -164,6 +239,28 @@ impl Default for KubeSourceConfig {
     }
 }
 
+impl KubeSourceConfig {
+    /// The source's settings from the agent config: `[datastore]` keys plus `node_name` and
+    /// `profile`; everything else keeps its default.
+    pub fn from_config(config: &crate::config::Config) -> Self {
+        let ds = &config.datastore;
+        KubeSourceConfig {
+            kubeconfig: ds.kubeconfig.clone(),
+            node_name: config.node_name.clone(),
+            profile: match config.profile {
+                crate::config::Profile::Calico => KubeProfile::Calico,
+                crate::config::Profile::Flannel => KubeProfile::Flannel,
+            },
+            ipam_api: ds.ipam_api.clone(),
+            relist_interval: ds.relist_interval,
+            stale_after: ds.stale_after,
+            publish_condition: ds.publish_node_condition,
+            publish_events: ds.publish_events,
+            ..Default::default()
+        }
+    }
+}
+
 // `LiteObject` is served by every resource we read; its type information is the discovered
 // `ApiResource`, exactly like kube's `DynamicObject`.
 impl Resource for LiteObject {
@@ -205,14 +302,34 @@ struct Apis {
 #[derive(Clone)]
 pub struct KubeSource {
     client: Client,
+    /// `kubernetes:<server url>`, or `kubernetes` for a client built elsewhere.
+    source: String,
     cfg: Arc<KubeSourceConfig>,
     apis: Apis,
     publisher: Arc<publish::Publisher>,
 }
 
+/// `load` is one consistent list ([`KubeSource::list_once`]); the daemon prefers
+/// [`KubeSource::spawn`], which also tracks staleness.
+impl super::Datastore for KubeSource {
+    async fn load(&mut self) -> std::result::Result<DesiredState, super::DatastoreError> {
+        self.list_once()
+            .await
+            .map_err(|e| super::DatastoreError::Backend {
+                source: self.source.clone(),
+                error: Box::new(e),
+            })
+    }
+
+    fn describe(&self) -> String {
+        self.source_name()
+    }
+}
+
 impl std::fmt::Debug for KubeSource {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("KubeSource")
+            .field("source", &self.source)
             .field("node", &self.cfg.node_name)
             .field("ipam_api", &self.ipam_api())
             .finish()
@@ -226,10 +343,7 @@ async fn bounded<T>(
 ) -> Result<T> {
     match tokio::time::timeout(after, fut).await {
         Ok(Ok(v)) => Ok(v),
-        Ok(Err(source)) => Err(KubeError::Api {
-            what: what(),
-            source,
-        }),
+        Ok(Err(source)) => Err(KubeError::from_kube(what(), source)),
         Err(_) => Err(KubeError::Timeout {
             what: what(),
             after,
@@ -273,6 +387,9 @@ async fn discover_ipam(
         None => IPAM_APIS.to_vec(),
     };
     let mut found: Vec<(String, Vec<ApiResource>)> = Vec::new();
+    // A candidate that is simply not served answers 404; anything else (unreachable, 403)
+    // is reported if nothing is found, rather than a misleading "no IPAM API".
+    let mut failure: Option<KubeError> = None;
     for gv_str in &candidates {
         let Ok(gv) = gv_str.parse::<GroupVersion>() else {
             tracing::warn!(api = gv_str, "not a group/version; skipped");
@@ -297,7 +414,21 @@ async fn discover_ipam(
                     .collect();
                 found.push((gv_str.to_string(), listable));
             }
-            Err(e) => tracing::debug!(api = gv_str, error = %e, "IPAM API candidate not served"),
+            Err(e) => {
+                tracing::debug!(api = gv_str, error = %e, "IPAM API candidate not served");
+                let not_served = matches!(
+                    &e,
+                    KubeError::Api { source: kube::Error::Api(s), .. } if s.code == 404
+                );
+                if !not_served {
+                    failure.get_or_insert(e);
+                }
+            }
+        }
+    }
+    if found.is_empty() {
+        if let Some(e) = failure {
+            return Err(e);
         }
     }
     let pick = |plural: &str, prefer: Option<&str>| {
@@ -363,8 +494,39 @@ impl KubeSource {
     pub async fn connect(cfg: KubeSourceConfig) -> Result<Self> {
         let mut kcfg = load_config(&cfg).await?;
         kcfg.connect_timeout = Some(cfg.request_timeout.min(Duration::from_secs(10)));
-        let client = Client::try_from(kcfg).map_err(KubeError::Client)?;
-        Self::with_client(client, cfg).await
+        let server = kcfg
+            .cluster_url
+            .to_string()
+            .trim_end_matches('/')
+            .to_string();
+        let at = |error| KubeError::AtServer {
+            server: server.clone(),
+            error: Box::new(error),
+        };
+        let client = Client::try_from(kcfg).map_err(|e| at(KubeError::Client(e)))?;
+        let mut src = Self::with_client(client, cfg).await.map_err(at)?;
+        src.source = format!("kubernetes:{server}");
+        Ok(src)
+    }
+
+    /// [`connect`](Self::connect) until it succeeds, backing off from 250 ms to
+    /// `retry_max`; every failure is handed to `on_error` (log it, put it in the status).
+    /// For the daemon: an API server that is down at boot (MicroK8s still starting) must not
+    /// stop the agent — run this in a task and start the kernel-only checks meanwhile.
+    pub async fn connect_retrying(
+        cfg: KubeSourceConfig,
+        mut on_error: impl FnMut(&KubeError),
+    ) -> Self {
+        let mut backoff = Backoff::new(cfg.retry_max);
+        loop {
+            match Self::connect(cfg.clone()).await {
+                Ok(src) => return src,
+                Err(e) => {
+                    on_error(&e);
+                    backoff.wait().await;
+                }
+            }
+        }
     }
 
     /// Like [`connect`](Self::connect) with a client built elsewhere.
@@ -380,6 +542,7 @@ impl KubeSource {
         Ok(KubeSource {
             publisher: Arc::new(publish::Publisher::default()),
             client,
+            source: "kubernetes".to_string(),
             cfg: Arc::new(cfg),
             apis: Apis {
                 nodes,
@@ -396,6 +559,11 @@ impl KubeSource {
 
     pub fn config(&self) -> &KubeSourceConfig {
         &self.cfg
+    }
+
+    /// `kubernetes:https://10.0.0.1:16443`: names the source in logs, status and findings.
+    pub fn source_name(&self) -> String {
+        self.source.clone()
     }
 
     fn api(&self, ar: &ApiResource) -> Api<LiteObject> {
@@ -439,7 +607,7 @@ impl KubeSource {
             affinities,
             health: BTreeMap::new(),
         };
-        Ok(shared.build(cfg))
+        Ok(shared.build(cfg, &self.source))
     }
 
     /// Starts list+watch of every resource in the background (needs a Tokio runtime) and
@@ -457,6 +625,7 @@ impl KubeSource {
             }),
             dirty: Notify::new(),
             cfg: self.cfg.clone(),
+            source: self.source.clone(),
             started: SystemTime::now(),
         });
         let mut tasks = JoinSet::new();
@@ -505,7 +674,7 @@ impl KubeSource {
             ));
         }
         let first = rt.snapshot(Arc::new(DesiredState {
-            source: "kubernetes".to_string(),
+            source: self.source.clone(),
             local_node: self.cfg.node_name.clone(),
             ..Default::default()
         }));
@@ -587,6 +756,8 @@ pub struct KubeSnapshot {
     /// The data cannot be trusted to be current: the daemon reports `datastore-stale`.
     pub stale: bool,
     pub stale_reason: Option<String>,
+    /// Why, per resource (empty when not stale); `stale_reason` is these joined.
+    pub stale_causes: Vec<StaleCause>,
     /// Per resource (`nodes`, `ipamblocks`, `blockaffinities`).
     pub resources: BTreeMap<String, ResourceHealth>,
     /// Sum of the per-resource relist mismatches.
@@ -611,6 +782,25 @@ impl KubeSnapshot {
                 last.map(|t| now.duration_since(t).unwrap_or_default())
             })
             .try_fold(Duration::ZERO, |acc, age| age.map(|a| acc.max(a)))
+    }
+
+    /// The `datastore` section of the status API for this snapshot. `error` is every
+    /// resource's last error, when any resource has one.
+    pub fn datastore_status(&self, now: SystemTime) -> crate::serve::status::DatastoreStatus {
+        let errors: Vec<String> = self
+            .resources
+            .iter()
+            .filter_map(|(k, h)| h.last_error.as_ref().map(|e| format!("{k}: {e}")))
+            .collect();
+        crate::serve::status::DatastoreStatus {
+            source: self.desired.source.clone(),
+            last_event_age_seconds: self.last_event_age(now).map(|d| d.as_secs_f64()),
+            last_relist: self.last_relist(),
+            stale: self.stale,
+            nodes: self.desired.nodes.len(),
+            problems: self.desired.problems.len(),
+            error: (!errors.is_empty()).then(|| errors.join("; ")),
+        }
     }
 
     /// Oldest successful relist over all resources.
@@ -640,13 +830,13 @@ fn items<T: Clone>(s: &Store<T>) -> BTreeMap<String, T> {
 }
 
 impl Shared {
-    fn build(&self, cfg: &KubeSourceConfig) -> DesiredState {
+    fn build(&self, cfg: &KubeSourceConfig, source: &str) -> DesiredState {
         let (n, b, a) = (
             items(&self.nodes),
             items(&self.blocks),
             items(&self.affinities),
         );
-        build_desired(
+        let mut desired = build_desired(
             cfg.profile,
             &cfg.node_name,
             &CacheView {
@@ -654,7 +844,9 @@ impl Shared {
                 blocks: &b,
                 affinities: &a,
             },
-        )
+        );
+        desired.source = source.to_string();
+        desired
     }
 }
 
@@ -663,6 +855,8 @@ struct Runtime {
     /// Signalled when the cache changed: the publisher rebuilds the desired state.
     dirty: Notify,
     cfg: Arc<KubeSourceConfig>,
+    /// [`KubeSource::describe`], stamped on every desired state.
+    source: String,
     started: SystemTime,
 }
 
@@ -677,12 +871,13 @@ impl Runtime {
     fn snapshot(&self, desired: Arc<DesiredState>) -> KubeSnapshot {
         let s = self.shared.lock().unwrap();
         let now = SystemTime::now();
-        let reason = staleness(&s.health, &self.cfg, self.started, now);
+        let causes = stale_causes(&s.health, &self.cfg, self.started, now);
         KubeSnapshot {
             desired,
             synced: !s.health.is_empty() && s.health.values().all(|h| h.synced),
-            stale: reason.is_some(),
-            stale_reason: reason,
+            stale: !causes.is_empty(),
+            stale_reason: join_causes(&causes),
+            stale_causes: causes,
             relist_mismatches: s.health.values().map(|h| h.relist_mismatches).sum(),
             resources: s.health.clone(),
             ipam_api: None,
@@ -690,39 +885,209 @@ impl Runtime {
     }
 }
 
-/// The staleness verdict: `Some(reason)` when the cached state cannot be trusted.
-fn staleness(
+/// Why one resource's cache cannot be trusted to be current.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "cause", rename_all = "kebab-case")]
+pub enum StaleCause {
+    /// No list has succeeded since the source started, `waited` ago.
+    NeverListed {
+        resource: String,
+        #[serde(with = "humantime_serde")]
+        waited: Duration,
+        last_error: Option<String>,
+    },
+    /// No exchange of any kind with the API server for `silent` (at least `stale_after`).
+    NoContact {
+        resource: String,
+        #[serde(with = "humantime_serde")]
+        silent: Duration,
+        /// Age of the last ADDED/MODIFIED/DELETED event, and of the last bookmark.
+        #[serde(with = "humantime_serde")]
+        last_event_age: Option<Duration>,
+        #[serde(with = "humantime_serde")]
+        last_bookmark_age: Option<Duration>,
+        last_error: Option<String>,
+    },
+    /// The last periodic relist differed from the watch cache: the watch missed events
+    /// (the incident's failure). `differences` is `N difference(s): k8s03 changed, …`.
+    MissedEvents {
+        resource: String,
+        differences: String,
+    },
+}
+
+impl StaleCause {
+    pub fn resource(&self) -> &str {
+        match self {
+            StaleCause::NeverListed { resource, .. }
+            | StaleCause::NoContact { resource, .. }
+            | StaleCause::MissedEvents { resource, .. } => resource,
+        }
+    }
+}
+
+fn human(d: Duration) -> humantime::FormattedDuration {
+    humantime::format_duration(trunc(d))
+}
+
+impl std::fmt::Display for StaleCause {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let err = |e: &Option<String>| {
+            e.as_deref()
+                .map(|e| format!("; last error: {e}"))
+                .unwrap_or_default()
+        };
+        match self {
+            StaleCause::NeverListed {
+                resource,
+                waited,
+                last_error,
+            } => write!(
+                f,
+                "{resource}: no successful list in {}{}",
+                human(*waited),
+                err(last_error)
+            ),
+            StaleCause::NoContact {
+                resource,
+                silent,
+                last_event_age,
+                last_bookmark_age,
+                last_error,
+            } => {
+                let ago = |what: &str, age: &Option<Duration>| match age {
+                    Some(a) => format!("{what} {} ago", human(*a)),
+                    None => format!("no {what} yet"),
+                };
+                write!(
+                    f,
+                    "{resource}: no contact with the API server for {} ({}, {}{})",
+                    human(*silent),
+                    ago("last event", last_event_age),
+                    ago("last bookmark", last_bookmark_age),
+                    err(last_error)
+                )
+            }
+            StaleCause::MissedEvents {
+                resource,
+                differences,
+            } => write!(
+                f,
+                "{resource}: the watch missed events (relist found {differences}); cache \
+                 replaced by the relist"
+            ),
+        }
+    }
+}
+
+/// The staleness verdict per resource: empty when the cached state can be trusted.
+fn stale_causes(
     health: &BTreeMap<String, ResourceHealth>,
     cfg: &KubeSourceConfig,
     started: SystemTime,
     now: SystemTime,
-) -> Option<String> {
+) -> Vec<StaleCause> {
     let age = |t: SystemTime| now.duration_since(t).unwrap_or_default();
-    let mut reasons = Vec::new();
+    let mut causes = Vec::new();
     for (key, h) in health {
-        let err = h
-            .last_error
-            .as_deref()
-            .map(|e| format!(" (last error: {e})"))
-            .unwrap_or_default();
         match h.last_contact {
-            None if age(started) >= cfg.stale_after => reasons.push(format!(
-                "{key}: no successful list in {}{err}",
-                humantime::format_duration(trunc(age(started)))
-            )),
-            Some(t) if age(t) >= cfg.stale_after => reasons.push(format!(
-                "{key}: no contact with the API server for {}{err}; serving the last good state",
-                humantime::format_duration(trunc(age(t)))
-            )),
+            None if age(started) >= cfg.stale_after => causes.push(StaleCause::NeverListed {
+                resource: key.clone(),
+                waited: age(started),
+                last_error: h.last_error.clone(),
+            }),
+            Some(t) if age(t) >= cfg.stale_after => causes.push(StaleCause::NoContact {
+                resource: key.clone(),
+                silent: age(t),
+                last_event_age: h.last_event.map(age),
+                last_bookmark_age: h.last_bookmark.map(age),
+                last_error: h.last_error.clone(),
+            }),
             _ => {}
         }
         if let Some(m) = &h.mismatch {
-            reasons.push(format!(
-                "{key}: the watch missed events (relist found {m}); cache replaced by the relist"
-            ));
+            causes.push(StaleCause::MissedEvents {
+                resource: key.clone(),
+                differences: m.clone(),
+            });
         }
     }
-    (!reasons.is_empty()).then(|| reasons.join("; "))
+    causes
+}
+
+fn join_causes(causes: &[StaleCause]) -> Option<String> {
+    (!causes.is_empty()).then(|| {
+        causes
+            .iter()
+            .map(|c| c.to_string())
+            .collect::<Vec<_>>()
+            .join("; ")
+    })
+}
+
+/// `datastore-stale` findings for a snapshot (none when it is fresh): one warning naming every
+/// stale resource and why, and saying what the checks now run against. Pure: `device` is the
+/// first overlay device (findings always name one).
+pub fn stale_findings(snap: &KubeSnapshot, device: &str) -> Vec<Finding> {
+    if snap.stale_causes.is_empty() {
+        return Vec::new();
+    }
+    let source = &snap.desired.source;
+    let nodes = snap.desired.nodes.len();
+    let missed = snap
+        .stale_causes
+        .iter()
+        .any(|c| matches!(c, StaleCause::MissedEvents { .. }));
+    let unreachable = snap
+        .stale_causes
+        .iter()
+        .any(|c| !matches!(c, StaleCause::MissedEvents { .. }));
+    let basis = if unreachable {
+        format!("checks run against the last good state ({nodes} nodes) until the API server answers again")
+    } else {
+        format!("checks run against the relisted state ({nodes} nodes); the watch is being re-established")
+    };
+    let causes: Vec<String> = snap.stale_causes.iter().map(|c| c.to_string()).collect();
+    let mut f = Finding::new(
+        CheckId::DatastoreStale,
+        Severity::Warning,
+        device,
+        format!(
+            "datastore {source} is stale: {}; {basis}",
+            causes.join("; ")
+        ),
+    );
+    f.evidence.details.insert("source".into(), source.clone());
+    for c in &snap.stale_causes {
+        let key = format!(
+            "{}.{}",
+            c.resource(),
+            match c {
+                StaleCause::NeverListed { .. } => "never-listed",
+                StaleCause::NoContact { .. } => "no-contact",
+                StaleCause::MissedEvents { .. } => "missed-events",
+            }
+        );
+        f.evidence.details.insert(key, c.to_string());
+    }
+    if snap.relist_mismatches > 0 {
+        f.evidence.details.insert(
+            "relist_mismatches".into(),
+            snap.relist_mismatches.to_string(),
+        );
+    }
+    f.hint = Some(if missed {
+        "the API server's watch stopped delivering changes while lists see them (the k8s03 \
+         incident's cause): compare `kubectl get nodes -o yaml` with `kubectl get nodes --watch`, \
+         and if watches stay silent restart the datastore first, then the API server (MicroK8s: \
+         snap.microk8s.daemon-k8s-dqlite, then snap.microk8s.daemon-kubelite)"
+            .to_string()
+    } else {
+        "check the API server and this node's credentials (`kubectl get nodes` with the agent's \
+         kubeconfig); the agent reconnects by itself"
+            .to_string()
+    });
+    vec![f]
 }
 
 fn trunc(d: Duration) -> Duration {
@@ -747,7 +1112,7 @@ async fn run_publisher(
         if rebuild {
             // Let a burst of events land before rebuilding.
             tokio::time::sleep(rt.cfg.debounce).await;
-            let built = rt.shared.lock().unwrap().build(&rt.cfg);
+            let built = rt.shared.lock().unwrap().build(&rt.cfg, &rt.source);
             desired = Arc::new(built);
         }
         let snap = rt.snapshot(desired.clone()).with_ipam(ipam.as_deref());
@@ -1089,6 +1454,15 @@ mod tests {
         }
     }
 
+    fn staleness(
+        h: &BTreeMap<String, ResourceHealth>,
+        cfg: &KubeSourceConfig,
+        started: SystemTime,
+        now: SystemTime,
+    ) -> Option<String> {
+        join_causes(&stale_causes(h, cfg, started, now))
+    }
+
     #[test]
     fn staleness_rules() {
         let cfg = KubeSourceConfig {
@@ -1120,6 +1494,229 @@ mod tests {
         );
     }
 
+    fn snapshot(causes: Vec<StaleCause>) -> KubeSnapshot {
+        let mut desired = DesiredState {
+            source: "kubernetes:https://10.0.0.1:16443".into(),
+            local_node: "k8s01".into(),
+            ..Default::default()
+        };
+        for n in ["k8s01", "k8s02", "k8s03"] {
+            desired.nodes.insert(
+                n.into(),
+                crate::model::PeerNode {
+                    name: n.into(),
+                    node_ip: crate::model::v4(192, 168, 77, 1),
+                    vtep_ip: crate::model::v4(10, 1, 1, 0),
+                    vtep_mac: crate::model::MacAddr::default(),
+                    vtep_mac_derived: true,
+                    blocks: vec![],
+                    borrowed: vec![],
+                },
+            );
+        }
+        KubeSnapshot {
+            desired: Arc::new(desired),
+            synced: true,
+            stale: !causes.is_empty(),
+            stale_reason: join_causes(&causes),
+            stale_causes: causes,
+            resources: BTreeMap::new(),
+            relist_mismatches: 0,
+            ipam_api: None,
+        }
+    }
+
+    #[test]
+    fn config_maps_every_datastore_key() {
+        let text = r#"
+node_name = "k8s02"
+profile = "flannel"
+[datastore]
+source = "kubernetes"
+kubeconfig = "/var/snap/microk8s/current/credentials/client.config"
+relist_interval = "2m"
+stale_after = "7m"
+publish_node_condition = true
+publish_events = true
+ipam_api = "projectcalico.org/v3"
+"#;
+        let config =
+            crate::config::Config::from_toml(text, std::path::Path::new("/etc/x.toml")).unwrap();
+        let k = KubeSourceConfig::from_config(&config);
+        assert_eq!(
+            k.kubeconfig.as_deref(),
+            Some(std::path::Path::new(MICROK8S_KUBECONFIG))
+        );
+        assert_eq!(k.node_name, "k8s02");
+        assert_eq!(k.profile, KubeProfile::Flannel);
+        assert_eq!(k.relist_interval, Duration::from_secs(120));
+        assert_eq!(k.stale_after, Duration::from_secs(420));
+        assert!(k.publish_condition && k.publish_events);
+        assert_eq!(k.ipam_api.as_deref(), Some("projectcalico.org/v3"));
+        let d = KubeSourceConfig::from_config(&crate::config::Config::with_node_name("n"));
+        assert_eq!(d.kubeconfig, None);
+        assert_eq!(d.profile, KubeProfile::Calico);
+        assert!(!d.publish_condition && !d.publish_events);
+        assert_eq!(d.relist_interval, Duration::from_secs(300));
+    }
+
+    #[test]
+    fn kube_errors_read_as_one_line() {
+        let forbidden = KubeError::from_kube(
+            "listing nodes".into(),
+            kube::Error::Api(Box::new(kube::core::Status {
+                code: 403,
+                reason: "Forbidden".into(),
+                message: "nodes is forbidden: User \"system:serviceaccount:kube-system:dataplane-watchdog\" cannot list resource \"nodes\" in API group \"\" at the cluster scope".into(),
+                ..Default::default()
+            })),
+        );
+        let text = forbidden.to_string();
+        assert!(matches!(forbidden, KubeError::Forbidden { .. }));
+        assert!(
+            text.starts_with("listing nodes: forbidden by RBAC: nodes is forbidden"),
+            "{text}"
+        );
+        assert!(text.contains("cannot list resource \"nodes\""), "{text}");
+        assert!(text.contains("systemd/rbac.yaml"), "{text}");
+        assert!(!text.contains('\n'));
+        let gone = KubeError::from_kube(
+            "watching nodes".into(),
+            kube::Error::Api(Box::new(kube::core::Status {
+                code: 410,
+                reason: "Expired".into(),
+                message: "too old resource version".into(),
+                ..Default::default()
+            })),
+        );
+        assert_eq!(
+            gone.to_string(),
+            "watching nodes: 410 Expired: too old resource version"
+        );
+    }
+
+    #[test]
+    fn status_section_reports_ages_staleness_and_errors() {
+        let now = SystemTime::now();
+        let mut snap = snapshot(vec![StaleCause::NoContact {
+            resource: "nodes".into(),
+            silent: Duration::from_secs(700),
+            last_event_age: None,
+            last_bookmark_age: None,
+            last_error: None,
+        }]);
+        snap.resources.insert(
+            "nodes".into(),
+            ResourceHealth {
+                last_relist: Some(now - Duration::from_secs(700)),
+                last_error: Some("listing nodes: API server unreachable".into()),
+                ..Default::default()
+            },
+        );
+        let st = snap.datastore_status(now);
+        assert_eq!(st.source, "kubernetes:https://10.0.0.1:16443");
+        assert!(st.stale);
+        assert_eq!(st.nodes, 3);
+        assert_eq!(st.last_event_age_seconds, Some(700.0));
+        assert_eq!(st.last_relist, Some(now - Duration::from_secs(700)));
+        assert_eq!(
+            st.error.as_deref(),
+            Some("nodes: listing nodes: API server unreachable")
+        );
+    }
+
+    #[test]
+    fn fresh_snapshot_has_no_stale_finding() {
+        assert!(stale_findings(&snapshot(vec![]), "vxlan.calico").is_empty());
+    }
+
+    #[test]
+    fn no_contact_finding_names_resource_ages_and_last_good_state() {
+        let snap = snapshot(vec![StaleCause::NoContact {
+            resource: "nodes".into(),
+            silent: Duration::from_secs(663),
+            last_event_age: Some(Duration::from_millis(725_400)),
+            last_bookmark_age: None,
+            last_error: Some("listing nodes: API server unreachable: connection refused".into()),
+        }]);
+        let f = stale_findings(&snap, "vxlan.calico");
+        assert_eq!(f.len(), 1);
+        let f = &f[0];
+        assert_eq!(f.check, CheckId::DatastoreStale);
+        assert_eq!(f.severity, Severity::Warning);
+        assert_eq!(f.device, "vxlan.calico");
+        assert_eq!(f.peer_node, None);
+        assert_eq!(
+            f.message,
+            "datastore kubernetes:https://10.0.0.1:16443 is stale: nodes: no contact with the API \
+             server for 11m 3s (last event 12m 5s ago, no last bookmark yet; last error: listing \
+             nodes: API server unreachable: connection refused); checks run against the last good \
+             state (3 nodes) until the API server answers again"
+        );
+        assert!(f.evidence.details.contains_key("nodes.no-contact"));
+        assert!(f.hint.as_deref().unwrap().contains("credentials"));
+    }
+
+    #[test]
+    fn missed_events_finding_says_the_relist_found_differences() {
+        let mut snap = snapshot(vec![StaleCause::MissedEvents {
+            resource: "nodes".into(),
+            differences: "1 difference(s): k8s03 changed".into(),
+        }]);
+        snap.relist_mismatches = 2;
+        let f = &stale_findings(&snap, "flannel.1")[0];
+        assert!(
+            f.message.contains(
+                "nodes: the watch missed events (relist found 1 difference(s): k8s03 changed); \
+                 cache replaced by the relist"
+            ),
+            "{}",
+            f.message
+        );
+        assert!(
+            f.message.ends_with("checks run against the relisted state (3 nodes); the watch is being re-established"),
+            "{}",
+            f.message
+        );
+        assert_eq!(f.evidence.details["relist_mismatches"], "2");
+        assert!(f.hint.as_deref().unwrap().contains("k8s-dqlite"));
+    }
+
+    #[test]
+    fn several_causes_make_one_finding() {
+        // One finding per source: the finding key (check, device, peer, route) is shared.
+        let snap = snapshot(vec![
+            StaleCause::NeverListed {
+                resource: "ipamblocks".into(),
+                waited: Duration::from_secs(600),
+                last_error: None,
+            },
+            StaleCause::MissedEvents {
+                resource: "nodes".into(),
+                differences: "2 difference(s): a added, b deleted".into(),
+            },
+        ]);
+        let f = stale_findings(&snap, "vxlan.calico");
+        assert_eq!(f.len(), 1);
+        assert!(
+            f[0].message
+                .contains("ipamblocks: no successful list in 10m"),
+            "{}",
+            f[0].message
+        );
+        assert!(f[0].message.contains("a added, b deleted"));
+        assert!(
+            f[0].message.contains("last good state"),
+            "an unreachable resource means the data is old"
+        );
+        assert_eq!(
+            f[0].evidence.details.len(),
+            3,
+            "{:?}",
+            f[0].evidence.details
+        );
+    }
+
     #[test]
     fn last_event_age_is_the_worst_resource() {
         let now = SystemTime::now();
@@ -1128,6 +1725,7 @@ mod tests {
             synced: true,
             stale: false,
             stale_reason: None,
+            stale_causes: vec![],
             resources: BTreeMap::new(),
             relist_mismatches: 0,
             ipam_api: None,

@@ -18,8 +18,14 @@ use std::{
 
 use ipnet::IpNet;
 
-pub use self::file::{FileDatastore, FileFormat};
-use crate::model::{DatastoreProblem, DesiredState, MacAddr, PeerNode};
+pub use self::{
+    file::{FileDatastore, FileFormat},
+    kubernetes::{KubeSource, KubeSourceConfig},
+};
+use crate::{
+    config::{Config, DatastoreSource},
+    model::{DatastoreProblem, DesiredState, MacAddr, PeerNode},
+};
 
 /// A source of desired state. The daemon calls `load` on every resync (and whenever the
 /// source says something changed); a source may cache between calls, hence `&mut self`.
@@ -88,17 +94,62 @@ impl Datastore for NoDatastore {
 }
 
 /// The configured source, chosen at run time (the trait itself is not object-safe).
-/// The kubernetes source adds its own variant.
 #[derive(Debug)]
 pub enum AnyDatastore {
     File(FileDatastore),
+    /// Boxed: the client is large next to the other sources.
+    Kubernetes(Box<KubeSource>),
     None(NoDatastore),
+}
+
+impl AnyDatastore {
+    /// The source `config.datastore` names. Kubernetes connects (credentials, IPAM API
+    /// discovery) here, so an unreachable API server or missing RBAC is an error now, with
+    /// one line naming what failed.
+    pub async fn from_config(config: &Config) -> Result<AnyDatastore, DatastoreError> {
+        Ok(match config.datastore.source {
+            DatastoreSource::File => AnyDatastore::File(FileDatastore::new(
+                config.datastore.path.clone(),
+                config.node_name.clone(),
+            )),
+            DatastoreSource::Kubernetes => {
+                let cfg = KubeSourceConfig::from_config(config);
+                let kubeconfig = cfg.kubeconfig.clone();
+                let src = KubeSource::connect(cfg).await.map_err(|e| {
+                    // Name the server when the credentials were read, else the kubeconfig.
+                    let source = match (e.server(), &kubeconfig) {
+                        (Some(server), _) => format!("kubernetes:{server}"),
+                        (None, Some(p)) => format!("kubernetes (kubeconfig {})", p.display()),
+                        (None, None) => "kubernetes".to_string(),
+                    };
+                    DatastoreError::Backend {
+                        source,
+                        error: Box::new(e),
+                    }
+                })?;
+                AnyDatastore::Kubernetes(Box::new(src))
+            }
+            DatastoreSource::None => AnyDatastore::None(NoDatastore {
+                local_node: config.node_name.clone(),
+            }),
+        })
+    }
+
+    /// The Kubernetes source, for the daemon's list/watch ([`KubeSource::spawn`]) and
+    /// publishing; `None` for the other sources.
+    pub fn kubernetes(&self) -> Option<&KubeSource> {
+        match self {
+            AnyDatastore::Kubernetes(k) => Some(k),
+            _ => None,
+        }
+    }
 }
 
 impl Datastore for AnyDatastore {
     async fn load(&mut self) -> Result<DesiredState, DatastoreError> {
         match self {
             AnyDatastore::File(d) => d.load().await,
+            AnyDatastore::Kubernetes(d) => d.load().await,
             AnyDatastore::None(d) => d.load().await,
         }
     }
@@ -106,6 +157,7 @@ impl Datastore for AnyDatastore {
     fn describe(&self) -> String {
         match self {
             AnyDatastore::File(d) => d.describe(),
+            AnyDatastore::Kubernetes(d) => d.source_name(),
             AnyDatastore::None(d) => d.describe(),
         }
     }

@@ -285,6 +285,21 @@ fn list_or_watch(
 ) -> Response<Body> {
     let rv_param = q.get("resourceVersion").cloned().unwrap_or_default();
     let watch = matches!(q.get("watch").map(String::as_str), Some("true" | "1"));
+    if st.inner.lock().unwrap().forbidden.contains(&res) {
+        // What RBAC answers when the ClusterRole lacks the verb.
+        let group = gv.rsplit_once('/').map(|(g, _)| g).unwrap_or("");
+        return status(
+            StatusCode::FORBIDDEN,
+            "Forbidden",
+            &format!(
+                "{} is forbidden: User \"system:serviceaccount:kube-system:dataplane-watchdog\" \
+                 cannot {} resource \"{}\" in API group \"{group}\" at the cluster scope",
+                res.plural(),
+                if watch { "watch" } else { "list" },
+                res.plural()
+            ),
+        );
+    }
     if !watch {
         let mut inner = st.inner.lock().unwrap();
         if let Ok(rv) = rv_param.parse::<u64>() {

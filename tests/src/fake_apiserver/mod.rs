@@ -118,6 +118,8 @@ struct Inner {
     ignore_watch_timeout: bool,
     down: bool,
     unavailable: bool,
+    /// Resources whose list and watch are answered 403 Forbidden (missing RBAC).
+    forbidden: Vec<Res>,
     delay: Duration,
     requests: Vec<Recorded>,
     watches_started: usize,
@@ -175,6 +177,7 @@ impl FakeApiServer {
                 ignore_watch_timeout: false,
                 down: false,
                 unavailable: false,
+                forbidden: Vec::new(),
                 delay: Duration::ZERO,
                 requests: Vec::new(),
                 watches_started: 0,
@@ -277,6 +280,15 @@ impl FakeApiServer {
     /// Every request is answered `503 Service Unavailable` (which kube retries silently).
     pub fn set_unavailable(&self, on: bool) {
         self.state.inner.lock().unwrap().unavailable = on;
+    }
+
+    /// Lists and watches of `res` are answered `403 Forbidden` like RBAC without the verb.
+    pub fn set_forbidden(&self, res: Res, on: bool) {
+        let mut inner = self.state.inner.lock().unwrap();
+        inner.forbidden.retain(|r| *r != res);
+        if on {
+            inner.forbidden.push(res);
+        }
     }
 
     /// Delay before every response.

@@ -1,0 +1,191 @@
+//! The lab's cluster as Kubernetes objects, served by the fake API server: Nodes with the
+//! annotations Calico (or flannel) writes, and for Calico the IPAMBlocks and BlockAffinities
+//! that own the lab's blocks and borrowed addresses. With these, `watchdog --datastore
+//! kubernetes` sees exactly what the `file` datastore ([`Lab::datastore_yaml`]) says.
+
+use std::{
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+};
+
+use anyhow::{bail, Result};
+use ipnet::Ipv4Net;
+use serde_json::{json, Value};
+
+use crate::{
+    fake_apiserver::{FakeApiServer, Res},
+    lab::{Lab, NodeInfo},
+    spec::{Mac, Profile},
+};
+
+pub const ANN_CALICO_VTEP: &str = "projectcalico.org/IPv4VXLANTunnelAddr";
+pub const ANN_CALICO_ADDRESS: &str = "projectcalico.org/IPv4Address";
+pub const ANN_CALICO_MAC: &str = "projectcalico.org/VXLANTunnelMACAddr";
+pub const ANN_FLANNEL_BACKEND: &str = "flannel.alpha.coreos.com/backend-data";
+pub const ANN_FLANNEL_PUBLIC_IP: &str = "flannel.alpha.coreos.com/public-ip";
+
+/// Object name Calico gives a block: `10-1-235-128-26`.
+pub fn block_name(cidr: Ipv4Net) -> String {
+    cidr.to_string().replace(['.', '/'], "-")
+}
+
+/// The Node object for `node`, as calico-node (or flanneld) annotates it; `vtep` overrides the
+/// published VTEP address (Calico only: flannel's VTEP is its subnet's base address).
+fn node_object(profile: Profile, node: &NodeInfo, vtep: Option<Ipv4Addr>) -> Value {
+    let mut annotations = serde_json::Map::new();
+    let mut spec = json!({});
+    match profile {
+        Profile::Calico => {
+            let vtep = vtep.unwrap_or(node.vtep_ip);
+            annotations.insert(ANN_CALICO_VTEP.into(), json!(vtep.to_string()));
+            // Calico publishes the node address with the underlay's prefix length.
+            annotations.insert(
+                ANN_CALICO_ADDRESS.into(),
+                json!(format!("{}/24", node.node_ip)),
+            );
+            // Felix publishes no MAC on Linux (peers derive it); only an explicit one is written.
+            if node.vtep_mac != Mac::felix(&node.name) {
+                annotations.insert(ANN_CALICO_MAC.into(), json!(node.vtep_mac.to_string()));
+            }
+        }
+        Profile::Flannel => {
+            annotations.insert(
+                ANN_FLANNEL_BACKEND.into(),
+                json!(format!(
+                    "{{\"VNI\":{},\"VtepMAC\":\"{}\"}}",
+                    profile.vni(),
+                    node.vtep_mac
+                )),
+            );
+            annotations.insert(
+                "flannel.alpha.coreos.com/backend-type".into(),
+                json!("vxlan"),
+            );
+            annotations.insert(
+                ANN_FLANNEL_PUBLIC_IP.into(),
+                json!(node.node_ip.to_string()),
+            );
+            if let Some(cidr) = node.blocks.first() {
+                spec = json!({"podCIDR": cidr.to_string(), "podCIDRs": [cidr.to_string()]});
+            }
+        }
+    }
+    json!({
+        "metadata": {"name": node.name, "labels": {"kubernetes.io/hostname": node.name},
+                     "annotations": annotations},
+        "spec": spec,
+        "status": {"conditions": [{"type": "Ready", "status": "True", "reason": "KubeletReady"}],
+                   "addresses": [{"type": "InternalIP", "address": node.node_ip.to_string()}]}
+    })
+}
+
+/// Calico's IPAMBlock for `cidr` owned by `owner`: the owner's VTEP allocated to itself, and
+/// every address another node borrowed from it allocated to that node (`secondary.node`).
+fn ipam_block(lab: &Lab, owner: &NodeInfo, cidr: Ipv4Net) -> Value {
+    let size = 1usize << (32 - cidr.prefix_len());
+    let base = u32::from(cidr.network());
+    let mut allocations = vec![Value::Null; size];
+    let mut attributes = Vec::new();
+    let mut allocate = |ip: Ipv4Addr, node: &str, handle: String| {
+        let ordinal = (u32::from(ip) - base) as usize;
+        allocations[ordinal] = json!(attributes.len());
+        attributes.push(json!({"handle_id": handle, "secondary": {"node": node}}));
+    };
+    if cidr.contains(&owner.vtep_ip) {
+        allocate(
+            owner.vtep_ip,
+            &owner.name,
+            format!("vxlan-tunnel-addr-{}", owner.name),
+        );
+    }
+    for other in lab.nodes() {
+        for ip in other.borrowed.iter().filter(|ip| cidr.contains(*ip)) {
+            allocate(
+                *ip,
+                &other.name,
+                format!("k8s-pod-network.{}-{ip}", other.name),
+            );
+        }
+    }
+    let unallocated: Vec<usize> = allocations
+        .iter()
+        .enumerate()
+        .filter(|(_, a)| a.is_null())
+        .map(|(i, _)| i)
+        .collect();
+    json!({
+        "metadata": {"name": block_name(cidr)},
+        "spec": {"cidr": cidr.to_string(), "affinity": format!("host:{}", owner.name),
+                 "deleted": false, "strictAffinity": false, "sequenceNumber": 0,
+                 "allocations": allocations, "attributes": attributes,
+                 "unallocated": unallocated}
+    })
+}
+
+fn block_affinity(owner: &str, cidr: Ipv4Net) -> Value {
+    json!({
+        "metadata": {"name": format!("{owner}-{}", block_name(cidr))},
+        // `deleted` is a string in crd.projectcalico.org/v1.
+        "spec": {"node": owner, "cidr": cidr.to_string(), "state": "confirmed", "deleted": "false"}
+    })
+}
+
+/// Puts the lab's healthy cluster into `server`: every Node and, for Calico, every IPAMBlock
+/// and BlockAffinity. Safe to call again (objects are replaced).
+pub fn populate_fake_apiserver(lab: &Lab, server: &FakeApiServer) {
+    for node in lab.nodes() {
+        server.put(Res::Nodes, node_object(lab.profile(), node, None));
+    }
+    if lab.profile() == Profile::Calico {
+        for node in lab.nodes() {
+            for &cidr in &node.blocks {
+                server.put(Res::IpamBlocks, ipam_block(lab, node, cidr));
+                server.put(Res::BlockAffinities, block_affinity(&node.name, cidr));
+            }
+        }
+    }
+}
+
+/// What calico-node does when `node` re-registers with a new VTEP address: its Node's
+/// `IPv4VXLANTunnelAddr` annotation changes (a MODIFIED event — unless the watch is silent).
+/// The lab's kernels are not touched. Returns the new resourceVersion.
+pub fn move_vtep(lab: &Lab, server: &FakeApiServer, node: &str, vtep: Ipv4Addr) -> Result<u64> {
+    if lab.profile() != Profile::Calico {
+        bail!("move_vtep: flannel's VTEP is its subnet's base address, not an annotation");
+    }
+    Ok(server.put(
+        Res::Nodes,
+        node_object(lab.profile(), lab.node(node), Some(vtep)),
+    ))
+}
+
+/// Puts `node`'s Node object back as the lab built it.
+pub fn restore_node(lab: &Lab, server: &FakeApiServer, node: &str) -> u64 {
+    server.put(Res::Nodes, node_object(lab.profile(), lab.node(node), None))
+}
+
+/// An agent config for running `watchdog` as `node` against the API server in `kubeconfig`.
+pub fn agent_config_toml_kubernetes(lab: &Lab, node: &str, kubeconfig: &Path) -> String {
+    format!(
+        "node_name = \"{}\"\nprofile = \"{}\"\ndevices = [\"{}\"]\n\n[datastore]\nsource = \"kubernetes\"\nkubeconfig = \"{}\"\n",
+        lab.node(node).name,
+        lab.profile(),
+        lab.device(),
+        kubeconfig.display()
+    )
+}
+
+impl Lab {
+    /// Writes [`agent_config_toml_kubernetes`] to `<tmp>/<lab id>-<node>-kube.toml` (removed
+    /// when the lab is dropped) and returns its path.
+    pub fn write_agent_config_kubernetes(
+        &mut self,
+        node: &str,
+        kubeconfig: &Path,
+    ) -> Result<PathBuf> {
+        let path = std::env::temp_dir().join(format!("{}-{node}-kube.toml", self.id()));
+        let text = agent_config_toml_kubernetes(self, node, kubeconfig);
+        self.write_temp(&path, &text)?;
+        Ok(path)
+    }
+}
