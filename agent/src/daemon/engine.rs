@@ -274,7 +274,12 @@ mod tests {
         assert!(e.is_dirty());
         let ev = e.evaluate(t1 + Duration::from_secs(5));
         let opened: Vec<CheckId> = ev.transitions.opened.iter().map(|f| f.check).collect();
-        assert_eq!(opened, [CheckId::TrafficBlackholed], "{:#?}", ev.transitions);
+        assert_eq!(
+            opened,
+            [CheckId::TrafficBlackholed],
+            "{:#?}",
+            ev.transitions
+        );
         let original = ev
             .report
             .findings
