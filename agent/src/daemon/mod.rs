@@ -242,6 +242,7 @@ impl Daemon {
             last_tick: None,
             last_desired_ok: None,
             neigh_failed_last: Default::default(),
+            synced: false,
             ready: false,
             last_summary: None,
         };
@@ -275,6 +276,8 @@ struct LoopState {
     last_desired_ok: Option<Instant>,
     /// Per (device, ifindex): neighbour FAILED transitions already counted in metrics.
     neigh_failed_last: std::collections::BTreeMap<(String, u32), u64>,
+    /// At least one kernel dump succeeded (findings mean something).
+    synced: bool,
     ready: bool,
     last_summary: Option<(usize, usize, usize)>,
 }
@@ -426,13 +429,17 @@ impl LoopState {
             while m.try_next().is_some() {}
         }
         match self.observer.snapshot(self.engine.devices()).await {
-            Ok(observed) => self.engine.replace_observed(observed),
+            Ok(observed) => {
+                self.engine.replace_observed(observed);
+                self.synced = true;
+            }
             Err(e) => {
                 error!(error = %e, reason = reason.as_str(), "kernel dump failed; retrying");
                 self.schedule_resync(reason, RETRY);
                 return;
             }
         }
+        let kernel = started.elapsed();
         if reason.reloads_datastore() || self.last_desired_ok.is_none() {
             self.reload_datastore().await;
         }
@@ -445,9 +452,11 @@ impl LoopState {
                 s.resync.last_full_resync = Some(now);
             })
             .await;
+        let ms = |d: Duration| format!("{:.1}", d.as_secs_f64() * 1e3);
         info!(
             reason = reason.as_str(),
-            ms = format_args!("{:.1}", started.elapsed().as_secs_f64() * 1e3),
+            ms = %ms(started.elapsed()),
+            kernel_ms = %ms(kernel),
             "full resync"
         );
     }
@@ -655,6 +664,7 @@ impl LoopState {
         let metrics = self.metrics.clone();
         let routes_checked = report.routes_checked as u64;
         let findings = report.findings;
+        let synced = self.synced;
         self.status
             .update(|s| {
                 s.set_findings(findings);
@@ -662,12 +672,12 @@ impl LoopState {
                 s.checks.routes_checked = routes_checked;
                 s.checks.last_duration_seconds = Some(duration.as_secs_f64());
                 s.checks.last_run = Some(now);
-                s.in_sync = true;
+                s.in_sync = synced;
                 metrics.update_from_status(s);
             })
             .await;
         let counts = (summary.critical, summary.warning, summary.info);
-        if self.last_summary != Some(counts) {
+        if self.synced && self.last_summary != Some(counts) {
             self.last_summary = Some(counts);
             let line = if summary.critical + summary.warning + summary.info == 0 {
                 "in sync; healthy".to_string()
