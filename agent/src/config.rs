@@ -40,6 +40,7 @@ pub struct Config {
     pub metrics: MetricsConfig,
     pub ebpf: EbpfConfig,
     pub repair: RepairConfig,
+    pub netlink: NetlinkConfig,
 }
 
 /// Overlay flavour; decides the default devices and how the datastore is read.
@@ -215,6 +216,24 @@ impl Default for EbpfConfig {
     }
 }
 
+/// `[netlink]` — the kernel change subscription of `watchdog run`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NetlinkConfig {
+    /// Receive buffer of the multicast socket, in bytes (SO_RCVBUFFORCE). A burst of changes
+    /// larger than this is lost (ENOBUFS) and repaired by an immediate full resync.
+    /// Default: 4194304 (4 MiB, room for a Felix-sized burst of thousands of routes).
+    pub receive_buffer: usize,
+}
+
+impl Default for NetlinkConfig {
+    fn default() -> Self {
+        NetlinkConfig {
+            receive_buffer: 4 * 1024 * 1024,
+        }
+    }
+}
+
 /// `[repair]` — guard rails; repair itself is switched on only by `mode = "repair"`.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -266,6 +285,7 @@ impl Config {
             metrics: MetricsConfig::default(),
             ebpf: EbpfConfig::default(),
             repair: RepairConfig::default(),
+            netlink: NetlinkConfig::default(),
         }
     }
 
@@ -405,6 +425,15 @@ impl Config {
         if self.repair.contested_after == 0 {
             return bad("repair.contested_after", "must be at least 1".into());
         }
+        if self.netlink.receive_buffer < 1024 {
+            return bad(
+                "netlink.receive_buffer",
+                format!(
+                    "{} bytes is too small: at least 1024",
+                    self.netlink.receive_buffer
+                ),
+            );
+        }
         Ok(())
     }
 }
@@ -512,6 +541,7 @@ struct RawConfig {
     metrics: MetricsConfig,
     ebpf: EbpfConfig,
     repair: RepairConfig,
+    netlink: NetlinkConfig,
 }
 
 impl RawConfig {
@@ -531,6 +561,7 @@ impl RawConfig {
             metrics: self.metrics,
             ebpf: self.ebpf,
             repair: self.repair,
+            netlink: self.netlink,
             node_name: defaults.node_name,
         }
     }

@@ -5,6 +5,7 @@
 pub mod act;
 pub mod checks;
 pub mod config;
+pub mod daemon;
 pub mod desired;
 pub mod ebpf;
 pub mod model;

@@ -13,7 +13,9 @@ use std::{
 use clap::{Args, Parser, Subcommand};
 use dataplane_watchdog::{
     config::{Config, Profile},
+    daemon::{self, Daemon, DaemonError},
     scan::{self, DatastoreChoice},
+    serve::{self, CheckArgs, StatusArgs},
 };
 use tracing_subscriber::EnvFilter;
 
@@ -39,6 +41,34 @@ enum Command {
     /// One-shot check: snapshot kernel + datastore, print findings, exit 0 healthy / 1 warning /
     /// 2 critical / 3 could not check.
     Scan(ScanArgs),
+    /// Ask the running daemon: node, peers, open findings, drops, repairs (exit 3 when it
+    /// cannot be reached).
+    Status(StatusCmd),
+    /// Nagios/NRPE plugin: one line `WATCHDOG OK|WARNING|CRITICAL|UNKNOWN - …`, exit 0/1/2/3.
+    Check(CheckCmd),
+}
+
+#[derive(Args, Debug)]
+struct ClientConfig {
+    /// Configuration file, read only for `status.socket` when --socket is not given.
+    #[arg(long, value_name = "PATH", default_value = DEFAULT_CONFIG)]
+    config: PathBuf,
+}
+
+#[derive(Args, Debug)]
+struct StatusCmd {
+    #[command(flatten)]
+    client: ClientConfig,
+    #[command(flatten)]
+    args: StatusArgs,
+}
+
+#[derive(Args, Debug)]
+struct CheckCmd {
+    #[command(flatten)]
+    client: ClientConfig,
+    #[command(flatten)]
+    args: CheckArgs,
 }
 
 #[derive(Args, Debug)]
@@ -89,15 +119,106 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Scan(args) => scan_command(args),
-        Command::Run(args) => {
-            let _config = match load_config(&args.common) {
-                Ok(c) => c,
-                Err(code) => return code,
-            };
-            eprintln!("watchdog run: the daemon is not implemented yet (issue 4)");
-            ExitCode::from(2)
+        Command::Run(args) => run_command(args),
+        Command::Status(mut cmd) => {
+            if cmd.args.socket.is_none() {
+                match client_socket(&cmd.client) {
+                    Ok(socket) => cmd.args.socket = Some(socket),
+                    Err(err) => {
+                        eprintln!("watchdog status: {err}");
+                        return ExitCode::from(2);
+                    }
+                }
+            }
+            exit(runtime().block_on(serve::run_status(cmd.args)))
+        }
+        Command::Check(mut cmd) => {
+            if cmd.args.socket.is_none() {
+                match client_socket(&cmd.client) {
+                    Ok(socket) => cmd.args.socket = Some(socket),
+                    Err(err) => {
+                        // Nagios: a plugin that cannot even start is UNKNOWN.
+                        println!("WATCHDOG UNKNOWN - {}", err.replace('|', "/"));
+                        return ExitCode::from(3);
+                    }
+                }
+            }
+            exit(runtime().block_on(serve::run_check(cmd.args)))
         }
     }
+}
+
+fn exit(code: i32) -> ExitCode {
+    ExitCode::from(u8::try_from(code).unwrap_or(3))
+}
+
+/// The status socket from the config (a missing default config means the default socket).
+fn client_socket(client: &ClientConfig) -> Result<PathBuf, String> {
+    let explicit = client.config != Path::new(DEFAULT_CONFIG);
+    Config::load(&client.config, explicit)
+        .map(|c| c.status.socket)
+        .map_err(|e| e.to_string())
+}
+
+fn run_command(args: RunArgs) -> ExitCode {
+    let config = match load_config(&args.common) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    init_logging(&config.log_level);
+    let datastore = match daemon::datastore_from_config(&config) {
+        Ok(d) => d,
+        Err(err) => {
+            eprintln!("watchdog: config: {err}");
+            return ExitCode::from(2);
+        }
+    };
+    tracing::info!(
+        version = env!("CARGO_PKG_VERSION"),
+        node = %config.node_name,
+        profile = config.profile.as_str(),
+        mode = %config.mode,
+        devices = ?config.devices,
+        netns = %args.common.netns.as_deref().map(|p| p.display().to_string()).unwrap_or_else(|| "own".into()),
+        resync_interval = %humantime::format_duration(config.resync_interval),
+        "starting"
+    );
+    let daemon = Daemon::new(config, args.common.netns.clone(), datastore);
+    let result = runtime().block_on(async move {
+        let shutdown = match shutdown_signal() {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("watchdog run: cannot install signal handlers: {e}");
+                return Err(None);
+            }
+        };
+        daemon.run(shutdown).await.map_err(Some)
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Some(err)) => {
+            tracing::error!(error = %err, "cannot start");
+            eprintln!("watchdog run: {err}");
+            match err {
+                DaemonError::UnsupportedDatastore(_) => ExitCode::from(2),
+                _ => ExitCode::FAILURE,
+            }
+        }
+        Err(None) => ExitCode::FAILURE,
+    }
+}
+
+/// Completes on the first SIGTERM or SIGINT.
+fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()>> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM received"),
+            _ = int.recv() => tracing::info!("SIGINT received"),
+        }
+    })
 }
 
 /// Config file + command-line overrides; errors are printed as one line, exit 2.
@@ -134,13 +255,27 @@ fn load_config(common: &CommonArgs) -> Result<Config, ExitCode> {
     Ok(config)
 }
 
+/// Logs on stderr: `WATCHDOG_LOG` overrides the configured filter; colours only on a
+/// terminal; no timestamps under journald (it stamps every line itself).
 fn init_logging(default: &str) {
-    let filter =
-        EnvFilter::try_from_env("WATCHDOG_LOG").unwrap_or_else(|_| EnvFilter::new(default));
-    let _ = tracing_subscriber::fmt()
+    use std::io::IsTerminal;
+    // netlink-packet-route warns on every dump about attributes newer than the crate.
+    let quiet = if default.contains("netlink_packet_route") {
+        String::new()
+    } else {
+        ",netlink_packet_route=error".to_string()
+    };
+    let filter = EnvFilter::try_from_env("WATCHDOG_LOG")
+        .unwrap_or_else(|_| EnvFilter::new(format!("{default}{quiet}")));
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
-        .try_init();
+        .with_ansi(std::io::stderr().is_terminal());
+    let _ = if std::env::var_os("JOURNAL_STREAM").is_some() {
+        builder.without_time().try_init()
+    } else {
+        builder.try_init()
+    };
 }
 
 fn runtime() -> tokio::runtime::Runtime {

@@ -1,0 +1,450 @@
+//! `cargo xtask bench daemon`: the running agent (`watchdog run`, release build) measured from
+//! the outside, through its status API, the way an operator sees it.
+//!
+//! 1. Detection latency on the incident lab: a bad route written (`ip route replace` returned)
+//!    → the finding visible in `GET /findings`; and restore → cleared. p50/p99 over N rounds.
+//! 2. Event throughput at 5,000 peers × 6 blocks = 30,000 routes: the routes are written
+//!    (`ip -batch`) while the daemon runs; time until its findings are exactly those of the
+//!    healthy node, against the time the kernel took to accept the writes.
+//! 3. Full resync time vs one raw netlink route dump of the same namespace (same run).
+//! 4. RSS and idle CPU of the daemon holding that 5,000-peer model.
+//!
+//! Needs root. Options via env: `BENCH_INJECTIONS` (default 1000), `BENCH_PEERS` (5000).
+
+use std::{
+    fmt::Write as _,
+    io::Write as _,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context, Result};
+use dataplane_watchdog::{
+    model::{Finding, MacAddr},
+    observe::NetlinkObserver,
+    serve::{client, Status},
+};
+use watchdog_lab::{Lab, LabSpec};
+
+const DEVICE: &str = "vxlan.calico";
+const BLOCKS: usize = 6;
+
+fn env_usize(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn watchdog_bin() -> PathBuf {
+    // target/release/examples/bench_daemon → target/release/watchdog
+    let exe = std::env::current_exe().expect("current exe");
+    exe.parent()
+        .and_then(Path::parent)
+        .map(|d| d.join("watchdog"))
+        .expect("target dir")
+}
+
+/// `watchdog run` as a child, killed on drop.
+struct Daemon {
+    child: Child,
+    socket: PathBuf,
+    log: PathBuf,
+    rt: tokio::runtime::Runtime,
+    _dir: tempfile::TempDir,
+}
+
+impl Daemon {
+    fn start(netns: &Path, node: &str, datastore: &Path, extra: &str) -> Result<Daemon> {
+        let dir = tempfile::tempdir()?;
+        let socket = dir.path().join("status.sock");
+        let log = dir.path().join("agent.log");
+        let config = dir.path().join("config.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "node_name = \"{node}\"\ndevices = [\"{DEVICE}\"]\n{extra}\n[datastore]\nsource = \"file\"\npath = \"{}\"\n[status]\nsocket = \"{}\"\n[metrics]\nlisten = \"off\"\n[ebpf]\nenabled = false\n",
+                datastore.display(),
+                socket.display()
+            ),
+        )?;
+        let child = Command::new(watchdog_bin())
+            .args(["run", "--config"])
+            .arg(&config)
+            .arg("--netns")
+            .arg(netns)
+            .env("WATCHDOG_LOG", "info,netlink_packet_route=error")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log)?)
+            .spawn()
+            .context("starting watchdog run (build it with --release first)")?;
+        let d = Daemon {
+            child,
+            socket,
+            log,
+            rt: tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?,
+            _dir: dir,
+        };
+        let started = Instant::now();
+        while !d.status().map(|s| s.in_sync).unwrap_or(false) {
+            if started.elapsed() > Duration::from_secs(120) {
+                bail!("daemon not in sync:\n{}", d.log());
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Ok(d)
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn status(&self) -> Result<Status> {
+        Ok(self
+            .rt
+            .block_on(client::fetch_status(&self.socket, Duration::from_secs(10)))?)
+    }
+
+    fn findings(&self) -> Result<Vec<Finding>> {
+        let body = self.rt.block_on(client::fetch(
+            &self.socket,
+            "/findings",
+            Duration::from_secs(10),
+        ))?;
+        Ok(serde_json::from_slice(&body)?)
+    }
+
+    /// Polls `/findings` until `pred`; returns the elapsed time since `from`.
+    fn wait(
+        &self,
+        from: Instant,
+        timeout: Duration,
+        pred: impl Fn(&[Finding]) -> bool,
+    ) -> Result<Duration> {
+        loop {
+            if pred(&self.findings()?) {
+                return Ok(from.elapsed());
+            }
+            if from.elapsed() > timeout {
+                bail!("condition not met within {timeout:?}");
+            }
+        }
+    }
+
+    /// (RSS bytes, CPU ticks utime+stime) from /proc.
+    fn proc_usage(&self) -> Result<(u64, u64)> {
+        let pid = self.child.id();
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+        let rss_kb: u64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .context("VmRSS")?;
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+        let after = &stat[stat.rfind(')').context("stat")? + 2..];
+        let f: Vec<&str> = after.split_whitespace().collect();
+        let ticks = f[11].parse::<u64>()? + f[12].parse::<u64>()?;
+        Ok((rss_kb * 1024, ticks))
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn sh(cmd: &str, args: &[&str], stdin: Option<&str>) -> Result<()> {
+    let mut child = Command::new(cmd)
+        .args(args)
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("starting {cmd}"))?;
+    if let Some(input) = stdin {
+        child
+            .stdin
+            .take()
+            .expect("piped")
+            .write_all(input.as_bytes())?;
+    }
+    let out = child.wait_with_output()?;
+    if !out.status.success() {
+        bail!(
+            "{cmd} {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(())
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.2} ms", d.as_secs_f64() * 1e3)
+}
+
+/// 1. Detection latency on the incident lab.
+fn latency(rounds: usize, out: &mut String) -> Result<()> {
+    let mut lab = Lab::build(LabSpec::incident())?;
+    let datastore = lab.write_datastore()?;
+    let netns = lab.netns_path("k8s01");
+    let d = Daemon::start(&netns, "k8s01", &datastore, "")?;
+    let ns = lab.node("k8s01").netns.clone();
+    let bad = [
+        "route",
+        "replace",
+        "10.1.235.128/26",
+        "via",
+        "10.1.235.128",
+        "dev",
+        DEVICE,
+        "onlink",
+    ];
+    let good = [
+        "route",
+        "replace",
+        "10.1.235.128/26",
+        "via",
+        "10.1.235.133",
+        "dev",
+        DEVICE,
+        "onlink",
+    ];
+    let ip = |args: &[&str]| -> Result<()> {
+        let mut full = vec!["-n", ns.as_str()];
+        full.extend_from_slice(args);
+        sh("ip", &full, None)
+    };
+    let (mut detect, mut clear) = (Vec::new(), Vec::new());
+    for _ in 0..rounds {
+        ip(&bad)?;
+        let t = Instant::now();
+        detect.push(d.wait(t, Duration::from_secs(5), |f| !f.is_empty())?);
+        ip(&good)?;
+        let t = Instant::now();
+        clear.push(d.wait(t, Duration::from_secs(5), |f| f.is_empty())?);
+    }
+    detect.sort();
+    clear.sort();
+    let status = d.status()?;
+    writeln!(
+        out,
+        "detection latency ({rounds} injections, route replace → finding in GET /findings):\n  \
+         detect p50 {}  p99 {}  max {}\n  clear  p50 {}  p99 {}  max {}\n  \
+         (resyncs during the run: {}, overruns: {})",
+        ms(percentile(&detect, 0.5)),
+        ms(percentile(&detect, 0.99)),
+        ms(*detect.last().unwrap()),
+        ms(percentile(&clear, 0.5)),
+        ms(percentile(&clear, 0.99)),
+        ms(*clear.last().unwrap()),
+        status.resync.count,
+        status.resync.overruns,
+    )?;
+    Ok(())
+}
+
+/// A namespace removed on drop.
+struct Netns(String);
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
+}
+
+/// 2–4 on a synthetic node with `peers` peers × 6 blocks.
+fn scale(peers: usize, out: &mut String) -> Result<()> {
+    let ns = Netns(format!("wdbenchd{}", std::process::id()));
+    sh("ip", &["netns", "add", &ns.0], None)?;
+    let netns = PathBuf::from("/run/netns").join(&ns.0);
+    let (mut setup, mut routes, mut fdb) = (String::new(), String::new(), String::new());
+    let mut yaml = String::from(
+        "nodes:\n  - name: local\n    node_ip: 172.16.0.1\n    vtep_ip: 10.63.255.192\n    blocks: [10.63.255.192/26]\n",
+    );
+    writeln!(setup, "link set lo up")?;
+    writeln!(
+        setup,
+        "link add {DEVICE} type vxlan id 4096 dstport 4789 nolearning"
+    )?;
+    writeln!(setup, "addr add 10.63.255.192/32 dev {DEVICE}")?;
+    writeln!(setup, "link set {DEVICE} up")?;
+    for p in 0..peers {
+        let name = format!("node{p}");
+        let node_ip = std::net::Ipv4Addr::from(0xac10_0000u32 + 2 + p as u32);
+        let mac = MacAddr::derive_like_felix(&name);
+        let nets: Vec<String> = (0..BLOCKS)
+            .map(|b| {
+                let base = 0x0a40_0000u32 + ((p * BLOCKS + b) as u32) * 64;
+                format!("{}/26", std::net::Ipv4Addr::from(base))
+            })
+            .collect();
+        let vtep = nets[0].trim_end_matches("/26").to_string();
+        for n in &nets {
+            writeln!(routes, "route add {n} via {vtep} dev {DEVICE} onlink")?;
+        }
+        writeln!(
+            setup,
+            "neigh add {vtep} lladdr {mac} dev {DEVICE} nud permanent"
+        )?;
+        writeln!(
+            fdb,
+            "fdb append {mac} dev {DEVICE} dst {node_ip} self permanent"
+        )?;
+        writeln!(
+            yaml,
+            "  - name: {name}\n    node_ip: {node_ip}\n    vtep_ip: {vtep}\n    blocks: [{}]",
+            nets.join(", ")
+        )?;
+    }
+    sh("ip", &["-n", &ns.0, "-batch", "-"], Some(&setup))?;
+    sh("bridge", &["-n", &ns.0, "-batch", "-"], Some(&fdb))?;
+    let dir = tempfile::tempdir()?;
+    let datastore = dir.path().join("nodes.yaml");
+    std::fs::write(&datastore, &yaml)?;
+    let total_routes = peers * BLOCKS;
+
+    // 2. Throughput: the daemon starts with every route missing; the routes are written while
+    // it runs; done when its findings are exactly the healthy node's (none).
+    let d = Daemon::start(&netns, "local", &datastore, "")?;
+    let missing = d.findings()?.len();
+    let t = Instant::now();
+    sh("ip", &["-n", &ns.0, "-batch", "-"], Some(&routes))?;
+    let written = t.elapsed();
+    let done = d.wait(t, Duration::from_secs(300), |f| f.is_empty())?;
+    let status = d.status()?;
+    writeln!(
+        out,
+        "event throughput ({peers} peers × {BLOCKS} blocks = {total_routes} routes added while running; {missing} findings before):\n  \
+         kernel accepted the writes in {} ({:.0} routes/s); daemon exact (0 findings) {} after the first write, {} after the last\n  \
+         → {:.0} route events/s processed end to end; overruns {}, resyncs {}",
+        ms(written),
+        total_routes as f64 / written.as_secs_f64(),
+        ms(done),
+        ms(done.saturating_sub(written)),
+        total_routes as f64 / done.as_secs_f64(),
+        status.resync.overruns,
+        status.resync.count,
+    )?;
+
+    // 4. RSS and idle CPU with the whole model loaded (no events; default 60 s resync).
+    std::thread::sleep(Duration::from_secs(1));
+    let (_, ticks0) = d.proc_usage()?;
+    let idle = Duration::from_secs(10);
+    std::thread::sleep(idle);
+    let (rss, ticks1) = d.proc_usage()?;
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    writeln!(
+        out,
+        "footprint at {peers} peers ({total_routes} routes): RSS {:.1} MiB, idle CPU {:.2}% of one core over {}s",
+        rss as f64 / (1024.0 * 1024.0),
+        (ticks1 - ticks0) as f64 / hz / idle.as_secs_f64() * 100.0,
+        idle.as_secs()
+    )?;
+    drop(d);
+
+    // 3. Resync vs raw dump: periodic resyncs every second, durations from the daemon's log;
+    // the raw dump measured in between, same namespace.
+    let d = Daemon::start(&netns, "local", &datastore, "resync_interval = \"1s\"")?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let observer = rt.block_on(async { NetlinkObserver::new(Some(&netns)) })?;
+    let mut raw = Vec::new();
+    for _ in 0..7 {
+        let t = Instant::now();
+        rt.block_on(observer.dump_route_count())?;
+        raw.push(t.elapsed());
+        std::thread::sleep(Duration::from_millis(700));
+    }
+    let log = d.log();
+    let (mut kernel, mut full) = (Vec::new(), Vec::new());
+    for line in log
+        .lines()
+        .filter(|l| l.contains("full resync") && l.contains("periodic"))
+    {
+        let field = |name: &str| -> Option<Duration> {
+            let v = line
+                .split(&format!(" {name}="))
+                .nth(1)?
+                .split_whitespace()
+                .next()?;
+            Some(Duration::from_secs_f64(
+                v.trim_matches('"').parse::<f64>().ok()? / 1e3,
+            ))
+        };
+        if let (Some(k), Some(f)) = (field("kernel_ms"), field("ms")) {
+            kernel.push(k);
+            full.push(f);
+        }
+    }
+    if kernel.is_empty() {
+        bail!("no periodic resync in the daemon log:\n{log}");
+    }
+    raw.sort();
+    kernel.sort();
+    full.sort();
+    let (raw_m, kernel_m, full_m) = (
+        percentile(&raw, 0.5),
+        percentile(&kernel, 0.5),
+        percentile(&full, 0.5),
+    );
+    writeln!(
+        out,
+        "resync at {total_routes} routes (median of {} resyncs vs {} raw dumps):\n  \
+         raw route dump {}; resync kernel part (route+neigh+fdb+link dumps → model) {} = {:.2}× raw; \
+         with datastore reload ({peers} nodes, YAML) {} = {:.2}× raw",
+        kernel.len(),
+        raw.len(),
+        ms(raw_m),
+        ms(kernel_m),
+        kernel_m.as_secs_f64() / raw_m.as_secs_f64(),
+        ms(full_m),
+        full_m.as_secs_f64() / raw_m.as_secs_f64(),
+    )?;
+    Ok(())
+}
+
+fn main() -> Result<()> {
+    let rounds = env_usize("BENCH_INJECTIONS", 1000);
+    let peers = env_usize("BENCH_PEERS", 5000);
+    let mut out = String::new();
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
+        .unwrap_or_default();
+    writeln!(
+        out,
+        "machine: {} CPUs, {cpu}; kernel {}",
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(0),
+        std::fs::read_to_string("/proc/sys/kernel/osrelease")
+            .unwrap_or_default()
+            .trim()
+    )?;
+    latency(rounds, &mut out)?;
+    print!("{out}");
+    let mut rest = String::new();
+    scale(peers, &mut rest)?;
+    print!("{rest}");
+    Ok(())
+}

@@ -1,0 +1,172 @@
+//! eBPF counters are monotonic since load; the checks want drops in a recent window. The window
+//! keeps a short history of per-peer totals and reports what rose within it, so a peer whose
+//! traffic is being dropped now is evidence and one that was dropped an hour ago is not.
+
+use std::{
+    collections::{BTreeMap, VecDeque},
+    time::{Duration, Instant},
+};
+
+use crate::{
+    checks::{DropSummary, PeerDrops},
+    ebpf::DropSnapshot,
+};
+
+/// How far back "recent" drops reach by default.
+pub const DEFAULT_DROP_WINDOW: Duration = Duration::from_secs(10);
+
+/// Cumulative data drops toward one peer: device → reason → packets.
+type PeerTotals = BTreeMap<String, BTreeMap<(String, String), u64>>;
+
+/// Per-peer data drops in the last `window`, from successive snapshots.
+#[derive(Debug)]
+pub struct DropWindow {
+    window: Duration,
+    history: VecDeque<(Instant, PeerTotals)>,
+}
+
+impl DropWindow {
+    pub fn new(window: Duration) -> Self {
+        DropWindow {
+            window,
+            history: VecDeque::new(),
+        }
+    }
+
+    /// Record a snapshot taken at `now`; `device_of` names a watched ifindex. Returns the data
+    /// drops toward each peer since the oldest sample still inside the window (the first
+    /// snapshot is the baseline: drops from before the daemon started are not recent).
+    pub fn observe(
+        &mut self,
+        now: Instant,
+        snapshot: &DropSnapshot,
+        device_of: impl Fn(u32) -> Option<String>,
+    ) -> DropSummary {
+        let mut totals: PeerTotals = BTreeMap::new();
+        for d in &snapshot.drops {
+            let Some(peer) = d.peer.as_ref().filter(|_| d.class.is_data()) else {
+                continue;
+            };
+            let device = device_of(d.ifindex).unwrap_or_else(|| format!("ifindex {}", d.ifindex));
+            *totals
+                .entry(peer.clone())
+                .or_default()
+                .entry((device, d.reason.clone()))
+                .or_default() += d.packets;
+        }
+        // Keep one sample at or before the window's start as the baseline.
+        while self.history.len() > 1 && now.duration_since(self.history[1].0) >= self.window {
+            self.history.pop_front();
+        }
+        let baseline = self.history.front().map(|(_, t)| t);
+        let mut summary = DropSummary::default();
+        for (peer, now_totals) in &totals {
+            let mut by_device: BTreeMap<&str, u64> = BTreeMap::new();
+            let mut reasons: BTreeMap<String, u64> = BTreeMap::new();
+            let mut packets = 0;
+            for ((device, reason), n) in now_totals {
+                let before = match baseline {
+                    Some(b) => b
+                        .get(peer)
+                        .and_then(|m| m.get(&(device.clone(), reason.clone())))
+                        .copied()
+                        .unwrap_or(0),
+                    None => *n,
+                };
+                let delta = n.saturating_sub(before);
+                if delta > 0 {
+                    *reasons.entry(reason.clone()).or_default() += delta;
+                    *by_device.entry(device).or_default() += delta;
+                    packets += delta;
+                }
+            }
+            if packets > 0 {
+                let device = by_device
+                    .iter()
+                    .max_by_key(|(_, n)| **n)
+                    .map(|(d, _)| d.to_string())
+                    .unwrap_or_default();
+                summary.per_peer.insert(
+                    peer.clone(),
+                    PeerDrops {
+                        device,
+                        packets,
+                        reasons,
+                    },
+                );
+            }
+        }
+        self.history.push_back((now, totals));
+        summary
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ebpf::{DropCount, TrafficClass};
+
+    fn snap(entries: &[(&str, TrafficClass, Option<&str>, u64)]) -> DropSnapshot {
+        DropSnapshot {
+            drops: entries
+                .iter()
+                .map(|(reason, class, peer, n)| DropCount {
+                    ifindex: 7,
+                    reason: reason.to_string(),
+                    class: *class,
+                    peer: peer.map(str::to_string),
+                    packets: *n,
+                })
+                .collect(),
+            ..Default::default()
+        }
+    }
+
+    fn dev(i: u32) -> Option<String> {
+        (i == 7).then(|| "vxlan.calico".to_string())
+    }
+
+    #[test]
+    fn reports_only_recent_data_drops() {
+        let t0 = Instant::now();
+        let mut w = DropWindow::new(Duration::from_secs(10));
+        let ipv4 = TrafficClass::Ipv4;
+        // Drops from before the daemon started are the baseline, not evidence.
+        let s = w.observe(t0, &snap(&[("NEIGH_FAILED", ipv4, Some("k8s03"), 50)]), dev);
+        assert!(s.per_peer.is_empty());
+
+        let s = w.observe(
+            t0 + Duration::from_secs(1),
+            &snap(&[
+                ("NEIGH_FAILED", ipv4, Some("k8s03"), 53),
+                ("NEIGH_QUEUEFULL", ipv4, Some("k8s03"), 2),
+                // ARP solicits are control traffic, never data loss.
+                ("NO_TX_TARGET", TrafficClass::Arp, Some("k8s03"), 9),
+                ("NEIGH_FAILED", ipv4, None, 4),
+            ]),
+            dev,
+        );
+        let p = &s.per_peer["k8s03"];
+        assert_eq!(p.packets, 5);
+        assert_eq!(p.device, "vxlan.calico");
+        assert_eq!(p.reasons["NEIGH_FAILED"], 3);
+        assert_eq!(p.reasons["NEIGH_QUEUEFULL"], 2);
+        assert_eq!(s.per_peer.len(), 1);
+
+        // Still inside the window: still reported.
+        let same = snap(&[
+            ("NEIGH_FAILED", ipv4, Some("k8s03"), 53),
+            ("NEIGH_QUEUEFULL", ipv4, Some("k8s03"), 2),
+        ]);
+        let s = w.observe(t0 + Duration::from_secs(5), &same, dev);
+        assert_eq!(s.per_peer["k8s03"].packets, 5);
+        // The window moved past the rise: nothing recent.
+        let s = w.observe(t0 + Duration::from_millis(10_500), &same, dev);
+        assert_eq!(
+            s.per_peer["k8s03"].packets, 5,
+            "baseline is t0 until t1 leaves"
+        );
+        let s = w.observe(t0 + Duration::from_secs(12), &same, dev);
+        assert!(s.per_peer.is_empty(), "{s:?}");
+    }
+}

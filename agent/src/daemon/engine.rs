@@ -1,0 +1,335 @@
+//! The daemon's model, without I/O: observed + desired state, the dirty flag, and evaluation.
+//!
+//! Felix's split: [`Engine::apply`] is cheap (update the model, mark dirty) and never evaluates;
+//! [`Engine::evaluate`] runs every check once over the whole model when the caller has drained
+//! its burst of events.
+
+use std::{
+    collections::BTreeSet,
+    time::{Duration, Instant, SystemTime},
+};
+
+use super::findings::{FindingTracker, Transitions};
+use crate::{
+    checks::{self, CheckInput, CheckReport, DeviceSpec, DropSummary},
+    model::{DesiredState, Finding, ObservedState},
+    observe::{Applied, ObservedEvent},
+};
+
+/// The result of one evaluation.
+#[derive(Debug)]
+pub struct Evaluation {
+    /// The report, with `findings` replaced by the tracked ones (each with `since`).
+    pub report: CheckReport,
+    pub transitions: Transitions,
+    pub duration: Duration,
+}
+
+/// Observed and desired state of one node, and the findings they produce.
+#[derive(Debug)]
+pub struct Engine {
+    devices: Vec<String>,
+    specs: Vec<DeviceSpec>,
+    observed: ObservedState,
+    /// `None` in offline mode (no datastore) or before the first successful load.
+    desired: Option<DesiredState>,
+    drops: DropSummary,
+    tracker: FindingTracker,
+    dirty: bool,
+}
+
+impl Engine {
+    pub fn new(devices: &[String]) -> Self {
+        Engine {
+            devices: devices.to_vec(),
+            specs: devices.iter().map(|d| DeviceSpec::for_name(d)).collect(),
+            observed: ObservedState::default(),
+            desired: None,
+            drops: DropSummary::default(),
+            tracker: FindingTracker::default(),
+            dirty: true,
+        }
+    }
+
+    pub fn devices(&self) -> &[String] {
+        &self.devices
+    }
+
+    pub fn observed(&self) -> &ObservedState {
+        &self.observed
+    }
+
+    pub fn desired(&self) -> Option<&DesiredState> {
+        self.desired.as_ref()
+    }
+
+    pub fn open_findings(&self) -> &[Finding] {
+        self.tracker.open()
+    }
+
+    /// Something changed since the last evaluation.
+    pub fn is_dirty(&self) -> bool {
+        self.dirty
+    }
+
+    /// Apply one kernel event to the model.
+    pub fn apply(&mut self, event: &ObservedEvent) -> Applied {
+        let applied = self.observed.apply(event, &self.devices);
+        if applied != Applied::Unchanged {
+            self.dirty = true;
+        }
+        applied
+    }
+
+    /// Replace the model with a full snapshot.
+    pub fn replace_observed(&mut self, mut observed: ObservedState) {
+        observed.normalize();
+        if observed != self.observed {
+            self.observed = observed;
+        }
+        // A resync always re-evaluates: that is its point.
+        self.dirty = true;
+    }
+
+    /// Replace the desired state (`None`: offline checks only).
+    pub fn set_desired(&mut self, desired: Option<DesiredState>) -> bool {
+        let changed = desired != self.desired;
+        if changed {
+            self.desired = desired;
+            self.dirty = true;
+        }
+        changed
+    }
+
+    /// Drops toward peers in the recent window (eBPF).
+    pub fn set_drops(&mut self, drops: DropSummary) {
+        if drops != self.drops {
+            self.drops = drops;
+            self.dirty = true;
+        }
+    }
+
+    /// The ifindexes of the watched devices that exist now (for the eBPF device filter).
+    pub fn watched_ifindexes(&self) -> BTreeSet<u32> {
+        self.observed
+            .devices
+            .values()
+            .map(|d| d.link.ifindex)
+            .collect()
+    }
+
+    /// Run every check over the whole model; clears the dirty flag.
+    pub fn evaluate(&mut self, now: SystemTime) -> Evaluation {
+        let started = Instant::now();
+        let mut report = checks::evaluate(&CheckInput {
+            devices: &self.specs,
+            observed: &self.observed,
+            desired: self.desired.as_ref(),
+            drops: Some(&self.drops),
+        });
+        let transitions = self
+            .tracker
+            .update(std::mem::take(&mut report.findings), now);
+        report.findings = self.tracker.open().to_vec();
+        self.dirty = false;
+        Evaluation {
+            report,
+            transitions,
+            duration: started.elapsed(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use crate::{
+        checks::PeerDrops,
+        model::{
+            v4, CheckId, LinkInfo, MacAddr, NeighState, Neighbour, ObservedDevice, PeerNode, Route,
+            RouteKind,
+        },
+    };
+
+    const DEV: &str = "vxlan.calico";
+
+    fn peer(name: &str, last: u8) -> PeerNode {
+        PeerNode {
+            name: name.into(),
+            node_ip: v4(192, 168, 77, last),
+            vtep_ip: v4(10, 1, last, 0),
+            vtep_mac: MacAddr::derive_like_felix(name),
+            vtep_mac_derived: true,
+            blocks: vec![format!("10.1.{last}.0/26").parse().unwrap()],
+            borrowed: vec![],
+        }
+    }
+
+    fn desired() -> DesiredState {
+        let mut d = DesiredState {
+            source: "test".into(),
+            local_node: "node1".into(),
+            ..Default::default()
+        };
+        for (n, i) in [("node1", 1), ("node2", 2)] {
+            d.nodes.insert(n.into(), peer(n, i));
+        }
+        d
+    }
+
+    fn route(dst: &str, via: std::net::IpAddr) -> Route {
+        Route {
+            destination: dst.parse().unwrap(),
+            gateway: Some(via),
+            onlink: true,
+            protocol: 3,
+            table: 254,
+            kind: RouteKind::Unicast,
+            metric: None,
+        }
+    }
+
+    /// node1's healthy view of node2.
+    fn healthy() -> ObservedState {
+        let p = peer("node2", 2);
+        let mut o = ObservedState::default();
+        o.devices.insert(
+            DEV.into(),
+            ObservedDevice {
+                link: LinkInfo {
+                    name: DEV.into(),
+                    ifindex: 5,
+                    kind: Some("vxlan".into()),
+                    vni: Some(4096),
+                    port: Some(4789),
+                    learning: Some(false),
+                    up: true,
+                    mac: Some(MacAddr::derive_like_felix("node1")),
+                    mtu: Some(1450),
+                    addresses: vec!["10.1.1.0/32".parse().unwrap()],
+                    ..Default::default()
+                },
+                routes: vec![route("10.1.2.0/26", p.vtep_ip)],
+                neighbours: vec![Neighbour {
+                    ip: p.vtep_ip,
+                    mac: Some(p.vtep_mac),
+                    state: NeighState(NeighState::PERMANENT),
+                }],
+                fdb: vec![crate::model::FdbEntry {
+                    mac: p.vtep_mac,
+                    destination: Some(p.node_ip),
+                    permanent: true,
+                }],
+            },
+        );
+        o
+    }
+
+    #[test]
+    fn events_mark_dirty_and_evaluation_tracks_findings() {
+        let mut e = Engine::new(&[DEV.to_string()]);
+        e.set_desired(Some(desired()));
+        e.replace_observed(healthy());
+        let ev = e.evaluate(SystemTime::UNIX_EPOCH);
+        assert!(ev.report.findings.is_empty(), "{:#?}", ev.report.findings);
+        assert!(!e.is_dirty());
+
+        // An event about another device changes nothing.
+        let other = ObservedEvent::RouteAdded {
+            ifindex: 99,
+            route: route("10.1.2.0/26", v4(10, 9, 9, 9)),
+            replace: false,
+        };
+        assert_eq!(e.apply(&other), Applied::Unchanged);
+        assert!(!e.is_dirty());
+
+        // The incident: the route is replaced with one via a non-VTEP gateway.
+        let bad = ObservedEvent::RouteAdded {
+            ifindex: 5,
+            route: route("10.1.2.0/26", v4(10, 1, 2, 9)),
+            replace: true,
+        };
+        assert_eq!(e.apply(&bad), Applied::Changed);
+        assert!(e.is_dirty());
+        let t1 = SystemTime::UNIX_EPOCH + Duration::from_secs(100);
+        let ev = e.evaluate(t1);
+        assert_eq!(ev.transitions.opened.len(), 1, "{:#?}", ev.report.findings);
+        let f = &ev.report.findings[0];
+        assert_eq!(f.peer_node.as_deref(), Some("node2"));
+        assert_eq!(f.since, Some(t1));
+
+        // Recent drops toward the peer are attached as evidence without a new finding.
+        let mut drops = DropSummary::default();
+        drops.per_peer.insert(
+            "node2".into(),
+            PeerDrops {
+                device: DEV.into(),
+                packets: 12,
+                reasons: BTreeMap::from([("NEIGH_FAILED".to_string(), 12)]),
+            },
+        );
+        e.set_drops(drops);
+        assert!(e.is_dirty());
+        let ev = e.evaluate(t1 + Duration::from_secs(5));
+        let opened: Vec<CheckId> = ev.transitions.opened.iter().map(|f| f.check).collect();
+        assert_eq!(
+            opened,
+            [CheckId::TrafficBlackholed],
+            "{:#?}",
+            ev.transitions
+        );
+        let original = ev
+            .report
+            .findings
+            .iter()
+            .find(|f| f.check != CheckId::TrafficBlackholed)
+            .unwrap();
+        assert_eq!(original.evidence.drops, Some(12));
+        assert_eq!(original.since, Some(t1), "evidence does not reset since");
+
+        // Restored.
+        let good = ObservedEvent::RouteAdded {
+            ifindex: 5,
+            route: route("10.1.2.0/26", v4(10, 1, 2, 0)),
+            replace: true,
+        };
+        e.apply(&good);
+        e.set_drops(DropSummary::default());
+        let ev = e.evaluate(t1 + Duration::from_secs(9));
+        assert!(ev.report.findings.is_empty(), "{:#?}", ev.report.findings);
+        assert!(!ev.transitions.cleared.is_empty());
+    }
+
+    #[test]
+    fn device_removed_then_recreated() {
+        let mut e = Engine::new(&[DEV.to_string()]);
+        e.set_desired(Some(desired()));
+        e.replace_observed(healthy());
+        e.evaluate(SystemTime::UNIX_EPOCH);
+        assert_eq!(e.watched_ifindexes(), BTreeSet::from([5]));
+        e.apply(&ObservedEvent::LinkRemoved {
+            ifindex: 5,
+            name: DEV.into(),
+        });
+        let ev = e.evaluate(SystemTime::UNIX_EPOCH);
+        assert!(
+            ev.report
+                .findings
+                .iter()
+                .any(|f| f.check == CheckId::DeviceMissing),
+            "{:#?}",
+            ev.report.findings
+        );
+        assert!(e.watched_ifindexes().is_empty());
+        let mut link = healthy().devices[DEV].link.clone();
+        link.ifindex = 9;
+        link.addresses.clear();
+        assert_eq!(
+            e.apply(&ObservedEvent::LinkChanged { link }),
+            Applied::ResyncNeeded
+        );
+        assert_eq!(e.watched_ifindexes(), BTreeSet::from([9]));
+    }
+}

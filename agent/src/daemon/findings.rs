@@ -1,0 +1,159 @@
+//! Findings over time: `since` survives re-evaluations, and each finding is reported once when it
+//! opens and once when it clears.
+
+use std::{collections::BTreeMap, time::SystemTime};
+
+use crate::model::{CheckId, Finding};
+
+type Key = (CheckId, String, Option<String>, Option<String>);
+
+/// The open findings and when each was first seen (identity: [`Finding::key`]).
+#[derive(Debug, Default)]
+pub struct FindingTracker {
+    since: BTreeMap<Key, SystemTime>,
+    open: Vec<Finding>,
+}
+
+/// What changed with one evaluation.
+#[derive(Debug, Default, PartialEq)]
+pub struct Transitions {
+    /// Findings not open before this evaluation.
+    pub opened: Vec<Finding>,
+    /// Findings open before and absent now (as they were last seen).
+    pub cleared: Vec<Finding>,
+}
+
+impl Transitions {
+    pub fn is_empty(&self) -> bool {
+        self.opened.is_empty() && self.cleared.is_empty()
+    }
+}
+
+impl FindingTracker {
+    /// Replace the open findings with a fresh evaluation made at `now`: known findings keep
+    /// their `since`, new ones get `now`.
+    pub fn update(&mut self, mut findings: Vec<Finding>, now: SystemTime) -> Transitions {
+        let mut since = BTreeMap::new();
+        let mut opened: Vec<Finding> = Vec::new();
+        for f in &mut findings {
+            let key = f.key();
+            let first = match self.since.get(&key).or_else(|| since.get(&key)) {
+                Some(t) => *t,
+                None => {
+                    // Duplicate keys in one evaluation open once.
+                    opened.push(f.clone());
+                    now
+                }
+            };
+            f.since = Some(first);
+            if let Some(o) = opened.last_mut().filter(|o| o.key() == key) {
+                o.since = Some(first);
+            }
+            since.insert(key, first);
+        }
+        let cleared = std::mem::take(&mut self.open)
+            .into_iter()
+            .filter(|f| !since.contains_key(&f.key()))
+            .fold(Vec::<Finding>::new(), |mut acc, f| {
+                if !acc.iter().any(|o| o.key() == f.key()) {
+                    acc.push(f);
+                }
+                acc
+            });
+        self.since = since;
+        self.open = findings;
+        Transitions { opened, cleared }
+    }
+
+    /// The open findings, each with `since`, in evaluation order.
+    pub fn open(&self) -> &[Finding] {
+        &self.open
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::model::Severity;
+
+    fn finding(check: CheckId, peer: &str, route: &str) -> Finding {
+        let mut f = Finding::new(check, Severity::Critical, "vxlan.calico", "m".into());
+        f.peer_node = Some(peer.into());
+        f.route = Some(route.into());
+        f
+    }
+
+    fn at(secs: u64) -> SystemTime {
+        SystemTime::UNIX_EPOCH + Duration::from_secs(secs)
+    }
+
+    #[test]
+    fn since_survives_and_clears() {
+        let mut t = FindingTracker::default();
+        let a = finding(CheckId::GatewayNotAVtep, "k8s03", "10.1.235.128/26");
+        let b = finding(CheckId::FdbMissing, "k8s02", "10.1.140.64/26");
+
+        let tr = t.update(vec![a.clone()], at(10));
+        assert_eq!(tr.opened.len(), 1);
+        assert!(tr.cleared.is_empty());
+        assert_eq!(t.open()[0].since, Some(at(10)));
+
+        // Same problem, new message and severity: same finding, same since, no transition.
+        let mut a2 = a.clone();
+        a2.message = "other words".into();
+        a2.severity = Severity::Warning;
+        let tr = t.update(vec![a2, b.clone()], at(20));
+        assert_eq!(
+            tr.opened.iter().map(|f| f.check).collect::<Vec<_>>(),
+            [CheckId::FdbMissing]
+        );
+        assert!(tr.cleared.is_empty());
+        assert_eq!(t.open()[0].since, Some(at(10)));
+        assert_eq!(t.open()[0].message, "other words");
+        assert_eq!(t.open()[1].since, Some(at(20)));
+
+        let tr = t.update(vec![b.clone()], at(30));
+        assert!(tr.opened.is_empty());
+        assert_eq!(tr.cleared.len(), 1);
+        assert_eq!(tr.cleared[0].check, CheckId::GatewayNotAVtep);
+        assert_eq!(tr.cleared[0].since, Some(at(10)), "cleared as last seen");
+
+        // Reappearing later is a new finding with a new since.
+        let tr = t.update(vec![a, b], at(40));
+        assert_eq!(tr.opened.len(), 1);
+        assert_eq!(t.open()[0].since, Some(at(40)));
+        assert_eq!(t.open()[1].since, Some(at(20)));
+
+        let tr = t.update(vec![], at(50));
+        assert_eq!(tr.cleared.len(), 2);
+        assert!(t.open().is_empty());
+        assert!(t.update(vec![], at(60)).is_empty());
+    }
+
+    #[test]
+    fn a_different_route_or_peer_is_a_different_finding() {
+        let mut t = FindingTracker::default();
+        t.update(
+            vec![finding(CheckId::RouteStale, "k8s03", "10.9.0.0/26")],
+            at(1),
+        );
+        let tr = t.update(
+            vec![finding(CheckId::RouteStale, "k8s03", "10.9.0.64/26")],
+            at(2),
+        );
+        assert_eq!((tr.opened.len(), tr.cleared.len()), (1, 1));
+    }
+
+    #[test]
+    fn duplicate_keys_open_once_with_one_since() {
+        let mut t = FindingTracker::default();
+        let a = finding(CheckId::RouteStale, "k8s03", "10.9.0.0/26");
+        let tr = t.update(vec![a.clone(), a.clone()], at(5));
+        assert_eq!(tr.opened.len(), 1);
+        assert!(t.open().iter().all(|f| f.since == Some(at(5))));
+        let tr = t.update(vec![a], at(6));
+        assert!(tr.is_empty());
+    }
+}

@@ -1,0 +1,820 @@
+//! `watchdog run`: the long-running agent.
+//!
+//! One loop, Felix-style:
+//! - kernel change events (netlink multicast) are applied to the model as they arrive — cheap,
+//!   they only mark it dirty ([`Engine::apply`]);
+//! - when the burst is drained, every check runs once over the whole model
+//!   ([`Engine::evaluate`]), so a finding appears milliseconds after the change that caused it;
+//! - a full resync (netlink dump + datastore reload) runs every `resync_interval` regardless of
+//!   events, because the incident was caused by an event-only design that missed one event;
+//!   a lost notification (ENOBUFS) or a change the kernel does not announce (device down or
+//!   re-created) triggers one immediately;
+//! - the datastore may also push new desired state ([`Daemon::with_desired_feed`]); the file
+//!   source is re-read when the file changes;
+//! - eBPF drop counters are polled every second; drops that rose within the last 10 s are
+//!   evidence for the checks.
+//!
+//! After each evaluation the status API and metrics are refreshed; each loop pass marks the
+//! loop alive (`/healthz`, systemd `WATCHDOG=1`), so a hung loop gets the service restarted.
+//! `READY=1` goes out only after the first full sync.
+
+mod drops;
+mod engine;
+mod findings;
+
+use std::{
+    collections::BTreeSet,
+    future::Future,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::{Duration, Instant, SystemTime},
+};
+
+use tokio::{sync::watch, task::JoinHandle, time::MissedTickBehavior};
+use tracing::{debug, error, info, warn};
+
+pub use drops::{DropWindow, DEFAULT_DROP_WINDOW};
+pub use engine::{Engine, Evaluation};
+pub use findings::{FindingTracker, Transitions};
+
+use crate::{
+    config::{Config, DatastoreSource},
+    desired::{AnyDatastore, Datastore, FileDatastore, NoDatastore},
+    ebpf::{self, DropCounterSource, DropSnapshot, EbpfState, NeighTarget},
+    model::{DesiredState, Finding},
+    observe::{
+        self, Applied, KernelObserver, Monitor, MonitorOptions, NetlinkObserver, ObservedEvent,
+    },
+    scan::Summary,
+    serve::{
+        self, notify, status::EbpfStatus as StatusEbpf, Metrics, MetricsServer, ServeError, Status,
+        StatusHandle, StatusServer, StatusServerOptions,
+    },
+};
+
+/// Why the daemon could not start (after startup it reports problems instead of failing).
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error("{0}")]
+    Serve(#[from] ServeError),
+    #[error("kernel: {0}")]
+    Kernel(#[from] observe::Error),
+    #[error("datastore.source = {0:?} is not supported by this build yet")]
+    UnsupportedDatastore(&'static str),
+}
+
+/// Longest a burst of events is applied without letting timers and the API run.
+const MAX_EVENTS_PER_PASS: usize = 20_000;
+/// Minimum gap between two resyncs forced by overruns, so a storm does not become a dump loop.
+const MIN_RESYNC_GAP: Duration = Duration::from_millis(100);
+/// Retry delay when a resync or the netlink subscription fails.
+const RETRY: Duration = Duration::from_secs(1);
+/// eBPF counters, datastore file change, liveness.
+const HOUSEKEEPING: Duration = Duration::from_secs(1);
+/// Liveness is refreshed at most this often during event storms.
+const TICK_EVERY: Duration = Duration::from_millis(250);
+
+/// Why a full resync runs (the `reason` label of `resyncs_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum ResyncReason {
+    Startup,
+    Periodic,
+    /// Netlink notifications were lost (ENOBUFS) or the subscription died.
+    Overrun,
+    /// The kernel changed something it does not announce (device down, re-created, address).
+    Kernel,
+}
+
+impl ResyncReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ResyncReason::Startup => "startup",
+            ResyncReason::Periodic => "periodic",
+            ResyncReason::Overrun => "overrun",
+            ResyncReason::Kernel => "kernel",
+        }
+    }
+
+    /// Whether the datastore is re-read too (the kernel-triggered ones only need a dump).
+    fn reloads_datastore(self) -> bool {
+        matches!(self, ResyncReason::Startup | ResyncReason::Periodic)
+    }
+}
+
+/// The configured datastore as the daemon's source. `kubernetes` comes with its own module.
+pub fn datastore_from_config(config: &Config) -> Result<AnyDatastore, DaemonError> {
+    match config.datastore.source {
+        DatastoreSource::File => Ok(AnyDatastore::File(FileDatastore::new(
+            config.datastore.path.clone(),
+            &config.node_name,
+        ))),
+        DatastoreSource::None => Ok(AnyDatastore::None(NoDatastore {
+            local_node: config.node_name.clone(),
+        })),
+        DatastoreSource::Kubernetes => Err(DaemonError::UnsupportedDatastore("kubernetes")),
+    }
+}
+
+/// The agent, configured but not yet running.
+pub struct Daemon {
+    config: Config,
+    netns: Option<PathBuf>,
+    datastore: AnyDatastore,
+    feed: Option<watch::Receiver<DesiredState>>,
+    ebpf: Option<Box<dyn DropCounterSource>>,
+}
+
+impl Daemon {
+    pub fn new(config: Config, netns: Option<PathBuf>, datastore: AnyDatastore) -> Self {
+        Daemon {
+            config,
+            netns,
+            datastore,
+            feed: None,
+            ebpf: None,
+        }
+    }
+
+    /// A datastore that pushes changes (e.g. a Kubernetes watch): every new value replaces the
+    /// desired state at once; periodic `load()` still runs on each full resync.
+    pub fn with_desired_feed(mut self, feed: watch::Receiver<DesiredState>) -> Self {
+        self.feed = Some(feed);
+        self
+    }
+
+    /// Use this drop counter source instead of loading eBPF (tests).
+    pub fn with_drop_counters(mut self, source: Box<dyn DropCounterSource>) -> Self {
+        self.ebpf = Some(source);
+        self
+    }
+
+    /// Run until `shutdown` completes. Fails only when it cannot start (socket, netns, port).
+    pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), DaemonError> {
+        let config = &self.config;
+        let status = StatusHandle::new(Status::starting(
+            &config.node_name,
+            config.mode.as_str(),
+            config.profile.as_str(),
+            SystemTime::now(),
+        ));
+        let metrics = Arc::new(Metrics::new());
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let stopped = move || {
+            let mut rx = stop_rx.clone();
+            async move {
+                let _ = rx.wait_for(|s| *s).await;
+            }
+        };
+
+        let server = StatusServer::bind(&StatusServerOptions {
+            socket: config.status.socket.clone(),
+            group: config.status.group.clone(),
+            ..StatusServerOptions::default()
+        })?;
+        let mut servers: Vec<JoinHandle<Result<(), ServeError>>> =
+            vec![tokio::spawn(server.run(status.clone(), stopped()))];
+        if let Some(addr) = config.metrics.listen {
+            let server = MetricsServer::bind(addr).await?;
+            if let Ok(bound) = server.local_addr() {
+                info!(addr = %bound, "metrics served at http://{bound}/metrics");
+            }
+            servers.push(tokio::spawn(server.run(metrics.clone(), stopped())));
+        }
+
+        let result = self.main_loop(status, metrics, shutdown).await;
+        let _ = notify::stopping();
+        let _ = stop_tx.send(true);
+        for s in servers {
+            match s.await {
+                Ok(Err(e)) => warn!(error = %e, "server ended with an error"),
+                Err(e) => warn!(error = %e, "server task failed"),
+                Ok(Ok(())) => {}
+            }
+        }
+        info!("stopped");
+        result
+    }
+
+    async fn main_loop(
+        self,
+        status: StatusHandle,
+        metrics: Arc<Metrics>,
+        shutdown: impl Future<Output = ()>,
+    ) -> Result<(), DaemonError> {
+        let Daemon {
+            config,
+            netns,
+            datastore,
+            feed,
+            ebpf,
+        } = self;
+        let netns = netns.as_deref();
+        let monitor_options = MonitorOptions {
+            recv_buffer: Some(config.netlink.receive_buffer),
+            ..MonitorOptions::default()
+        };
+        // Subscribe before the first dump so no change falls between the two.
+        let monitor = Monitor::start(netns, &monitor_options)?;
+        let observer = NetlinkObserver::new(netns)?;
+        let ebpf = ebpf.unwrap_or_else(|| open_ebpf(&config, netns));
+        let ebpf_status = ebpf.status();
+        status.update(|s| s.ebpf = status_ebpf(&ebpf_status)).await;
+
+        let offline = matches!(datastore, AnyDatastore::None(_));
+        let mut state = LoopState {
+            engine: Engine::new(&config.devices),
+            window: DropWindow::new(DEFAULT_DROP_WINDOW),
+            file_stamp: file_stamp(&datastore),
+            config,
+            netns: netns.map(Path::to_path_buf),
+            monitor: Some(monitor),
+            monitor_options,
+            observer,
+            datastore,
+            offline,
+            feed,
+            ebpf,
+            status,
+            metrics,
+            watched: BTreeSet::new(),
+            pending_resync: None,
+            last_resync: None,
+            last_tick: None,
+            last_desired_ok: None,
+            neigh_failed_last: Default::default(),
+            synced: false,
+            ready: false,
+            last_summary: None,
+        };
+        state.run(shutdown).await;
+        Ok(())
+    }
+}
+
+/// Everything the loop owns.
+struct LoopState {
+    config: Config,
+    netns: Option<PathBuf>,
+    engine: Engine,
+    window: DropWindow,
+    monitor: Option<Monitor>,
+    monitor_options: MonitorOptions,
+    observer: NetlinkObserver,
+    datastore: AnyDatastore,
+    offline: bool,
+    file_stamp: Option<(SystemTime, u64)>,
+    feed: Option<watch::Receiver<DesiredState>>,
+    ebpf: Box<dyn DropCounterSource>,
+    status: StatusHandle,
+    metrics: Arc<Metrics>,
+    /// ifindexes last given to eBPF.
+    watched: BTreeSet<u32>,
+    /// A resync is due at this instant, for this reason.
+    pending_resync: Option<(Instant, ResyncReason)>,
+    last_resync: Option<Instant>,
+    last_tick: Option<Instant>,
+    last_desired_ok: Option<Instant>,
+    /// Per (device, ifindex): neighbour FAILED transitions already counted in metrics.
+    neigh_failed_last: std::collections::BTreeMap<(String, u32), u64>,
+    /// At least one kernel dump succeeded (findings mean something).
+    synced: bool,
+    ready: bool,
+    last_summary: Option<(usize, usize, usize)>,
+}
+
+impl LoopState {
+    async fn run(&mut self, shutdown: impl Future<Output = ()>) {
+        tokio::pin!(shutdown);
+        self.resync(ResyncReason::Startup).await;
+        self.poll_drops().await;
+        self.evaluate_and_publish().await;
+
+        let mut periodic = tokio::time::interval_at(
+            tokio::time::Instant::now() + self.config.resync_interval,
+            self.config.resync_interval,
+        );
+        periodic.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let mut housekeeping = tokio::time::interval(HOUSEKEEPING);
+        housekeeping.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        if let Some(wd) = notify::watchdog_interval() {
+            info!(interval = ?wd, "systemd watchdog enabled; pinging from the main loop");
+        }
+
+        loop {
+            let resync_at = self
+                .pending_resync
+                .map(|(at, _)| tokio::time::Instant::from_std(at));
+            tokio::select! {
+                biased;
+                _ = &mut shutdown => {
+                    info!("shutting down");
+                    break;
+                }
+                _ = sleep_until_opt(resync_at) => {
+                    if let Some((_, reason)) = self.pending_resync.take() {
+                        self.resync(reason).await;
+                    }
+                }
+                _ = periodic.tick() => self.resync(ResyncReason::Periodic).await,
+                event = next_event(&mut self.monitor) => match event {
+                    Some(event) => self.on_events(event).await,
+                    None => self.monitor_died(),
+                },
+                changed = feed_changed(&mut self.feed) => {
+                    if changed {
+                        self.adopt_feed().await;
+                    } else {
+                        warn!("datastore feed closed; relying on periodic reloads");
+                        self.feed = None;
+                    }
+                }
+                _ = housekeeping.tick() => self.housekeeping().await,
+            }
+            if self.monitor.is_none() && self.pending_resync.is_none() {
+                self.schedule_resync(ResyncReason::Overrun, RETRY);
+            }
+            if self.engine.is_dirty() && self.pending_resync.is_none() {
+                self.evaluate_and_publish().await;
+            }
+            self.tick(false).await;
+        }
+    }
+
+    /// Apply a burst: this event and every one already queued, then yield once and take what
+    /// arrived meanwhile. Evaluation happens after the burst.
+    async fn on_events(&mut self, first: ObservedEvent) {
+        let mut next = Some(first);
+        let mut n = 0usize;
+        let mut ifindexes_changed = false;
+        loop {
+            while let Some(event) = next.take() {
+                n += 1;
+                let link_event = matches!(
+                    event,
+                    ObservedEvent::LinkChanged { .. } | ObservedEvent::LinkRemoved { .. }
+                );
+                match self.engine.apply(&event) {
+                    Applied::ResyncNeeded if event == ObservedEvent::Overrun => {
+                        self.metrics.inc_netlink_overrun();
+                        self.status.update(|s| s.resync.overruns += 1).await;
+                        warn!("netlink notifications lost (socket overrun, ENOBUFS): full resync");
+                        let gap = self
+                            .last_resync
+                            .map(|t| MIN_RESYNC_GAP.saturating_sub(t.elapsed()))
+                            .unwrap_or_default();
+                        self.schedule_resync(ResyncReason::Overrun, gap);
+                    }
+                    Applied::ResyncNeeded => {
+                        debug!(?event, "change the kernel does not fully announce: resync");
+                        self.schedule_resync(ResyncReason::Kernel, Duration::ZERO);
+                        ifindexes_changed |= link_event;
+                    }
+                    Applied::Changed => ifindexes_changed |= link_event,
+                    Applied::Unchanged => {}
+                }
+                if n >= MAX_EVENTS_PER_PASS {
+                    break;
+                }
+                next = self.monitor.as_mut().and_then(Monitor::try_next);
+            }
+            if n >= MAX_EVENTS_PER_PASS {
+                break;
+            }
+            // Let the reader move what the socket holds into the queue, then look again.
+            tokio::task::yield_now().await;
+            next = self.monitor.as_mut().and_then(Monitor::try_next);
+            if next.is_none() {
+                break;
+            }
+        }
+        if ifindexes_changed {
+            self.update_ebpf_devices();
+        }
+    }
+
+    fn monitor_died(&mut self) {
+        warn!("netlink subscription ended; re-subscribing and resyncing");
+        self.monitor = None;
+        self.metrics.inc_netlink_overrun();
+        self.schedule_resync(ResyncReason::Overrun, Duration::ZERO);
+    }
+
+    /// Keep the earliest pending resync; a stronger reason wins the label.
+    fn schedule_resync(&mut self, reason: ResyncReason, after: Duration) {
+        let at = Instant::now() + after;
+        self.pending_resync = Some(match self.pending_resync {
+            Some((t, r)) => (t.min(at), r.max(reason)),
+            None => (at, reason),
+        });
+    }
+
+    /// Full resync: (re-)subscribe if needed, dump the kernel, and for startup/periodic ones
+    /// reload the datastore too.
+    async fn resync(&mut self, reason: ResyncReason) {
+        let started = Instant::now();
+        self.pending_resync = None;
+        self.last_resync = Some(started);
+        if self.monitor.is_none() {
+            match Monitor::start(self.netns.as_deref(), &self.monitor_options) {
+                Ok(m) => self.monitor = Some(m),
+                Err(e) => {
+                    error!(error = %e, "cannot subscribe to netlink; retrying");
+                    self.schedule_resync(reason, RETRY);
+                    return;
+                }
+            }
+        }
+        // Queued events happened before the dump, which supersedes them.
+        if let Some(m) = self.monitor.as_mut() {
+            while m.try_next().is_some() {}
+        }
+        match self.observer.snapshot(self.engine.devices()).await {
+            Ok(observed) => {
+                self.engine.replace_observed(observed);
+                self.synced = true;
+            }
+            Err(e) => {
+                error!(error = %e, reason = reason.as_str(), "kernel dump failed; retrying");
+                self.schedule_resync(reason, RETRY);
+                return;
+            }
+        }
+        let kernel = started.elapsed();
+        if reason.reloads_datastore() || self.last_desired_ok.is_none() {
+            self.reload_datastore().await;
+        }
+        self.update_ebpf_devices();
+        self.metrics.inc_resync(reason.as_str());
+        let now = SystemTime::now();
+        self.status
+            .update(|s| {
+                s.resync.count += 1;
+                s.resync.last_full_resync = Some(now);
+            })
+            .await;
+        let ms = |d: Duration| format!("{:.1}", d.as_secs_f64() * 1e3);
+        info!(
+            reason = reason.as_str(),
+            ms = %ms(started.elapsed()),
+            kernel_ms = %ms(kernel),
+            "full resync"
+        );
+    }
+
+    async fn reload_datastore(&mut self) {
+        self.file_stamp = file_stamp(&self.datastore);
+        match self.datastore.load().await {
+            Ok(desired) => {
+                self.last_desired_ok = Some(Instant::now());
+                let now = SystemTime::now();
+                self.adopt_desired(desired).await;
+                self.status
+                    .update(|s| {
+                        s.datastore.last_relist = Some(now);
+                        s.datastore.error = None;
+                        s.datastore.stale = false;
+                        s.datastore.last_event_age_seconds = Some(0.0);
+                    })
+                    .await;
+            }
+            Err(e) => {
+                // Keep checking against the last good state; say so.
+                error!(error = %e, "datastore load failed; keeping the previous desired state");
+                let msg = e.to_string();
+                let source = self.datastore.describe();
+                self.status
+                    .update(|s| {
+                        s.datastore.error = Some(msg);
+                        if s.datastore.source.is_empty() {
+                            s.datastore.source = source;
+                        }
+                    })
+                    .await;
+            }
+        }
+    }
+
+    async fn adopt_desired(&mut self, desired: DesiredState) {
+        let blocks = ebpf::peer_blocks_from_desired(&desired);
+        let for_status = desired.clone();
+        let changed = self.engine.set_desired((!self.offline).then_some(desired));
+        if changed {
+            if let Err(e) = self.ebpf.set_peer_blocks(&blocks) {
+                warn!(error = %e, "eBPF peer blocks not updated; drops are not attributed to peers");
+            }
+            info!(
+                source = %for_status.source,
+                nodes = for_status.nodes.len(),
+                problems = for_status.problems.len(),
+                "desired state loaded"
+            );
+        }
+        self.status.update(|s| s.set_desired(&for_status)).await;
+    }
+
+    async fn adopt_feed(&mut self) {
+        let Some(feed) = self.feed.as_mut() else {
+            return;
+        };
+        let desired = feed.borrow_and_update().clone();
+        self.last_desired_ok = Some(Instant::now());
+        self.adopt_desired(desired).await;
+        self.status
+            .update(|s| {
+                s.datastore.last_event_age_seconds = Some(0.0);
+                s.datastore.error = None;
+                s.datastore.stale = false;
+            })
+            .await;
+    }
+
+    fn update_ebpf_devices(&mut self) {
+        let now = self.engine.watched_ifindexes();
+        if now != self.watched {
+            debug!(?now, before = ?self.watched, "watched devices changed");
+            match self.ebpf.set_watched_devices(&now) {
+                Ok(()) => self.watched = now,
+                Err(e) => warn!(error = %e, "eBPF watched devices not updated"),
+            }
+        }
+    }
+
+    /// Once a second: drop counters, datastore file changes, datastore age, liveness.
+    async fn housekeeping(&mut self) {
+        self.poll_drops().await;
+        if let AnyDatastore::File(_) = &self.datastore {
+            let stamp = file_stamp(&self.datastore);
+            if stamp != self.file_stamp {
+                info!("datastore file changed; reloading");
+                self.reload_datastore().await;
+            }
+        }
+        if let Some(ok) = self.last_desired_ok {
+            let age = ok.elapsed();
+            self.metrics.set_datastore_last_event_age(age);
+            let stale = age > self.config.datastore.stale_after;
+            self.status
+                .update(|s| {
+                    s.datastore.last_event_age_seconds = Some(age.as_secs_f64());
+                    s.datastore.stale = stale;
+                })
+                .await;
+        }
+        self.tick(true).await;
+    }
+
+    async fn poll_drops(&mut self) {
+        if !matches!(
+            self.ebpf.status().state,
+            EbpfState::Attached | EbpfState::Partial
+        ) {
+            return;
+        }
+        let snapshot = match self.ebpf.snapshot() {
+            Ok(s) => s,
+            Err(e) => {
+                debug!(error = %e, "eBPF snapshot failed");
+                return;
+            }
+        };
+        let names: std::collections::BTreeMap<u32, String> = self
+            .engine
+            .observed()
+            .devices
+            .iter()
+            .map(|(n, d)| (d.link.ifindex, n.clone()))
+            .collect();
+        let summary = self
+            .window
+            .observe(Instant::now(), &snapshot, |i| names.get(&i).cloned());
+        self.engine.set_drops(summary);
+        self.export_drops(&snapshot, &names).await;
+    }
+
+    async fn export_drops(
+        &mut self,
+        snapshot: &DropSnapshot,
+        names: &std::collections::BTreeMap<u32, String>,
+    ) {
+        let mut drops = serve::status::DropsStatus::default();
+        for (ifindex, device) in names {
+            for (reason, n) in snapshot.drops_by_reason(*ifindex) {
+                self.metrics.observe_vxlan_drops_total(device, &reason, n);
+                *drops.by_reason.entry(reason).or_default() += n;
+                drops.total += n;
+            }
+            let failed = snapshot.neighbour_total(*ifindex, NeighTarget::Failed);
+            let last = self
+                .neigh_failed_last
+                .entry((device.clone(), *ifindex))
+                .or_insert(0);
+            if failed > *last {
+                self.metrics
+                    .add_neighbour_unresolved(device, failed - *last);
+                *last = failed;
+            }
+        }
+        let peers: Vec<String> = self
+            .engine
+            .desired()
+            .map(|d| d.peers().map(|p| p.name.clone()).collect())
+            .unwrap_or_default();
+        for peer in &peers {
+            let by_reason = snapshot.data_drops_to_peer(peer);
+            if by_reason.is_empty() {
+                continue;
+            }
+            let total: u64 = by_reason.values().sum();
+            if let Some(device) = self.engine.devices().first() {
+                self.metrics.observe_peer_drops_total(device, peer, total);
+            }
+            drops.by_peer.insert(peer.clone(), by_reason);
+        }
+        self.status
+            .update(|s| {
+                for p in &mut s.peers {
+                    p.drops = drops
+                        .by_peer
+                        .get(&p.name)
+                        .map(|r| r.values().sum())
+                        .unwrap_or(0);
+                }
+                s.drops = drops;
+            })
+            .await;
+    }
+
+    async fn evaluate_and_publish(&mut self) {
+        let now = SystemTime::now();
+        let Evaluation {
+            report,
+            transitions,
+            duration,
+        } = self.engine.evaluate(now);
+        for f in &transitions.opened {
+            log_opened(f);
+        }
+        for f in &transitions.cleared {
+            log_cleared(f);
+        }
+        self.metrics.observe_check_duration(duration);
+        let summary = Summary::of(&report.findings);
+        let devices = self.engine.devices().to_vec();
+        let observed = self.engine.observed();
+        let metrics = self.metrics.clone();
+        let routes_checked = report.routes_checked as u64;
+        let findings = report.findings;
+        let synced = self.synced;
+        self.status
+            .update(|s| {
+                s.set_findings(findings);
+                s.set_observed(&devices, observed);
+                s.checks.routes_checked = routes_checked;
+                s.checks.last_duration_seconds = Some(duration.as_secs_f64());
+                s.checks.last_run = Some(now);
+                s.in_sync = synced;
+                metrics.update_from_status(s);
+            })
+            .await;
+        let counts = (summary.critical, summary.warning, summary.info);
+        if self.synced && self.last_summary != Some(counts) {
+            self.last_summary = Some(counts);
+            let line = if summary.critical + summary.warning + summary.info == 0 {
+                "in sync; healthy".to_string()
+            } else {
+                format!(
+                    "in sync; {} critical, {} warning finding(s)",
+                    summary.critical, summary.warning
+                )
+            };
+            let sent = if self.ready {
+                notify::status(&line)
+            } else {
+                notify::ready(&line)
+            };
+            if let Err(e) = sent {
+                warn!(error = %e, "sd_notify failed");
+            }
+            if !self.ready {
+                info!(status = %line, "first full sync done; ready");
+            }
+            self.ready = true;
+        }
+    }
+
+    /// Mark the loop alive: `/healthz`, `generated_at`, systemd `WATCHDOG=1`. Rate-limited
+    /// unless `force`.
+    async fn tick(&mut self, force: bool) {
+        if !force && self.last_tick.is_some_and(|t| t.elapsed() < TICK_EVERY) {
+            return;
+        }
+        self.last_tick = Some(Instant::now());
+        self.status.tick().await;
+        if self.ready {
+            if let Err(e) = notify::watchdog() {
+                debug!(error = %e, "sd_notify WATCHDOG failed");
+            }
+        }
+    }
+}
+
+fn open_ebpf(config: &Config, netns: Option<&Path>) -> Box<dyn DropCounterSource> {
+    if config.ebpf.enabled {
+        ebpf::open(netns)
+    } else {
+        Box::new(ebpf::Disabled::new(
+            ebpf::EbpfStatus {
+                state: EbpfState::Unavailable,
+                missing: None,
+                reason: Some("disabled by configuration (ebpf.enabled = false)".into()),
+                programs: Vec::new(),
+            },
+            netns,
+        ))
+    }
+}
+
+/// The status API's view of the eBPF state.
+fn status_ebpf(s: &ebpf::EbpfStatus) -> StatusEbpf {
+    let attached = s
+        .programs
+        .iter()
+        .filter(|p| p.attached)
+        .map(|p| p.name.clone())
+        .collect();
+    let mut problems: Vec<String> = s.reason.iter().cloned().collect();
+    problems.extend(
+        s.programs
+            .iter()
+            .filter_map(|p| p.error.as_ref().map(|e| format!("{}: {e}", p.name))),
+    );
+    StatusEbpf {
+        attached,
+        error: (!problems.is_empty()).then(|| problems.join("; ")),
+    }
+}
+
+/// Modification time and length of the datastore file, to notice edits cheaply.
+fn file_stamp(datastore: &AnyDatastore) -> Option<(SystemTime, u64)> {
+    let AnyDatastore::File(f) = datastore else {
+        return None;
+    };
+    let meta = std::fs::metadata(f.path()).ok()?;
+    Some((meta.modified().ok()?, meta.len()))
+}
+
+async fn next_event(monitor: &mut Option<Monitor>) -> Option<ObservedEvent> {
+    match monitor {
+        Some(m) => m.next().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// `true` when a new value arrived, `false` when the sender is gone; pending without a feed.
+async fn feed_changed(feed: &mut Option<watch::Receiver<DesiredState>>) -> bool {
+    match feed {
+        Some(rx) => rx.changed().await.is_ok(),
+        None => std::future::pending().await,
+    }
+}
+
+async fn sleep_until_opt(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+fn log_opened(f: &Finding) {
+    warn!(
+        check = %f.check,
+        severity = %f.severity,
+        device = %f.device,
+        peer = f.peer_node.as_deref().unwrap_or("-"),
+        route = f.route.as_deref().unwrap_or("-"),
+        gateway = %f.gateway.map(|g| g.to_string()).unwrap_or_else(|| "-".into()),
+        expected_gateway = %f.expected_gateway.map(|g| g.to_string()).unwrap_or_else(|| "-".into()),
+        hint = f.hint.as_deref().unwrap_or("-"),
+        "finding opened: {}",
+        f.message
+    );
+}
+
+fn log_cleared(f: &Finding) {
+    let open_for = f
+        .since
+        .and_then(|s| SystemTime::now().duration_since(s).ok())
+        .map(|d| {
+            humantime::format_duration(Duration::from_millis(d.as_millis() as u64)).to_string()
+        })
+        .unwrap_or_default();
+    info!(
+        check = %f.check,
+        severity = %f.severity,
+        device = %f.device,
+        peer = f.peer_node.as_deref().unwrap_or("-"),
+        route = f.route.as_deref().unwrap_or("-"),
+        open_for = %open_for,
+        "finding cleared"
+    );
+}
