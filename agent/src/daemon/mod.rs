@@ -245,6 +245,8 @@ impl Daemon {
             synced: false,
             ready: false,
             last_summary: None,
+            eval_not_before: None,
+            events_since_trim: 0,
         };
         state.run(shutdown).await;
         Ok(())
@@ -280,6 +282,10 @@ struct LoopState {
     synced: bool,
     ready: bool,
     last_summary: Option<(usize, usize, usize)>,
+    /// Earliest next evaluation during an event storm (see `evaluate_when_due`).
+    eval_not_before: Option<Instant>,
+    /// Events applied since memory was last handed back to the system.
+    events_since_trim: usize,
 }
 
 impl LoopState {
@@ -304,6 +310,11 @@ impl LoopState {
             let resync_at = self
                 .pending_resync
                 .map(|(at, _)| tokio::time::Instant::from_std(at));
+            // A postponed evaluation (storm coalescing); a pending resync comes first.
+            let eval_at = self
+                .eval_not_before
+                .filter(|_| self.engine.is_dirty() && self.pending_resync.is_none())
+                .map(tokio::time::Instant::from_std);
             tokio::select! {
                 biased;
                 _ = &mut shutdown => {
@@ -329,12 +340,21 @@ impl LoopState {
                     }
                 }
                 _ = housekeeping.tick() => self.housekeeping().await,
+                _ = sleep_until_opt(eval_at) => {}
             }
             if self.monitor.is_none() && self.pending_resync.is_none() {
                 self.schedule_resync(ResyncReason::Overrun, RETRY);
             }
-            if self.engine.is_dirty() && self.pending_resync.is_none() {
+            if self.engine.is_dirty()
+                && self.pending_resync.is_none()
+                && self.eval_not_before.is_none_or(|t| Instant::now() >= t)
+            {
+                // Adaptive coalescing: an isolated change is evaluated at once; in a storm the
+                // next evaluation waits as long as the last one took, so checks never take more
+                // than half the loop while events keep coming.
+                let started = Instant::now();
                 self.evaluate_and_publish().await;
+                self.eval_not_before = Some(Instant::now() + started.elapsed());
             }
             self.tick(false).await;
         }
@@ -349,6 +369,7 @@ impl LoopState {
         loop {
             while let Some(event) = next.take() {
                 n += 1;
+                self.events_since_trim += 1;
                 let link_event = matches!(
                     event,
                     ObservedEvent::LinkChanged { .. } | ObservedEvent::LinkRemoved { .. }
@@ -440,8 +461,15 @@ impl LoopState {
             }
         }
         let kernel = started.elapsed();
-        if reason.reloads_datastore() || self.last_desired_ok.is_none() {
+        // A file whose modification time and size are unchanged is not re-parsed (5,000 nodes of
+        // YAML cost more than the kernel dump); any other source is reloaded.
+        let file_unchanged = matches!(self.datastore, AnyDatastore::File(_))
+            && file_stamp(&self.datastore) == self.file_stamp
+            && self.file_stamp.is_some();
+        if self.last_desired_ok.is_none() || (reason.reloads_datastore() && !file_unchanged) {
             self.reload_datastore().await;
+        } else if reason.reloads_datastore() {
+            self.last_desired_ok = Some(Instant::now());
         }
         self.update_ebpf_devices();
         self.metrics.inc_resync(reason.as_str());
@@ -541,6 +569,11 @@ impl LoopState {
 
     /// Once a second: drop counters, datastore file changes, datastore age, liveness.
     async fn housekeeping(&mut self) {
+        if self.events_since_trim > 10_000 {
+            // After a storm, hand the freed model/report memory back (glibc keeps it otherwise).
+            self.events_since_trim = 0;
+            trim_heap();
+        }
         self.poll_drops().await;
         if let AnyDatastore::File(_) = &self.datastore {
             let stamp = file_stamp(&self.datastore);
@@ -715,6 +748,14 @@ impl LoopState {
                 debug!(error = %e, "sd_notify WATCHDOG failed");
             }
         }
+    }
+}
+
+fn trim_heap() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim only releases free heap pages; no pointers are invalidated.
+    unsafe {
+        libc::malloc_trim(0);
     }
 }
 
