@@ -4,7 +4,7 @@ use anyhow::{bail, Result};
 
 use crate::{cargo, is_root, run, setup};
 
-const ALL: [&str; 1] = ["scan"];
+const ALL: [&str; 2] = ["scan", "daemon"];
 
 pub fn run_bench(which: Option<&str>) -> Result<()> {
     if !is_root() {
@@ -22,6 +22,7 @@ pub fn run_bench(which: Option<&str>) -> Result<()> {
     for bench in selected {
         match bench {
             "scan" => scan(&env)?,
+            "daemon" => crate::bench_daemon::run()?,
             _ => unreachable!("checked above"),
         }
     }

@@ -8,8 +8,6 @@ use anyhow::{bail, Context as _, Result};
 
 use crate::{cargo, is_root, run as run_step, setup, workspace_root};
 
-// Dispatched from bench.rs (`"daemon" => bench_daemon::run()`), which the lead owns.
-#[allow(dead_code)]
 pub fn run() -> Result<()> {
     if !is_root() {
         bail!("the daemon benchmark builds network namespaces: run as root (sudo -E cargo xtask bench daemon)");
