@@ -93,6 +93,18 @@ impl<'de> Deserialize<'de> for MacAddr {
 pub struct ObservedState {
     /// Keyed by device name (`vxlan.calico`). A watched device that does not exist is absent.
     pub devices: BTreeMap<String, ObservedDevice>,
+    /// Main-table unicast routes with a gateway via devices that are NOT watched, by destination.
+    /// Calico in CrossSubnet mode routes the blocks of same-subnet peers this way (`<block> via
+    /// <node IP> dev eth0`), so a block missing from the overlay device may be routed here.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty", default)]
+    pub direct_routes: BTreeMap<IpNet, DirectRoute>,
+}
+
+/// A route to a destination via a non-overlay device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct DirectRoute {
+    pub ifindex: u32,
+    pub gateway: Option<IpAddr>,
 }
 
 /// One overlay device and the routes, neighbours and FDB entries that point out of it.

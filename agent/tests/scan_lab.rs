@@ -263,3 +263,33 @@ fn bad_config_is_one_line_naming_the_key_exit_2() {
     assert!(err.contains("resync_interval"), "{err}");
     assert_eq!(err.lines().count(), 1, "{err}");
 }
+
+#[test]
+fn calico_cross_subnet_routes_via_the_underlay_are_healthy() {
+    // vxlanMode CrossSubnet: Felix routes a same-subnet peer's blocks straight to its node IP
+    // on the underlay device instead of over vxlan.calico. Healthy; must not be route-missing.
+    let mut lab = Lab::build(LabSpec::calico(3)).expect("building lab");
+    let node2 = lab.node("node2").clone();
+    for block in &node2.blocks {
+        lab.ip(
+            "node1",
+            &[
+                "route",
+                "replace",
+                &block.to_string(),
+                "via",
+                &node2.node_ip.to_string(),
+                "dev",
+                "eth0",
+                "proto",
+                "80",
+            ],
+        )
+        .expect("cross-subnet route");
+    }
+    let t = lab.traffic("node1", "node2", 3).unwrap();
+    assert!(t.all_delivered(), "cross-subnet traffic must flow: {t}");
+    let s = scan(&mut lab, "node1", &[]);
+    assert!(s.findings().is_empty(), "{:#?}", s.findings());
+    assert_eq!(s.code, 0);
+}

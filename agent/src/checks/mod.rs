@@ -152,11 +152,12 @@ pub fn evaluate(input: &CheckInput<'_>) -> CheckReport {
             .findings
             .extend(device::misconfigured(spec, dev, input.desired));
         match input.desired {
-            Some(desired) => {
-                report
-                    .findings
-                    .extend(peers::check(spec, &Indexed::new(dev), desired))
-            }
+            Some(desired) => report.findings.extend(peers::check(
+                spec,
+                &Indexed::new(dev),
+                desired,
+                &input.observed.direct_routes,
+            )),
             None => report
                 .findings
                 .extend(offline::check(spec, &Indexed::new(dev))),

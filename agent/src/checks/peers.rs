@@ -10,10 +10,16 @@ use ipnet::IpNet;
 
 use super::{fdb_destinations, neighbour, DeviceSpec, Family, Indexed, MAIN_TABLE};
 use crate::model::{
-    CheckId, DesiredState, Finding, MacAddr, ObservedDevice, PeerNode, Route, RouteKind, Severity,
+    CheckId, DesiredState, DirectRoute, Finding, MacAddr, ObservedDevice, PeerNode, Route,
+    RouteKind, Severity,
 };
 
-pub(super) fn check(spec: &DeviceSpec, dev: &Indexed<'_>, desired: &DesiredState) -> Vec<Finding> {
+pub(super) fn check(
+    spec: &DeviceSpec,
+    dev: &Indexed<'_>,
+    desired: &DesiredState,
+    direct: &BTreeMap<IpNet, DirectRoute>,
+) -> Vec<Finding> {
     let family_ok = |ip: &IpAddr| Family::of(ip) == spec.family;
     let vtep_owner: HashMap<IpAddr, &str> = desired
         .nodes
@@ -34,7 +40,7 @@ pub(super) fn check(spec: &DeviceSpec, dev: &Indexed<'_>, desired: &DesiredState
     }
 
     for peer in &peers {
-        findings.extend(peer_routes(spec, dev, peer, &routes, &vtep_owner));
+        findings.extend(peer_routes(spec, dev, peer, &routes, &vtep_owner, direct));
         findings.extend(peer_vtep(spec, dev, peer));
     }
     findings.extend(stray_routes(spec, desired, &routes, &expected, &peers));
@@ -68,6 +74,7 @@ fn peer_routes(
     peer: &PeerNode,
     routes: &BTreeMap<IpNet, &Route>,
     vtep_owner: &HashMap<IpAddr, &str>,
+    direct: &BTreeMap<IpNet, DirectRoute>,
 ) -> Vec<Finding> {
     let device = spec.name.as_str();
     let mut missing: Vec<IpNet> = Vec::new();
@@ -79,6 +86,9 @@ fn peer_routes(
         .filter(|d| Family::of(&d.addr()) == spec.family)
     {
         match routes.get(dst) {
+            // CrossSubnet: a same-subnet peer's block goes straight to its node IP via the
+            // underlay device, not over the overlay.
+            None if direct.get(dst).and_then(|r| r.gateway) == Some(peer.node_ip) => {}
             None => missing.push(*dst),
             Some(r) if r.gateway == Some(peer.vtep_ip) => {}
             Some(r) => wrong.entry(r.gateway).or_default().push(r),

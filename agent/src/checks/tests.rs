@@ -635,3 +635,29 @@ fn routes_to_blocks_of_invalid_entries_are_not_judged() {
         r.findings
     );
 }
+
+#[test]
+fn cross_subnet_peer_routed_via_the_underlay_is_healthy() {
+    // Calico CrossSubnet: k8s02 shares our subnet, so its blocks go via its node IP on eth0.
+    let mut c = Cluster::calico();
+    let k8s02 = c.peer("k8s02");
+    c.dev()
+        .routes
+        .retain(|r| !k8s02.blocks.contains(&r.destination));
+    for b in &k8s02.blocks {
+        c.observed.direct_routes.insert(
+            *b,
+            crate::model::DirectRoute {
+                ifindex: 2,
+                gateway: Some(k8s02.node_ip),
+            },
+        );
+    }
+    assert!(c.report().findings.is_empty(), "{:#?}", c.report().findings);
+
+    // Via the underlay to some other address is not that peer: still missing over the overlay.
+    for r in c.observed.direct_routes.values_mut() {
+        r.gateway = Some(ip("192.168.77.99"));
+    }
+    only(&c.report(), CheckId::RouteMissing, Some("k8s02"));
+}

@@ -20,7 +20,10 @@ use super::{
     parse::{self, is_deviceless_reject},
     Error, Result,
 };
-use crate::model::{ObservedDevice, ObservedState};
+use crate::model::{DirectRoute, ObservedDevice, ObservedState, RouteKind};
+
+/// The main routing table.
+const MAIN_TABLE: u32 = 254;
 
 /// A dump whose result the kernel marked inconsistent (NLM_F_DUMP_INTR) is retried this often.
 const DUMP_ATTEMPTS: usize = 3;
@@ -189,9 +192,6 @@ pub async fn snapshot(conn: &NetlinkConn, devices: &[String]) -> Result<Observed
             );
         }
     }
-    if state.devices.is_empty() {
-        return Ok(state);
-    }
     let mut addr_req = AddressMessage::default();
     addr_req.header.family = AddressFamily::Unspec;
     for msg in dump(conn, "address", RouteNetlinkMessage::GetAddress(addr_req)).await? {
@@ -213,6 +213,17 @@ pub async fn snapshot(conn: &NetlinkConn, devices: &[String]) -> Result<Observed
                     }
                 } else if let Some(dev) = lookup(&mut state, &names, ifindex) {
                     dev.routes.push(route);
+                } else if route.table == MAIN_TABLE
+                    && route.kind == RouteKind::Unicast
+                    && route.gateway.is_some()
+                {
+                    state.direct_routes.insert(
+                        route.destination,
+                        DirectRoute {
+                            ifindex,
+                            gateway: route.gateway,
+                        },
+                    );
                 }
             }
         }

@@ -273,9 +273,17 @@ impl ObservedState {
                 ifindex,
                 route,
                 replace,
-            } => self.apply_route_added(*ifindex, route, *replace),
+            } => {
+                let direct = self.apply_direct_route(*ifindex, route, true, *replace);
+                let on_device = self.apply_route_added(*ifindex, route, *replace);
+                if direct {
+                    on_device.max_with(Applied::Changed)
+                } else {
+                    on_device
+                }
+            }
             E::RouteRemoved { ifindex, route } => {
-                let mut changed = false;
+                let mut changed = self.apply_direct_route(*ifindex, route, false, false);
                 let deviceless = is_deviceless_reject(*ifindex, route);
                 for dev in self.devices.values_mut() {
                     if deviceless || dev.link.ifindex == *ifindex {
@@ -385,6 +393,37 @@ impl ObservedState {
                 );
                 Applied::ResyncNeeded
             }
+        }
+    }
+
+    /// Keeps `direct_routes` (main-table unicast routes via unwatched devices) in step.
+    fn apply_direct_route(
+        &mut self,
+        ifindex: u32,
+        route: &Route,
+        added: bool,
+        replace: bool,
+    ) -> bool {
+        let watched = self.devices.values().any(|d| d.link.ifindex == ifindex);
+        let eligible = !watched
+            && !is_deviceless_reject(ifindex, route)
+            && route.table == crate::checks::MAIN_TABLE
+            && route.kind == crate::model::RouteKind::Unicast
+            && route.gateway.is_some();
+        let entry = crate::model::DirectRoute {
+            ifindex,
+            gateway: route.gateway,
+        };
+        if added && eligible {
+            self.direct_routes.insert(route.destination, entry) != Some(entry)
+        } else if added && replace && route.table == crate::checks::MAIN_TABLE {
+            // The destination moved to a watched device (or lost its gateway).
+            self.direct_routes.remove(&route.destination).is_some()
+        } else if !added && self.direct_routes.get(&route.destination) == Some(&entry) {
+            self.direct_routes.remove(&route.destination);
+            true
+        } else {
+            false
         }
     }
 

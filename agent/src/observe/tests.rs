@@ -400,7 +400,10 @@ fn state_with_device(ifindex: u32) -> ObservedState {
             fdb: vec![],
         },
     );
-    ObservedState { devices }
+    ObservedState {
+        devices,
+        ..Default::default()
+    }
 }
 
 #[test]
