@@ -4,7 +4,8 @@ use anyhow::{bail, Result};
 
 pub fn run(which: Option<&str>) -> Result<()> {
     match which {
-        None | Some("scan") | Some("daemon") | Some("ebpf") => {
+        Some("ebpf") => crate::bench_ebpf::run(),
+        None | Some("scan") | Some("daemon") => {
             bail!("benchmarks are not implemented yet (issues 3, 4, 5)")
         }
         Some(other) => bail!("unknown benchmark {other:?}: expected scan, daemon or ebpf"),

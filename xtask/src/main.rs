@@ -4,6 +4,7 @@
 //! machine needs nothing but this repository and the Rust toolchains.
 
 mod bench;
+mod bench_ebpf;
 mod install;
 mod setup;
 
