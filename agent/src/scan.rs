@@ -489,6 +489,61 @@ mod tests {
     }
 
     #[test]
+    fn text_and_json_show_drops_per_peer_and_device() {
+        use crate::ebpf::{DeviceRates, EbpfState, PeerRates, Rate};
+        let rate = |packets, per_second| Rate {
+            packets,
+            per_second,
+        };
+        let mut out = output(&config(), None, None, CheckReport::default(), 1.0);
+        out.drops = Some(ScanDrops {
+            ebpf: EbpfStatus {
+                state: EbpfState::Attached,
+                missing: None,
+                reason: None,
+                programs: Vec::new(),
+            },
+            rates: DropRates {
+                window_seconds: 2.0,
+                peers: BTreeMap::from([(
+                    "k8s03".to_string(),
+                    PeerRates {
+                        device: "vxlan.calico".into(),
+                        total: rate(1913, 956.5),
+                        reasons: BTreeMap::from([("NEIGH_QUEUEFULL".into(), rate(1913, 956.5))]),
+                    },
+                )]),
+                devices: BTreeMap::from([(
+                    "vxlan.calico".to_string(),
+                    DeviceRates {
+                        data: rate(1913, 956.5),
+                        control: rate(4, 2.0),
+                        neighbour_incomplete: 1,
+                        neighbour_failed: 1,
+                        ..Default::default()
+                    },
+                )]),
+                imprecise: 0,
+            },
+        });
+        let text = render_text(&out);
+        assert!(text.contains("data packets dropped in 2.0 s"), "{text}");
+        assert!(text.contains("NEIGH_QUEUEFULL=1913"), "{text}");
+        assert!(text.contains("956.5/s"), "{text}");
+        assert!(
+            text.contains("vxlan.calico: 1913 data, 4 control, neighbour INCOMPLETE x1, FAILED x1"),
+            "{text}"
+        );
+        let json = serde_json::to_value(&out).unwrap();
+        assert_eq!(json["drops"]["peers"]["k8s03"]["total"]["packets"], 1913);
+        assert_eq!(json["drops"]["ebpf"]["state"], "attached");
+        assert_eq!(json["drops"]["window_seconds"], 2.0);
+        // Without --drops there is no `drops` key at all.
+        let plain = output(&config(), None, None, CheckReport::default(), 1.0);
+        assert!(serde_json::to_value(&plain).unwrap().get("drops").is_none());
+    }
+
+    #[test]
     fn text_shows_finding_route_and_fix() {
         let mut f = Finding::new(
             CheckId::GatewayWrongVtep,

@@ -39,6 +39,10 @@ fn attach(lab: &Lab, node: &str) -> EbpfDropCounters {
     let mut counters = EbpfDropCounters::load(Some(&lab.netns_path(node)))
         .unwrap_or_else(|status| panic!("eBPF unavailable: {status:?}"));
     assert_eq!(counters.status().state, EbpfState::Attached);
+    assert!(
+        counters.kernel_log_attached(),
+        "kernel diagnostics (aya-log) not wired"
+    );
     counters
         .set_watched_devices(&BTreeSet::from([ifindex(lab, node)]))
         .expect("watch device");

@@ -41,6 +41,27 @@ pub fn netns_inode(path: &Path) -> std::io::Result<u32> {
     u32::try_from(ino).map_err(|_| std::io::Error::other(format!("inode {ino} exceeds u32")))
 }
 
+/// Forwards the kernel programs' aya-log records (rare diagnostics only) into `tracing`.
+struct KernelLog;
+
+impl log::Log for KernelLog {
+    fn enabled(&self, _: &log::Metadata<'_>) -> bool {
+        true
+    }
+
+    fn log(&self, record: &log::Record<'_>) {
+        let message = record.args().to_string();
+        match record.level() {
+            log::Level::Error => tracing::error!(target: "watchdog::ebpf::kernel", "{message}"),
+            log::Level::Warn => tracing::warn!(target: "watchdog::ebpf::kernel", "{message}"),
+            log::Level::Info => tracing::info!(target: "watchdog::ebpf::kernel", "{message}"),
+            _ => tracing::debug!(target: "watchdog::ebpf::kernel", "{message}"),
+        }
+    }
+
+    fn flush(&self) {}
+}
+
 /// Real eBPF accounting: the loaded object, the reason table, and the user-space mirror of what
 /// was written into the configuration maps.
 pub struct EbpfDropCounters {
@@ -56,6 +77,8 @@ pub struct EbpfDropCounters {
     retired: BTreeMap<RawDrop, u64>,
     /// Value last written to CONFIG[CONFIG_PEER_GENERATION].
     generation: u32,
+    /// Kernel diagnostics (aya-log), drained on every snapshot; None if the object has none.
+    kernel_log: Option<std::sync::Mutex<aya_log::EbpfLogger<KernelLog>>>,
 }
 
 impl std::fmt::Debug for EbpfDropCounters {
@@ -233,6 +256,13 @@ impl EbpfDropCounters {
         if status.state == EbpfState::Unavailable {
             return Err(status);
         }
+        let kernel_log = match aya_log::EbpfLogger::init_with_logger(&mut bpf, KernelLog) {
+            Ok(logger) => Some(std::sync::Mutex::new(logger)),
+            Err(e) => {
+                tracing::debug!(error = %e, "eBPF object has no kernel log");
+                None
+            }
+        };
         tracing::debug!(
             ?offsets,
             netns_inum = inum,
@@ -248,7 +278,13 @@ impl EbpfDropCounters {
             slots: [0; WATCHED_DEVICES_CAPACITY as usize],
             retired: BTreeMap::new(),
             generation: 0,
+            kernel_log,
         })
+    }
+
+    /// Whether the kernel programs' diagnostics (aya-log) reach `tracing`.
+    pub fn kernel_log_attached(&self) -> bool {
+        self.kernel_log.is_some()
     }
 
     /// Run-time statistics of each attached program (needs [`super::bench::enable_stats`]).
@@ -389,6 +425,11 @@ impl DropCounterSource for EbpfDropCounters {
     }
 
     fn snapshot(&self) -> Result<DropSnapshot, EbpfError> {
+        if let Some(log) = &self.kernel_log {
+            if let Ok(mut log) = log.lock() {
+                log.flush();
+            }
+        }
         let mut raw_drops = self.read_drops(None)?;
         for (key, n) in &self.retired {
             *raw_drops.entry(*key).or_default() += n;
