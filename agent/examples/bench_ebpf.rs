@@ -62,6 +62,11 @@ struct Report {
     /// received pps with programs / without (mean over rounds).
     throughput_ratio: f64,
     sent_ratio: f64,
+    /// Same, from the median round of each setting (less sensitive to one disturbed round).
+    median_ratio: f64,
+    /// Time the kernel spent in the programs during the attached flood rounds, as a share of
+    /// their wall time (of one CPU): the overhead the ratio tries to see through the noise.
+    program_cpu_share: f64,
 }
 
 fn main() -> Result<()> {
@@ -87,17 +92,20 @@ fn main() -> Result<()> {
             rounds: Vec::new(),
             throughput_ratio: f64::NAN,
             sent_ratio: f64::NAN,
+            median_ratio: f64::NAN,
+            program_cpu_share: f64::NAN,
         });
         return Ok(());
     }
-    let (rounds, throughput_ratio, sent_ratio, flood_costs) =
-        flood_throughput(if quick { 2 } else { 5 }, storm)?;
-    costs.extend(flood_costs);
+    let flood = flood_throughput(if quick { 2 } else { 6 }, storm)?;
+    costs.extend(flood.costs);
     let report = Report {
         costs,
-        rounds,
-        throughput_ratio,
-        sent_ratio,
+        rounds: flood.rounds,
+        throughput_ratio: flood.ratio,
+        sent_ratio: flood.sent_ratio,
+        median_ratio: flood.median_ratio,
+        program_cpu_share: flood.program_cpu_share,
     };
     print_table(&report);
     if json {
@@ -192,12 +200,27 @@ fn drop_storm_costs(duration: Duration) -> Result<Vec<CostRow>> {
     Ok(out)
 }
 
+struct Flood {
+    rounds: Vec<FloodRound>,
+    ratio: f64,
+    sent_ratio: f64,
+    median_ratio: f64,
+    program_cpu_share: f64,
+    costs: Vec<CostRow>,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
 /// Healthy 2-node lab, node1 → node2 flood; alternating rounds with and without programs
 /// (watching node2, the receiver, so its socket-buffer drops run the counted path).
-fn flood_throughput(
-    rounds: usize,
-    duration: Duration,
-) -> Result<(Vec<FloodRound>, f64, f64, Vec<CostRow>)> {
+fn flood_throughput(rounds: usize, duration: Duration) -> Result<Flood> {
     let lab = Lab::build(LabSpec::calico(2)).context("building the flood lab")?;
     let src = lab.node("node1").pods[0];
     let dst = lab.node("node2").pods[0];
@@ -206,6 +229,7 @@ fn flood_throughput(
     flood(&from, src, &to, dst, Duration::from_millis(300))?;
     let mut out = Vec::new();
     let mut costs = Vec::new();
+    let (mut program_time, mut attached_time) = (Duration::ZERO, Duration::ZERO);
     for round in 0..rounds {
         // ABBA order cancels drift within each pair of rounds.
         let order = if round % 2 == 0 {
@@ -226,6 +250,11 @@ fn flood_throughput(
             let (sent, received) = flood(&from, src, &to, dst, duration)?;
             if let Some(c) = &counters {
                 let after = c.program_stats()?;
+                program_time += stats_delta(&before, &after)
+                    .iter()
+                    .map(|(_, d)| d.run_time)
+                    .sum::<Duration>();
+                attached_time += duration;
                 costs.extend(rows(
                     "flood, receiver watched",
                     stats_delta(&before, &after),
@@ -250,7 +279,23 @@ fn flood_throughput(
     };
     let ratio = mean(true, |r| r.received_pps) / mean(false, |r| r.received_pps);
     let sent_ratio = mean(true, |r| r.sent_pps) / mean(false, |r| r.sent_pps);
-    Ok((out, ratio, sent_ratio, merge_costs(costs)))
+    let med = |attached: bool| {
+        median(
+            out.iter()
+                .filter(|r| r.attached == attached)
+                .map(|r| r.received_pps)
+                .collect(),
+        )
+    };
+    let median_ratio = med(true) / med(false);
+    Ok(Flood {
+        median_ratio,
+        program_cpu_share: program_time.as_secs_f64() / attached_time.as_secs_f64().max(1e-9),
+        rounds: out,
+        ratio,
+        sent_ratio,
+        costs: merge_costs(costs),
+    })
 }
 
 /// Sums per-round cost rows of the same (scenario, program).
@@ -403,9 +448,14 @@ fn print_table(r: &Report) {
         );
     }
     println!(
-        "  throughput with/without programs: received {:.3} ({:+.1}%), sent {:.3}",
+        "  throughput with/without programs: received {:.3} ({:+.1}%; median rounds {:.3}), sent {:.3}",
         r.throughput_ratio,
         (r.throughput_ratio - 1.0) * 100.0,
+        r.median_ratio,
         r.sent_ratio
+    );
+    println!(
+        "  time in eBPF programs during attached rounds: {:.3}% of one CPU",
+        r.program_cpu_share * 100.0
     );
 }
