@@ -7,24 +7,37 @@
 //! (`u32::from_ne_bytes(addr.octets())` in user space), exactly as the kernel holds them.
 #![no_std]
 
-/// Key of the per-CPU drop counter map: one slot per (device, reason, traffic class, peer).
+/// Key of the per-CPU hash of data (IPv4) drops per peer: one slot per (device slot, reason,
+/// peer). Only drops whose inner destination is in a known block are in here; the per-device
+/// totals are in [`DEVICE_DROPS_MAP`].
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct DropKey {
-    /// ifindex of the watched overlay device the skb was on when freed.
-    pub ifindex: u32,
+pub struct PeerDropKey {
+    /// Slot of the device in [`WATCHED_DEVICES_MAP`].
+    pub slot: u32,
     /// Raw `enum skb_drop_reason` value; user space names it from BTF (numbering differs
     /// between kernels).
     pub reason: u32,
-    /// One of the `CLASS_*` constants.
-    pub class: u32,
-    /// Peer id from [`PEER_BLOCKS_MAP`] for the inner IPv4 destination; [`PEER_UNKNOWN`] when
-    /// the packet is not IPv4 or its destination is in no known block.
+    /// Peer id from [`PEER_BLOCKS_MAP`] for the inner IPv4 destination (never [`PEER_UNKNOWN`]).
     pub peer: u32,
 }
 
 #[cfg(feature = "user")]
-unsafe impl aya::Pod for DropKey {}
+unsafe impl aya::Pod for PeerDropKey {}
+
+/// Per-CPU one-entry cache in front of the LPM trie: drops come in storms toward one
+/// destination. Valid while `generation` equals [`CONFIG_PEER_GENERATION`] in [`CONFIG_MAP`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PeerCache {
+    pub daddr: u32,
+    pub peer: u32,
+    pub generation: u32,
+    pub valid: u32,
+}
+
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for PeerCache {}
 
 /// Traffic class of a dropped skb, from `skb->protocol`. Only IPv4 is data loss toward a peer;
 /// ARP is the control plane resolving a gateway (its drops are expected while a neighbour is
@@ -56,16 +69,51 @@ unsafe impl aya::Pod for NeighKey {}
 pub const NUD_INCOMPLETE: u32 = 0x01;
 pub const NUD_FAILED: u32 = 0x20;
 
-/// Per-CPU hash map `DropKey -> u64 packets`. Full map: new keys are not inserted and counted in
-/// [`OVERFLOW_MAP`] instead (slot [`OVERFLOW_DROPS`]), never silently lost.
-pub const DROPS_MAP: &str = "DROPS";
-/// Devices × reasons × classes × peers actually seen stays small; 4096 covers 64 peers × 16
-/// reasons × 4 classes on one device.
-pub const DROPS_MAP_CAPACITY: u32 = 4096;
+/// Number of traffic classes (`CLASS_*`).
+pub const CLASSES: u32 = 4;
+/// Reasons are counted per device in slots `0..REASON_SLOTS - 1`; the last slot collects every
+/// larger value (subsystem-encoded reasons such as mac80211's, which a VXLAN device never sees).
+pub const REASON_SLOTS: u32 = 256;
+/// The slot that collects reasons `>= REASON_SLOTS - 1`.
+pub const REASON_OVERFLOW_SLOT: u32 = REASON_SLOTS - 1;
 
-/// Hash map `ifindex -> 1` of overlay devices to account, filled by user space.
+/// Per-CPU array of u64 packets per (device slot, class, reason), indexed by
+/// [`device_drop_index`]: every drop on a watched device is counted here, never lost to a full
+/// map (an array lookup is also what the verifier inlines: the cheapest counter there is).
+pub const DEVICE_DROPS_MAP: &str = "DEVICE_DROPS";
+pub const DEVICE_DROP_SLOTS: u32 = WATCHED_DEVICES_CAPACITY * CLASSES * REASON_SLOTS;
+
+/// Index into [`DEVICE_DROPS_MAP`].
+#[inline(always)]
+pub const fn device_drop_index(slot: u32, class: u32, reason: u32) -> u32 {
+    let reason = if reason < REASON_OVERFLOW_SLOT {
+        reason
+    } else {
+        REASON_OVERFLOW_SLOT
+    };
+    (slot * CLASSES + class) * REASON_SLOTS + reason
+}
+
+/// Per-CPU hash `PeerDropKey -> u64 packets`: the per-peer split of IPv4 drops. Full map: the
+/// drop stays counted per device (so it shows as "peer unknown") and [`OVERFLOW_PEER_DROPS`]
+/// counts it.
+pub const PEER_DROPS_MAP: &str = "PEER_DROPS";
+/// Peers × reasons actually seen stays small; 4096 covers 256 peers × 16 reasons.
+pub const PEER_DROPS_CAPACITY: u32 = 4096;
+
+/// Array `slot -> ifindex` of the overlay devices to account (0: free slot), filled by user
+/// space. A slot is a device's index in [`DEVICE_DROPS_MAP`] and [`PeerDropKey::slot`].
 pub const WATCHED_DEVICES_MAP: &str = "WATCHED_DEVICES";
-pub const WATCHED_DEVICES_CAPACITY: u32 = 64;
+pub const WATCHED_DEVICES_CAPACITY: u32 = 8;
+
+/// Array of u32 settings written by user space, indexed by the `CONFIG_*` constants.
+pub const CONFIG_MAP: &str = "CONFIG";
+pub const CONFIG_SLOTS: u32 = 1;
+/// Bumped by user space after every change of [`PEER_BLOCKS_MAP`] (invalidates the caches).
+pub const CONFIG_PEER_GENERATION: u32 = 0;
+
+/// Per-CPU array with one [`PeerCache`].
+pub const PEER_CACHE_MAP: &str = "PEER_CACHE";
 
 /// LPM trie `(prefix, IPv4) -> peer id`, filled by user space from the desired state (blocks and
 /// borrowed /32s; the longest prefix wins, as in the route table).
@@ -91,8 +139,8 @@ pub const NEIGH_DEVICE_CAPACITY: u32 = 2 * WATCHED_DEVICES_CAPACITY;
 /// Per-CPU array of u64 overflow/diagnostic counters, indexed by the `OVERFLOW_*` constants.
 pub const OVERFLOW_MAP: &str = "OVERFLOW";
 pub const OVERFLOW_SLOTS: u32 = 4;
-/// A drop that found [`DROPS_MAP`] full.
-pub const OVERFLOW_DROPS: u32 = 0;
+/// An IPv4 drop toward a known peer that found [`PEER_DROPS_MAP`] full (still counted per device).
+pub const OVERFLOW_PEER_DROPS: u32 = 0;
 /// A device-level neighbour transition that found [`NEIGH_DEVICE_MAP`] full.
 pub const OVERFLOW_NEIGH: u32 = 1;
 /// An IPv4 drop whose inner header could not be read (peer left unknown).

@@ -113,6 +113,10 @@ struct ScanArgs {
     /// KUBECONFIG, ~/.kube/config, in-cluster, then MicroK8s's client.config).
     #[arg(long, value_name = "PATH")]
     kubeconfig: Option<PathBuf>,
+    /// Also count kernel drops on the overlay devices for this long (eBPF, e.g. `10s`) and
+    /// judge them per peer (`traffic-blackholed`, `drops-unexplained`); shown under `drops`.
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    drops: Option<std::time::Duration>,
 }
 
 fn main() -> ExitCode {
@@ -301,7 +305,12 @@ fn scan_command(args: ScanArgs) -> ExitCode {
         .as_deref()
         .map(DatastoreChoice::parse)
         .unwrap_or_else(|| DatastoreChoice::from_config(&config));
-    let result = runtime().block_on(scan::scan(&config, args.common.netns.as_deref(), &choice));
+    let result = runtime().block_on(scan::scan_with_drops(
+        &config,
+        args.common.netns.as_deref(),
+        &choice,
+        args.drops,
+    ));
     match result {
         Ok(out) => {
             if args.json {

@@ -2,15 +2,21 @@
 //! machine. The incident's manual correlation of `ip route`, `ip neigh` and `kubectl get node`,
 //! as one command.
 
-use std::{fmt::Write as _, path::PathBuf, time::Instant};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt::Write as _,
+    path::PathBuf,
+    time::{Duration, Instant},
+};
 
 use serde::Serialize;
 
 use crate::{
-    checks::{self, CheckInput, CheckReport, DeviceSpec, PeerVerdict, SkippedCheck},
+    checks::{self, CheckInput, CheckReport, DeviceSpec, DropSummary, PeerVerdict, SkippedCheck},
     config::{Config, DatastoreSource},
     desired::{AnyDatastore, Datastore, DatastoreError, FileDatastore},
-    model::{DesiredState, Finding, Severity},
+    ebpf::{self, DropRates, DropWindow, EbpfError, EbpfStatus},
+    model::{DesiredState, Finding, ObservedState, Severity},
     observe::{self, KernelObserver, NetlinkObserver},
 };
 
@@ -21,6 +27,8 @@ pub enum ScanError {
     Kernel(#[from] observe::Error),
     #[error("{0}")]
     Datastore(#[from] DatastoreError),
+    #[error("drop counters: {0}")]
+    Drops(#[from] EbpfError),
 }
 
 /// Where desired state comes from for this scan (`--datastore` overrides the config).
@@ -65,6 +73,19 @@ pub struct ScanOutput {
     pub skipped: Vec<SkippedCheck>,
     pub summary: Summary,
     pub duration_ms: f64,
+    /// Kernel drops counted while the scan watched (`--drops DURATION`); absent otherwise.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub drops: Option<ScanDrops>,
+}
+
+/// What `scan --drops` counted: data drops per peer (these fed `traffic-blackholed` /
+/// `drops-unexplained`), per device and reason, and whether eBPF was attached at all.
+#[derive(Debug, Clone, Serialize)]
+pub struct ScanDrops {
+    /// eBPF state; when not attached, `reason` says why and only device counters are shown.
+    pub ebpf: EbpfStatus,
+    #[serde(flatten)]
+    pub rates: DropRates,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -134,10 +155,32 @@ pub async fn scan(
     netns: Option<&std::path::Path>,
     datastore: &DatastoreChoice,
 ) -> Result<ScanOutput, ScanError> {
+    scan_with_drops(config, netns, datastore, None).await
+}
+
+/// [`scan`], and with `drops: Some(window)` also attach the drop counters to the overlay
+/// devices of `netns`, let traffic flow for `window`, and judge the data drops toward each peer
+/// together with the dataplane (`traffic-blackholed`, `drops-unexplained`). When eBPF cannot
+/// be attached the scan still runs; `drops.ebpf` says why and device counters stand in.
+pub async fn scan_with_drops(
+    config: &Config,
+    netns: Option<&std::path::Path>,
+    datastore: &DatastoreChoice,
+    drops: Option<Duration>,
+) -> Result<ScanOutput, ScanError> {
     let started = Instant::now();
     let observer = NetlinkObserver::new(netns)?;
     let desired = load_desired(datastore, config).await?;
-    let observed = observer.snapshot(&config.devices).await?;
+    let mut observed = observer.snapshot(&config.devices).await?;
+    let counted = match drops {
+        Some(window) => {
+            let counted = count_drops(netns, &observed, desired.as_ref(), window).await?;
+            // Judge the dataplane as it is at the end of the window the drops come from.
+            observed = observer.snapshot(&config.devices).await?;
+            Some(counted)
+        }
+        None => None,
+    };
     let specs: Vec<DeviceSpec> = config
         .devices
         .iter()
@@ -147,14 +190,49 @@ pub async fn scan(
         devices: &specs,
         observed: &observed,
         desired: desired.as_ref(),
-        drops: None,
+        drops: counted.as_ref().map(|(summary, _)| summary),
     });
-    Ok(output(
+    let mut out = output(
         config,
         netns.map(|p| p.display().to_string()),
         desired.as_ref(),
         report,
         started.elapsed().as_secs_f64() * 1e3,
+    );
+    out.drops = counted.map(|(_, drops)| drops);
+    Ok(out)
+}
+
+/// ifindex → name of the observed overlay devices.
+fn device_names(observed: &ObservedState) -> BTreeMap<u32, String> {
+    observed
+        .devices
+        .values()
+        .map(|d| (d.link.ifindex, d.link.name.clone()))
+        .collect()
+}
+
+async fn count_drops(
+    netns: Option<&std::path::Path>,
+    observed: &ObservedState,
+    desired: Option<&DesiredState>,
+    window: Duration,
+) -> Result<(DropSummary, ScanDrops), ScanError> {
+    let names = device_names(observed);
+    let mut source = ebpf::open(netns);
+    source.set_watched_devices(&names.keys().copied().collect::<BTreeSet<u32>>())?;
+    if let Some(desired) = desired {
+        source.set_peer_blocks(&ebpf::peer_blocks_from_desired(desired))?;
+    }
+    let mut drop_window = DropWindow::starting_at(source.snapshot()?, Instant::now());
+    tokio::time::sleep(window).await;
+    let (summary, rates) = drop_window.observe(&source.snapshot()?, Instant::now(), &names);
+    Ok((
+        summary,
+        ScanDrops {
+            ebpf: source.status(),
+            rates,
+        },
     ))
 }
 
@@ -182,6 +260,7 @@ fn output(
         peers: report.peers,
         skipped: report.skipped,
         duration_ms,
+        drops: None,
     }
 }
 
@@ -275,6 +354,9 @@ pub fn render_text(out: &ScanOutput) -> String {
             }
         }
     }
+    if let Some(drops) = &out.drops {
+        render_drops(&mut s, drops);
+    }
     if !out.skipped.is_empty() {
         let _ = writeln!(s);
         let names: Vec<&str> = out.skipped.iter().map(|k| k.check.as_str()).collect();
@@ -300,6 +382,58 @@ pub fn render_text(out: &ScanOutput) -> String {
         out.duration_ms
     );
     s
+}
+
+fn render_drops(s: &mut String, drops: &ScanDrops) {
+    let _ = writeln!(s);
+    let secs = drops.rates.window_seconds;
+    if !drops.ebpf.counting_drops() {
+        let _ = writeln!(
+            s,
+            "drops: eBPF not counting ({}); device counters only",
+            drops.ebpf.reason.as_deref().unwrap_or("unknown reason")
+        );
+    }
+    if drops.rates.peers.is_empty() {
+        let _ = writeln!(s, "no data packets to any peer dropped in {secs:.1} s");
+    } else {
+        let rows: Vec<[String; 5]> = drops
+            .rates
+            .peers
+            .iter()
+            .map(|(peer, p)| {
+                [
+                    peer.clone(),
+                    p.device.clone(),
+                    p.total.packets.to_string(),
+                    format!("{:.1}/s", p.total.per_second),
+                    p.reasons
+                        .iter()
+                        .map(|(r, n)| format!("{r}={}", n.packets))
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                ]
+            })
+            .collect();
+        let _ = writeln!(s, "data packets dropped in {secs:.1} s:");
+        table(s, ["PEER", "DEVICE", "DROPPED", "RATE", "REASONS"], &rows);
+    }
+    for (device, d) in &drops.rates.devices {
+        let mut parts = vec![
+            format!("{} data", d.data.packets),
+            format!("{} control", d.control.packets),
+        ];
+        if d.neighbour_failed > 0 || d.neighbour_incomplete > 0 {
+            parts.push(format!(
+                "neighbour INCOMPLETE x{}, FAILED x{}",
+                d.neighbour_incomplete, d.neighbour_failed
+            ));
+        }
+        if let Some(tx) = d.tx_dropped {
+            parts.push(format!("tx_dropped {}", tx.packets));
+        }
+        let _ = writeln!(s, "  {device}: {}", parts.join(", "));
+    }
 }
 
 fn table<const N: usize>(s: &mut String, header: [&str; N], rows: &[[String; N]]) {
@@ -356,6 +490,61 @@ mod tests {
             DatastoreChoice::parse("kubernetes"),
             DatastoreChoice::Kubernetes
         );
+    }
+
+    #[test]
+    fn text_and_json_show_drops_per_peer_and_device() {
+        use crate::ebpf::{DeviceRates, EbpfState, PeerRates, Rate};
+        let rate = |packets, per_second| Rate {
+            packets,
+            per_second,
+        };
+        let mut out = output(&config(), None, None, CheckReport::default(), 1.0);
+        out.drops = Some(ScanDrops {
+            ebpf: EbpfStatus {
+                state: EbpfState::Attached,
+                missing: None,
+                reason: None,
+                programs: Vec::new(),
+            },
+            rates: DropRates {
+                window_seconds: 2.0,
+                peers: BTreeMap::from([(
+                    "k8s03".to_string(),
+                    PeerRates {
+                        device: "vxlan.calico".into(),
+                        total: rate(1913, 956.5),
+                        reasons: BTreeMap::from([("NEIGH_QUEUEFULL".into(), rate(1913, 956.5))]),
+                    },
+                )]),
+                devices: BTreeMap::from([(
+                    "vxlan.calico".to_string(),
+                    DeviceRates {
+                        data: rate(1913, 956.5),
+                        control: rate(4, 2.0),
+                        neighbour_incomplete: 1,
+                        neighbour_failed: 1,
+                        ..Default::default()
+                    },
+                )]),
+                imprecise: 0,
+            },
+        });
+        let text = render_text(&out);
+        assert!(text.contains("data packets dropped in 2.0 s"), "{text}");
+        assert!(text.contains("NEIGH_QUEUEFULL=1913"), "{text}");
+        assert!(text.contains("956.5/s"), "{text}");
+        assert!(
+            text.contains("vxlan.calico: 1913 data, 4 control, neighbour INCOMPLETE x1, FAILED x1"),
+            "{text}"
+        );
+        let json = serde_json::to_value(&out).unwrap();
+        assert_eq!(json["drops"]["peers"]["k8s03"]["total"]["packets"], 1913);
+        assert_eq!(json["drops"]["ebpf"]["state"], "attached");
+        assert_eq!(json["drops"]["window_seconds"], 2.0);
+        // Without --drops there is no `drops` key at all.
+        let plain = output(&config(), None, None, CheckReport::default(), 1.0);
+        assert!(serde_json::to_value(&plain).unwrap().get("drops").is_none());
     }
 
     #[test]

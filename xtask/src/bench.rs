@@ -4,7 +4,7 @@ use anyhow::{bail, Result};
 
 use crate::{cargo, is_root, run, setup};
 
-const ALL: [&str; 2] = ["scan", "daemon"];
+const ALL: [&str; 3] = ["scan", "daemon", "ebpf"];
 
 pub fn run_bench(which: Option<&str>) -> Result<()> {
     if !is_root() {
@@ -23,6 +23,7 @@ pub fn run_bench(which: Option<&str>) -> Result<()> {
         match bench {
             "scan" => scan(&env)?,
             "daemon" => crate::bench_daemon::run()?,
+            "ebpf" => crate::bench_ebpf::run()?,
             _ => unreachable!("checked above"),
         }
     }

@@ -5,6 +5,7 @@
 
 mod bench;
 mod bench_daemon;
+mod bench_ebpf;
 mod install;
 mod setup;
 

@@ -8,13 +8,14 @@ use std::{
 };
 
 use agent_ebpf::{
-    globals, programs, DropKey, NeighKey, DROPS_MAP, NEIGH_DEVICE_MAP, NEIGH_GATEWAY_MAP,
-    NUD_FAILED, NUD_INCOMPLETE, OVERFLOW_DROPS, OVERFLOW_HEADER_UNREADABLE, OVERFLOW_MAP,
-    OVERFLOW_NEIGH, PEER_BLOCKS_CAPACITY, PEER_BLOCKS_MAP, PEER_UNKNOWN, WATCHED_DEVICES_CAPACITY,
-    WATCHED_DEVICES_MAP,
+    device_drop_index, globals, programs, NeighKey, PeerDropKey, CLASSES, CLASS_IPV4, CONFIG_MAP,
+    CONFIG_PEER_GENERATION, DEVICE_DROPS_MAP, NEIGH_DEVICE_MAP, NEIGH_GATEWAY_MAP, NUD_FAILED,
+    NUD_INCOMPLETE, OVERFLOW_HEADER_UNREADABLE, OVERFLOW_MAP, OVERFLOW_NEIGH, OVERFLOW_PEER_DROPS,
+    PEER_BLOCKS_CAPACITY, PEER_BLOCKS_MAP, PEER_DROPS_MAP, PEER_UNKNOWN, REASON_OVERFLOW_SLOT,
+    REASON_SLOTS, WATCHED_DEVICES_CAPACITY, WATCHED_DEVICES_MAP,
 };
 use aya::{
-    maps::{lpm_trie::Key, HashMap, LpmTrie, MapData, PerCpuArray, PerCpuHashMap},
+    maps::{lpm_trie::Key, Array, LpmTrie, MapData, PerCpuArray, PerCpuHashMap, PerCpuValues},
     programs::BtfTracePoint,
     Ebpf, EbpfLoader,
 };
@@ -40,6 +41,27 @@ pub fn netns_inode(path: &Path) -> std::io::Result<u32> {
     u32::try_from(ino).map_err(|_| std::io::Error::other(format!("inode {ino} exceeds u32")))
 }
 
+/// Forwards the kernel programs' aya-log records (rare diagnostics only) into `tracing`.
+struct KernelLog;
+
+impl log::Log for KernelLog {
+    fn enabled(&self, _: &log::Metadata<'_>) -> bool {
+        true
+    }
+
+    fn log(&self, record: &log::Record<'_>) {
+        let message = record.args().to_string();
+        match record.level() {
+            log::Level::Error => tracing::error!(target: "watchdog::ebpf::kernel", "{message}"),
+            log::Level::Warn => tracing::warn!(target: "watchdog::ebpf::kernel", "{message}"),
+            log::Level::Info => tracing::info!(target: "watchdog::ebpf::kernel", "{message}"),
+            _ => tracing::debug!(target: "watchdog::ebpf::kernel", "{message}"),
+        }
+    }
+
+    fn flush(&self) {}
+}
+
 /// Real eBPF accounting: the loaded object, the reason table, and the user-space mirror of what
 /// was written into the configuration maps.
 pub struct EbpfDropCounters {
@@ -49,14 +71,21 @@ pub struct EbpfDropCounters {
     peers: PeerIds,
     /// (prefix, network-order address) → peer id currently in the LPM trie.
     trie: StdHashMap<(u32, u32), u32>,
-    watched: BTreeSet<u32>,
+    /// ifindex in each slot of the WATCHED_DEVICES array (0: free), as written.
+    slots: [u32; WATCHED_DEVICES_CAPACITY as usize],
+    /// Counts of devices no longer watched (their slot was reused), so totals stay monotonic.
+    retired: BTreeMap<RawDrop, u64>,
+    /// Value last written to CONFIG[CONFIG_PEER_GENERATION].
+    generation: u32,
+    /// Kernel diagnostics (aya-log), drained on every snapshot; None if the object has none.
+    kernel_log: Option<std::sync::Mutex<aya_log::EbpfLogger<KernelLog>>>,
 }
 
 impl std::fmt::Debug for EbpfDropCounters {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("EbpfDropCounters")
             .field("status", &self.status)
-            .field("watched", &self.watched)
+            .field("slots", &self.slots)
             .finish_non_exhaustive()
     }
 }
@@ -227,6 +256,13 @@ impl EbpfDropCounters {
         if status.state == EbpfState::Unavailable {
             return Err(status);
         }
+        let kernel_log = match aya_log::EbpfLogger::init_with_logger(&mut bpf, KernelLog) {
+            Ok(logger) => Some(std::sync::Mutex::new(logger)),
+            Err(e) => {
+                tracing::debug!(error = %e, "eBPF object has no kernel log");
+                None
+            }
+        };
         tracing::debug!(
             ?offsets,
             netns_inum = inum,
@@ -239,8 +275,16 @@ impl EbpfDropCounters {
             reasons,
             peers: PeerIds::default(),
             trie: StdHashMap::new(),
-            watched: BTreeSet::new(),
+            slots: [0; WATCHED_DEVICES_CAPACITY as usize],
+            retired: BTreeMap::new(),
+            generation: 0,
+            kernel_log,
         })
+    }
+
+    /// Whether the kernel programs' diagnostics (aya-log) reach `tracing`.
+    pub fn kernel_log_attached(&self) -> bool {
+        self.kernel_log.is_some()
     }
 
     /// Run-time statistics of each attached program (needs [`super::bench::enable_stats`]).
@@ -317,29 +361,25 @@ impl DropCounterSource for EbpfDropCounters {
     }
 
     fn set_watched_devices(&mut self, ifindexes: &BTreeSet<u32>) -> Result<(), EbpfError> {
-        if ifindexes.len() > WATCHED_DEVICES_CAPACITY as usize {
+        if ifindexes.len() > WATCHED_DEVICES_CAPACITY as usize || ifindexes.contains(&0) {
             return Err(EbpfError::TooManyDevices {
                 count: ifindexes.len(),
                 capacity: WATCHED_DEVICES_CAPACITY,
             });
         }
-        let (add, remove) = diff_sets(&self.watched, ifindexes);
-        let map_err = |source| EbpfError::Map {
-            map: WATCHED_DEVICES_MAP,
-            source,
-        };
-        let mut map: HashMap<&mut MapData, u32, u32> =
-            HashMap::try_from(self.map_mut(WATCHED_DEVICES_MAP)?).map_err(map_err)?;
-        for ifindex in &remove {
-            match map.remove(ifindex) {
-                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
-                Err(e) => return Err(map_err(e)),
-            }
+        let (remove, add) = diff_slots(&self.slots, ifindexes);
+        for slot in remove {
+            self.write_slot(slot, 0)?;
+            self.retire_slot(slot)?;
         }
-        for ifindex in &add {
-            map.insert(ifindex, 1, 0).map_err(map_err)?;
+        for ifindex in add {
+            let slot = self
+                .slots
+                .iter()
+                .position(|s| *s == 0)
+                .expect("capacity checked above") as u32;
+            self.write_slot(slot, ifindex)?;
         }
-        self.watched = ifindexes.clone();
         Ok(())
     }
 
@@ -369,20 +409,30 @@ impl DropCounterSource for EbpfDropCounters {
                 .map_err(map_err)?;
         }
         self.trie = desired;
+        // After the trie changed: invalidates the programs' per-CPU lookup caches.
+        self.generation = self.generation.wrapping_add(1);
+        let generation = self.generation;
+        let config_err = |source| EbpfError::Map {
+            map: CONFIG_MAP,
+            source,
+        };
+        let mut config: Array<&mut MapData, u32> =
+            Array::try_from(self.map_mut(CONFIG_MAP)?).map_err(config_err)?;
+        config
+            .set(CONFIG_PEER_GENERATION, generation, 0)
+            .map_err(config_err)?;
         Ok(())
     }
 
     fn snapshot(&self) -> Result<DropSnapshot, EbpfError> {
-        let drops_err = |source| EbpfError::Map {
-            map: DROPS_MAP,
-            source,
-        };
-        let drops_map: PerCpuHashMap<&MapData, DropKey, u64> =
-            PerCpuHashMap::try_from(self.map(DROPS_MAP)?).map_err(drops_err)?;
-        let mut raw_drops = Vec::new();
-        for entry in drops_map.iter() {
-            let (key, values) = entry.map_err(drops_err)?;
-            raw_drops.push((key, values.iter().sum::<u64>()));
+        if let Some(log) = &self.kernel_log {
+            if let Ok(mut log) = log.lock() {
+                log.flush();
+            }
+        }
+        let mut raw_drops = self.read_drops(None)?;
+        for (key, n) in &self.retired {
+            *raw_drops.entry(*key).or_default() += n;
         }
         let mut neigh = Vec::new();
         for map_name in [NEIGH_DEVICE_MAP, NEIGH_GATEWAY_MAP] {
@@ -407,25 +457,186 @@ impl DropCounterSource for EbpfDropCounters {
             Ok(overflow_map.get(&i, 0).map_err(overflow_err)?.iter().sum())
         };
         let overflow = Overflow {
-            drops_map_full: slot(OVERFLOW_DROPS)?,
+            drops_map_full: slot(OVERFLOW_PEER_DROPS)?,
             neigh_map_full: slot(OVERFLOW_NEIGH)?,
             header_unreadable: slot(OVERFLOW_HEADER_UNREADABLE)?,
         };
         Ok(build_snapshot(
             &self.reasons,
             &self.peers,
-            raw_drops,
+            raw_drops.into_iter().collect(),
             neigh,
             overflow,
         ))
     }
 }
 
+/// One drop counter as user space reports it: per device (ifindex), reason, class and peer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) struct RawDrop {
+    pub ifindex: u32,
+    pub reason: u32,
+    pub class: u32,
+    pub peer: u32,
+}
+
+impl EbpfDropCounters {
+    fn write_slot(&mut self, slot: u32, ifindex: u32) -> Result<(), EbpfError> {
+        let err = |source| EbpfError::Map {
+            map: WATCHED_DEVICES_MAP,
+            source,
+        };
+        let mut map: Array<&mut MapData, u32> =
+            Array::try_from(self.map_mut(WATCHED_DEVICES_MAP)?).map_err(err)?;
+        map.set(slot, ifindex, 0).map_err(err)?;
+        self.slots[slot as usize] = ifindex;
+        Ok(())
+    }
+
+    /// Moves the counters of a slot that is no longer watched into `retired` and zeroes them,
+    /// so the slot can serve another device.
+    fn retire_slot(&mut self, slot: u32) -> Result<(), EbpfError> {
+        for (key, n) in self.read_drops(Some(slot))? {
+            *self.retired.entry(key).or_default() += n;
+        }
+        let err = |source| EbpfError::Map {
+            map: DEVICE_DROPS_MAP,
+            source,
+        };
+        let mut device: PerCpuArray<&mut MapData, u64> =
+            PerCpuArray::try_from(self.map_mut(DEVICE_DROPS_MAP)?).map_err(err)?;
+        let ncpu = device.get(&0, 0).map_err(err)?.len();
+        for class in 0..CLASSES {
+            for reason in 0..REASON_SLOTS {
+                let zeros = PerCpuValues::try_from(vec![0u64; ncpu]).map_err(|source| {
+                    EbpfError::MapIo {
+                        map: DEVICE_DROPS_MAP,
+                        source,
+                    }
+                })?;
+                device
+                    .set(device_drop_index(slot, class, reason), zeros, 0)
+                    .map_err(err)?;
+            }
+        }
+        let peer_err = |source| EbpfError::Map {
+            map: PEER_DROPS_MAP,
+            source,
+        };
+        let mut peers: PerCpuHashMap<&mut MapData, PeerDropKey, u64> =
+            PerCpuHashMap::try_from(self.map_mut(PEER_DROPS_MAP)?).map_err(peer_err)?;
+        let keys: Vec<PeerDropKey> = peers
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| k.slot == slot)
+            .collect();
+        for key in keys {
+            match peers.remove(&key) {
+                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+                Err(e) => return Err(peer_err(e)),
+            }
+        }
+        Ok(())
+    }
+
+    /// Counters of the watched slots (or of one slot), per device, reason, class and peer.
+    /// IPv4 drops not attributed to a peer are the device total minus the per-peer ones.
+    fn read_drops(&self, only: Option<u32>) -> Result<BTreeMap<RawDrop, u64>, EbpfError> {
+        let wanted = |slot: u32| only.is_none_or(|o| o == slot) && self.slots[slot as usize] != 0;
+        // Per-peer counts first: the device totals read afterwards can only be larger, so the
+        // unattributed remainder never goes negative.
+        let peer_err = |source| EbpfError::Map {
+            map: PEER_DROPS_MAP,
+            source,
+        };
+        let peers: PerCpuHashMap<&MapData, PeerDropKey, u64> =
+            PerCpuHashMap::try_from(self.map(PEER_DROPS_MAP)?).map_err(peer_err)?;
+        let mut per_peer: Vec<(PeerDropKey, u64)> = Vec::new();
+        for entry in peers.iter() {
+            let (key, values) = entry.map_err(peer_err)?;
+            if (key.slot as usize) < self.slots.len() && wanted(key.slot) {
+                per_peer.push((key, values.iter().sum()));
+            }
+        }
+        let err = |source| EbpfError::Map {
+            map: DEVICE_DROPS_MAP,
+            source,
+        };
+        let device: PerCpuArray<&MapData, u64> =
+            PerCpuArray::try_from(self.map(DEVICE_DROPS_MAP)?).map_err(err)?;
+        let mut out = BTreeMap::new();
+        for slot in 0..WATCHED_DEVICES_CAPACITY {
+            if !wanted(slot) {
+                continue;
+            }
+            let ifindex = self.slots[slot as usize];
+            for class in 0..CLASSES {
+                for reason in 0..REASON_SLOTS {
+                    let total: u64 = device
+                        .get(&device_drop_index(slot, class, reason), 0)
+                        .map_err(err)?
+                        .iter()
+                        .sum();
+                    if total == 0 {
+                        continue;
+                    }
+                    let mut unattributed = total;
+                    if class == CLASS_IPV4 {
+                        for (key, n) in per_peer
+                            .iter()
+                            .filter(|(k, _)| k.slot == slot && reason_slot(k.reason) == reason)
+                        {
+                            let raw = RawDrop {
+                                ifindex,
+                                reason: key.reason,
+                                class,
+                                peer: key.peer,
+                            };
+                            *out.entry(raw).or_default() += n;
+                            unattributed = unattributed.saturating_sub(*n);
+                        }
+                    }
+                    if unattributed > 0 {
+                        let raw = RawDrop {
+                            ifindex,
+                            reason,
+                            class,
+                            peer: PEER_UNKNOWN,
+                        };
+                        *out.entry(raw).or_default() += unattributed;
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+fn reason_slot(reason: u32) -> u32 {
+    reason.min(REASON_OVERFLOW_SLOT)
+}
+
+/// Slots to free (their device is no longer wanted) and ifindexes to add.
+fn diff_slots(slots: &[u32], desired: &BTreeSet<u32>) -> (Vec<u32>, Vec<u32>) {
+    let remove = slots
+        .iter()
+        .enumerate()
+        .filter(|(_, ifindex)| **ifindex != 0 && !desired.contains(ifindex))
+        .map(|(slot, _)| slot as u32)
+        .collect();
+    let add = desired
+        .iter()
+        .filter(|ifindex| !slots.contains(ifindex))
+        .copied()
+        .collect();
+    (remove, add)
+}
+
 /// Turns raw map contents into named counters. Pure, so it is unit-tested without a kernel.
 fn build_snapshot(
     reasons: &DropReasons,
     peers: &PeerIds,
-    raw_drops: Vec<(DropKey, u64)>,
+    raw_drops: Vec<(RawDrop, u64)>,
     raw_neigh: Vec<(NeighKey, u64)>,
     overflow: Overflow,
 ) -> DropSnapshot {
@@ -434,7 +645,11 @@ fn build_snapshot(
         .filter(|(_, n)| *n > 0)
         .map(|(k, packets)| DropCount {
             ifindex: k.ifindex,
-            reason: reasons.name(k.reason),
+            reason: if k.reason == REASON_OVERFLOW_SLOT && !reasons.contains(k.reason) {
+                "OTHER_SUBSYSTEM".to_string()
+            } else {
+                reasons.name(k.reason)
+            },
             class: TrafficClass::from_raw(k.class),
             peer: peers.name(k.peer).map(str::to_string),
             packets,
@@ -510,13 +725,6 @@ impl PeerIds {
         }
         out
     }
-}
-
-fn diff_sets(current: &BTreeSet<u32>, desired: &BTreeSet<u32>) -> (Vec<u32>, Vec<u32>) {
-    (
-        desired.difference(current).copied().collect(),
-        current.difference(desired).copied().collect(),
-    )
 }
 
 type TrieKey = (u32, u32);
@@ -615,10 +823,27 @@ mod tests {
     }
 
     #[test]
-    fn device_diff() {
-        let cur: BTreeSet<u32> = [3, 5].into();
+    fn device_slots_are_reused_and_kept_stable() {
+        let slots = [3, 5, 0, 0, 0, 0, 0, 0];
         let want: BTreeSet<u32> = [5, 9].into();
-        assert_eq!(diff_sets(&cur, &want), (vec![9], vec![3]));
+        // ifindex 3 leaves slot 0; 5 keeps slot 1; 9 is new.
+        assert_eq!(diff_slots(&slots, &want), (vec![0], vec![9]));
+        assert_eq!(diff_slots(&slots, &[3, 5].into()), (vec![], vec![]));
+    }
+
+    #[test]
+    fn device_drop_index_is_dense_and_clamps_reasons() {
+        assert_eq!(device_drop_index(0, 0, 0), 0);
+        assert_eq!(device_drop_index(0, 1, 58), REASON_SLOTS + 58);
+        assert_eq!(
+            device_drop_index(0, 0, 0x10000),
+            device_drop_index(0, 0, REASON_OVERFLOW_SLOT)
+        );
+        assert_eq!(
+            device_drop_index(WATCHED_DEVICES_CAPACITY - 1, CLASSES - 1, u32::MAX),
+            agent_ebpf::DEVICE_DROP_SLOTS - 1
+        );
+        assert_eq!(reason_slot(300), REASON_OVERFLOW_SLOT);
     }
 
     #[test]
@@ -634,7 +859,7 @@ mod tests {
             &peers,
             vec![
                 (
-                    DropKey {
+                    RawDrop {
                         ifindex: 4,
                         reason: 90,
                         class: agent_ebpf::CLASS_ARP,
@@ -643,7 +868,7 @@ mod tests {
                     6,
                 ),
                 (
-                    DropKey {
+                    RawDrop {
                         ifindex: 4,
                         reason: 73,
                         class: agent_ebpf::CLASS_IPV4,
@@ -652,7 +877,7 @@ mod tests {
                     3,
                 ),
                 (
-                    DropKey {
+                    RawDrop {
                         ifindex: 4,
                         reason: 73,
                         class: agent_ebpf::CLASS_IPV4,

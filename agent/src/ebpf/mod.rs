@@ -28,6 +28,7 @@ pub mod btf;
 pub mod linkstats;
 mod loader;
 pub mod offsets;
+pub mod window;
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -41,6 +42,7 @@ use serde::Serialize;
 use crate::model::DesiredState;
 pub use linkstats::{read_link_drop_stats, LinkDropStats};
 pub use loader::{netns_inode, EbpfDropCounters, EBPF_OBJECT};
+pub use window::{DeviceRates, DropRates, DropWindow, PeerRates, Rate};
 
 /// Errors of the eBPF layer. Load-time problems do not surface here but as an [`EbpfStatus`].
 #[derive(Debug, thiserror::Error)]
@@ -50,6 +52,12 @@ pub enum EbpfError {
         map: &'static str,
         #[source]
         source: aya::maps::MapError,
+    },
+    #[error("eBPF map {map}: {source}")]
+    MapIo {
+        map: &'static str,
+        #[source]
+        source: std::io::Error,
     },
     #[error("eBPF map {0} missing from the object")]
     MissingMap(&'static str),

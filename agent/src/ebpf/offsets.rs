@@ -110,6 +110,11 @@ impl DropReasons {
             .unwrap_or_else(|| format!("UNKNOWN_{code:#x}"))
     }
 
+    /// Whether this kernel has a reason with this code.
+    pub fn contains(&self, code: u32) -> bool {
+        self.0.contains_key(&code)
+    }
+
     /// The code of a named reason (short or full name), for tests and filters.
     pub fn code(&self, name: &str) -> Option<u32> {
         let short = name.strip_prefix(REASON_PREFIX).unwrap_or(name);

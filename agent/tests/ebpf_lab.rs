@@ -1,0 +1,310 @@
+//! eBPF accounting against the network-namespace lab with real pod → pod traffic (needs root and
+//! an agent built with bpf-linker on PATH; `cargo xtask test` provides both).
+//!
+//! The loader runs in the test's own namespace and targets a lab node by its netns path, as the
+//! daemon does with `--netns`.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::Ipv4Addr,
+    path::Path,
+    time::{Duration, Instant},
+};
+
+use dataplane_watchdog::{
+    desired::{file::parse, FileFormat},
+    ebpf::{
+        peer_blocks_from_desired, read_link_drop_stats, DropCounterSource, DropSnapshot,
+        DropWindow, EbpfDropCounters, EbpfState, NeighTarget, TrafficClass, EBPF_OBJECT,
+    },
+};
+use watchdog_lab::{Fault, Lab, LabSpec};
+
+fn ifindex(lab: &Lab, node: &str) -> u32 {
+    read_link_drop_stats(Some(&lab.netns_path(node)))
+        .expect("reading links")
+        .into_iter()
+        .find(|l| l.name == lab.device())
+        .unwrap_or_else(|| panic!("{node} has no {}", lab.device()))
+        .ifindex
+}
+
+/// The programs, loaded for `node`'s namespace, watching its overlay device, with the peer
+/// blocks of the lab's datastore as `node` sees it.
+fn attach(lab: &Lab, node: &str) -> EbpfDropCounters {
+    assert!(
+        !EBPF_OBJECT.is_empty(),
+        "agent built without bpf-linker: put it on PATH and rebuild"
+    );
+    let mut counters = EbpfDropCounters::load(Some(&lab.netns_path(node)))
+        .unwrap_or_else(|status| panic!("eBPF unavailable: {status:?}"));
+    assert_eq!(counters.status().state, EbpfState::Attached);
+    assert!(
+        counters.kernel_log_attached(),
+        "kernel diagnostics (aya-log) not wired"
+    );
+    counters
+        .set_watched_devices(&BTreeSet::from([ifindex(lab, node)]))
+        .expect("watch device");
+    let desired = parse(
+        &lab.datastore_yaml(),
+        FileFormat::Yaml,
+        Path::new("lab.yaml"),
+        node,
+    )
+    .expect("lab datastore parses");
+    counters
+        .set_peer_blocks(&peer_blocks_from_desired(&desired))
+        .expect("peer blocks");
+    counters
+}
+
+fn wait_for(
+    counters: &EbpfDropCounters,
+    timeout: Duration,
+    done: impl Fn(&DropSnapshot) -> bool,
+) -> DropSnapshot {
+    let start = Instant::now();
+    loop {
+        let snap = counters.snapshot().expect("snapshot");
+        if done(&snap) || start.elapsed() > timeout {
+            return snap;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn data_drops(snap: &DropSnapshot) -> u64 {
+    snap.drops
+        .iter()
+        .filter(|d| d.class.is_data())
+        .map(|d| d.packets)
+        .sum()
+}
+
+#[test]
+fn incident_drops_are_attributed_to_k8s03_with_neighbour_failures_on_k8s01() {
+    let mut lab = Lab::build(LabSpec::incident()).expect("building lab");
+    lab.inject(Fault::incident("k8s01")).expect("inject");
+    let dev = ifindex(&lab, "k8s01");
+    let counters = attach(&lab, "k8s01");
+    let mut window = DropWindow::starting_at(counters.snapshot().unwrap(), Instant::now());
+
+    let blackholed = lab.traffic("k8s01", "k8s03", 20).expect("traffic");
+    assert!(blackholed.none_delivered(), "{blackholed}");
+    let healthy = lab.traffic("k8s01", "k8s02", 20).expect("traffic");
+    assert!(healthy.all_delivered(), "{healthy}");
+
+    let gateway = Ipv4Addr::new(10, 1, 235, 128);
+    let sent = u64::from(blackholed.sent);
+    let send_errors: u64 = blackholed
+        .per_destination
+        .iter()
+        .map(|d| u64::from(d.send_errors))
+        .sum();
+    let snap = wait_for(&counters, Duration::from_secs(10), |s| {
+        s.neighbour_gateway(dev, gateway, NeighTarget::Failed) > 0
+            && s.data_drops_to_peer("k8s03").values().sum::<u64>() >= sent - send_errors
+    });
+    eprintln!("{snap:#?}");
+
+    let k3 = snap.data_drops_to_peer("k8s03");
+    assert!(
+        !k3.is_empty(),
+        "no data drops attributed to k8s03: {snap:#?}"
+    );
+    assert!(
+        k3.keys().all(|r| r.starts_with("NEIGH_")),
+        "data drops toward k8s03 are NEIGH_*: {k3:?}"
+    );
+    // Every datagram that left the socket was lost on the device, each counted once (a send
+    // refused by the kernel may or may not have reached the device).
+    let lost = k3.values().sum::<u64>();
+    assert!(
+        (sent - send_errors..=sent).contains(&lost),
+        "{k3:?} vs {blackholed} ({send_errors} send errors)"
+    );
+    assert!(
+        snap.data_drops_to_peer("k8s02").is_empty(),
+        "misattributed to k8s02: {snap:#?}"
+    );
+    assert!(snap.drops.iter().all(|d| d.ifindex == dev));
+    assert!(
+        snap.neighbour_gateway(dev, gateway, NeighTarget::Incomplete) >= 1,
+        "{snap:#?}"
+    );
+    assert!(
+        snap.neighbour_gateway(dev, gateway, NeighTarget::Failed) >= 1,
+        "{snap:#?}"
+    );
+    assert!(snap.neighbour_total(dev, NeighTarget::Failed) >= 1);
+    // k8s02's VTEP is permanent: no transition for it.
+    let k8s02_vtep = lab.node("k8s02").vtep_ip;
+    assert_eq!(
+        snap.neighbour_gateway(dev, k8s02_vtep, NeighTarget::Incomplete),
+        0
+    );
+
+    // The daemon's view of the same window: k8s03 only, on vxlan.calico.
+    let names = BTreeMap::from([(dev, lab.device().to_string())]);
+    let (summary, rates) = window.observe(&snap, Instant::now(), &names);
+    assert_eq!(
+        summary.per_peer.keys().collect::<Vec<_>>(),
+        vec!["k8s03"],
+        "{summary:?}"
+    );
+    assert_eq!(summary.per_peer["k8s03"].device, "vxlan.calico");
+    assert_eq!(summary.per_peer["k8s03"].packets, lost);
+    assert!(rates.devices["vxlan.calico"].neighbour_failed >= 1);
+}
+
+#[test]
+fn missing_fdb_entry_drops_data_as_no_tx_target() {
+    let mut lab = Lab::build(LabSpec::calico(3)).expect("building lab");
+    lab.inject(Fault::fdb_removed("node1", "node2"))
+        .expect("inject");
+    let counters = attach(&lab, "node1");
+    let report = lab.traffic("node1", "node2", 10).expect("traffic");
+    assert!(report.none_delivered(), "{report}");
+    let snap = wait_for(&counters, Duration::from_secs(5), |s| {
+        s.data_drops_to_peer("node2").values().sum::<u64>() >= u64::from(report.sent)
+    });
+    let to_node2 = snap.data_drops_to_peer("node2");
+    assert_eq!(
+        to_node2,
+        BTreeMap::from([("NO_TX_TARGET".to_string(), u64::from(report.sent))]),
+        "{snap:#?}"
+    );
+    assert!(snap.data_drops_to_peer("node3").is_empty());
+    // The neighbour is permanent: VXLAN, not ARP, drops the packets.
+    assert!(snap.neighbour_transitions.is_empty(), "{snap:#?}");
+}
+
+#[test]
+fn healthy_lab_under_traffic_shows_no_data_loss() {
+    let lab = Lab::build(LabSpec::calico(3)).expect("building lab");
+    let counters: Vec<(String, u32, EbpfDropCounters)> = ["node1", "node2", "node3"]
+        .iter()
+        .map(|n| (n.to_string(), ifindex(&lab, n), attach(&lab, n)))
+        .collect();
+    for report in lab.traffic_matrix(30).expect("traffic") {
+        assert!(report.all_delivered(), "{report}");
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    for (node, dev, c) in &counters {
+        let snap = c.snapshot().unwrap();
+        assert_eq!(data_drops(&snap), 0, "{node}: {snap:#?}");
+        assert!(
+            snap.neighbour_transitions
+                .iter()
+                .all(|n| n.ifindex != *dev || n.state != NeighTarget::Failed),
+            "{node}: {snap:#?}"
+        );
+        assert!(snap
+            .drops
+            .iter()
+            .all(|d| d.class != TrafficClass::Ipv4 || d.packets == 0));
+    }
+}
+
+/// Runs `watchdog scan --json --drops <window>` as `node` while `traffic` runs in a loop on
+/// another thread until the scan ends; returns (exit code, JSON).
+fn scan_with_drops_under_traffic(
+    lab: &mut Lab,
+    node: &str,
+    window: &str,
+    traffic: impl Fn(&Lab) + Sync,
+) -> (i32, serde_json::Value) {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let config = lab.write_agent_config(node).expect("agent config");
+    let netns = lab.netns_path(node);
+    let lab = &*lab;
+    let done = AtomicBool::new(false);
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            while !done.load(Ordering::Relaxed) {
+                traffic(lab);
+            }
+        });
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_watchdog"))
+            .args(["scan", "--json", "--drops", window, "--config"])
+            .arg(&config)
+            .arg("--netns")
+            .arg(&netns)
+            .output()
+            .expect("running watchdog scan");
+        done.store(true, Ordering::Relaxed);
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let json = serde_json::from_str(&stdout).unwrap_or_else(|e| {
+            panic!(
+                "no JSON ({e}): {stdout}\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        });
+        (out.status.code().expect("exit code"), json)
+    })
+}
+
+#[test]
+fn scan_with_drops_reports_the_incident_as_traffic_blackholed() {
+    let mut lab = Lab::build(LabSpec::incident()).expect("building lab");
+    lab.inject(Fault::incident("k8s01")).expect("inject");
+    let (code, json) = scan_with_drops_under_traffic(&mut lab, "k8s01", "4s", |lab| {
+        let _ = lab.traffic("k8s01", "k8s03", 5);
+        let _ = lab.traffic("k8s01", "k8s02", 5);
+    });
+    assert_eq!(code, 2, "{json:#}");
+    let drops = &json["drops"];
+    assert_eq!(drops["ebpf"]["state"], "attached", "{drops:#}");
+    let k3 = &drops["peers"]["k8s03"];
+    assert!(k3["total"]["packets"].as_u64().unwrap() > 0, "{drops:#}");
+    assert_eq!(k3["device"], "vxlan.calico");
+    assert!(
+        k3["reasons"]
+            .as_object()
+            .unwrap()
+            .keys()
+            .all(|r| r.starts_with("NEIGH_")),
+        "{drops:#}"
+    );
+    assert!(drops["peers"].get("k8s02").is_none(), "{drops:#}");
+    assert!(
+        drops["devices"]["vxlan.calico"]["neighbour_failed"]
+            .as_u64()
+            .unwrap()
+            >= 1,
+        "{drops:#}"
+    );
+    let findings = json["findings"].as_array().unwrap();
+    let blackholed: Vec<_> = findings
+        .iter()
+        .filter(|f| f["check"] == "traffic-blackholed")
+        .collect();
+    assert_eq!(blackholed.len(), 1, "{findings:#?}");
+    assert_eq!(blackholed[0]["peer_node"], "k8s03");
+    assert_eq!(blackholed[0]["severity"], "critical");
+    assert!(blackholed[0]["evidence"]["drops"].as_u64().unwrap() > 0);
+    // The route finding carries the packets lost as evidence too.
+    let wrong = findings
+        .iter()
+        .find(|f| f["check"] == "gateway-wrong-vtep")
+        .expect("gateway-wrong-vtep");
+    assert!(
+        wrong["evidence"]["drops"].as_u64().unwrap() > 0,
+        "{wrong:#}"
+    );
+    assert!(findings.iter().all(|f| f["check"] != "drops-unexplained"));
+}
+
+#[test]
+fn scan_with_drops_on_a_healthy_lab_under_traffic_is_healthy() {
+    let mut lab = Lab::build(LabSpec::calico(2)).expect("building lab");
+    let (code, json) = scan_with_drops_under_traffic(&mut lab, "node1", "2s", |lab| {
+        let _ = lab.traffic_matrix(10);
+    });
+    assert_eq!(code, 0, "{json:#}");
+    assert!(json["findings"].as_array().unwrap().is_empty(), "{json:#}");
+    let drops = &json["drops"];
+    assert_eq!(drops["ebpf"]["state"], "attached", "{drops:#}");
+    assert!(drops["peers"].as_object().unwrap().is_empty(), "{drops:#}");
+}
