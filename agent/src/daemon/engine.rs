@@ -236,10 +236,12 @@ mod tests {
         assert!(ev.report.findings.is_empty(), "{:#?}", ev.report.findings);
         assert!(!e.is_dirty());
 
-        // An event about another device changes nothing.
+        // An event about another device's connected route changes nothing.
+        let mut connected = route("10.1.2.0/26", v4(10, 9, 9, 9));
+        connected.gateway = None;
         let other = ObservedEvent::RouteAdded {
             ifindex: 99,
-            route: route("10.1.2.0/26", v4(10, 9, 9, 9)),
+            route: connected,
             replace: false,
         };
         assert_eq!(e.apply(&other), Applied::Unchanged);

@@ -484,6 +484,11 @@ fn blackhole_lands_on_every_watched_device_and_routes_elsewhere_do_not() {
         route: calico_route("192.168.0.0/16", [192, 168, 77, 1]),
         replace: false,
     };
+    // Not on a watched device, but a gatewayed main-table route: a possible CrossSubnet route.
+    let devices_before = state.devices.clone();
+    assert_eq!(state.apply(&eth0, &watched()), Applied::Changed);
+    assert_eq!(state.devices, devices_before);
+    assert_eq!(state.direct_routes.len(), 1);
     assert_eq!(state.apply(&eth0, &watched()), Applied::Unchanged);
     let del = ObservedEvent::RouteRemoved {
         ifindex: 0,
