@@ -35,6 +35,8 @@ pub struct Engine {
     desired: Option<DesiredState>,
     drops: DropSummary,
     tracker: FindingTracker,
+    /// Findings from outside the checks (e.g. `datastore-stale` from the Kubernetes source).
+    extra: Vec<Finding>,
     dirty: bool,
 }
 
@@ -47,6 +49,7 @@ impl Engine {
             desired: None,
             drops: DropSummary::default(),
             tracker: FindingTracker::default(),
+            extra: Vec::new(),
             dirty: true,
         }
     }
@@ -101,6 +104,14 @@ impl Engine {
         changed
     }
 
+    /// Findings the datastore raises about itself; evaluated and tracked with the others.
+    pub fn set_extra_findings(&mut self, extra: Vec<Finding>) {
+        if extra != self.extra {
+            self.extra = extra;
+            self.dirty = true;
+        }
+    }
+
     /// Drops toward peers in the recent window (eBPF).
     pub fn set_drops(&mut self, drops: DropSummary) {
         if drops != self.drops {
@@ -127,6 +138,7 @@ impl Engine {
             desired: self.desired.as_ref(),
             drops: Some(&self.drops),
         });
+        report.findings.extend(self.extra.iter().cloned());
         let transitions = self
             .tracker
             .update(std::mem::take(&mut report.findings), now);

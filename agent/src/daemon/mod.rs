@@ -21,6 +21,7 @@
 mod drops;
 mod engine;
 mod findings;
+mod kube;
 
 use std::{
     collections::BTreeSet,
@@ -39,7 +40,10 @@ pub use findings::{FindingTracker, Transitions};
 
 use crate::{
     config::{Config, DatastoreSource},
-    desired::{AnyDatastore, Datastore, FileDatastore, NoDatastore},
+    desired::{
+        kubernetes::stale_findings, AnyDatastore, Datastore, FileDatastore, KubeSourceConfig,
+        NoDatastore,
+    },
     ebpf::{self, DropCounterSource, DropSnapshot, EbpfState, NeighTarget},
     model::{DesiredState, Finding},
     observe::{
@@ -101,7 +105,9 @@ impl ResyncReason {
     }
 }
 
-/// The configured datastore as the daemon's source. `kubernetes` comes with its own module.
+/// The configured datastore as the daemon's source. For `kubernetes` this is a placeholder:
+/// [`Daemon::run`] connects in the background (with retry) so the kernel-only checks start
+/// even while the API server is down.
 pub fn datastore_from_config(config: &Config) -> Result<AnyDatastore, DaemonError> {
     match config.datastore.source {
         DatastoreSource::File => Ok(AnyDatastore::File(FileDatastore::new(
@@ -111,7 +117,9 @@ pub fn datastore_from_config(config: &Config) -> Result<AnyDatastore, DaemonErro
         DatastoreSource::None => Ok(AnyDatastore::None(NoDatastore {
             local_node: config.node_name.clone(),
         })),
-        DatastoreSource::Kubernetes => Err(DaemonError::UnsupportedDatastore("kubernetes")),
+        DatastoreSource::Kubernetes => Ok(AnyDatastore::None(NoDatastore {
+            local_node: config.node_name.clone(),
+        })),
     }
 }
 
@@ -220,7 +228,23 @@ impl Daemon {
         let ebpf_status = ebpf.status();
         status.update(|s| s.ebpf = status_ebpf(&ebpf_status)).await;
 
-        let offline = matches!(datastore, AnyDatastore::None(_));
+        let kube = match &datastore {
+            AnyDatastore::Kubernetes(src) => Some(kube::KubeLink::connected((**src).clone())),
+            _ if matches!(config.datastore.source, DatastoreSource::Kubernetes) => {
+                status
+                    .update(|s| {
+                        s.datastore.source = "kubernetes".into();
+                        s.datastore.error = Some("connecting to the API server".into());
+                    })
+                    .await;
+                Some(kube::KubeLink::connect(
+                    KubeSourceConfig::from_config(&config),
+                    status.clone(),
+                ))
+            }
+            _ => None,
+        };
+        let offline = matches!(datastore, AnyDatastore::None(_)) && kube.is_none();
         let mut state = LoopState {
             engine: Engine::new(&config.devices),
             window: DropWindow::new(DEFAULT_DROP_WINDOW),
@@ -233,6 +257,7 @@ impl Daemon {
             datastore,
             offline,
             feed,
+            kube,
             ebpf,
             status,
             metrics,
@@ -266,6 +291,8 @@ struct LoopState {
     offline: bool,
     file_stamp: Option<(SystemTime, u64)>,
     feed: Option<watch::Receiver<DesiredState>>,
+    /// The Kubernetes source: desired state, staleness, condition/event publishing.
+    kube: Option<kube::KubeLink>,
     ebpf: Box<dyn DropCounterSource>,
     status: StatusHandle,
     metrics: Arc<Metrics>,
@@ -339,6 +366,7 @@ impl LoopState {
                         self.feed = None;
                     }
                 }
+                update = kube_next(&mut self.kube) => self.on_kube(update).await,
                 _ = housekeeping.tick() => self.housekeeping().await,
                 _ = sleep_until_opt(eval_at) => {}
             }
@@ -490,6 +518,10 @@ impl LoopState {
     }
 
     async fn reload_datastore(&mut self) {
+        if self.kube.is_some() {
+            // The list/watch pushes the desired state; a relist is the source's business.
+            return;
+        }
         self.file_stamp = file_stamp(&self.datastore);
         match self.datastore.load().await {
             Ok(desired) => {
@@ -556,6 +588,51 @@ impl LoopState {
             .await;
     }
 
+    async fn on_kube(&mut self, update: kube::KubeUpdate) {
+        match update {
+            kube::KubeUpdate::Connected(name) => {
+                kube::log_connected(&name);
+                self.status
+                    .update(|s| {
+                        s.datastore.source = name;
+                        s.datastore.error = None;
+                    })
+                    .await;
+            }
+            kube::KubeUpdate::Snapshot => self.adopt_kube_snapshot().await,
+            kube::KubeUpdate::Closed => {
+                warn!("Kubernetes watch ended; keeping the last desired state");
+                self.kube = None;
+            }
+        }
+    }
+
+    /// The snapshot's desired state (once synced) and its `datastore-stale` findings.
+    async fn adopt_kube_snapshot(&mut self) {
+        let Some(snap) = self.kube.as_ref().and_then(|k| k.latest()).cloned() else {
+            return;
+        };
+        if snap.synced {
+            self.last_desired_ok = Some(Instant::now());
+            self.adopt_desired((*snap.desired).clone()).await;
+        }
+        self.kube_bookkeeping();
+    }
+
+    /// Stale findings and relist mismatch metrics from the latest snapshot.
+    fn kube_bookkeeping(&mut self) {
+        let Some(link) = self.kube.as_mut() else {
+            return;
+        };
+        if let Some(snap) = link.latest() {
+            let device = self.config.devices.first().map_or("", String::as_str);
+            self.engine.set_extra_findings(stale_findings(snap, device));
+        }
+        for _ in 0..link.new_mismatches() {
+            self.metrics.inc_datastore_relist_mismatch();
+        }
+    }
+
     fn update_ebpf_devices(&mut self) {
         let now = self.engine.watched_ifindexes();
         if now != self.watched {
@@ -582,7 +659,22 @@ impl LoopState {
                 self.reload_datastore().await;
             }
         }
-        if let Some(ok) = self.last_desired_ok {
+        if let Some(link) = self.kube.as_mut() {
+            link.refresh();
+            self.kube_bookkeeping();
+            if let Some(snap) = self.kube.as_ref().and_then(|k| k.latest()) {
+                let now = SystemTime::now();
+                if let Some(age) = kube::age(snap, now) {
+                    self.metrics.set_datastore_last_event_age(age);
+                }
+                let ds = snap.datastore_status(now);
+                self.status.update(|s| s.datastore = ds).await;
+            }
+            let open = self.engine.open_findings().to_vec();
+            if let Some(link) = self.kube.as_mut() {
+                link.publish(&open, &[], true);
+            }
+        } else if let Some(ok) = self.last_desired_ok {
             let age = ok.elapsed();
             self.metrics.set_datastore_last_event_age(age);
             let stale = age > self.config.datastore.stale_after;
@@ -698,8 +790,20 @@ impl LoopState {
         let routes_checked = report.routes_checked as u64;
         let findings = report.findings;
         let synced = self.synced;
+        if let Some(link) = self.kube.as_mut() {
+            link.publish(&findings, &transitions.opened, false);
+        }
+        let kube_status = self
+            .kube
+            .as_ref()
+            .filter(|k| k.is_connected())
+            .and_then(|k| k.latest())
+            .map(|snap| snap.datastore_status(now));
         self.status
             .update(|s| {
+                if let Some(ds) = kube_status {
+                    s.datastore = ds;
+                }
                 s.set_findings(findings);
                 s.set_observed(&devices, observed);
                 s.checks.routes_checked = routes_checked;
@@ -815,6 +919,13 @@ async fn next_event(monitor: &mut Option<Monitor>) -> Option<ObservedEvent> {
 async fn feed_changed(feed: &mut Option<watch::Receiver<DesiredState>>) -> bool {
     match feed {
         Some(rx) => rx.changed().await.is_ok(),
+        None => std::future::pending().await,
+    }
+}
+
+async fn kube_next(kube: &mut Option<kube::KubeLink>) -> kube::KubeUpdate {
+    match kube {
+        Some(k) => k.next().await,
         None => std::future::pending().await,
     }
 }

@@ -1,0 +1,213 @@
+//! The daemon's link to the Kubernetes source: connect in the background (an API server that is
+//! down at boot must not stop the kernel-only checks), then follow the list/watch snapshots,
+//! and publish the Node condition and Events without ever blocking the loop.
+
+use std::time::{Duration, Instant, SystemTime};
+
+use tokio::sync::{oneshot, watch};
+use tracing::{debug, info, warn};
+
+use crate::{
+    desired::{kubernetes::KubeSnapshot, KubeSource, KubeSourceConfig},
+    model::{Finding, Severity},
+    serve::StatusHandle,
+};
+
+/// The condition is re-offered this often; the source itself only re-patches an unchanged one
+/// every `condition_refresh`.
+const CONDITION_EVERY: Duration = Duration::from_secs(30);
+
+/// What [`KubeLink::next`] saw.
+pub(super) enum KubeUpdate {
+    /// The source connected; the watch is started.
+    Connected(String),
+    /// A new snapshot is in [`KubeLink::latest`].
+    Snapshot,
+    /// The connect task or the watch is gone.
+    Closed,
+}
+
+pub(super) struct KubeLink {
+    connecting: Option<oneshot::Receiver<KubeSource>>,
+    source: Option<KubeSource>,
+    /// Kept for the daemon's lifetime: dropping it stops the watch tasks.
+    snaps: Option<watch::Receiver<KubeSnapshot>>,
+    latest: Option<KubeSnapshot>,
+    mismatches: u64,
+    last_healthy: Option<bool>,
+    last_condition: Option<Instant>,
+}
+
+impl KubeLink {
+    /// Connect with retry in a task; failures go to the log and the status `datastore.error`.
+    pub(super) fn connect(cfg: KubeSourceConfig, status: StatusHandle) -> Self {
+        let (tx, rx) = oneshot::channel();
+        tokio::spawn(async move {
+            let src = KubeSource::connect_retrying(cfg, |e| {
+                warn!(error = %e, "Kubernetes API not reachable; checking the kernel only meanwhile");
+                let msg = format!("connecting: {e}");
+                let status = status.clone();
+                tokio::spawn(async move {
+                    status.update(|s| s.datastore.error = Some(msg)).await;
+                });
+            })
+            .await;
+            let _ = tx.send(src);
+        });
+        KubeLink {
+            connecting: Some(rx),
+            source: None,
+            snaps: None,
+            latest: None,
+            mismatches: 0,
+            last_healthy: None,
+            last_condition: None,
+        }
+    }
+
+    /// An already connected source.
+    pub(super) fn connected(src: KubeSource) -> Self {
+        let mut link = KubeLink {
+            connecting: None,
+            source: None,
+            snaps: None,
+            latest: None,
+            mismatches: 0,
+            last_healthy: None,
+            last_condition: None,
+        };
+        link.start(src);
+        link
+    }
+
+    fn start(&mut self, src: KubeSource) {
+        let rx = src.spawn();
+        self.latest = Some(rx.borrow().clone());
+        self.snaps = Some(rx);
+        self.source = Some(src);
+    }
+
+    pub(super) fn is_connected(&self) -> bool {
+        self.source.is_some()
+    }
+
+    pub(super) fn latest(&self) -> Option<&KubeSnapshot> {
+        self.latest.as_ref()
+    }
+
+    /// Cancel-safe: waits for the connection, then for each announced snapshot.
+    pub(super) async fn next(&mut self) -> KubeUpdate {
+        if let Some(rx) = self.connecting.as_mut() {
+            let got = rx.await;
+            self.connecting = None;
+            return match got {
+                Ok(src) => {
+                    let name = src.source_name();
+                    self.start(src);
+                    KubeUpdate::Connected(name)
+                }
+                Err(_) => KubeUpdate::Closed,
+            };
+        }
+        match self.snaps.as_mut() {
+            Some(rx) => {
+                if rx.changed().await.is_ok() {
+                    self.latest = Some(rx.borrow_and_update().clone());
+                    KubeUpdate::Snapshot
+                } else {
+                    self.snaps = None;
+                    KubeUpdate::Closed
+                }
+            }
+            None => std::future::pending().await,
+        }
+    }
+
+    /// Take the current value without an announcement (its ages are kept fresh in place).
+    pub(super) fn refresh(&mut self) {
+        if let Some(rx) = &self.snaps {
+            self.latest = Some(rx.borrow().clone());
+        }
+    }
+
+    /// How many relist mismatches are new since the last call.
+    pub(super) fn new_mismatches(&mut self) -> u64 {
+        let now = self.latest.as_ref().map_or(0, |s| s.relist_mismatches);
+        let new = now.saturating_sub(self.mismatches);
+        self.mismatches = self.mismatches.max(now);
+        new
+    }
+
+    /// After an evaluation: the Node condition when the verdict changed (or now and then), an
+    /// Event per newly opened critical finding. Spawned; errors are logged.
+    pub(super) fn publish(&mut self, open: &[Finding], opened: &[Finding], periodic: bool) {
+        let Some(src) = self.source.clone() else {
+            return;
+        };
+        let critical: Vec<&Finding> = open
+            .iter()
+            .filter(|f| f.severity == Severity::Critical)
+            .collect();
+        let healthy = critical.is_empty();
+        let due = self.last_healthy != Some(healthy)
+            || (periodic
+                && self
+                    .last_condition
+                    .is_none_or(|t| t.elapsed() >= CONDITION_EVERY));
+        if src.config().publish_condition && due {
+            self.last_healthy = Some(healthy);
+            self.last_condition = Some(Instant::now());
+            let (reason, message) = condition_text(&critical);
+            let src = src.clone();
+            tokio::spawn(async move {
+                match src.publish_condition(healthy, reason, &message).await {
+                    Ok(sent) => debug!(healthy, sent, "node condition published"),
+                    Err(e) => warn!(error = %e, "cannot publish the node condition"),
+                }
+            });
+        }
+        if src.config().publish_events {
+            for f in opened.iter().filter(|f| f.severity == Severity::Critical) {
+                let src = src.clone();
+                let f = f.clone();
+                tokio::spawn(async move {
+                    match src.publish_event(&f).await {
+                        Ok(outcome) => debug!(?outcome, check = %f.check, "event published"),
+                        Err(e) => warn!(error = %e, check = %f.check, "cannot publish an event"),
+                    }
+                });
+            }
+        }
+    }
+}
+
+/// Reason and message of `VXLANDataplaneHealthy`, like node-problem-detector's.
+fn condition_text(critical: &[&Finding]) -> (&'static str, String) {
+    if critical.is_empty() {
+        return (
+            "DataplaneHealthy",
+            "VXLAN routes, neighbours and FDB entries match the datastore".to_string(),
+        );
+    }
+    let mut checks: Vec<String> = critical.iter().map(|f| f.check.to_string()).collect();
+    checks.sort();
+    checks.dedup();
+    let first = &critical[0].message;
+    (
+        "CriticalFindings",
+        format!(
+            "{} critical finding(s) ({}); first: {first}",
+            critical.len(),
+            checks.join(", ")
+        ),
+    )
+}
+
+/// Status/metrics age of the datastore from the snapshot.
+pub(super) fn age(snap: &KubeSnapshot, now: SystemTime) -> Option<Duration> {
+    snap.last_event_age(now)
+}
+
+pub(super) fn log_connected(name: &str) {
+    info!(source = %name, "Kubernetes datastore connected; list+watch started");
+}

@@ -1,0 +1,250 @@
+//! `watchdog run` with `[datastore] source = "kubernetes"` against the fake API server and a
+//! real lab node: annotation changes reach /findings through the watch within 2 s, a silent
+//! watch (the incident's own failure) is caught by the relist and raises `datastore-stale`,
+//! and the Node condition is patched.
+//!
+//! Needs root (network namespaces); the daemon runs as a child process killed on drop.
+
+use std::{
+    net::{Ipv4Addr, SocketAddr, TcpListener},
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use dataplane_watchdog::{
+    model::Finding,
+    serve::{client, Status},
+};
+use watchdog_lab::{
+    fake_apiserver::{FakeApiServer, FakeConfig},
+    kube_fixture, Lab, LabSpec,
+};
+
+const BIN: &str = env!("CARGO_BIN_EXE_watchdog");
+const NODE: &str = "k8s01";
+const PEER: &str = "k8s02";
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime")
+}
+
+struct Agent {
+    child: Option<Child>,
+    dir: tempfile::TempDir,
+    socket: PathBuf,
+}
+
+impl Agent {
+    fn start(lab: &mut Lab, kubeconfig: &std::path::Path, datastore_extra: &str) -> Agent {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let socket = dir.path().join("run/status.sock");
+        let metrics: SocketAddr = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .unwrap();
+        let config = dir.path().join("config.toml");
+        let text = format!(
+            "{}{datastore_extra}\n[status]\nsocket = \"{}\"\n\n[metrics]\nlisten = \"{metrics}\"\n\n[ebpf]\nenabled = false\n",
+            kube_fixture::agent_config_toml_kubernetes(lab, NODE, kubeconfig),
+            socket.display(),
+        );
+        std::fs::write(&config, text).expect("write config");
+        let log = std::fs::File::create(dir.path().join("agent.log")).expect("log file");
+        let child = Command::new(BIN)
+            .args(["run", "--config"])
+            .arg(&config)
+            .arg("--netns")
+            .arg(lab.netns_path(NODE))
+            .env("WATCHDOG_LOG", "info,dataplane_watchdog=debug")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start watchdog run");
+        Agent {
+            child: Some(child),
+            dir,
+            socket,
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("agent.log")).unwrap_or_default()
+    }
+
+    fn status(&self) -> Option<Status> {
+        rt().block_on(client::fetch_status(&self.socket, Duration::from_secs(2)))
+            .ok()
+    }
+
+    fn findings(&self) -> Option<Vec<Finding>> {
+        let body = rt()
+            .block_on(client::fetch(
+                &self.socket,
+                "/findings",
+                Duration::from_secs(2),
+            ))
+            .ok()?;
+        Some(serde_json::from_slice(&body).expect("/findings is a finding list"))
+    }
+
+    /// Poll until `pred` holds on the status and findings; panics with the log after `within`.
+    fn wait(
+        &mut self,
+        what: &str,
+        within: Duration,
+        pred: impl Fn(&Status, &[Finding]) -> bool,
+    ) -> (Vec<Finding>, Duration) {
+        let started = Instant::now();
+        let mut last = Vec::new();
+        loop {
+            if let (Some(s), Some(f)) = (self.status(), self.findings()) {
+                if pred(&s, &f) {
+                    return (f, started.elapsed());
+                }
+                last = f;
+            }
+            if let Some(Ok(Some(exit))) = self.child.as_mut().map(Child::try_wait) {
+                panic!("watchdog run exited ({exit}):\n{}", self.log());
+            }
+            assert!(
+                started.elapsed() < within,
+                "{what}: not within {within:?}; findings: {:?}\nlog:\n{}",
+                names(&last),
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+fn names(findings: &[Finding]) -> Vec<String> {
+    findings
+        .iter()
+        .map(|f| format!("{}/{}", f.check, f.peer_node.as_deref().unwrap_or("-")))
+        .collect()
+}
+
+fn has(findings: &[Finding], check: &str, peer: Option<&str>) -> bool {
+    findings
+        .iter()
+        .any(|f| f.check.as_str() == check && (peer.is_none() || f.peer_node.as_deref() == peer))
+}
+
+/// Node condition patches the fake server received, as (status, reason).
+fn condition_patches(server: &FakeApiServer) -> Vec<(String, String)> {
+    server
+        .requests()
+        .into_iter()
+        .filter(|r| r.method == "PATCH" && r.path.contains(&format!("/nodes/{NODE}/status")))
+        .flat_map(|r| {
+            r.body["status"]["conditions"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+        })
+        .filter(|c| c["type"] == "VXLANDataplaneHealthy")
+        .map(|c| {
+            (
+                c["status"].as_str().unwrap_or_default().to_string(),
+                c["reason"].as_str().unwrap_or_default().to_string(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn watch_relist_stale_and_node_condition() {
+    // The fake server runs on this runtime's worker while the test blocks.
+    let server_rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let mut lab = Lab::build(LabSpec::incident())
+        .unwrap_or_else(|e| panic!("cannot build lab (these tests need root): {e:#}"));
+    let server = server_rt.block_on(FakeApiServer::start(FakeConfig::default()));
+    kube_fixture::populate_fake_apiserver(&lab, &server);
+    let kubeconfig = server.write_kubeconfig();
+    let mut agent = Agent::start(
+        &mut lab,
+        &kubeconfig,
+        "relist_interval = \"2s\"\nstale_after = \"4s\"\npublish_node_condition = true\n",
+    );
+
+    // Healthy once the watch has synced: zero findings, the Node says so.
+    let nodes = lab.nodes().len();
+    agent.wait(
+        "in sync with the cluster",
+        Duration::from_secs(10),
+        |s, f| s.in_sync && s.datastore.nodes == nodes && f.is_empty(),
+    );
+    let status = agent.status().unwrap();
+    assert!(
+        status
+            .datastore
+            .source
+            .starts_with("kubernetes:http://127.0.0.1:"),
+        "{:?}",
+        status.datastore
+    );
+    assert!(!status.datastore.stale, "{:?}", status.datastore);
+    let started = Instant::now();
+    while !condition_patches(&server).iter().any(|(s, _)| s == "True") {
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "no healthy Node condition patch: {:?}\n{}",
+            server.requests(),
+            agent.log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+
+    // calico-node on the peer re-registers with a new VTEP: the watch delivers it.
+    kube_fixture::move_vtep(&lab, &server, PEER, Ipv4Addr::new(10, 1, 99, 5)).unwrap();
+    let (_, took) = agent.wait(
+        "gateway-wrong-vtep via watch",
+        Duration::from_secs(2),
+        |_, f| has(f, "gateway-wrong-vtep", Some(PEER)),
+    );
+    eprintln!("watch: VTEP move seen after {took:?}");
+    let started = Instant::now();
+    while !condition_patches(&server).iter().any(|(s, _)| s == "False") {
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "no unhealthy Node condition patch: {:?}",
+            condition_patches(&server)
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    kube_fixture::restore_node(&lab, &server, PEER);
+    agent.wait("restored", Duration::from_secs(2), |_, f| f.is_empty());
+
+    // The incident's own failure: the watch stays open and silent while the VTEP moves. The
+    // relist (every 2 s) must catch it and say the datastore was stale.
+    server.set_silent_watch(true);
+    kube_fixture::move_vtep(&lab, &server, PEER, Ipv4Addr::new(10, 1, 99, 6)).unwrap();
+    let (found, took) = agent.wait(
+        "silent watch caught by relist",
+        Duration::from_secs(12),
+        |_, f| has(f, "gateway-wrong-vtep", Some(PEER)) && has(f, "datastore-stale", None),
+    );
+    eprintln!("silent watch: caught after {took:?}: {:?}", names(&found));
+    let stale = found
+        .iter()
+        .find(|f| f.check.as_str() == "datastore-stale")
+        .unwrap();
+    assert_eq!(stale.severity.to_string(), "warning");
+    assert!(stale.message.contains("stale"), "{}", stale.message);
+}
