@@ -9,7 +9,8 @@
 //!    programs attached (watching the receiving node, so its socket-buffer drops are counted),
 //!    in alternating rounds of the same run; the result is a ratio.
 //!
-//! Output: a short table on stdout; `--json` adds one JSON line at the end.
+//! Output: a short table on stdout; `--json` adds one JSON line at the end, `--quick` shortens
+//! every phase, `--storm-only` skips the flood.
 
 use std::{
     collections::BTreeSet,
@@ -431,6 +432,9 @@ fn print_table(r: &Report) {
             c.runs,
             c.mean_ns.map(|n| n.to_string()).unwrap_or("-".into())
         );
+    }
+    if r.rounds.is_empty() {
+        return;
     }
     println!();
     println!("UDP flood node1 -> node2 ({PAYLOAD} B payload), alternating rounds");

@@ -3,7 +3,7 @@
 //! as one command.
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::BTreeSet,
     fmt::Write as _,
     path::PathBuf,
     time::{Duration, Instant},
@@ -203,22 +203,13 @@ pub async fn scan_with_drops(
     Ok(out)
 }
 
-/// ifindex → name of the observed overlay devices.
-fn device_names(observed: &ObservedState) -> BTreeMap<u32, String> {
-    observed
-        .devices
-        .values()
-        .map(|d| (d.link.ifindex, d.link.name.clone()))
-        .collect()
-}
-
 async fn count_drops(
     netns: Option<&std::path::Path>,
     observed: &ObservedState,
     desired: Option<&DesiredState>,
     window: Duration,
 ) -> Result<(DropSummary, ScanDrops), ScanError> {
-    let names = device_names(observed);
+    let names = ebpf::device_names(observed);
     let mut source = ebpf::open(netns);
     source.set_watched_devices(&names.keys().copied().collect::<BTreeSet<u32>>())?;
     if let Some(desired) = desired {
@@ -495,6 +486,7 @@ mod tests {
     #[test]
     fn text_and_json_show_drops_per_peer_and_device() {
         use crate::ebpf::{DeviceRates, EbpfState, PeerRates, Rate};
+        use std::collections::BTreeMap;
         let rate = |packets, per_second| Rate {
             packets,
             per_second,

@@ -1,6 +1,7 @@
 //! `cargo xtask bench ebpf`: per-event cost of each kernel program (kernel run-time stats) and
 //! UDP flood throughput through the lab with and without the programs, as a ratio measured in
-//! the same run. The measuring is done by `agent/examples/bench_ebpf.rs` (root, release build).
+//! the same run. The measuring is done by `agent/examples/bench_ebpf.rs` (root, release build);
+//! `WATCHDOG_BENCH_ARGS` passes it flags (`--json`, `--quick`, `--storm-only`).
 use std::process::Command;
 
 use anyhow::{bail, Context as _, Result};

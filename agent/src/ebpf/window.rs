@@ -14,7 +14,20 @@ use std::{
 use serde::Serialize;
 
 use super::{DropSnapshot, NeighTarget, TrafficClass};
-use crate::checks::{DropSummary, PeerDrops};
+use crate::{
+    checks::{DropSummary, PeerDrops},
+    model::ObservedState,
+};
+
+/// ifindex → name of the observed overlay devices: the `devices` argument of
+/// [`DropWindow::observe`], and (its keys) what to pass to `set_watched_devices`.
+pub fn device_names(observed: &ObservedState) -> BTreeMap<u32, String> {
+    observed
+        .devices
+        .values()
+        .map(|d| (d.link.ifindex, d.link.name.clone()))
+        .collect()
+}
 
 /// Packets in a window and the rate they were dropped at.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
