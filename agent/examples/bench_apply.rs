@@ -93,7 +93,12 @@ fn main() {
     let adds: Vec<_> = order.iter().map(|&i| add(i, false)).collect();
     run("RouteAdded, random order", &adds, &mut state, &watched);
     let replaces: Vec<_> = order.iter().map(|&i| add(i, true)).collect();
-    run("RouteAdded replace, already there", &replaces, &mut state, &watched);
+    run(
+        "RouteAdded replace, already there",
+        &replaces,
+        &mut state,
+        &watched,
+    );
     let removes: Vec<_> = order
         .iter()
         .map(|&i| ObservedEvent::RouteRemoved {
@@ -103,6 +108,11 @@ fn main() {
         .collect();
     run("RouteRemoved, random order", &removes, &mut state, &watched);
     let ascending: Vec<_> = (0..n).map(|i| add(i, true)).collect();
-    run("RouteAdded replace, ascending", &ascending, &mut state, &watched);
+    run(
+        "RouteAdded replace, ascending",
+        &ascending,
+        &mut state,
+        &watched,
+    );
     assert_eq!(state.devices[DEVICE].routes.len(), n as usize);
 }
