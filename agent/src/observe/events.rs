@@ -196,14 +196,39 @@ fn route_order(a: &Route, b: &Route) -> Ordering {
         ))
 }
 
-/// The kernel's identity of a route: a replace swaps whatever shares it.
-fn same_slot(a: &Route, b: &Route) -> bool {
-    a.table == b.table && a.destination == b.destination && a.metric == b.metric
+/// The kernel's identity of a route (table, destination, metric): a replace swaps whatever
+/// shares it. A prefix of [`route_order`], so one slot is a contiguous run of a sorted list.
+fn slot_order(a: &Route, b: &Route) -> Ordering {
+    (a.table, a.destination, a.metric).cmp(&(b.table, b.destination, b.metric))
 }
 
-/// One next hop of a route (`ip route append` can add several to one slot).
-fn same_route(a: &Route, b: &Route) -> bool {
-    same_slot(a, b) && a.gateway == b.gateway && a.kind == b.kind
+/// The run of a sorted list whose elements compare `Equal` (`cmp` orders an element against
+/// the probe). O(log n).
+fn equal_range<T>(list: &[T], cmp: impl Fn(&T) -> Ordering) -> std::ops::Range<usize> {
+    let start = list.partition_point(|x| cmp(x) == Ordering::Less);
+    let end = start + list[start..].partition_point(|x| cmp(x) != Ordering::Greater);
+    start..end
+}
+
+/// Insert into a sorted list after its equals, unless an identical element is already there.
+fn insert_sorted<T: PartialEq>(list: &mut Vec<T>, item: T, cmp: impl Fn(&T) -> Ordering) {
+    let range = equal_range(list, cmp);
+    if !list[range.clone()].contains(&item) {
+        list.insert(range.end, item);
+    }
+}
+
+/// Drop neighbours of `list[i]` that became identical to it (what `dedup` in
+/// [`ObservedState::normalize`] would do), keeping the list sorted and duplicate-free.
+fn dedup_around<T: PartialEq>(list: &mut Vec<T>, i: usize) {
+    while i + 1 < list.len() && list[i + 1] == list[i] {
+        list.remove(i + 1);
+    }
+    let mut i = i;
+    while i > 0 && list[i - 1] == list[i] {
+        list.remove(i);
+        i -= 1;
+    }
 }
 
 /// FDB identity: the MAC, except for the all-zeros default entry which may list several
@@ -238,7 +263,9 @@ impl ObservedState {
     }
 
     /// Apply one event. `watched` are the device names being observed (a watched device that
-    /// appears is added). Idempotent: replaying events already reflected in a snapshot taken
+    /// appears is added). The state must be normalized (snapshots are; see [`Self::normalize`]):
+    /// lists are kept sorted by binary-search insertion instead of re-sorting, so one event costs
+    /// O(log n) comparisons plus one `Vec` shift, not a sort of every list. Idempotent: replaying events already reflected in a snapshot taken
     /// after they happened converges to the same state.
     pub fn apply(&mut self, event: &ObservedEvent, watched: &[String]) -> Applied {
         use ObservedEvent as E;
@@ -255,10 +282,13 @@ impl ObservedState {
                 }
             }
             E::AddressAdded { ifindex, address } => match self.device_by_ifindex(*ifindex) {
-                Some(dev) if !dev.link.addresses.contains(address) => {
-                    dev.link.addresses.push(*address);
-                    Applied::Changed
-                }
+                Some(dev) => match dev.link.addresses.binary_search(address) {
+                    Ok(_) => Applied::Unchanged,
+                    Err(at) => {
+                        dev.link.addresses.insert(at, *address);
+                        Applied::Changed
+                    }
+                },
                 _ => Applied::Unchanged,
             },
             E::AddressRemoved { ifindex, address } => match self.device_by_ifindex(*ifindex) {
@@ -287,9 +317,9 @@ impl ObservedState {
                 let deviceless = is_deviceless_reject(*ifindex, route);
                 for dev in self.devices.values_mut() {
                     if deviceless || dev.link.ifindex == *ifindex {
-                        let before = dev.routes.len();
-                        dev.routes.retain(|r| !same_route(r, route));
-                        set_changed(&mut changed, dev.routes.len() != before);
+                        let range = equal_range(&dev.routes, |r| route_order(r, route));
+                        set_changed(&mut changed, !range.is_empty());
+                        dev.routes.drain(range);
                     }
                 }
                 if changed {
@@ -299,50 +329,65 @@ impl ObservedState {
                 }
             }
             E::NeighbourChanged { ifindex, neighbour } => match self.device_by_ifindex(*ifindex) {
-                Some(dev) => match dev.neighbours.iter_mut().find(|n| n.ip == neighbour.ip) {
-                    Some(existing) if existing == neighbour => Applied::Unchanged,
-                    Some(existing) => {
-                        *existing = neighbour.clone();
-                        Applied::Changed
+                Some(dev) => {
+                    let range = equal_range(&dev.neighbours, |n| n.ip.cmp(&neighbour.ip));
+                    match dev
+                        .neighbours
+                        .get_mut(range.clone())
+                        .and_then(|s| s.first_mut())
+                    {
+                        Some(existing) if existing == neighbour => Applied::Unchanged,
+                        Some(existing) => {
+                            *existing = neighbour.clone();
+                            dedup_around(&mut dev.neighbours, range.start);
+                            Applied::Changed
+                        }
+                        None => {
+                            dev.neighbours.insert(range.start, neighbour.clone());
+                            Applied::Changed
+                        }
                     }
-                    None => {
-                        dev.neighbours.push(neighbour.clone());
-                        Applied::Changed
-                    }
-                },
+                }
                 None => Applied::Unchanged,
             },
-            E::NeighbourRemoved { ifindex, neighbour } => remove_where(
+            E::NeighbourRemoved { ifindex, neighbour } => remove_range(
                 self.device_by_ifindex(*ifindex),
                 |d| &mut d.neighbours,
-                |n: &Neighbour| n.ip == neighbour.ip,
+                |n: &Neighbour| n.ip.cmp(&neighbour.ip),
             ),
             E::FdbChanged { ifindex, entry } => match self.device_by_ifindex(*ifindex) {
-                Some(dev) => match dev.fdb.iter_mut().find(|f| same_fdb(f, entry)) {
-                    Some(existing) if existing == entry => Applied::Unchanged,
-                    Some(existing) => {
-                        *existing = entry.clone();
-                        Applied::Changed
+                Some(dev) => {
+                    // Entries of one MAC are contiguous (sorted by MAC, then destination).
+                    let macs = equal_range(&dev.fdb, |f| f.mac.cmp(&entry.mac));
+                    let found = dev.fdb[macs.clone()]
+                        .iter()
+                        .position(|f| same_fdb(f, entry))
+                        .map(|i| macs.start + i);
+                    match found {
+                        Some(i) if dev.fdb[i] == *entry => Applied::Unchanged,
+                        found => {
+                            // The destination may change, which moves the entry.
+                            if let Some(i) = found {
+                                dev.fdb.remove(i);
+                            }
+                            insert_sorted(&mut dev.fdb, entry.clone(), |f| {
+                                (f.mac, f.destination).cmp(&(entry.mac, entry.destination))
+                            });
+                            Applied::Changed
+                        }
                     }
-                    None => {
-                        dev.fdb.push(entry.clone());
-                        Applied::Changed
-                    }
-                },
+                }
                 None => Applied::Unchanged,
             },
             E::FdbRemoved { ifindex, entry } => {
                 // A delete names the remote it removed (one message per remote).
-                remove_where(
+                remove_range(
                     self.device_by_ifindex(*ifindex),
                     |d| &mut d.fdb,
-                    |f: &FdbEntry| f.mac == entry.mac && f.destination == entry.destination,
+                    |f: &FdbEntry| (f.mac, f.destination).cmp(&(entry.mac, entry.destination)),
                 )
             }
         };
-        if outcome != Applied::Unchanged {
-            self.normalize();
-        }
         outcome
     }
 
@@ -434,9 +479,22 @@ impl ObservedState {
             // Everything else in the slot is gone, wherever it pointed.
             for dev in self.devices.values_mut() {
                 let target = deviceless || dev.link.ifindex == ifindex;
+                // A slot (table, destination, metric) is a prefix of the sort order.
+                let slot = equal_range(&dev.routes, |r| slot_order(r, route));
+                if slot.is_empty() {
+                    continue;
+                }
                 let before = dev.routes.len();
-                dev.routes
-                    .retain(|r| !same_slot(r, route) || (target && r == route));
+                let mut i = slot.start;
+                let mut end = slot.end;
+                while i < end {
+                    if target && dev.routes[i] == *route {
+                        i += 1;
+                    } else {
+                        dev.routes.remove(i);
+                        end -= 1;
+                    }
+                }
                 set_changed(&mut changed, dev.routes.len() != before);
             }
         }
@@ -444,14 +502,21 @@ impl ObservedState {
             if !(deviceless || dev.link.ifindex == ifindex) {
                 continue;
             }
-            match dev.routes.iter_mut().find(|r| same_route(r, route)) {
+            let range = equal_range(&dev.routes, |r| route_order(r, route));
+            match dev
+                .routes
+                .get_mut(range.clone())
+                .and_then(|s| s.first_mut())
+            {
                 Some(existing) if existing == route => {}
                 Some(existing) => {
+                    // Same next hop, other attributes (protocol, onlink): the sort key holds.
                     *existing = route.clone();
+                    dedup_around(&mut dev.routes, range.start);
                     changed = true;
                 }
                 None => {
-                    dev.routes.push(route.clone());
+                    dev.routes.insert(range.start, route.clone());
                     changed = true;
                 }
             }
@@ -480,20 +545,20 @@ impl Applied {
     }
 }
 
-fn remove_where<T>(
+/// Remove the run of a sorted list that compares `Equal`.
+fn remove_range<T>(
     dev: Option<&mut ObservedDevice>,
     list: impl FnOnce(&mut ObservedDevice) -> &mut Vec<T>,
-    matches: impl Fn(&T) -> bool,
+    cmp: impl Fn(&T) -> Ordering,
 ) -> Applied {
     let Some(dev) = dev else {
         return Applied::Unchanged;
     };
     let list = list(dev);
-    let before = list.len();
-    list.retain(|x| !matches(x));
-    if list.len() == before {
-        Applied::Unchanged
-    } else {
-        Applied::Changed
+    let range = equal_range(list, cmp);
+    if range.is_empty() {
+        return Applied::Unchanged;
     }
+    list.drain(range);
+    Applied::Changed
 }

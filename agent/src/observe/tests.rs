@@ -678,3 +678,75 @@ async fn fixed_state_observes_only_requested_devices() {
     let got = state.snapshot(&watched()).await.unwrap();
     assert_eq!(got, state);
 }
+
+#[test]
+fn apply_keeps_every_list_normalized_without_resorting() {
+    // Pseudo-random adds, replaces, appends and removals: after each one the state must equal
+    // its own normalized copy (sorted, no duplicates), which is what a fresh snapshot yields.
+    let mut state = state_with_device(7);
+    let mut x: u32 = 12345;
+    let mut next = |m: u32| {
+        x = x.wrapping_mul(1_103_515_245).wrapping_add(12345);
+        (x >> 16) % m
+    };
+    for _ in 0..2000 {
+        let dst = format!("10.1.{}.0/26", next(16));
+        let gw = [10, 1, 0, next(3) as u8];
+        let route = Route {
+            metric: if next(4) == 0 { Some(100) } else { None },
+            protocol: if next(2) == 0 { 3 } else { 80 },
+            ..calico_route(&dst, gw)
+        };
+        let ip = v4(10, 1, 0, next(16) as u8);
+        let fdb = FdbEntry {
+            mac: if next(3) == 0 {
+                MacAddr::default()
+            } else {
+                mac(&format!("66:aa:bb:cc:dd:{:02x}", next(8)))
+            },
+            destination: Some(v4(192, 168, 77, next(4) as u8)),
+            permanent: next(2) == 0,
+        };
+        let event = match next(7) {
+            0 | 1 => ObservedEvent::RouteAdded {
+                ifindex: 7,
+                route,
+                replace: next(2) == 0,
+            },
+            2 => ObservedEvent::RouteRemoved { ifindex: 7, route },
+            3 => ObservedEvent::NeighbourChanged {
+                ifindex: 7,
+                neighbour: Neighbour {
+                    ip,
+                    mac: None,
+                    state: NeighState(if next(2) == 0 {
+                        NeighState::FAILED
+                    } else {
+                        NeighState::PERMANENT
+                    }),
+                },
+            },
+            4 => ObservedEvent::NeighbourRemoved {
+                ifindex: 7,
+                neighbour: Neighbour {
+                    ip,
+                    mac: None,
+                    state: NeighState(NeighState::FAILED),
+                },
+            },
+            5 => ObservedEvent::FdbChanged {
+                ifindex: 7,
+                entry: fdb,
+            },
+            _ => ObservedEvent::FdbRemoved {
+                ifindex: 7,
+                entry: fdb,
+            },
+        };
+        state.apply(&event, &watched());
+        let mut normalized = state.clone();
+        normalized.normalize();
+        assert_eq!(state, normalized, "after {event:?}");
+    }
+    assert!(!state.devices["vxlan.calico"].routes.is_empty());
+}
