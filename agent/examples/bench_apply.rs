@@ -82,7 +82,10 @@ fn main() {
             ..ObservedDevice::default()
         },
     );
-    let mut state = ObservedState { devices };
+    let mut state = ObservedState {
+        devices,
+        ..Default::default()
+    };
     let add = |i: u32, replace: bool| ObservedEvent::RouteAdded {
         ifindex: IFINDEX,
         route: route(i),
