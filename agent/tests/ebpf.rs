@@ -221,6 +221,7 @@ fn unresolvable_gateway_counts_data_drops_per_peer_arp_as_control_and_neighbour_
     let snap = wait_for(&counters, Duration::from_secs(5), |s| {
         s.data_drops_to_peer("k8s03").contains_key("NEIGH_FAILED")
             && s.neighbour_total(ifindex, NeighTarget::Failed) > 0
+            && s.data_drops_to_peer("k8s03").values().sum::<u64>() >= 50
     });
     eprintln!("{snap:#?}");
 
@@ -274,8 +275,10 @@ fn unresolvable_gateway_counts_data_drops_per_peer_arp_as_control_and_neighbour_
 
     // A second burst after FAILED restarts resolution: one more transition each, not 20.
     ns.send_udp(Ipv4Addr::new(10, 9, 0, 5), 9000, 20);
+    // The queued packets are freed just after the FAILED transition is counted: wait for both.
     let snap = wait_for(&counters, Duration::from_secs(5), |s| {
         s.neighbour_total(ifindex, NeighTarget::Failed) >= 2
+            && s.data_drops_to_peer("k8s03").values().sum::<u64>() >= 70
     });
     assert_eq!(
         snap.neighbour_total(ifindex, NeighTarget::Incomplete),
