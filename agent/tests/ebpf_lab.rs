@@ -114,8 +114,11 @@ fn incident_drops_are_attributed_to_k8s03_with_neighbour_failures_on_k8s01() {
         "no data drops attributed to k8s03: {snap:#?}"
     );
     assert!(
-        k3.keys().all(|r| r.starts_with("NEIGH_")),
-        "data drops toward k8s03 are NEIGH_*: {k3:?}"
+        // QUEUE_PURGE: packets still queued on the unresolved neighbour when the kernel
+        // purges its queue (seen when the entry is destroyed or replaced under load).
+        k3.keys()
+            .all(|r| r.starts_with("NEIGH_") || r == "QUEUE_PURGE"),
+        "data drops toward k8s03 are neighbour-resolution drops: {k3:?}"
     );
     // Every datagram that left the socket was lost on the device, each counted once (a send
     // refused by the kernel may or may not have reached the device).
@@ -264,7 +267,7 @@ fn scan_with_drops_reports_the_incident_as_traffic_blackholed() {
             .as_object()
             .unwrap()
             .keys()
-            .all(|r| r.starts_with("NEIGH_")),
+            .all(|r| r.starts_with("NEIGH_") || r == "QUEUE_PURGE"),
         "{drops:#}"
     );
     assert!(drops["peers"].get("k8s02").is_none(), "{drops:#}");
