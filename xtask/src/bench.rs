@@ -22,8 +22,8 @@ pub fn run_bench(which: Option<&str>) -> Result<()> {
     for bench in selected {
         match bench {
             "scan" => scan(&env)?,
-            "daemon" => crate::bench_daemon::run()?,
-            "ebpf" => crate::bench_ebpf::run()?,
+            "daemon" => crate::bench_daemon::run(&env)?,
+            "ebpf" => crate::bench_ebpf::run(&env)?,
             _ => unreachable!("checked above"),
         }
     }

@@ -6,17 +6,14 @@ use std::process::Command;
 
 use anyhow::{bail, Context as _, Result};
 
-use crate::{cargo, is_root, run as run_step, setup, workspace_root};
+use crate::{cargo, run as run_step, setup, workspace_root};
 
-pub fn run() -> Result<()> {
-    if !is_root() {
-        bail!("the eBPF benchmark loads programs and builds network namespaces: run as root (sudo -E cargo xtask bench ebpf)");
-    }
-    let env = setup::run()?;
+/// Root and the toolchain are checked by `bench::run_bench` before dispatching here.
+pub fn run(env: &setup::Toolchain) -> Result<()> {
     run_step(
         "build the eBPF benchmark (release)",
         &mut cargo(
-            &env,
+            env,
             &[
                 "build",
                 "--release",
