@@ -491,14 +491,21 @@ impl Finding {
         }
     }
 
-    /// Identity of a finding across re-evaluations: same check, device, peer and route means
-    /// the same problem (so `since` survives).
+    /// Identity of a finding across re-evaluations (so `since` survives): check, device, and
+    /// the peer with the gateway that is wrong for it, or the route when no peer is involved.
+    /// A per-peer finding groups all of the peer's routes; which one it names first changes as
+    /// they are repaired one by one, and that must not make it a new problem.
     pub fn key(&self) -> (CheckId, String, Option<String>, Option<String>) {
+        let detail = match (&self.peer_node, self.check) {
+            // A stale route is a problem of its own, even when it shadows a peer's block.
+            (Some(_), check) if check != CheckId::RouteStale => self.gateway.map(|g| g.to_string()),
+            _ => self.route.clone(),
+        };
         (
             self.check,
             self.device.clone(),
             self.peer_node.clone(),
-            self.route.clone(),
+            detail,
         )
     }
 }

@@ -248,3 +248,68 @@ fn watch_relist_stale_and_node_condition() {
     assert_eq!(stale.severity.to_string(), "warning");
     assert!(stale.message.contains("stale"), "{}", stale.message);
 }
+
+/// The API server is down when the agent starts (a node rebooting during a control-plane
+/// outage): the agent does not claim to be in sync until it gave the datastore its chance,
+/// then checks the kernel on its own, and catches up with the precise findings once the API
+/// server answers.
+#[test]
+fn api_down_at_boot_checks_the_kernel_then_catches_up() {
+    let server_rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let mut lab = Lab::build(LabSpec::incident())
+        .unwrap_or_else(|e| panic!("cannot build lab (these tests need root): {e:#}"));
+    let server = server_rt.block_on(FakeApiServer::start(FakeConfig::default()));
+    kube_fixture::populate_fake_apiserver(&lab, &server);
+    let kubeconfig = server.write_kubeconfig();
+    server.set_down(true);
+    lab.inject(watchdog_lab::Fault::incident(NODE)).unwrap();
+    let mut agent = Agent::start(&mut lab, &kubeconfig, "");
+
+    // Up and answering, but not in sync: no findings are claimed yet.
+    agent.wait("status API up", Duration::from_secs(5), |s, _| {
+        s.datastore.error.is_some()
+    });
+    let status = agent.status().unwrap();
+    assert!(!status.in_sync, "in sync without a datastore: {status:?}");
+    assert!(status.findings.is_empty(), "{:?}", names(&status.findings));
+
+    // After the wait, the kernel-only checks run and already see the blackhole.
+    let (found, took) = agent.wait(
+        "kernel-only checks after the datastore wait",
+        Duration::from_secs(20),
+        |s, f| s.in_sync && has(f, "gateway-is-network-address", None),
+    );
+    eprintln!(
+        "datastore down: in sync after {took:?}: {:?}",
+        names(&found)
+    );
+    assert!(agent.status().unwrap().datastore.error.is_some());
+
+    // The API server comes back: the precise finding, naming k8s03 and its real VTEP.
+    server.set_down(false);
+    let (found, took) = agent.wait(
+        "datastore loaded after the API server came back",
+        Duration::from_secs(20),
+        |_, f| {
+            has(f, "gateway-wrong-vtep", Some("k8s03"))
+                && !has(f, "gateway-is-network-address", None)
+        },
+    );
+    eprintln!(
+        "API back: precise findings after {took:?}: {:?}",
+        names(&found)
+    );
+    let wrong = found
+        .iter()
+        .find(|f| f.check.as_str() == "gateway-wrong-vtep")
+        .unwrap();
+    assert_eq!(
+        wrong.expected_gateway,
+        Some(lab.node("k8s03").vtep_ip.into())
+    );
+    assert_eq!(agent.status().unwrap().datastore.nodes, lab.nodes().len());
+}

@@ -13,6 +13,11 @@ pub struct PeerDrops {
     pub device: String,
     pub packets: u64,
     pub reasons: BTreeMap<String, u64>,
+    /// The part of `reasons` not yet acknowledged as explained: the daemon acknowledges drops
+    /// toward a peer while (and shortly after) a finding explains them, so packets lost to a
+    /// fault that was just repaired never turn into `drops-unexplained`. Equal to `reasons`
+    /// when nothing was acknowledged (one-shot scan).
+    pub unexplained: BTreeMap<String, u64>,
 }
 
 /// Drops since the previous evaluation, attributed to peers (control traffic such as ARP
@@ -23,7 +28,7 @@ pub struct DropSummary {
 }
 
 /// Checks whose finding explains data drops toward their peer.
-fn explains_drops(check: CheckId) -> bool {
+pub fn explains_drops(check: CheckId) -> bool {
     matches!(
         check,
         CheckId::GatewayWrongVtep
@@ -36,6 +41,14 @@ fn explains_drops(check: CheckId) -> bool {
             | CheckId::RouteMissing
             | CheckId::RouteStale
     )
+}
+
+fn list(reasons: &BTreeMap<String, u64>) -> String {
+    reasons
+        .iter()
+        .map(|(r, n)| format!("{r}={n}"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 pub(super) fn apply(drops: &DropSummary, findings: &mut Vec<Finding>) {
@@ -52,40 +65,41 @@ pub(super) fn apply(drops: &DropSummary, findings: &mut Vec<Finding>) {
                 explained.push(f.check.as_str());
             }
         }
-        let reasons = d
-            .reasons
-            .iter()
-            .map(|(r, n)| format!("{r}={n}"))
-            .collect::<Vec<_>>()
-            .join(", ");
-        let mut f = if explained.is_empty() {
-            Finding::new(
+        let (mut f, packets, reasons) = if explained.is_empty() {
+            let packets: u64 = d.unexplained.values().sum();
+            if packets == 0 {
+                continue;
+            }
+            let f = Finding::new(
                 CheckId::DropsUnexplained,
                 Severity::Warning,
                 &d.device,
                 format!(
-                    "{} packets to {peer} dropped by the kernel ({reasons}) although routes, \
+                    "{packets} packets to {peer} dropped by the kernel ({}) although routes, \
                      neighbour and FDB entries look right",
-                    d.packets
+                    list(&d.unexplained)
                 ),
-            )
+            );
+            (f, packets, &d.unexplained)
         } else {
             explained.sort();
             explained.dedup();
-            Finding::new(
+            let f = Finding::new(
                 CheckId::TrafficBlackholed,
                 Severity::Critical,
                 &d.device,
                 format!(
-                    "{} packets to {peer} dropped ({reasons}), explained by {}",
+                    "{} packets to {peer} dropped ({}), explained by {}",
                     d.packets,
+                    list(&d.reasons),
                     explained.join(", ")
                 ),
-            )
+            );
+            (f, d.packets, &d.reasons)
         };
         f.peer_node = Some(peer.clone());
-        f.evidence.drops = Some(d.packets);
-        f.evidence.drop_reasons = d.reasons.clone();
+        f.evidence.drops = Some(packets);
+        f.evidence.drop_reasons = reasons.clone();
         added.push(f);
     }
     findings.extend(added);

@@ -19,7 +19,7 @@ use std::{
 
 use serde::Serialize;
 
-pub use drops::{DropSummary, PeerDrops};
+pub use drops::{explains_drops, DropSummary, PeerDrops};
 
 use crate::model::{
     CheckId, DesiredState, Finding, MacAddr, Neighbour, ObservedDevice, ObservedState, Severity,

@@ -23,6 +23,8 @@ type PeerTotals = BTreeMap<String, BTreeMap<(String, String), u64>>;
 pub struct DropWindow {
     window: Duration,
     history: VecDeque<(Instant, PeerTotals)>,
+    /// Per peer, the totals up to which a finding explained the drops.
+    acknowledged: PeerTotals,
 }
 
 impl DropWindow {
@@ -30,6 +32,15 @@ impl DropWindow {
         DropWindow {
             window,
             history: VecDeque::new(),
+            acknowledged: BTreeMap::new(),
+        }
+    }
+
+    /// Marks every drop toward `peer` counted so far as explained: only drops that come after
+    /// this can be `unexplained`.
+    pub fn acknowledge(&mut self, peer: &str) {
+        if let Some(totals) = self.history.back().and_then(|(_, t)| t.get(peer)) {
+            self.acknowledged.insert(peer.to_string(), totals.clone());
         }
     }
 
@@ -63,8 +74,18 @@ impl DropWindow {
         for (peer, now_totals) in &totals {
             let mut by_device: BTreeMap<&str, u64> = BTreeMap::new();
             let mut reasons: BTreeMap<String, u64> = BTreeMap::new();
+            let mut unexplained: BTreeMap<String, u64> = BTreeMap::new();
             let mut packets = 0;
             for ((device, reason), n) in now_totals {
+                let key = (device.clone(), reason.clone());
+                let acknowledged = self
+                    .acknowledged
+                    .get(peer)
+                    .and_then(|m| m.get(&key))
+                    .copied()
+                    // A counter below its acknowledged value was reset (programs reloaded).
+                    .filter(|a| a <= n)
+                    .unwrap_or(0);
                 let before = match baseline {
                     Some(b) => b
                         .get(peer)
@@ -79,6 +100,10 @@ impl DropWindow {
                     *by_device.entry(device).or_default() += delta;
                     packets += delta;
                 }
+                let new = n.saturating_sub(before.max(acknowledged));
+                if new > 0 {
+                    *unexplained.entry(reason.clone()).or_default() += new;
+                }
             }
             if packets > 0 {
                 let device = by_device
@@ -92,6 +117,7 @@ impl DropWindow {
                         device,
                         packets,
                         reasons,
+                        unexplained,
                     },
                 );
             }
@@ -168,5 +194,48 @@ mod tests {
         );
         let s = w.observe(t0 + Duration::from_secs(12), &same, dev);
         assert!(s.per_peer.is_empty(), "{s:?}");
+    }
+
+    #[test]
+    fn acknowledged_drops_are_never_unexplained() {
+        let t0 = Instant::now();
+        let at = |ms| t0 + Duration::from_millis(ms);
+        let mut w = DropWindow::new(Duration::from_secs(10));
+        let ipv4 = TrafficClass::Ipv4;
+        w.observe(at(0), &snap(&[]), dev);
+        // A fault drops 90 packets; a finding explains them, so the daemon acknowledges.
+        let fault = snap(&[("NEIGH_FAILED", ipv4, Some("k8s03"), 90)]);
+        let s = w.observe(at(100), &fault, dev);
+        assert_eq!(s.per_peer["k8s03"].unexplained["NEIGH_FAILED"], 90);
+        w.acknowledge("k8s03");
+        // Repaired: the 90 are still in the window, but none of them is unexplained.
+        let s = w.observe(at(200), &fault, dev);
+        assert_eq!(s.per_peer["k8s03"].packets, 90);
+        assert!(s.per_peer["k8s03"].unexplained.is_empty(), "{s:?}");
+        // New drops after the acknowledgement are.
+        let more = snap(&[
+            ("NEIGH_FAILED", ipv4, Some("k8s03"), 95),
+            ("NO_TX_TARGET", ipv4, Some("k8s03"), 2),
+        ]);
+        let s = w.observe(at(300), &more, dev);
+        assert_eq!(s.per_peer["k8s03"].packets, 97);
+        assert_eq!(
+            s.per_peer["k8s03"].unexplained,
+            BTreeMap::from([("NEIGH_FAILED".into(), 5), ("NO_TX_TARGET".into(), 2)])
+        );
+        // Counters reset (programs reloaded): an old acknowledgement must not hide new drops.
+        let mut w = DropWindow::new(Duration::from_secs(10));
+        w.observe(at(0), &snap(&[]), dev);
+        w.observe(at(100), &fault, dev);
+        w.acknowledge("k8s03");
+        let mut w2 = w;
+        w2.history.clear();
+        w2.observe(at(200), &snap(&[]), dev);
+        let s = w2.observe(
+            at(300),
+            &snap(&[("NEIGH_FAILED", ipv4, Some("k8s03"), 4)]),
+            dev,
+        );
+        assert_eq!(s.per_peer["k8s03"].unexplained["NEIGH_FAILED"], 4);
     }
 }

@@ -5,16 +5,21 @@
 //! its burst of events.
 
 use std::{
-    collections::BTreeSet,
+    collections::{BTreeMap, BTreeSet},
     time::{Duration, Instant, SystemTime},
 };
 
 use super::findings::{FindingTracker, Transitions};
 use crate::{
     checks::{self, CheckInput, CheckReport, DeviceSpec, DropSummary},
-    model::{DesiredState, Finding, ObservedState},
+    model::{CheckId, DesiredState, Finding, ObservedState},
     observe::{Applied, ObservedEvent},
 };
+
+/// How long after its explaining finding cleared a peer's drops are still put down to it:
+/// packets queued behind a wrong gateway are freed (and counted) only when the neighbour
+/// entry fails, seconds after the route was repaired.
+pub const DROPS_EXPLAINED_GRACE: Duration = Duration::from_secs(10);
 
 /// The result of one evaluation.
 #[derive(Debug)]
@@ -37,6 +42,8 @@ pub struct Engine {
     tracker: FindingTracker,
     /// Findings from outside the checks (e.g. `datastore-stale` from the Kubernetes source).
     extra: Vec<Finding>,
+    /// Per peer, when a finding that explains drops toward it was last open.
+    explained_at: BTreeMap<String, SystemTime>,
     dirty: bool,
 }
 
@@ -50,6 +57,7 @@ impl Engine {
             drops: DropSummary::default(),
             tracker: FindingTracker::default(),
             extra: Vec::new(),
+            explained_at: BTreeMap::new(),
             dirty: true,
         }
     }
@@ -139,6 +147,24 @@ impl Engine {
             drops: Some(&self.drops),
         });
         report.findings.extend(self.extra.iter().cloned());
+        for f in &report.findings {
+            if let Some(peer) = f
+                .peer_node
+                .as_ref()
+                .filter(|_| checks::explains_drops(f.check))
+            {
+                self.explained_at.insert(peer.clone(), now);
+            }
+        }
+        self.explained_at
+            .retain(|_, at| within(now, *at, DROPS_EXPLAINED_GRACE));
+        let explained_at = &self.explained_at;
+        report.findings.retain(|f| {
+            f.check != CheckId::DropsUnexplained
+                || f.peer_node
+                    .as_ref()
+                    .is_none_or(|p| !explained_at.contains_key(p))
+        });
         let transitions = self
             .tracker
             .update(std::mem::take(&mut report.findings), now);
@@ -150,6 +176,19 @@ impl Engine {
             duration: started.elapsed(),
         }
     }
+}
+
+impl Engine {
+    /// Peers whose drops a finding explained within [`DROPS_EXPLAINED_GRACE`] of the last
+    /// evaluation: the daemon acknowledges their drops so far in its drop window.
+    pub fn peers_with_explained_drops(&self) -> impl Iterator<Item = &str> {
+        self.explained_at.keys().map(String::as_str)
+    }
+}
+
+/// `at` is no more than `grace` before `now` (a clock step backwards counts as within).
+fn within(now: SystemTime, at: SystemTime, grace: Duration) -> bool {
+    now.duration_since(at).map_or(true, |age| age <= grace)
 }
 
 #[cfg(test)]
@@ -282,6 +321,7 @@ mod tests {
                 device: DEV.into(),
                 packets: 12,
                 reasons: BTreeMap::from([("NEIGH_FAILED".to_string(), 12)]),
+                unexplained: BTreeMap::from([("NEIGH_FAILED".to_string(), 12)]),
             },
         );
         e.set_drops(drops);
@@ -310,10 +350,38 @@ mod tests {
             replace: true,
         };
         e.apply(&good);
-        e.set_drops(DropSummary::default());
         let ev = e.evaluate(t1 + Duration::from_secs(9));
         assert!(ev.report.findings.is_empty(), "{:#?}", ev.report.findings);
         assert!(!ev.transitions.cleared.is_empty());
+        assert_eq!(
+            e.peers_with_explained_drops().collect::<Vec<_>>(),
+            ["node2"]
+        );
+
+        // Packets queued behind the bad gateway are freed after the repair: still its drops.
+        let late = |n: u64| {
+            let mut drops = DropSummary::default();
+            let reasons = BTreeMap::from([("NEIGH_FAILED".to_string(), n)]);
+            drops.per_peer.insert(
+                "node2".into(),
+                PeerDrops {
+                    device: DEV.into(),
+                    packets: n,
+                    reasons: reasons.clone(),
+                    unexplained: reasons,
+                },
+            );
+            drops
+        };
+        e.set_drops(late(3));
+        let ev = e.evaluate(t1 + Duration::from_secs(12));
+        assert!(ev.report.findings.is_empty(), "{:#?}", ev.report.findings);
+        // Long after the repair, new drops with nothing to explain them are a finding.
+        e.set_drops(late(4));
+        let ev = e.evaluate(t1 + Duration::from_secs(30));
+        let checks: Vec<CheckId> = ev.report.findings.iter().map(|f| f.check).collect();
+        assert_eq!(checks, [CheckId::DropsUnexplained]);
+        assert_eq!(e.peers_with_explained_drops().count(), 0);
     }
 
     #[test]

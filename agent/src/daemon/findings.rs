@@ -147,6 +147,26 @@ mod tests {
     }
 
     #[test]
+    fn a_peer_group_repaired_route_by_route_stays_one_finding() {
+        let mut t = FindingTracker::default();
+        let group = |first: &str| {
+            let mut f = finding(CheckId::GatewayWrongVtep, "k8s03", first);
+            f.gateway = Some("10.1.235.128".parse().unwrap());
+            f
+        };
+        t.update(vec![group("10.1.235.128/26")], at(1));
+        // The first route was repaired; the finding now names the next one.
+        let tr = t.update(vec![group("10.1.235.192/26")], at(2));
+        assert!(tr.is_empty(), "{tr:?}");
+        assert_eq!(t.open()[0].since, Some(at(1)));
+        // Another wrong gateway for the same peer is another problem.
+        let mut other = group("10.1.236.0/26");
+        other.gateway = Some("10.1.140.64".parse().unwrap());
+        let tr = t.update(vec![group("10.1.235.192/26"), other], at(3));
+        assert_eq!((tr.opened.len(), tr.cleared.len()), (1, 0));
+    }
+
+    #[test]
     fn duplicate_keys_open_once_with_one_since() {
         let mut t = FindingTracker::default();
         let a = finding(CheckId::RouteStale, "k8s03", "10.9.0.0/26");

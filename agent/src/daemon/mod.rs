@@ -76,6 +76,10 @@ const RETRY: Duration = Duration::from_secs(1);
 /// eBPF counters, datastore file change, liveness.
 const HOUSEKEEPING: Duration = Duration::from_secs(1);
 /// Liveness is refreshed at most this often during event storms.
+/// How long the first evaluation waits for the datastore's first load. Until then the checks
+/// would run without the datastore (less precise findings that are replaced a moment later);
+/// after it they do, so a datastore that is down at boot never keeps the node unchecked.
+const DATASTORE_WAIT: Duration = Duration::from_secs(10);
 const TICK_EVERY: Duration = Duration::from_millis(250);
 
 /// Why a full resync runs (the `reason` label of `resyncs_total`).
@@ -268,6 +272,7 @@ impl Daemon {
             last_desired_ok: None,
             neigh_failed_last: Default::default(),
             synced: false,
+            started: Instant::now(),
             ready: false,
             last_summary: None,
             eval_not_before: None,
@@ -305,8 +310,9 @@ struct LoopState {
     last_desired_ok: Option<Instant>,
     /// Per (device, ifindex): neighbour FAILED transitions already counted in metrics.
     neigh_failed_last: std::collections::BTreeMap<(String, u32), u64>,
-    /// At least one kernel dump succeeded (findings mean something).
+    /// At least one kernel dump succeeded.
     synced: bool,
+    started: Instant,
     ready: bool,
     last_summary: Option<(usize, usize, usize)>,
     /// Earliest next evaluation during an event storm (see `evaluate_when_due`).
@@ -316,11 +322,22 @@ struct LoopState {
 }
 
 impl LoopState {
+    /// The kernel was dumped and the datastore loaded once (or it was given
+    /// [`DATASTORE_WAIT`] and did not answer): findings mean something from here on.
+    fn in_sync(&self) -> bool {
+        self.synced
+            && (self.offline
+                || self.engine.desired().is_some()
+                || self.started.elapsed() >= DATASTORE_WAIT)
+    }
+
     async fn run(&mut self, shutdown: impl Future<Output = ()>) {
         tokio::pin!(shutdown);
         self.resync(ResyncReason::Startup).await;
         self.poll_drops().await;
-        self.evaluate_and_publish().await;
+        if self.in_sync() {
+            self.evaluate_and_publish().await;
+        }
 
         let mut periodic = tokio::time::interval_at(
             tokio::time::Instant::now() + self.config.resync_interval,
@@ -374,6 +391,7 @@ impl LoopState {
                 self.schedule_resync(ResyncReason::Overrun, RETRY);
             }
             if self.engine.is_dirty()
+                && self.in_sync()
                 && self.pending_resync.is_none()
                 && self.eval_not_before.is_none_or(|t| Instant::now() >= t)
             {
@@ -776,6 +794,9 @@ impl LoopState {
             transitions,
             duration,
         } = self.engine.evaluate(now);
+        for peer in self.engine.peers_with_explained_drops() {
+            self.window.acknowledge(peer);
+        }
         for f in &transitions.opened {
             log_opened(f);
         }
@@ -789,7 +810,7 @@ impl LoopState {
         let metrics = self.metrics.clone();
         let routes_checked = report.routes_checked as u64;
         let findings = report.findings;
-        let synced = self.synced;
+        let synced = self.in_sync();
         if let Some(link) = self.kube.as_mut() {
             link.publish(&findings, &transitions.opened, false);
         }
@@ -814,7 +835,7 @@ impl LoopState {
             })
             .await;
         let counts = (summary.critical, summary.warning, summary.info);
-        if self.synced && self.last_summary != Some(counts) {
+        if synced && self.last_summary != Some(counts) {
             self.last_summary = Some(counts);
             let line = if summary.critical + summary.warning + summary.info == 0 {
                 "in sync; healthy".to_string()

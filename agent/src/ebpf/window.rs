@@ -269,18 +269,19 @@ pub fn window(
             .peers
             .iter()
             .map(|(peer, p)| {
-                (
-                    peer.clone(),
+                (peer.clone(), {
+                    let reasons: BTreeMap<String, u64> = p
+                        .reasons
+                        .iter()
+                        .map(|(r, n)| (r.clone(), n.packets))
+                        .collect();
                     PeerDrops {
                         device: p.device.clone(),
                         packets: p.total.packets,
-                        reasons: p
-                            .reasons
-                            .iter()
-                            .map(|(r, n)| (r.clone(), n.packets))
-                            .collect(),
-                    },
-                )
+                        unexplained: reasons.clone(),
+                        reasons,
+                    }
+                })
             })
             .collect(),
     };

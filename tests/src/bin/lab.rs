@@ -4,16 +4,21 @@
 //! k8s02's routes to k8s03 the way Felix did (via 10.1.235.128, nobody's VTEP), shows the
 //! blackhole, restores and shows traffic back. Needs root.
 //!
+//! The agent is shown both ways an SRE meets it: `watchdog scan` on every node at each phase,
+//! and the daemon (`watchdog run`) on k8s01, whose finding appears — with its detection latency —
+//! in `watchdog status` the moment the bad route is written, and clears when it is repaired.
+//!
 //! `--datastore kubernetes`: the agent reads the cluster from a fake API server (in this
 //! process, on 127.0.0.1) serving the lab as Nodes + Calico IPAMBlocks, and the demo also shows
 //! the incident's other half: the API server's watch goes silent while k8s03's VTEP changes —
 //! what Felix missed — and a consistent list (the agent's relist) still sees the change.
 
 use std::{
+    fs,
     net::Ipv4Addr,
-    path::PathBuf,
-    process::{Command, ExitCode},
-    time::Duration,
+    path::{Path, PathBuf},
+    process::{Child, Command, ExitCode, Stdio},
+    time::{Duration, Instant, SystemTime},
 };
 
 use anyhow::{bail, Context, Result};
@@ -30,6 +35,10 @@ use watchdog_lab::{
 const PACKETS: u32 = 5;
 /// The incident cluster's nodes.
 const NODES: [&str; 3] = ["k8s01", "k8s02", "k8s03"];
+/// The node whose daemon the demo follows.
+const DAEMON_NODE: &str = "k8s01";
+/// How long the demo waits for the daemon to see a change before calling it a failure.
+const DAEMON_DEADLINE: Duration = Duration::from_secs(10);
 
 /// The point in the story at which the agent is asked for its view.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -50,7 +59,9 @@ enum Datastore {
 const USAGE: &str = "usage: watchdog-lab [--datastore file|kubernetes]
 
 Replays incident-k8s03 in network namespaces (needs root) and shows `watchdog scan` on every
-node at each phase.
+node at each phase, and the daemon (`watchdog run`) on k8s01 catching the corruption live:
+the time from the bad route to the finding, `watchdog status`, and the finding clearing after
+the repair.
   --datastore file         the agent reads a nodes.yaml written from the lab (default)
   --datastore kubernetes   the agent reads Nodes + IPAMBlocks from a fake API server in this
                            process; also replays the silent watch that hid k8s03's VTEP change";
@@ -186,11 +197,50 @@ fn run(mode: Datastore) -> Result<()> {
         silent_watch(&lab, api, &configs)?;
     }
 
+    let base_config = &configs
+        .iter()
+        .find(|(n, _)| n == DAEMON_NODE)
+        .context("no config for the daemon's node")?
+        .1;
+    section(&format!("The daemon on {DAEMON_NODE}: watchdog run"));
+    let mut daemon = Daemon::start(&lab, DAEMON_NODE, base_config)?;
+    println!(
+        "{DAEMON_NODE}$ watchdog run --config {} --netns {}",
+        daemon.config.display(),
+        lab.netns_path(DAEMON_NODE).display()
+    );
+    println!(
+        "  in sync after {} ms (netlink monitor + first full dump + datastore){}",
+        daemon.ready_after.as_millis(),
+        match daemon.ebpf_state()? {
+            Some(state) => format!("; eBPF {state}"),
+            None => String::new(),
+        }
+    );
+    daemon.show_check()?;
+
     section("Incident: k8s01 and k8s02 route k8s03's blocks via 10.1.235.128");
-    for on in ["k8s01", "k8s02"] {
-        let f = lab.inject(Fault::incident(on))?;
-        println!("{}", f.description);
-    }
+    let injected_at = SystemTime::now();
+    let started = Instant::now();
+    let f = lab.inject(Fault::incident(DAEMON_NODE))?;
+    let injection_took = started.elapsed();
+    println!("{}", f.description);
+    let (finding, seen_after) = daemon.wait_for_finding("k8s03")?;
+    let detected = finding
+        .since
+        .and_then(|since| since.duration_since(injected_at).ok());
+    println!(
+        "  daemon on {DAEMON_NODE}: {} for k8s03 {} (the injection itself took {} ms; visible via the status socket after {} ms)",
+        finding.check,
+        match detected {
+            Some(d) => format!("detected {:.1} ms after the first bad route was written", d.as_secs_f64() * 1e3),
+            None => "detected".to_string(),
+        },
+        injection_took.as_millis(),
+        seen_after.as_millis()
+    );
+    let f = lab.inject(Fault::incident("k8s02"))?;
+    println!("{}", f.description);
     show_routes(&lab, "k8s01")?;
     let traffic = show_traffic(&lab)?;
     // The kernel marks the gateway FAILED only after its ARP retries run out.
@@ -209,9 +259,29 @@ fn run(mode: Datastore) -> Result<()> {
     let lost: u32 = traffic.iter().map(|t| t.lost()).sum();
     println!("{lost} packets blackholed, every node still looks Ready");
     agent_view(&lab, &configs, Phase::Corrupted)?;
+    if daemon.ebpf_attached()? {
+        // The queued packets are freed (and counted) when the gateway's ARP retries run out.
+        let started = Instant::now();
+        let by_reason = daemon.wait_for_drops("k8s03")?;
+        let total: u64 = by_reason.iter().map(|(_, n)| n).sum();
+        let reasons: Vec<String> = by_reason.iter().map(|(r, n)| format!("{r} {n}")).collect();
+        println!(
+            "  eBPF on {DAEMON_NODE}: {total} packets to k8s03 dropped in the kernel ({}), counted {:.1} s after the traffic as the gateway's neighbour entry failed",
+            reasons.join(", "),
+            started.elapsed().as_secs_f64()
+        );
+    }
+    daemon.show_status()?;
+    daemon.show_check()?;
 
     section("Repair: ip route replace <block> via 10.1.235.133 dev vxlan.calico onlink");
+    let started = Instant::now();
     lab.restore_all()?;
+    daemon.wait_until_clear()?;
+    println!(
+        "  daemon on {DAEMON_NODE}: every finding cleared {} ms after the repair started",
+        started.elapsed().as_millis()
+    );
     show_routes(&lab, "k8s01")?;
     show_traffic(&lab)?;
     let diff = lab.diff_from_healthy()?;
@@ -224,6 +294,8 @@ fn run(mode: Datastore) -> Result<()> {
         );
     }
     agent_view(&lab, &configs, Phase::Restored)?;
+    daemon.show_check()?;
+    daemon.stop()?;
     Ok(())
 }
 
@@ -386,6 +458,248 @@ fn agent_view(lab: &Lab, configs: &[(String, PathBuf)], phase: Phase) -> Result<
         }
     }
     Ok(())
+}
+
+/// A finding as the status API serves it (the fields the demo prints).
+#[derive(Debug)]
+struct SeenFinding {
+    check: String,
+    since: Option<SystemTime>,
+}
+
+/// `watchdog run` for one lab node with its own status socket and no metrics listener;
+/// stopped (SIGTERM, then SIGKILL) when dropped, so an error anywhere in the demo leaves no
+/// daemon behind.
+struct Daemon {
+    child: Option<Child>,
+    dir: PathBuf,
+    config: PathBuf,
+    log: PathBuf,
+    ready_after: Duration,
+}
+
+impl Daemon {
+    fn start(lab: &Lab, node: &str, base_config: &Path) -> Result<Daemon> {
+        let dir = std::env::temp_dir().join(format!("{}-daemon-{node}", lab.id()));
+        fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let config = dir.join("config.toml");
+        let base = fs::read_to_string(base_config)
+            .with_context(|| format!("reading {}", base_config.display()))?;
+        fs::write(
+            &config,
+            format!(
+                "{base}\n[status]\nsocket = \"{}\"\n\n[metrics]\nlisten = \"off\"\n",
+                dir.join("status.sock").display()
+            ),
+        )
+        .with_context(|| format!("writing {}", config.display()))?;
+        let log = dir.join("watchdog.log");
+        let log_file =
+            fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
+        let started = Instant::now();
+        let child = Command::new(watchdog_bin())
+            .args(["run", "--config"])
+            .arg(&config)
+            .arg("--netns")
+            .arg(lab.netns_path(node))
+            .stdout(Stdio::null())
+            .stderr(log_file)
+            .spawn()
+            .context("starting watchdog run")?;
+        let mut daemon = Daemon {
+            child: Some(child),
+            dir,
+            config,
+            log,
+            ready_after: Duration::ZERO,
+        };
+        daemon.wait("the first full sync", |status| {
+            status["in_sync"].as_bool() == Some(true)
+        })?;
+        daemon.ready_after = started.elapsed();
+        Ok(daemon)
+    }
+
+    /// `watchdog status --json`, as any client gets it.
+    fn status_json(&self) -> Result<serde_json::Value> {
+        let out = self.cli(&["status", "--json"])?;
+        if !out.status.success() {
+            bail!(
+                "watchdog status: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        serde_json::from_slice(&out.stdout).context("watchdog status --json is not JSON")
+    }
+
+    fn cli(&self, args: &[&str]) -> Result<std::process::Output> {
+        Command::new(watchdog_bin())
+            .args(args)
+            .arg("--config")
+            .arg(&self.config)
+            .output()
+            .context("running watchdog")
+    }
+
+    /// Polls the daemon until `pred` holds for its status; how long that took.
+    fn wait(&mut self, what: &str, pred: impl Fn(&serde_json::Value) -> bool) -> Result<Duration> {
+        let started = Instant::now();
+        loop {
+            if let Some(child) = self.child.as_mut() {
+                if let Some(exit) = child.try_wait()? {
+                    bail!(
+                        "watchdog run exited ({exit}) before {what}:\n{}",
+                        self.log_tail()
+                    );
+                }
+            }
+            if let Ok(status) = self.status_json() {
+                if pred(&status) {
+                    return Ok(started.elapsed());
+                }
+            }
+            if started.elapsed() > DAEMON_DEADLINE {
+                bail!(
+                    "the daemon did not reach {what} within {DAEMON_DEADLINE:?}:\n{}",
+                    self.log_tail()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// Waits for an open finding about `peer`; the finding and how long the wait took.
+    fn wait_for_finding(&mut self, peer: &str) -> Result<(SeenFinding, Duration)> {
+        let has = |s: &serde_json::Value| {
+            s["findings"]
+                .as_array()
+                .is_some_and(|f| f.iter().any(|f| f["peer_node"] == peer))
+        };
+        let took = self.wait(&format!("a finding about {peer}"), has)?;
+        let status = self.status_json()?;
+        let finding = status["findings"]
+            .as_array()
+            .and_then(|f| f.iter().find(|f| f["peer_node"] == peer))
+            .context("the finding vanished")?;
+        Ok((
+            SeenFinding {
+                check: finding["check"].as_str().unwrap_or("?").to_string(),
+                since: finding["since"]
+                    .as_str()
+                    .and_then(|s| humantime::parse_rfc3339(s).ok()),
+            },
+            took,
+        ))
+    }
+
+    fn wait_until_clear(&mut self) -> Result<Duration> {
+        self.wait("zero findings", |s| {
+            s["findings"].as_array().is_some_and(Vec::is_empty)
+        })
+    }
+
+    fn ebpf_attached(&self) -> Result<bool> {
+        let status = self.status_json()?;
+        Ok(status["ebpf"]["attached"]
+            .as_array()
+            .is_some_and(|a| !a.is_empty()))
+    }
+
+    /// Waits until the kernel drop counters attribute drops to `peer`; (reason, packets).
+    fn wait_for_drops(&mut self, peer: &str) -> Result<Vec<(String, u64)>> {
+        self.wait(&format!("drops counted toward {peer}"), |s| {
+            s["drops"]["by_peer"][peer]
+                .as_object()
+                .is_some_and(|r| r.values().any(|n| n.as_u64() > Some(0)))
+        })?;
+        let status = self.status_json()?;
+        Ok(status["drops"]["by_peer"][peer]
+            .as_object()
+            .map(|r| {
+                r.iter()
+                    .map(|(reason, n)| (reason.clone(), n.as_u64().unwrap_or(0)))
+                    .collect()
+            })
+            .unwrap_or_default())
+    }
+
+    /// The eBPF line of the status: attached programs, or why there are none.
+    fn ebpf_state(&self) -> Result<Option<String>> {
+        let status = self.status_json()?;
+        let ebpf = &status["ebpf"];
+        if let Some(error) = ebpf["error"].as_str() {
+            return Ok(Some(format!("off: {error}")));
+        }
+        let attached: Vec<&str> = ebpf["attached"]
+            .as_array()
+            .map(|a| a.iter().filter_map(|p| p.as_str()).collect())
+            .unwrap_or_default();
+        Ok((!attached.is_empty()).then(|| format!("attached: {}", attached.join(", "))))
+    }
+
+    /// The human `watchdog status` view, as the SRE on the node would see it.
+    fn show_status(&self) -> Result<()> {
+        let out = self.cli(&["status"])?;
+        println!("{DAEMON_NODE}$ watchdog status");
+        for line in String::from_utf8_lossy(&out.stdout).lines() {
+            println!("  {line}");
+        }
+        Ok(())
+    }
+
+    /// The Nagios line, as monitoring would poll it.
+    fn show_check(&self) -> Result<()> {
+        let out = self.cli(&["check"])?;
+        println!(
+            "{DAEMON_NODE}$ watchdog check   (exit {})\n  {}",
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).trim()
+        );
+        Ok(())
+    }
+
+    /// SIGTERM and wait for a clean exit (the socket removed), SIGKILL after 5 s.
+    fn stop(&mut self) -> Result<()> {
+        let Some(mut child) = self.child.take() else {
+            return Ok(());
+        };
+        // SAFETY: signalling our own child by pid.
+        unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+        let started = Instant::now();
+        while started.elapsed() < Duration::from_secs(5) {
+            if let Some(exit) = child.try_wait()? {
+                if !exit.success() {
+                    bail!(
+                        "watchdog run exited {exit} on SIGTERM:\n{}",
+                        self.log_tail()
+                    );
+                }
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        bail!("watchdog run ignored SIGTERM for 5 s (killed)")
+    }
+
+    fn log_tail(&self) -> String {
+        let log = fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = log.lines().collect();
+        lines[lines.len().saturating_sub(40)..].join("\n")
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        if std::env::var_os("WATCHDOG_LAB_KEEP").is_none() {
+            let _ = fs::remove_dir_all(&self.dir);
+        }
+    }
 }
 
 /// The agent binary: `$WATCHDOG_BIN` (set by `cargo xtask lab`), else next to this binary.
