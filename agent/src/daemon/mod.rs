@@ -229,6 +229,8 @@ impl Daemon {
         let monitor = Monitor::start(netns, &monitor_options)?;
         let observer = NetlinkObserver::new(netns)?;
         let ebpf = ebpf.unwrap_or_else(|| open_ebpf(&config, netns));
+        // Loading parsed the kernel's BTF (tens of MiB, now free): give it back.
+        trim_heap();
         let ebpf_status = ebpf.status();
         status.update(|s| s.ebpf = status_ebpf(&ebpf_status)).await;
 
@@ -526,6 +528,9 @@ impl LoopState {
                 s.resync.last_full_resync = Some(now);
             })
             .await;
+        // The dump's messages (several times the model's size) are free now; glibc would keep
+        // them until the next storm.
+        trim_heap();
         let ms = |d: Duration| format!("{:.1}", d.as_secs_f64() * 1e3);
         info!(
             reason = reason.as_str(),

@@ -195,7 +195,16 @@ impl EbpfDropCounters {
             .into_iter()
             .chain([(globals::TARGET_NETNS_INUM, inum)])
             .collect();
+        // One parse of the kernel's BTF (several MiB) serves aya's relocations and the attach;
+        // EbpfLoader::new() would otherwise parse it again on its own.
+        let aya_btf = aya::Btf::from_sys_fs().map_err(|e| {
+            EbpfStatus::unavailable(
+                Missing::Btf,
+                format!("aya cannot read kernel BTF: {}", chain(&e)),
+            )
+        })?;
         let mut loader = EbpfLoader::new();
+        loader.btf(Some(&aya_btf));
         for (name, value) in &globals_values {
             loader.override_global(name, value, true);
         }
@@ -208,12 +217,6 @@ impl EbpfDropCounters {
             EbpfStatus::unavailable(missing, format!("loading the eBPF object: {}", chain(&e)))
         })?;
 
-        let aya_btf = aya::Btf::from_sys_fs().map_err(|e| {
-            EbpfStatus::unavailable(
-                Missing::Btf,
-                format!("aya cannot read kernel BTF: {}", chain(&e)),
-            )
-        })?;
         let mut programs_status = Vec::new();
         let mut first_failure: Option<Missing> = None;
         for (name, tracepoint) in programs::ALL {

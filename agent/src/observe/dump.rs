@@ -150,6 +150,28 @@ pub async fn dump_route_count(conn: &NetlinkConn) -> Result<usize> {
     Ok(dump_routes(conn).await?.len())
 }
 
+/// Every dump a snapshot makes (addresses, IPv4 + IPv6 routes of every table, IPv4 + IPv6
+/// neighbours, FDB), parsed into netlink messages and counted, with nothing built from them:
+/// the kernel-and-parse cost a resync cannot avoid (benchmark baseline).
+pub async fn dump_all_count(conn: &NetlinkConn) -> Result<usize> {
+    let mut addr_req = AddressMessage::default();
+    addr_req.header.family = AddressFamily::Unspec;
+    let mut n = dump(conn, "address", RouteNetlinkMessage::GetAddress(addr_req))
+        .await?
+        .len();
+    n += dump_routes(conn).await?.len();
+    for (family, what) in [
+        (AddressFamily::Inet, "ipv4 neighbour"),
+        (AddressFamily::Inet6, "ipv6 neighbour"),
+        (AddressFamily::Bridge, "fdb"),
+    ] {
+        n += dump(conn, what, neighbour_dump_request(family))
+            .await?
+            .len();
+    }
+    Ok(n)
+}
+
 /// One link by name; `None` when it does not exist.
 async fn get_link(conn: &NetlinkConn, name: &str) -> Result<Option<crate::model::LinkInfo>> {
     if name.is_empty() || name.len() > MAX_IFNAME {

@@ -91,6 +91,11 @@ impl NetlinkObserver {
     pub async fn dump_route_count(&self) -> Result<usize> {
         dump_route_count(&self.conn).await
     }
+
+    /// Every dump a snapshot makes, counted, no model built (benchmark baseline).
+    pub async fn dump_all_count(&self) -> Result<usize> {
+        dump::dump_all_count(&self.conn).await
+    }
 }
 
 impl KernelObserver for NetlinkObserver {
