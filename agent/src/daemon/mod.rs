@@ -559,6 +559,8 @@ impl LoopState {
                         s.datastore.last_event_age_seconds = Some(0.0);
                     })
                     .await;
+                // The parse's scratch memory is free now.
+                trim_heap();
             }
             Err(e) => {
                 // Keep checking against the last good state; say so.
