@@ -154,6 +154,10 @@ pub mod programs {
     pub const NEIGH_TIMER_HANDLER: (&str, &str) = ("neigh_timer_handler", "neigh_timer_handler");
     pub const NEIGH_EVENT_SEND_DONE: (&str, &str) =
         ("neigh_event_send_done", "neigh_event_send_done");
+    /// An empty program on `kfree_skb` that only the benchmark attaches: its measured cost is
+    /// the measuring overhead. Not in [`ALL`], so the daemon never loads it.
+    pub const KFREE_SKB_BASELINE: (&str, &str) = ("kfree_skb_baseline", "kfree_skb");
+    /// The programs the agent loads and attaches.
     pub const ALL: [(&str, &str); 4] = [
         KFREE_SKB,
         NEIGH_UPDATE_DONE,

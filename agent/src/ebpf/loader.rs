@@ -287,10 +287,25 @@ impl EbpfDropCounters {
         self.kernel_log.is_some()
     }
 
-    /// Run-time statistics of each attached program (needs [`super::bench::enable_stats`]).
+    /// Benchmark only: loads and attaches the empty `kfree_skb_baseline` program next to the
+    /// real ones, so the measuring overhead of the run-time statistics can be subtracted. The
+    /// daemon never calls this.
+    pub fn attach_bench_baseline(&mut self) -> Result<(), EbpfError> {
+        let (name, tracepoint) = programs::KFREE_SKB_BASELINE;
+        let btf = Btf::from_sys().map_err(|e| EbpfError::Bench(e.to_string()))?;
+        let aya_btf = aya::Btf::from_sys_fs().map_err(|e| EbpfError::Bench(chain(&e)))?;
+        attach_one(&mut self.bpf, &btf, &aya_btf, name, tracepoint)
+            .map_err(|(_, e)| EbpfError::Bench(format!("{name}: {e}")))
+    }
+
+    /// Run-time statistics of each attached program (needs [`super::bench::enable_stats`]),
+    /// including the benchmark's baseline program when it was attached.
     pub fn program_stats(&self) -> Result<Vec<super::bench::ProgramRunStats>, EbpfError> {
         let mut out = Vec::new();
-        for (name, _) in programs::ALL {
+        for (name, _) in programs::ALL
+            .into_iter()
+            .chain([programs::KFREE_SKB_BASELINE])
+        {
             let Some(program) = self.bpf.program(name) else {
                 continue;
             };

@@ -82,6 +82,8 @@ pub enum EbpfError {
     LinkStats(#[source] std::io::Error),
     #[error("enabling BPF run-time stats: {0}")]
     Stats(#[source] std::io::Error),
+    #[error("attaching the benchmark baseline program: {0}")]
+    Bench(String),
 }
 
 /// What a dropped skb was, from `skb->protocol`.
