@@ -1,6 +1,6 @@
 //! Types shared between the kernel programs (`main.rs`, BPF target) and user space (`user`
-//! feature). Every struct is `#[repr(C)]`, `Copy`, and has no implicit padding (only `u32`
-//! fields), so the byte layout is identical on both sides and safe to hand to `aya::Pod`.
+//! feature). Every struct is `#[repr(C)]`, `Copy`, and has no implicit padding (`u32` fields,
+//! `u64` only 8-aligned), so the byte layout is identical on both sides and safe to hand to `aya::Pod`.
 //!
 //! Map sizes are bounded; what happens at the bound is documented per map. IPv4 addresses are
 //! stored as the `u32` whose in-memory bytes are the address in network order
@@ -24,6 +24,25 @@ pub struct PeerDropKey {
 
 #[cfg(feature = "user")]
 unsafe impl aya::Pod for PeerDropKey {}
+
+/// Per-CPU array, one entry per device slot: the (reason, peer) of the last data drop counted on
+/// that device by this CPU, and how many drops in a row went there that are not yet in
+/// [`PEER_DROPS_MAP`]. Drops come in storms toward one peer, so most are one increment here
+/// instead of a hash lookup; a different (reason, peer) first moves `count` into the hash.
+/// A peer's total is its hash entry plus the pending entries with its key. The kernel zeroes
+/// `count` before it moves it, so a reader that reads the hash first and the pending entries
+/// second can miss a count in flight (transiently) but never sees it twice.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PeerPending {
+    pub reason: u32,
+    pub peer: u32,
+    /// 0: nothing pending (then `reason` and `peer` mean nothing).
+    pub count: u64,
+}
+
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for PeerPending {}
 
 /// Per-CPU one-entry cache in front of the LPM trie: drops come in storms toward one
 /// destination. Valid while `generation` equals [`CONFIG_PEER_GENERATION`] in [`CONFIG_MAP`].
@@ -100,6 +119,9 @@ pub const fn device_drop_index(slot: u32, class: u32, reason: u32) -> u32 {
 pub const PEER_DROPS_MAP: &str = "PEER_DROPS";
 /// Peers × reasons actually seen stays small; 4096 covers 256 peers × 16 reasons.
 pub const PEER_DROPS_CAPACITY: u32 = 4096;
+
+/// Per-CPU array of [`PeerPending`], indexed by device slot.
+pub const PEER_PENDING_MAP: &str = "PEER_PENDING";
 
 /// Array `slot -> ifindex` of the overlay devices to account (0: free slot), filled by user
 /// space. A slot is a device's index in [`DEVICE_DROPS_MAP`] and [`PeerDropKey::slot`].

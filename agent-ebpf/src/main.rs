@@ -6,7 +6,8 @@
 //! Cost matters on the drop path (a blackholed peer can mean 100k drops/s): the counted path
 //! uses only direct BTF loads, array maps (the verifier inlines their lookups), one
 //! `bpf_probe_read_kernel` for the inner destination, a per-CPU one-entry cache in front of the
-//! LPM trie, and a hash map only for the per-peer split of data drops.
+//! LPM trie, and for the per-peer split a per-CPU pending (reason, peer, count) per device in
+//! front of the hash map: only a change of (reason, peer) touches the hash.
 //!
 //! aya-log is used only where something went wrong that user space must hear about (a full map,
 //! an unreadable header), and only the first time per CPU: never on the per-packet path.
@@ -14,11 +15,12 @@
 #![no_main]
 
 use agent_ebpf::{
-    device_drop_index, NeighKey, PeerCache, PeerDropKey, CLASS_ARP, CLASS_IPV4, CLASS_IPV6,
-    CLASS_OTHER, CONFIG_PEER_GENERATION, CONFIG_SLOTS, DEVICE_DROP_SLOTS, NEIGH_DEVICE_CAPACITY,
-    NEIGH_GATEWAY_CAPACITY, NEIGH_LAST_STATE_CAPACITY, NUD_FAILED, NUD_INCOMPLETE,
-    OVERFLOW_HEADER_UNREADABLE, OVERFLOW_NEIGH, OVERFLOW_PEER_DROPS, OVERFLOW_SLOTS,
-    PEER_BLOCKS_CAPACITY, PEER_DROPS_CAPACITY, PEER_UNKNOWN, WATCHED_DEVICES_CAPACITY,
+    device_drop_index, NeighKey, PeerCache, PeerDropKey, PeerPending, CLASS_ARP, CLASS_IPV4,
+    CLASS_IPV6, CLASS_OTHER, CONFIG_PEER_GENERATION, CONFIG_SLOTS, DEVICE_DROP_SLOTS,
+    NEIGH_DEVICE_CAPACITY, NEIGH_GATEWAY_CAPACITY, NEIGH_LAST_STATE_CAPACITY, NUD_FAILED,
+    NUD_INCOMPLETE, OVERFLOW_HEADER_UNREADABLE, OVERFLOW_NEIGH, OVERFLOW_PEER_DROPS,
+    OVERFLOW_SLOTS, PEER_BLOCKS_CAPACITY, PEER_DROPS_CAPACITY, PEER_UNKNOWN,
+    WATCHED_DEVICES_CAPACITY,
 };
 use aya_ebpf::{
     helpers::bpf_probe_read_kernel,
@@ -64,6 +66,10 @@ static DEVICE_DROPS: PerCpuArray<u64> = PerCpuArray::with_max_entries(DEVICE_DRO
 #[map]
 static PEER_DROPS: PerCpuHashMap<PeerDropKey, u64> =
     PerCpuHashMap::with_max_entries(PEER_DROPS_CAPACITY, 0);
+
+#[map]
+static PEER_PENDING: PerCpuArray<PeerPending> =
+    PerCpuArray::with_max_entries(WATCHED_DEVICES_CAPACITY, 0);
 
 #[map]
 static WATCHED_DEVICES: Array<u32> = Array::with_max_entries(WATCHED_DEVICES_CAPACITY, 0);
@@ -124,6 +130,31 @@ fn overflow_first(slot: u32) -> bool {
     }
 }
 
+/// Adds `n` to an overflow counter; true when it was 0 on this CPU (the moment to log).
+#[inline(always)]
+fn overflow_add(slot: u32, n: u64) -> bool {
+    match OVERFLOW.get_ptr_mut(slot) {
+        Some(count) => unsafe {
+            let first = *count == 0;
+            *count += n;
+            first
+        },
+        None => false,
+    }
+}
+
+/// Adds `n` to a per-CPU hash counter; false when the map is full.
+#[inline(always)]
+fn add<K>(map: &PerCpuHashMap<K, u64>, key: &K, n: u64) -> bool {
+    match map.get_ptr_mut(key) {
+        Some(count) => {
+            unsafe { *count += n };
+            true
+        }
+        None => map.insert(key, n, 0).is_ok(),
+    }
+}
+
 /// Adds one to slot `index` of a per-CPU array (lookup inlined by the verifier).
 #[inline(always)]
 fn bump_array(map: &PerCpuArray<u64>, index: u32) {
@@ -135,13 +166,7 @@ fn bump_array(map: &PerCpuArray<u64>, index: u32) {
 /// Adds one to a per-CPU hash counter; false when the map is full.
 #[inline(always)]
 fn bump<K>(map: &PerCpuHashMap<K, u64>, key: &K) -> bool {
-    match map.get_ptr_mut(key) {
-        Some(count) => {
-            unsafe { *count += 1 };
-            true
-        }
-        None => map.insert(key, 1, 0).is_ok(),
-    }
+    add(map, key, 1)
 }
 
 /// (slot, ifindex) of `dev` if it is a watched device in the watched namespace. User space
@@ -215,13 +240,36 @@ fn try_kfree_skb(ctx: &BtfTracePointContext) -> Result<(), ()> {
     if peer == PEER_UNKNOWN {
         return Ok(());
     }
-    let key = PeerDropKey { slot, reason, peer };
-    if !bump(&PEER_DROPS, &key) && overflow_first(OVERFLOW_PEER_DROPS) {
-        warn!(
-            ctx,
-            "PEER_DROPS map full ({} entries): new (peer, reason) pairs are counted per device only",
-            PEER_DROPS_CAPACITY
-        );
+    let pending = PEER_PENDING.get_ptr_mut(slot).ok_or(())?;
+    // SAFETY: a per-CPU map value; the program does not nest on one CPU (the kernel skips a
+    // recursive run), so nothing else writes it meanwhile.
+    let p = unsafe { &mut *pending };
+    if p.count != 0 && p.reason == reason && p.peer == peer {
+        p.count += 1;
+        return Ok(());
+    }
+    let moving = p.count;
+    if moving != 0 {
+        // Zero before adding to the hash: a reader (hash first, pending second) may then miss
+        // the count for a moment, but never sees it twice. Volatile keeps the store order.
+        unsafe { core::ptr::write_volatile(&mut p.count, 0) };
+        let key = PeerDropKey {
+            slot,
+            reason: p.reason,
+            peer: p.peer,
+        };
+        if !add(&PEER_DROPS, &key, moving) && overflow_add(OVERFLOW_PEER_DROPS, moving) {
+            warn!(
+                ctx,
+                "PEER_DROPS map full ({} entries): new (peer, reason) pairs are counted per device only",
+                PEER_DROPS_CAPACITY
+            );
+        }
+    }
+    unsafe {
+        core::ptr::write_volatile(&mut p.reason, reason);
+        core::ptr::write_volatile(&mut p.peer, peer);
+        core::ptr::write_volatile(&mut p.count, 1);
     }
     Ok(())
 }

@@ -8,11 +8,12 @@ use std::{
 };
 
 use agent_ebpf::{
-    device_drop_index, globals, programs, NeighKey, PeerDropKey, CLASSES, CLASS_IPV4, CONFIG_MAP,
-    CONFIG_PEER_GENERATION, DEVICE_DROPS_MAP, NEIGH_DEVICE_MAP, NEIGH_GATEWAY_MAP, NUD_FAILED,
-    NUD_INCOMPLETE, OVERFLOW_HEADER_UNREADABLE, OVERFLOW_MAP, OVERFLOW_NEIGH, OVERFLOW_PEER_DROPS,
-    PEER_BLOCKS_CAPACITY, PEER_BLOCKS_MAP, PEER_DROPS_MAP, PEER_UNKNOWN, REASON_OVERFLOW_SLOT,
-    REASON_SLOTS, WATCHED_DEVICES_CAPACITY, WATCHED_DEVICES_MAP,
+    device_drop_index, globals, programs, NeighKey, PeerDropKey, PeerPending, CLASSES, CLASS_IPV4,
+    CONFIG_MAP, CONFIG_PEER_GENERATION, DEVICE_DROPS_MAP, NEIGH_DEVICE_MAP, NEIGH_GATEWAY_MAP,
+    NUD_FAILED, NUD_INCOMPLETE, OVERFLOW_HEADER_UNREADABLE, OVERFLOW_MAP, OVERFLOW_NEIGH,
+    OVERFLOW_PEER_DROPS, PEER_BLOCKS_CAPACITY, PEER_BLOCKS_MAP, PEER_DROPS_MAP, PEER_PENDING_MAP,
+    PEER_UNKNOWN, REASON_OVERFLOW_SLOT, REASON_SLOTS, WATCHED_DEVICES_CAPACITY,
+    WATCHED_DEVICES_MAP,
 };
 use aya::{
     maps::{lpm_trie::Key, Array, LpmTrie, MapData, PerCpuArray, PerCpuHashMap, PerCpuValues},
@@ -77,6 +78,9 @@ pub struct EbpfDropCounters {
     retired: BTreeMap<RawDrop, u64>,
     /// Value last written to CONFIG[CONFIG_PEER_GENERATION].
     generation: u32,
+    /// Highest per-peer count reported so far: a read can miss a count the kernel is moving
+    /// from PEER_PENDING into PEER_DROPS, and reported counters must never go backwards.
+    peer_reported: std::sync::Mutex<BTreeMap<PeerDropKey, u64>>,
     /// Kernel diagnostics (aya-log), drained on every snapshot; None if the object has none.
     kernel_log: Option<std::sync::Mutex<aya_log::EbpfLogger<KernelLog>>>,
 }
@@ -278,6 +282,7 @@ impl EbpfDropCounters {
             slots: [0; WATCHED_DEVICES_CAPACITY as usize],
             retired: BTreeMap::new(),
             generation: 0,
+            peer_reported: std::sync::Mutex::new(BTreeMap::new()),
             kernel_log,
         })
     }
@@ -551,6 +556,23 @@ impl EbpfDropCounters {
                 Err(e) => return Err(peer_err(e)),
             }
         }
+        let pending_err = |source| EbpfError::Map {
+            map: PEER_PENDING_MAP,
+            source,
+        };
+        let mut pending: PerCpuArray<&mut MapData, PeerPending> =
+            PerCpuArray::try_from(self.map_mut(PEER_PENDING_MAP)?).map_err(pending_err)?;
+        let zeros =
+            PerCpuValues::try_from(vec![PeerPending::default(); ncpu]).map_err(|source| {
+                EbpfError::MapIo {
+                    map: PEER_PENDING_MAP,
+                    source,
+                }
+            })?;
+        pending.set(slot, zeros, 0).map_err(pending_err)?;
+        if let Ok(mut reported) = self.peer_reported.lock() {
+            reported.retain(|k, _| k.slot != slot);
+        }
         Ok(())
     }
 
@@ -566,12 +588,37 @@ impl EbpfDropCounters {
         };
         let peers: PerCpuHashMap<&MapData, PeerDropKey, u64> =
             PerCpuHashMap::try_from(self.map(PEER_DROPS_MAP)?).map_err(peer_err)?;
-        let mut per_peer: Vec<(PeerDropKey, u64)> = Vec::new();
+        let mut per_peer: BTreeMap<PeerDropKey, u64> = BTreeMap::new();
         for entry in peers.iter() {
             let (key, values) = entry.map_err(peer_err)?;
             if (key.slot as usize) < self.slots.len() && wanted(key.slot) {
-                per_peer.push((key, values.iter().sum()));
+                *per_peer.entry(key).or_default() += values.iter().sum::<u64>();
             }
+        }
+        // Pending counts after the hash (see PeerPending: this order never counts one twice).
+        let pending_err = |source| EbpfError::Map {
+            map: PEER_PENDING_MAP,
+            source,
+        };
+        let pending: PerCpuArray<&MapData, PeerPending> =
+            PerCpuArray::try_from(self.map(PEER_PENDING_MAP)?).map_err(pending_err)?;
+        for slot in 0..WATCHED_DEVICES_CAPACITY {
+            if !wanted(slot) {
+                continue;
+            }
+            for p in pending.get(&slot, 0).map_err(pending_err)?.iter() {
+                if p.count != 0 && p.peer != PEER_UNKNOWN {
+                    let key = PeerDropKey {
+                        slot,
+                        reason: p.reason,
+                        peer: p.peer,
+                    };
+                    *per_peer.entry(key).or_default() += p.count;
+                }
+            }
+        }
+        if let Ok(mut reported) = self.peer_reported.lock() {
+            keep_monotonic(&mut reported, &mut per_peer, |k| wanted(k.slot));
         }
         let err = |source| EbpfError::Map {
             map: DEVICE_DROPS_MAP,
@@ -624,6 +671,24 @@ impl EbpfDropCounters {
             }
         }
         Ok(out)
+    }
+}
+
+/// Raises each count to the highest reported before for its key and remembers the new highs.
+/// Exact after any quiet moment: the kernel's hash + pending sum is then the true count, and a
+/// clamped value was a true count at an earlier read.
+/// Only keys for which `read` holds were read this time.
+fn keep_monotonic(
+    reported: &mut BTreeMap<PeerDropKey, u64>,
+    counts: &mut BTreeMap<PeerDropKey, u64>,
+    read: impl Fn(&PeerDropKey) -> bool,
+) {
+    for (key, high) in reported.iter().filter(|(k, _)| read(k)) {
+        let n = counts.entry(*key).or_default();
+        *n = (*n).max(*high);
+    }
+    for (key, n) in counts.iter() {
+        reported.insert(*key, *n);
     }
 }
 
@@ -835,6 +900,35 @@ mod tests {
         let mut peers = PeerIds::default();
         let e = peers.trie_entries(&[("a".into(), net("10.1.0.70/26"))]);
         assert!(e.contains_key(&(26, u32::from_ne_bytes([10, 1, 0, 64]))));
+    }
+
+    #[test]
+    fn per_peer_counts_never_go_backwards() {
+        let key = |slot, peer| PeerDropKey {
+            slot,
+            reason: 73,
+            peer,
+        };
+        let mut reported = BTreeMap::new();
+        let mut first = BTreeMap::from([(key(0, 1), 10), (key(1, 2), 4)]);
+        keep_monotonic(&mut reported, &mut first, |_| true);
+        assert_eq!(first[&key(0, 1)], 10);
+        // A read that missed 6 counts in flight from pending to hash, and whose key vanished
+        // from both for a moment: both are held at what was reported.
+        let mut torn = BTreeMap::from([(key(0, 1), 4)]);
+        keep_monotonic(&mut reported, &mut torn, |k| k.slot == 0);
+        assert_eq!(
+            torn,
+            BTreeMap::from([(key(0, 1), 10)]),
+            "slot 1 was not read"
+        );
+        let mut torn_all = BTreeMap::new();
+        keep_monotonic(&mut reported, &mut torn_all, |_| true);
+        assert_eq!(torn_all[&key(1, 2)], 4);
+        // Once the move landed, the true (larger) count is reported again, not added twice.
+        let mut later = BTreeMap::from([(key(0, 1), 12), (key(1, 2), 4)]);
+        keep_monotonic(&mut reported, &mut later, |_| true);
+        assert_eq!(later, BTreeMap::from([(key(0, 1), 12), (key(1, 2), 4)]));
     }
 
     #[test]
