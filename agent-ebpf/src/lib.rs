@@ -168,6 +168,22 @@ pub const OVERFLOW_NEIGH: u32 = 1;
 /// An IPv4 drop whose inner header could not be read (peer left unknown).
 pub const OVERFLOW_HEADER_UNREADABLE: u32 = 2;
 
+/// The kernel programs read the inner IPv4 destination with a direct load through the
+/// `bpf_rdonly_cast` kfunc (the verifier turns the call into a register move; the load becomes
+/// a fault-tolerant plain load) instead of the `bpf_probe_read_kernel` helper. aya 0.14 cannot
+/// relocate kfunc calls, so the program carries this exact instruction (`call` with
+/// `src_reg = BPF_PSEUDO_KFUNC_CALL`, placeholder `imm`), and user space rewrites it before
+/// loading: `imm` := BTF id of `bpf_rdonly_cast` in vmlinux, or, on kernels without that kfunc,
+/// the whole instruction := [`RDONLY_CAST_FALLBACK_INSN`] (that path is then dead code, as
+/// `globals::BTF_ID_IPHDR` is 0).
+pub const RDONLY_CAST_PLACEHOLDER_INSN: u64 = 0x5744_4b46_0000_2085;
+/// `r0 = r1` (BPF_ALU64 | BPF_MOV | BPF_X): what the verifier makes of the kfunc call anyway.
+pub const RDONLY_CAST_FALLBACK_INSN: u64 = 0x0000_0000_0000_10bf;
+/// The BPF_PSEUDO_KFUNC_CALL `call` to a vmlinux kfunc with BTF id `btf_id`.
+pub const fn kfunc_call_insn(btf_id: u32) -> u64 {
+    (RDONLY_CAST_PLACEHOLDER_INSN & 0xffff_ffff) | ((btf_id as u64) << 32)
+}
+
 /// Names of the tp_btf programs in the object and the tracepoints they attach to.
 pub mod programs {
     /// (program name, tracepoint)
@@ -218,4 +234,8 @@ pub mod globals {
     pub const OFFSET_NEIGH_TBL: &str = "OFFSET_NEIGH_TBL";
     /// `offsetof(struct neigh_table, family)` (int).
     pub const OFFSET_NEIGH_TABLE_FAMILY: &str = "OFFSET_NEIGH_TABLE_FAMILY";
+    /// BTF id of `struct iphdr` in vmlinux when `bpf_rdonly_cast` is usable, else 0 (then the
+    /// programs read the header with `bpf_probe_read_kernel`). See
+    /// [`super::RDONLY_CAST_PLACEHOLDER_INSN`].
+    pub const BTF_ID_IPHDR: &str = "BTF_ID_IPHDR";
 }

@@ -220,6 +220,10 @@ fn drop_storm_costs(duration: Duration) -> Result<Vec<CostRow>> {
         ("drop storm, other netns (filtered)", "k8s02"),
     ] {
         let counters = attach(&lab, watched)?;
+        eprintln!(
+            "{scenario}: inner header read: {:?}",
+            counters.header_read()
+        );
         let before = counters.program_stats()?;
         let sent = flood_send_only(&from, src, dst, duration)?;
         eprintln!("{scenario}: {sent} datagrams accepted by sendto");

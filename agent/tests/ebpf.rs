@@ -19,8 +19,8 @@ use std::{
 };
 
 use dataplane_watchdog::ebpf::{
-    DropCounterSource, DropSnapshot, EbpfDropCounters, EbpfState, NeighTarget, TrafficClass,
-    EBPF_OBJECT,
+    DropCounterSource, DropSnapshot, EbpfDropCounters, EbpfState, HeaderRead, NeighTarget,
+    TrafficClass, EBPF_OBJECT,
 };
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
@@ -341,6 +341,47 @@ fn interleaved_drops_toward_two_peers_are_counted_exactly() {
             .collect()
     };
     assert_eq!(data(&counters.snapshot().expect("snapshot")), data(&snap));
+}
+
+/// Kernels without the `bpf_rdonly_cast` kfunc read the inner header with
+/// `bpf_probe_read_kernel`: that path attributes drops the same way.
+#[test]
+fn probe_read_path_attributes_drops_like_the_direct_load() {
+    let ns = broken_sender("probe");
+    let ifindex = ns.ifindex("vxlan.calico");
+    let mut counters = EbpfDropCounters::load_with_probe_read(Some(&ns.path()))
+        .unwrap_or_else(|status| panic!("eBPF unavailable: {status:?}"));
+    assert_eq!(counters.status().state, EbpfState::Attached);
+    assert_eq!(counters.header_read(), HeaderRead::ProbeRead);
+    watch(&mut counters, ifindex);
+    ns.send_udp(Ipv4Addr::new(10, 9, 0, 5), 9000, 30);
+    let snap = wait_for(&counters, Duration::from_secs(5), |s| {
+        s.data_drops_to_peer("k8s03").values().sum::<u64>() >= 30
+    });
+    assert_eq!(
+        snap.data_drops_to_peer("k8s03").values().sum::<u64>(),
+        30,
+        "{snap:#?}"
+    );
+    assert!(snap.data_drops_to_peer("k8s02").is_empty());
+    assert_eq!(snap.overflow.header_unreadable, 0);
+}
+
+/// Where the kernel has the kfunc (this project's CI kernel does), the default load uses it.
+#[test]
+fn default_load_reads_headers_directly_when_the_kernel_allows() {
+    let ns = broken_sender("direct");
+    let counters = load(&ns);
+    let btf = dataplane_watchdog::ebpf::btf::Btf::from_sys().expect("vmlinux BTF");
+    if btf.func_id("bpf_rdonly_cast").is_none() {
+        eprintln!("skipping: kernel has no bpf_rdonly_cast");
+        return;
+    }
+    assert!(
+        matches!(counters.header_read(), HeaderRead::DirectLoad { .. }),
+        "{:?}",
+        counters.header_read()
+    );
 }
 
 #[test]

@@ -8,12 +8,12 @@ use std::{
 };
 
 use agent_ebpf::{
-    device_drop_index, globals, programs, NeighKey, PeerDropKey, PeerPending, CLASSES, CLASS_IPV4,
-    CONFIG_MAP, CONFIG_PEER_GENERATION, DEVICE_DROPS_MAP, NEIGH_DEVICE_MAP, NEIGH_GATEWAY_MAP,
-    NUD_FAILED, NUD_INCOMPLETE, OVERFLOW_HEADER_UNREADABLE, OVERFLOW_MAP, OVERFLOW_NEIGH,
-    OVERFLOW_PEER_DROPS, PEER_BLOCKS_CAPACITY, PEER_BLOCKS_MAP, PEER_DROPS_MAP, PEER_PENDING_MAP,
-    PEER_UNKNOWN, REASON_OVERFLOW_SLOT, REASON_SLOTS, WATCHED_DEVICES_CAPACITY,
-    WATCHED_DEVICES_MAP,
+    device_drop_index, globals, kfunc_call_insn, programs, NeighKey, PeerDropKey, PeerPending,
+    CLASSES, CLASS_IPV4, CONFIG_MAP, CONFIG_PEER_GENERATION, DEVICE_DROPS_MAP, NEIGH_DEVICE_MAP,
+    NEIGH_GATEWAY_MAP, NUD_FAILED, NUD_INCOMPLETE, OVERFLOW_HEADER_UNREADABLE, OVERFLOW_MAP,
+    OVERFLOW_NEIGH, OVERFLOW_PEER_DROPS, PEER_BLOCKS_CAPACITY, PEER_BLOCKS_MAP, PEER_DROPS_MAP,
+    PEER_PENDING_MAP, PEER_UNKNOWN, RDONLY_CAST_FALLBACK_INSN, RDONLY_CAST_PLACEHOLDER_INSN,
+    REASON_OVERFLOW_SLOT, REASON_SLOTS, WATCHED_DEVICES_CAPACITY, WATCHED_DEVICES_MAP,
 };
 use aya::{
     maps::{lpm_trie::Key, Array, LpmTrie, MapData, PerCpuArray, PerCpuHashMap, PerCpuValues},
@@ -42,6 +42,94 @@ pub fn netns_inode(path: &Path) -> std::io::Result<u32> {
     u32::try_from(ino).map_err(|_| std::io::Error::other(format!("inode {ino} exceeds u32")))
 }
 
+/// How the kfree_skb program reads the inner IPv4 destination from packet memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HeaderRead {
+    /// A direct load through `bpf_rdonly_cast` (ids from vmlinux BTF): no helper call.
+    DirectLoad { rdonly_cast: u32, iphdr: u32 },
+    /// `bpf_probe_read_kernel` (kernels without the kfunc, or if it was refused).
+    ProbeRead,
+}
+
+impl HeaderRead {
+    /// DirectLoad when vmlinux BTF has both the kfunc and `struct iphdr`.
+    fn detect(btf: &Btf) -> Self {
+        match (btf.func_id("bpf_rdonly_cast"), btf.struct_id("iphdr")) {
+            (Some(rdonly_cast), Some(iphdr)) => HeaderRead::DirectLoad { rdonly_cast, iphdr },
+            _ => HeaderRead::ProbeRead,
+        }
+    }
+
+    /// Value of the `BTF_ID_IPHDR` global: 0 selects the probe-read path in the program.
+    fn iphdr_btf_id(self) -> u32 {
+        match self {
+            HeaderRead::DirectLoad { iphdr, .. } => iphdr,
+            HeaderRead::ProbeRead => 0,
+        }
+    }
+
+    /// A copy of `object` with every placeholder kfunc call replaced: by the real call, or by
+    /// a register move in a branch the verifier then never visits.
+    fn patch(self, object: &[u8]) -> Result<AlignedObject, String> {
+        let replacement = match self {
+            HeaderRead::DirectLoad { rdonly_cast, .. } => kfunc_call_insn(rdonly_cast),
+            HeaderRead::ProbeRead => RDONLY_CAST_FALLBACK_INSN,
+        };
+        let mut out = AlignedObject::new(object);
+        let patched = replace_insn(
+            out.as_bytes_mut(),
+            RDONLY_CAST_PLACEHOLDER_INSN,
+            replacement,
+        );
+        if patched == 0 {
+            return Err("no bpf_rdonly_cast placeholder instruction found".into());
+        }
+        Ok(out)
+    }
+}
+
+/// Replaces every 8-aligned occurrence of the little-endian instruction `from` (BPF text is
+/// 8-aligned in the ELF); returns how many.
+fn replace_insn(bytes: &mut [u8], from: u64, to: u64) -> usize {
+    let (from, to) = (from.to_le_bytes(), to.to_le_bytes());
+    let mut n = 0;
+    for chunk in bytes.chunks_exact_mut(8) {
+        if chunk == from {
+            chunk.copy_from_slice(&to);
+            n += 1;
+        }
+    }
+    n
+}
+
+/// An ELF object copied into 8-aligned memory (the ELF parser reads it in place, as
+/// `include_bytes_aligned!` provides for the embedded one).
+struct AlignedObject {
+    words: Vec<u64>,
+    len: usize,
+}
+
+impl AlignedObject {
+    fn new(bytes: &[u8]) -> Self {
+        let mut out = AlignedObject {
+            words: vec![0u64; bytes.len().div_ceil(8)],
+            len: bytes.len(),
+        };
+        out.as_bytes_mut().copy_from_slice(bytes);
+        out
+    }
+
+    fn as_bytes(&self) -> &[u8] {
+        // SAFETY: u64 has no invalid bit patterns and `len` never exceeds the allocation.
+        unsafe { std::slice::from_raw_parts(self.words.as_ptr().cast::<u8>(), self.len) }
+    }
+
+    fn as_bytes_mut(&mut self) -> &mut [u8] {
+        // SAFETY: as in `as_bytes`; any byte pattern is a valid u64.
+        unsafe { std::slice::from_raw_parts_mut(self.words.as_mut_ptr().cast::<u8>(), self.len) }
+    }
+}
+
 /// Forwards the kernel programs' aya-log records (rare diagnostics only) into `tracing`.
 struct KernelLog;
 
@@ -68,6 +156,8 @@ impl log::Log for KernelLog {
 pub struct EbpfDropCounters {
     bpf: Ebpf,
     status: EbpfStatus,
+    /// How the kfree_skb program reads the inner IPv4 header.
+    header_read: HeaderRead,
     reasons: DropReasons,
     peers: PeerIds,
     /// (prefix, network-order address) → peer id currently in the LPM trie.
@@ -153,6 +243,21 @@ impl EbpfDropCounters {
 
     /// As [`Self::load`] with an explicit object (tests pass an empty one).
     pub fn load_object(object: &[u8], netns: Option<&Path>) -> Result<Self, EbpfStatus> {
+        Self::load_inner(object, netns, false)
+    }
+
+    /// As [`Self::load`], but reading packet headers with `bpf_probe_read_kernel` as on kernels
+    /// without the `bpf_rdonly_cast` kfunc (for tests of that path).
+    #[doc(hidden)]
+    pub fn load_with_probe_read(netns: Option<&Path>) -> Result<Self, EbpfStatus> {
+        Self::load_inner(EBPF_OBJECT, netns, true)
+    }
+
+    fn load_inner(
+        object: &[u8],
+        netns: Option<&Path>,
+        probe_read_only: bool,
+    ) -> Result<Self, EbpfStatus> {
         if object.is_empty() {
             return Err(EbpfStatus::unavailable(
                 Missing::Object,
@@ -199,67 +304,37 @@ impl EbpfDropCounters {
             .into_iter()
             .chain([(globals::TARGET_NETNS_INUM, inum)])
             .collect();
-        let mut loader = EbpfLoader::new();
-        for (name, value) in &globals_values {
-            loader.override_global(name, value, true);
-        }
-        let mut bpf = loader.load(object).map_err(|e| {
-            let missing = if looks_like_permission(&e) {
-                Missing::Privilege
-            } else {
-                Missing::Load
-            };
-            EbpfStatus::unavailable(missing, format!("loading the eBPF object: {}", chain(&e)))
-        })?;
-
-        let aya_btf = aya::Btf::from_sys_fs().map_err(|e| {
-            EbpfStatus::unavailable(
-                Missing::Btf,
-                format!("aya cannot read kernel BTF: {}", chain(&e)),
-            )
-        })?;
-        let mut programs_status = Vec::new();
-        let mut first_failure: Option<Missing> = None;
-        for (name, tracepoint) in programs::ALL {
-            let result = attach_one(&mut bpf, &btf, &aya_btf, name, tracepoint);
-            if let Err((missing, _)) = &result {
-                first_failure.get_or_insert(*missing);
-            }
-            programs_status.push(ProgramStatus {
-                name: name.to_string(),
-                tracepoint: tracepoint.to_string(),
-                attached: result.is_ok(),
-                error: result.err().map(|(_, e)| e),
-            });
-        }
-        let attached = programs_status.iter().filter(|p| p.attached).count();
-        let status = if attached == programs_status.len() {
-            EbpfStatus {
-                state: EbpfState::Attached,
-                missing: None,
-                reason: None,
-                programs: programs_status,
-            }
+        let mut header_read = if probe_read_only {
+            HeaderRead::ProbeRead
         } else {
-            let failed: Vec<String> = programs_status
-                .iter()
-                .filter(|p| !p.attached)
-                .map(|p| format!("{}: {}", p.name, p.error.as_deref().unwrap_or("?")))
-                .collect();
-            EbpfStatus {
-                state: if attached == 0 {
-                    EbpfState::Unavailable
-                } else {
-                    EbpfState::Partial
-                },
-                missing: first_failure,
-                reason: Some(failed.join("; ")),
-                programs: programs_status,
+            HeaderRead::detect(&btf)
+        };
+        let (mut bpf, status) = loop {
+            let result = load_and_attach(object, &globals_values, header_read, &btf);
+            let kfree_skb_failed = match &result {
+                Err(_) => true,
+                Ok((_, status)) => status
+                    .programs
+                    .iter()
+                    .any(|p| p.name == programs::KFREE_SKB.0 && !p.attached),
+            };
+            match (header_read, kfree_skb_failed) {
+                (HeaderRead::DirectLoad { .. }, true) => {
+                    // Something about the kfunc path was refused: the helper path is older
+                    // and always accepted, so try once more with it.
+                    let error = match &result {
+                        Err(status) => status.reason.clone(),
+                        Ok((_, status)) => status.reason.clone(),
+                    };
+                    tracing::warn!(
+                        error = error.as_deref().unwrap_or("?"),
+                        "kfree_skb with bpf_rdonly_cast refused; using bpf_probe_read_kernel"
+                    );
+                    header_read = HeaderRead::ProbeRead;
+                }
+                _ => break result?,
             }
         };
-        if status.state == EbpfState::Unavailable {
-            return Err(status);
-        }
         let kernel_log = match aya_log::EbpfLogger::init_with_logger(&mut bpf, KernelLog) {
             Ok(logger) => Some(std::sync::Mutex::new(logger)),
             Err(e) => {
@@ -276,6 +351,7 @@ impl EbpfDropCounters {
         Ok(EbpfDropCounters {
             bpf,
             status,
+            header_read,
             reasons,
             peers: PeerIds::default(),
             trie: StdHashMap::new(),
@@ -285,6 +361,11 @@ impl EbpfDropCounters {
             peer_reported: std::sync::Mutex::new(BTreeMap::new()),
             kernel_log,
         })
+    }
+
+    /// How the loaded kfree_skb program reads the inner IPv4 header.
+    pub fn header_read(&self) -> HeaderRead {
+        self.header_read
     }
 
     /// Whether the kernel programs' diagnostics (aya-log) reach `tracing`.
@@ -338,6 +419,84 @@ impl EbpfDropCounters {
     fn map(&self, name: &'static str) -> Result<&aya::maps::Map, EbpfError> {
         self.bpf.map(name).ok_or(EbpfError::MissingMap(name))
     }
+}
+
+/// Loads the object (its kfunc placeholder resolved per `header_read`, globals overridden) and
+/// attaches every program. Err when nothing could be attached.
+fn load_and_attach(
+    object: &[u8],
+    globals_values: &[(&'static str, u32)],
+    header_read: HeaderRead,
+    btf: &Btf,
+) -> Result<(Ebpf, EbpfStatus), EbpfStatus> {
+    let object = header_read
+        .patch(object)
+        .map_err(|e| EbpfStatus::unavailable(Missing::Load, format!("eBPF object: {e}")))?;
+    let mut loader = EbpfLoader::new();
+    for (name, value) in globals_values {
+        loader.override_global(name, value, true);
+    }
+    let iphdr_btf_id = header_read.iphdr_btf_id();
+    loader.override_global(globals::BTF_ID_IPHDR, &iphdr_btf_id, true);
+    let mut bpf = loader.load(object.as_bytes()).map_err(|e| {
+        let missing = if looks_like_permission(&e) {
+            Missing::Privilege
+        } else {
+            Missing::Load
+        };
+        EbpfStatus::unavailable(missing, format!("loading the eBPF object: {}", chain(&e)))
+    })?;
+
+    let aya_btf = aya::Btf::from_sys_fs().map_err(|e| {
+        EbpfStatus::unavailable(
+            Missing::Btf,
+            format!("aya cannot read kernel BTF: {}", chain(&e)),
+        )
+    })?;
+    let mut programs_status = Vec::new();
+    let mut first_failure: Option<Missing> = None;
+    for (name, tracepoint) in programs::ALL {
+        let result = attach_one(&mut bpf, &btf, &aya_btf, name, tracepoint);
+        if let Err((missing, _)) = &result {
+            first_failure.get_or_insert(*missing);
+        }
+        programs_status.push(ProgramStatus {
+            name: name.to_string(),
+            tracepoint: tracepoint.to_string(),
+            attached: result.is_ok(),
+            error: result.err().map(|(_, e)| e),
+        });
+    }
+    let attached = programs_status.iter().filter(|p| p.attached).count();
+    let status = if attached == programs_status.len() {
+        EbpfStatus {
+            state: EbpfState::Attached,
+            missing: None,
+            reason: None,
+            programs: programs_status,
+        }
+    } else {
+        let failed: Vec<String> = programs_status
+            .iter()
+            .filter(|p| !p.attached)
+            .map(|p| format!("{}: {}", p.name, p.error.as_deref().unwrap_or("?")))
+            .collect();
+        EbpfStatus {
+            state: if attached == 0 {
+                EbpfState::Unavailable
+            } else {
+                EbpfState::Partial
+            },
+            missing: first_failure,
+            reason: Some(failed.join("; ")),
+            programs: programs_status,
+        }
+    };
+    if status.state == EbpfState::Unavailable {
+        return Err(status);
+    }
+    tracing::debug!(?header_read, "eBPF object loaded");
+    Ok((bpf, status))
 }
 
 fn attach_one(
@@ -900,6 +1059,39 @@ mod tests {
         let mut peers = PeerIds::default();
         let e = peers.trie_entries(&[("a".into(), net("10.1.0.70/26"))]);
         assert!(e.contains_key(&(26, u32::from_ne_bytes([10, 1, 0, 64]))));
+    }
+
+    #[test]
+    fn kfunc_placeholder_is_patched_in_place_and_only_when_aligned() {
+        let placeholder = RDONLY_CAST_PLACEHOLDER_INSN.to_le_bytes();
+        let mut object = vec![0xaa; 8];
+        object.extend_from_slice(&placeholder);
+        object.extend_from_slice(&[1, 2, 3]);
+        // An unaligned copy of the bytes (not an instruction) stays untouched.
+        let mut unaligned = object.clone();
+        unaligned.insert(0, 0);
+
+        let direct = HeaderRead::DirectLoad {
+            rdonly_cast: 0x1234,
+            iphdr: 7,
+        };
+        let patched = direct.patch(&object).unwrap();
+        let bytes = patched.as_bytes();
+        assert_eq!(bytes.len(), object.len());
+        assert_eq!(bytes.as_ptr() as usize % 8, 0);
+        // call, src_reg = BPF_PSEUDO_KFUNC_CALL (2), imm = the kfunc's BTF id.
+        assert_eq!(&bytes[8..16], &[0x85, 0x20, 0, 0, 0x34, 0x12, 0, 0]);
+        assert_eq!(&bytes[..8], &object[..8]);
+        assert_eq!(&bytes[16..], &[1, 2, 3]);
+        assert_eq!(direct.iphdr_btf_id(), 7);
+
+        let fallback = HeaderRead::ProbeRead.patch(&object).unwrap();
+        // r0 = r1
+        assert_eq!(&fallback.as_bytes()[8..16], &[0xbf, 0x10, 0, 0, 0, 0, 0, 0]);
+        assert_eq!(HeaderRead::ProbeRead.iphdr_btf_id(), 0);
+
+        assert!(HeaderRead::ProbeRead.patch(&unaligned).is_err());
+        assert!(HeaderRead::ProbeRead.patch(&[0u8; 16]).is_err());
     }
 
     #[test]
