@@ -175,7 +175,7 @@ pub const OVERFLOW_HEADER_UNREADABLE: u32 = 2;
 /// `src_reg = BPF_PSEUDO_KFUNC_CALL`, placeholder `imm`), and user space rewrites it before
 /// loading: `imm` := BTF id of `bpf_rdonly_cast` in vmlinux, or, on kernels without that kfunc,
 /// the whole instruction := [`RDONLY_CAST_FALLBACK_INSN`] (that path is then dead code, as
-/// `globals::BTF_ID_IPHDR` is 0).
+/// `globals::BTF_ID_IPHDR` and `globals::BTF_ID_IN_ADDR` are 0).
 pub const RDONLY_CAST_PLACEHOLDER_INSN: u64 = 0x5744_4b46_0000_2085;
 /// `r0 = r1` (BPF_ALU64 | BPF_MOV | BPF_X): what the verifier makes of the kfunc call anyway.
 pub const RDONLY_CAST_FALLBACK_INSN: u64 = 0x0000_0000_0000_10bf;
@@ -238,4 +238,7 @@ pub mod globals {
     /// programs read the header with `bpf_probe_read_kernel`). See
     /// [`super::RDONLY_CAST_PLACEHOLDER_INSN`].
     pub const BTF_ID_IPHDR: &str = "BTF_ID_IPHDR";
+    /// BTF id of `struct in_addr` in vmlinux (a neighbour's IPv4 `primary_key`) when
+    /// `bpf_rdonly_cast` is usable, else 0; as [`BTF_ID_IPHDR`].
+    pub const BTF_ID_IN_ADDR: &str = "BTF_ID_IN_ADDR";
 }

@@ -64,6 +64,8 @@ static OFFSET_NEIGH_TBL: u32 = 0;
 static OFFSET_NEIGH_TABLE_FAMILY: u32 = 0;
 #[no_mangle]
 static BTF_ID_IPHDR: u32 = 0;
+#[no_mangle]
+static BTF_ID_IN_ADDR: u32 = 0;
 
 #[map]
 static DEVICE_DROPS: PerCpuArray<u64> = PerCpuArray::with_max_entries(DEVICE_DROP_SLOTS, 0);
@@ -398,9 +400,20 @@ fn observe_neigh(ctx: &BtfTracePointContext, neigh: *const u8) -> Result<(), ()>
         return Ok(());
     }
     let state = u32::from(unsafe { load::<u8>(neigh, global(&OFFSET_NEIGH_NUD_STATE)) });
-    // primary_key is a flexible array member: read it with probe_read, not a typed load.
-    let key_ptr = unsafe { neigh.add(global(&OFFSET_NEIGH_PRIMARY_KEY)) } as *const u32;
-    let addr = unsafe { bpf_probe_read_kernel(key_ptr) }.map_err(|_| ())?;
+    // primary_key is a flexible array of u8: the verifier refuses a typed u32 load from it, so
+    // read it as a `struct in_addr` (direct load, a fault reads 0.0.0.0: no gateway), or with
+    // the helper on kernels without bpf_rdonly_cast.
+    let key_ptr = unsafe { neigh.add(global(&OFFSET_NEIGH_PRIMARY_KEY)) };
+    let in_addr_btf_id = global(&BTF_ID_IN_ADDR) as u32;
+    let addr = if in_addr_btf_id != 0 {
+        let in_addr = unsafe { rdonly_cast(key_ptr, in_addr_btf_id) };
+        match unsafe { load::<u32>(in_addr, 0) } {
+            0 => return Err(()),
+            addr => addr,
+        }
+    } else {
+        unsafe { bpf_probe_read_kernel(key_ptr as *const u32) }.map_err(|_| ())?
+    };
 
     let last_key = NeighKey {
         ifindex,

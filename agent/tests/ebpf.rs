@@ -343,8 +343,8 @@ fn interleaved_drops_toward_two_peers_are_counted_exactly() {
     assert_eq!(data(&counters.snapshot().expect("snapshot")), data(&snap));
 }
 
-/// Kernels without the `bpf_rdonly_cast` kfunc read the inner header with
-/// `bpf_probe_read_kernel`: that path attributes drops the same way.
+/// Kernels without the `bpf_rdonly_cast` kfunc read the inner header and the neighbour address
+/// with `bpf_probe_read_kernel`: that path attributes drops and transitions the same way.
 #[test]
 fn probe_read_path_attributes_drops_like_the_direct_load() {
     let ns = broken_sender("probe");
@@ -365,6 +365,12 @@ fn probe_read_path_attributes_drops_like_the_direct_load() {
     );
     assert!(snap.data_drops_to_peer("k8s02").is_empty());
     assert_eq!(snap.overflow.header_unreadable, 0);
+    // The neighbour programs read the gateway address with the helper too.
+    assert_eq!(
+        snap.neighbour_gateway(ifindex, Ipv4Addr::new(10, 9, 0, 0), NeighTarget::Incomplete),
+        1,
+        "{snap:#?}"
+    );
 }
 
 /// Where the kernel has the kfunc (this project's CI kernel does), the default load uses it.

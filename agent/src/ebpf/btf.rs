@@ -777,6 +777,8 @@ pub(crate) mod tests {
         let iphdr = btf.struct_id("iphdr").unwrap();
         assert_eq!(btf.offset_of("iphdr", "daddr").unwrap(), 16);
         assert_eq!(btf.struct_size("iphdr").unwrap(), 20);
+        assert_eq!(btf.member("in_addr", "s_addr").unwrap().offset, 0);
+        assert_eq!(btf.struct_size("in_addr").unwrap(), 4);
         assert_ne!(btf.func_id("bpf_rdonly_cast"), Some(iphdr));
         assert_eq!(btf.func_id("no_such_kfunc_anywhere"), None);
     }

@@ -42,30 +42,48 @@ pub fn netns_inode(path: &Path) -> std::io::Result<u32> {
     u32::try_from(ino).map_err(|_| std::io::Error::other(format!("inode {ino} exceeds u32")))
 }
 
-/// How the kfree_skb program reads the inner IPv4 destination from packet memory.
+/// How the programs read the inner IPv4 destination (kfree_skb) and a neighbour's address.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum HeaderRead {
-    /// A direct load through `bpf_rdonly_cast` (ids from vmlinux BTF): no helper call.
-    DirectLoad { rdonly_cast: u32, iphdr: u32 },
+    /// A direct load through `bpf_rdonly_cast` (ids from vmlinux BTF): no helper call. The
+    /// neighbour programs read the gateway address the same way.
+    DirectLoad {
+        rdonly_cast: u32,
+        iphdr: u32,
+        in_addr: u32,
+    },
     /// `bpf_probe_read_kernel` (kernels without the kfunc, or if it was refused).
     ProbeRead,
 }
 
 impl HeaderRead {
-    /// DirectLoad when vmlinux BTF has both the kfunc and `struct iphdr`.
+    /// DirectLoad when vmlinux BTF has the kfunc, `struct iphdr` and `struct in_addr`.
     fn detect(btf: &Btf) -> Self {
-        match (btf.func_id("bpf_rdonly_cast"), btf.struct_id("iphdr")) {
-            (Some(rdonly_cast), Some(iphdr)) => HeaderRead::DirectLoad { rdonly_cast, iphdr },
+        match (
+            btf.func_id("bpf_rdonly_cast"),
+            btf.struct_id("iphdr"),
+            btf.struct_id("in_addr"),
+        ) {
+            (Some(rdonly_cast), Some(iphdr), Some(in_addr)) => HeaderRead::DirectLoad {
+                rdonly_cast,
+                iphdr,
+                in_addr,
+            },
             _ => HeaderRead::ProbeRead,
         }
     }
 
-    /// Value of the `BTF_ID_IPHDR` global: 0 selects the probe-read path in the program.
-    fn iphdr_btf_id(self) -> u32 {
-        match self {
-            HeaderRead::DirectLoad { iphdr, .. } => iphdr,
-            HeaderRead::ProbeRead => 0,
-        }
+    /// Values of the `BTF_ID_IPHDR` and `BTF_ID_IN_ADDR` globals: 0 selects the probe-read
+    /// path in the programs.
+    fn type_ids(self) -> [(&'static str, u32); 2] {
+        let (iphdr, in_addr) = match self {
+            HeaderRead::DirectLoad { iphdr, in_addr, .. } => (iphdr, in_addr),
+            HeaderRead::ProbeRead => (0, 0),
+        };
+        [
+            (globals::BTF_ID_IPHDR, iphdr),
+            (globals::BTF_ID_IN_ADDR, in_addr),
+        ]
     }
 
     /// A copy of `object` with every placeholder kfunc call replaced: by the real call, or by
@@ -436,8 +454,10 @@ fn load_and_attach(
     for (name, value) in globals_values {
         loader.override_global(name, value, true);
     }
-    let iphdr_btf_id = header_read.iphdr_btf_id();
-    loader.override_global(globals::BTF_ID_IPHDR, &iphdr_btf_id, true);
+    let type_ids = header_read.type_ids();
+    for (name, value) in &type_ids {
+        loader.override_global(name, value, true);
+    }
     let mut bpf = loader.load(object.as_bytes()).map_err(|e| {
         let missing = if looks_like_permission(&e) {
             Missing::Privilege
@@ -1074,6 +1094,7 @@ mod tests {
         let direct = HeaderRead::DirectLoad {
             rdonly_cast: 0x1234,
             iphdr: 7,
+            in_addr: 9,
         };
         let patched = direct.patch(&object).unwrap();
         let bytes = patched.as_bytes();
@@ -1083,12 +1104,18 @@ mod tests {
         assert_eq!(&bytes[8..16], &[0x85, 0x20, 0, 0, 0x34, 0x12, 0, 0]);
         assert_eq!(&bytes[..8], &object[..8]);
         assert_eq!(&bytes[16..], &[1, 2, 3]);
-        assert_eq!(direct.iphdr_btf_id(), 7);
+        assert_eq!(
+            direct.type_ids(),
+            [(globals::BTF_ID_IPHDR, 7), (globals::BTF_ID_IN_ADDR, 9)]
+        );
 
         let fallback = HeaderRead::ProbeRead.patch(&object).unwrap();
         // r0 = r1
         assert_eq!(&fallback.as_bytes()[8..16], &[0xbf, 0x10, 0, 0, 0, 0, 0, 0]);
-        assert_eq!(HeaderRead::ProbeRead.iphdr_btf_id(), 0);
+        assert!(HeaderRead::ProbeRead
+            .type_ids()
+            .iter()
+            .all(|(_, id)| *id == 0));
 
         assert!(HeaderRead::ProbeRead.patch(&unaligned).is_err());
         assert!(HeaderRead::ProbeRead.patch(&[0u8; 16]).is_err());
