@@ -174,7 +174,7 @@ impl log::Log for KernelLog {
 pub struct EbpfDropCounters {
     bpf: Ebpf,
     status: EbpfStatus,
-    /// How the kfree_skb program reads the inner IPv4 header.
+    /// How the programs read the inner IPv4 header and neighbour addresses.
     header_read: HeaderRead,
     reasons: DropReasons,
     peers: PeerIds,
@@ -329,24 +329,18 @@ impl EbpfDropCounters {
         };
         let (mut bpf, status) = loop {
             let result = load_and_attach(object, &globals_values, header_read, &btf);
-            let kfree_skb_failed = match &result {
-                Err(_) => true,
-                Ok((_, status)) => status
-                    .programs
-                    .iter()
-                    .any(|p| p.name == programs::KFREE_SKB.0 && !p.attached),
+            let status = match &result {
+                Err(status) | Ok((_, status)) => status,
             };
-            match (header_read, kfree_skb_failed) {
-                (HeaderRead::DirectLoad { .. }, true) => {
-                    // Something about the kfunc path was refused: the helper path is older
-                    // and always accepted, so try once more with it.
-                    let error = match &result {
-                        Err(status) => status.reason.clone(),
-                        Ok((_, status)) => status.reason.clone(),
-                    };
+            // A program the verifier refused (not a missing tracepoint or privilege): the
+            // helper path is older and accepted everywhere, so try once more with it.
+            let refused =
+                status.state != EbpfState::Attached && status.missing == Some(Missing::Load);
+            match header_read {
+                HeaderRead::DirectLoad { .. } if refused => {
                     tracing::warn!(
-                        error = error.as_deref().unwrap_or("?"),
-                        "kfree_skb with bpf_rdonly_cast refused; using bpf_probe_read_kernel"
+                        error = status.reason.as_deref().unwrap_or("?"),
+                        "programs using bpf_rdonly_cast refused; using bpf_probe_read_kernel"
                     );
                     header_read = HeaderRead::ProbeRead;
                 }
@@ -381,7 +375,7 @@ impl EbpfDropCounters {
         })
     }
 
-    /// How the loaded kfree_skb program reads the inner IPv4 header.
+    /// How the loaded programs read the inner IPv4 header and neighbour addresses.
     pub fn header_read(&self) -> HeaderRead {
         self.header_read
     }
@@ -476,7 +470,7 @@ fn load_and_attach(
     let mut programs_status = Vec::new();
     let mut first_failure: Option<Missing> = None;
     for (name, tracepoint) in programs::ALL {
-        let result = attach_one(&mut bpf, &btf, &aya_btf, name, tracepoint);
+        let result = attach_one(&mut bpf, btf, &aya_btf, name, tracepoint);
         if let Err((missing, _)) = &result {
             first_failure.get_or_insert(*missing);
         }
