@@ -1,6 +1,6 @@
 //! Types shared between the kernel programs (`main.rs`, BPF target) and user space (`user`
-//! feature). Every struct is `#[repr(C)]`, `Copy`, and has no implicit padding (only `u32`
-//! fields), so the byte layout is identical on both sides and safe to hand to `aya::Pod`.
+//! feature). Every struct is `#[repr(C)]`, `Copy`, and has no implicit padding (`u32` fields,
+//! `u64` only 8-aligned), so the byte layout is identical on both sides and safe to hand to `aya::Pod`.
 //!
 //! Map sizes are bounded; what happens at the bound is documented per map. IPv4 addresses are
 //! stored as the `u32` whose in-memory bytes are the address in network order
@@ -24,6 +24,25 @@ pub struct PeerDropKey {
 
 #[cfg(feature = "user")]
 unsafe impl aya::Pod for PeerDropKey {}
+
+/// Per-CPU array, one entry per device slot: the (reason, peer) of the last data drop counted on
+/// that device by this CPU, and how many drops in a row went there that are not yet in
+/// [`PEER_DROPS_MAP`]. Drops come in storms toward one peer, so most are one increment here
+/// instead of a hash lookup; a different (reason, peer) first moves `count` into the hash.
+/// A peer's total is its hash entry plus the pending entries with its key. The kernel zeroes
+/// `count` before it moves it, so a reader that reads the hash first and the pending entries
+/// second can miss a count in flight (transiently) but never sees it twice.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PeerPending {
+    pub reason: u32,
+    pub peer: u32,
+    /// 0: nothing pending (then `reason` and `peer` mean nothing).
+    pub count: u64,
+}
+
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for PeerPending {}
 
 /// Per-CPU one-entry cache in front of the LPM trie: drops come in storms toward one
 /// destination. Valid while `generation` equals [`CONFIG_PEER_GENERATION`] in [`CONFIG_MAP`].
@@ -101,6 +120,9 @@ pub const PEER_DROPS_MAP: &str = "PEER_DROPS";
 /// Peers × reasons actually seen stays small; 4096 covers 256 peers × 16 reasons.
 pub const PEER_DROPS_CAPACITY: u32 = 4096;
 
+/// Per-CPU array of [`PeerPending`], indexed by device slot.
+pub const PEER_PENDING_MAP: &str = "PEER_PENDING";
+
 /// Array `slot -> ifindex` of the overlay devices to account (0: free slot), filled by user
 /// space. A slot is a device's index in [`DEVICE_DROPS_MAP`] and [`PeerDropKey::slot`].
 pub const WATCHED_DEVICES_MAP: &str = "WATCHED_DEVICES";
@@ -146,6 +168,22 @@ pub const OVERFLOW_NEIGH: u32 = 1;
 /// An IPv4 drop whose inner header could not be read (peer left unknown).
 pub const OVERFLOW_HEADER_UNREADABLE: u32 = 2;
 
+/// The kernel programs read the inner IPv4 destination with a direct load through the
+/// `bpf_rdonly_cast` kfunc (the verifier turns the call into a register move; the load becomes
+/// a fault-tolerant plain load) instead of the `bpf_probe_read_kernel` helper. aya 0.14 cannot
+/// relocate kfunc calls, so the program carries this exact instruction (`call` with
+/// `src_reg = BPF_PSEUDO_KFUNC_CALL`, placeholder `imm`), and user space rewrites it before
+/// loading: `imm` := BTF id of `bpf_rdonly_cast` in vmlinux, or, on kernels without that kfunc,
+/// the whole instruction := [`RDONLY_CAST_FALLBACK_INSN`] (that path is then dead code, as
+/// `globals::BTF_ID_IPHDR` and `globals::BTF_ID_IN_ADDR` are 0).
+pub const RDONLY_CAST_PLACEHOLDER_INSN: u64 = 0x5744_4b46_0000_2085;
+/// `r0 = r1` (BPF_ALU64 | BPF_MOV | BPF_X): what the verifier makes of the kfunc call anyway.
+pub const RDONLY_CAST_FALLBACK_INSN: u64 = 0x0000_0000_0000_10bf;
+/// The BPF_PSEUDO_KFUNC_CALL `call` to a vmlinux kfunc with BTF id `btf_id`.
+pub const fn kfunc_call_insn(btf_id: u32) -> u64 {
+    (RDONLY_CAST_PLACEHOLDER_INSN & 0xffff_ffff) | ((btf_id as u64) << 32)
+}
+
 /// Names of the tp_btf programs in the object and the tracepoints they attach to.
 pub mod programs {
     /// (program name, tracepoint)
@@ -154,6 +192,10 @@ pub mod programs {
     pub const NEIGH_TIMER_HANDLER: (&str, &str) = ("neigh_timer_handler", "neigh_timer_handler");
     pub const NEIGH_EVENT_SEND_DONE: (&str, &str) =
         ("neigh_event_send_done", "neigh_event_send_done");
+    /// An empty program on `kfree_skb` that only the benchmark attaches: its measured cost is
+    /// the measuring overhead. Not in [`ALL`], so the daemon never loads it.
+    pub const KFREE_SKB_BASELINE: (&str, &str) = ("kfree_skb_baseline", "kfree_skb");
+    /// The programs the agent loads and attaches.
     pub const ALL: [(&str, &str); 4] = [
         KFREE_SKB,
         NEIGH_UPDATE_DONE,
@@ -192,4 +234,11 @@ pub mod globals {
     pub const OFFSET_NEIGH_TBL: &str = "OFFSET_NEIGH_TBL";
     /// `offsetof(struct neigh_table, family)` (int).
     pub const OFFSET_NEIGH_TABLE_FAMILY: &str = "OFFSET_NEIGH_TABLE_FAMILY";
+    /// BTF id of `struct iphdr` in vmlinux when `bpf_rdonly_cast` is usable, else 0 (then the
+    /// programs read the header with `bpf_probe_read_kernel`). See
+    /// [`super::RDONLY_CAST_PLACEHOLDER_INSN`].
+    pub const BTF_ID_IPHDR: &str = "BTF_ID_IPHDR";
+    /// BTF id of `struct in_addr` in vmlinux (a neighbour's IPv4 `primary_key`) when
+    /// `bpf_rdonly_cast` is usable, else 0; as [`BTF_ID_IPHDR`].
+    pub const BTF_ID_IN_ADDR: &str = "BTF_ID_IN_ADDR";
 }

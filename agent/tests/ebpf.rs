@@ -19,8 +19,8 @@ use std::{
 };
 
 use dataplane_watchdog::ebpf::{
-    DropCounterSource, DropSnapshot, EbpfDropCounters, EbpfState, NeighTarget, TrafficClass,
-    EBPF_OBJECT,
+    DropCounterSource, DropSnapshot, EbpfDropCounters, EbpfState, HeaderRead, NeighTarget,
+    TrafficClass, EBPF_OBJECT,
 };
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
@@ -291,6 +291,103 @@ fn unresolvable_gateway_counts_data_drops_per_peer_arp_as_control_and_neighbour_
         "{snap:#?}"
     );
     assert_eq!(snap.data_drops_to_peer("k8s03").values().sum::<u64>(), 70);
+}
+
+/// Interleaved drops toward two peers on one CPU change (reason, peer) on almost every packet:
+/// each change moves the per-CPU pending count into the hash. Totals must stay exact.
+#[test]
+fn interleaved_drops_toward_two_peers_are_counted_exactly() {
+    let ns = broken_sender("alternate");
+    ns.ip(&[
+        "route",
+        "add",
+        "10.9.2.0/26",
+        "via",
+        "10.9.2.0",
+        "dev",
+        "vxlan.calico",
+        "onlink",
+    ]);
+    let ifindex = ns.ifindex("vxlan.calico");
+    let mut counters = load(&ns);
+    watch(&mut counters, ifindex);
+
+    ns.run_in(|| {
+        let sock = UdpSocket::bind("0.0.0.0:0").expect("bind");
+        for _ in 0..40 {
+            let _ = sock.send_to(&[0u8; 200], (Ipv4Addr::new(10, 9, 0, 5), 9000));
+            let _ = sock.send_to(&[0u8; 200], (Ipv4Addr::new(10, 9, 2, 5), 9000));
+        }
+    });
+    let total = |s: &DropSnapshot, peer: &str| s.data_drops_to_peer(peer).values().sum::<u64>();
+    let snap = wait_for(&counters, Duration::from_secs(5), |s| {
+        total(s, "k8s03") >= 40 && total(s, "k8s02") >= 40
+    });
+    assert_eq!(total(&snap, "k8s03"), 40, "{snap:#?}");
+    assert_eq!(total(&snap, "k8s02"), 40, "{snap:#?}");
+    assert!(
+        snap.drops
+            .iter()
+            .all(|d| !(d.class.is_data() && d.peer.is_none())),
+        "IPv4 drop without a peer: {snap:#?}"
+    );
+    assert_eq!(snap.overflow.drops_map_full, 0);
+    // Nothing in flight any more: a second read gives the same data drops.
+    let data = |s: &DropSnapshot| -> Vec<_> {
+        s.drops
+            .iter()
+            .filter(|d| d.class.is_data())
+            .cloned()
+            .collect()
+    };
+    assert_eq!(data(&counters.snapshot().expect("snapshot")), data(&snap));
+}
+
+/// Kernels without the `bpf_rdonly_cast` kfunc read the inner header and the neighbour address
+/// with `bpf_probe_read_kernel`: that path attributes drops and transitions the same way.
+#[test]
+fn probe_read_path_attributes_drops_like_the_direct_load() {
+    let ns = broken_sender("probe");
+    let ifindex = ns.ifindex("vxlan.calico");
+    let mut counters = EbpfDropCounters::load_with_probe_read(Some(&ns.path()))
+        .unwrap_or_else(|status| panic!("eBPF unavailable: {status:?}"));
+    assert_eq!(counters.status().state, EbpfState::Attached);
+    assert_eq!(counters.header_read(), HeaderRead::ProbeRead);
+    watch(&mut counters, ifindex);
+    ns.send_udp(Ipv4Addr::new(10, 9, 0, 5), 9000, 30);
+    let snap = wait_for(&counters, Duration::from_secs(5), |s| {
+        s.data_drops_to_peer("k8s03").values().sum::<u64>() >= 30
+    });
+    assert_eq!(
+        snap.data_drops_to_peer("k8s03").values().sum::<u64>(),
+        30,
+        "{snap:#?}"
+    );
+    assert!(snap.data_drops_to_peer("k8s02").is_empty());
+    assert_eq!(snap.overflow.header_unreadable, 0);
+    // The neighbour programs read the gateway address with the helper too.
+    assert_eq!(
+        snap.neighbour_gateway(ifindex, Ipv4Addr::new(10, 9, 0, 0), NeighTarget::Incomplete),
+        1,
+        "{snap:#?}"
+    );
+}
+
+/// Where the kernel has the kfunc (this project's CI kernel does), the default load uses it.
+#[test]
+fn default_load_reads_headers_directly_when_the_kernel_allows() {
+    let ns = broken_sender("direct");
+    let counters = load(&ns);
+    let btf = dataplane_watchdog::ebpf::btf::Btf::from_sys().expect("vmlinux BTF");
+    if btf.func_id("bpf_rdonly_cast").is_none() {
+        eprintln!("skipping: kernel has no bpf_rdonly_cast");
+        return;
+    }
+    assert!(
+        matches!(counters.header_read(), HeaderRead::DirectLoad { .. }),
+        "{:?}",
+        counters.header_read()
+    );
 }
 
 #[test]

@@ -458,6 +458,19 @@ impl Btf {
             })
     }
 
+    /// Type id of the named struct or union (first definition).
+    pub fn struct_id(&self, name: &str) -> Option<u32> {
+        self.structs.get(name).copied()
+    }
+
+    /// Type id of the named function (`BTF_KIND_FUNC`), e.g. a kfunc.
+    pub fn func_id(&self, name: &str) -> Option<u32> {
+        self.types
+            .iter()
+            .position(|t| t.kind == KIND_FUNC && self.name(t.name_off).is_ok_and(|n| n == name))
+            .map(|id| id as u32)
+    }
+
     /// True when a typedef of this name exists (`btf_trace_<tracepoint>` marks a tp_btf hook).
     pub fn has_typedef(&self, name: &str) -> bool {
         self.types
@@ -761,5 +774,12 @@ pub(crate) mod tests {
             .iter()
             .any(|(n, _)| n == "SKB_DROP_REASON_NEIGH_FAILED"));
         assert!(btf.has_typedef("btf_trace_kfree_skb"));
+        let iphdr = btf.struct_id("iphdr").unwrap();
+        assert_eq!(btf.offset_of("iphdr", "daddr").unwrap(), 16);
+        assert_eq!(btf.struct_size("iphdr").unwrap(), 20);
+        assert_eq!(btf.member("in_addr", "s_addr").unwrap().offset, 0);
+        assert_eq!(btf.struct_size("in_addr").unwrap(), 4);
+        assert_ne!(btf.func_id("bpf_rdonly_cast"), Some(iphdr));
+        assert_eq!(btf.func_id("no_such_kfunc_anywhere"), None);
     }
 }

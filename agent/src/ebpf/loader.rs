@@ -8,11 +8,12 @@ use std::{
 };
 
 use agent_ebpf::{
-    device_drop_index, globals, programs, NeighKey, PeerDropKey, CLASSES, CLASS_IPV4, CONFIG_MAP,
-    CONFIG_PEER_GENERATION, DEVICE_DROPS_MAP, NEIGH_DEVICE_MAP, NEIGH_GATEWAY_MAP, NUD_FAILED,
-    NUD_INCOMPLETE, OVERFLOW_HEADER_UNREADABLE, OVERFLOW_MAP, OVERFLOW_NEIGH, OVERFLOW_PEER_DROPS,
-    PEER_BLOCKS_CAPACITY, PEER_BLOCKS_MAP, PEER_DROPS_MAP, PEER_UNKNOWN, REASON_OVERFLOW_SLOT,
-    REASON_SLOTS, WATCHED_DEVICES_CAPACITY, WATCHED_DEVICES_MAP,
+    device_drop_index, globals, kfunc_call_insn, programs, NeighKey, PeerDropKey, PeerPending,
+    CLASSES, CLASS_IPV4, CONFIG_MAP, CONFIG_PEER_GENERATION, DEVICE_DROPS_MAP, NEIGH_DEVICE_MAP,
+    NEIGH_GATEWAY_MAP, NUD_FAILED, NUD_INCOMPLETE, OVERFLOW_HEADER_UNREADABLE, OVERFLOW_MAP,
+    OVERFLOW_NEIGH, OVERFLOW_PEER_DROPS, PEER_BLOCKS_CAPACITY, PEER_BLOCKS_MAP, PEER_DROPS_MAP,
+    PEER_PENDING_MAP, PEER_UNKNOWN, RDONLY_CAST_FALLBACK_INSN, RDONLY_CAST_PLACEHOLDER_INSN,
+    REASON_OVERFLOW_SLOT, REASON_SLOTS, WATCHED_DEVICES_CAPACITY, WATCHED_DEVICES_MAP,
 };
 use aya::{
     maps::{lpm_trie::Key, Array, LpmTrie, MapData, PerCpuArray, PerCpuHashMap, PerCpuValues},
@@ -41,6 +42,112 @@ pub fn netns_inode(path: &Path) -> std::io::Result<u32> {
     u32::try_from(ino).map_err(|_| std::io::Error::other(format!("inode {ino} exceeds u32")))
 }
 
+/// How the programs read the inner IPv4 destination (kfree_skb) and a neighbour's address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HeaderRead {
+    /// A direct load through `bpf_rdonly_cast` (ids from vmlinux BTF): no helper call. The
+    /// neighbour programs read the gateway address the same way.
+    DirectLoad {
+        rdonly_cast: u32,
+        iphdr: u32,
+        in_addr: u32,
+    },
+    /// `bpf_probe_read_kernel` (kernels without the kfunc, or if it was refused).
+    ProbeRead,
+}
+
+impl HeaderRead {
+    /// DirectLoad when vmlinux BTF has the kfunc, `struct iphdr` and `struct in_addr`.
+    fn detect(btf: &Btf) -> Self {
+        match (
+            btf.func_id("bpf_rdonly_cast"),
+            btf.struct_id("iphdr"),
+            btf.struct_id("in_addr"),
+        ) {
+            (Some(rdonly_cast), Some(iphdr), Some(in_addr)) => HeaderRead::DirectLoad {
+                rdonly_cast,
+                iphdr,
+                in_addr,
+            },
+            _ => HeaderRead::ProbeRead,
+        }
+    }
+
+    /// Values of the `BTF_ID_IPHDR` and `BTF_ID_IN_ADDR` globals: 0 selects the probe-read
+    /// path in the programs.
+    fn type_ids(self) -> [(&'static str, u32); 2] {
+        let (iphdr, in_addr) = match self {
+            HeaderRead::DirectLoad { iphdr, in_addr, .. } => (iphdr, in_addr),
+            HeaderRead::ProbeRead => (0, 0),
+        };
+        [
+            (globals::BTF_ID_IPHDR, iphdr),
+            (globals::BTF_ID_IN_ADDR, in_addr),
+        ]
+    }
+
+    /// A copy of `object` with every placeholder kfunc call replaced: by the real call, or by
+    /// a register move in a branch the verifier then never visits.
+    fn patch(self, object: &[u8]) -> Result<AlignedObject, String> {
+        let replacement = match self {
+            HeaderRead::DirectLoad { rdonly_cast, .. } => kfunc_call_insn(rdonly_cast),
+            HeaderRead::ProbeRead => RDONLY_CAST_FALLBACK_INSN,
+        };
+        let mut out = AlignedObject::new(object);
+        let patched = replace_insn(
+            out.as_bytes_mut(),
+            RDONLY_CAST_PLACEHOLDER_INSN,
+            replacement,
+        );
+        if patched == 0 {
+            return Err("no bpf_rdonly_cast placeholder instruction found".into());
+        }
+        Ok(out)
+    }
+}
+
+/// Replaces every 8-aligned occurrence of the little-endian instruction `from` (BPF text is
+/// 8-aligned in the ELF); returns how many.
+fn replace_insn(bytes: &mut [u8], from: u64, to: u64) -> usize {
+    let (from, to) = (from.to_le_bytes(), to.to_le_bytes());
+    let mut n = 0;
+    for chunk in bytes.chunks_exact_mut(8) {
+        if chunk == from {
+            chunk.copy_from_slice(&to);
+            n += 1;
+        }
+    }
+    n
+}
+
+/// An ELF object copied into 8-aligned memory (the ELF parser reads it in place, as
+/// `include_bytes_aligned!` provides for the embedded one).
+struct AlignedObject {
+    words: Vec<u64>,
+    len: usize,
+}
+
+impl AlignedObject {
+    fn new(bytes: &[u8]) -> Self {
+        let mut out = AlignedObject {
+            words: vec![0u64; bytes.len().div_ceil(8)],
+            len: bytes.len(),
+        };
+        out.as_bytes_mut().copy_from_slice(bytes);
+        out
+    }
+
+    fn as_bytes(&self) -> &[u8] {
+        // SAFETY: u64 has no invalid bit patterns and `len` never exceeds the allocation.
+        unsafe { std::slice::from_raw_parts(self.words.as_ptr().cast::<u8>(), self.len) }
+    }
+
+    fn as_bytes_mut(&mut self) -> &mut [u8] {
+        // SAFETY: as in `as_bytes`; any byte pattern is a valid u64.
+        unsafe { std::slice::from_raw_parts_mut(self.words.as_mut_ptr().cast::<u8>(), self.len) }
+    }
+}
+
 /// Forwards the kernel programs' aya-log records (rare diagnostics only) into `tracing`.
 struct KernelLog;
 
@@ -67,6 +174,8 @@ impl log::Log for KernelLog {
 pub struct EbpfDropCounters {
     bpf: Ebpf,
     status: EbpfStatus,
+    /// How the programs read the inner IPv4 header and neighbour addresses.
+    header_read: HeaderRead,
     reasons: DropReasons,
     peers: PeerIds,
     /// (prefix, network-order address) → peer id currently in the LPM trie.
@@ -77,6 +186,9 @@ pub struct EbpfDropCounters {
     retired: BTreeMap<RawDrop, u64>,
     /// Value last written to CONFIG[CONFIG_PEER_GENERATION].
     generation: u32,
+    /// Highest per-peer count reported so far: a read can miss a count the kernel is moving
+    /// from PEER_PENDING into PEER_DROPS, and reported counters must never go backwards.
+    peer_reported: std::sync::Mutex<BTreeMap<PeerDropKey, u64>>,
     /// Kernel diagnostics (aya-log), drained on every snapshot; None if the object has none.
     kernel_log: Option<std::sync::Mutex<aya_log::EbpfLogger<KernelLog>>>,
 }
@@ -149,6 +261,21 @@ impl EbpfDropCounters {
 
     /// As [`Self::load`] with an explicit object (tests pass an empty one).
     pub fn load_object(object: &[u8], netns: Option<&Path>) -> Result<Self, EbpfStatus> {
+        Self::load_inner(object, netns, false)
+    }
+
+    /// As [`Self::load`], but reading packet headers with `bpf_probe_read_kernel` as on kernels
+    /// without the `bpf_rdonly_cast` kfunc (for tests of that path).
+    #[doc(hidden)]
+    pub fn load_with_probe_read(netns: Option<&Path>) -> Result<Self, EbpfStatus> {
+        Self::load_inner(EBPF_OBJECT, netns, true)
+    }
+
+    fn load_inner(
+        object: &[u8],
+        netns: Option<&Path>,
+        probe_read_only: bool,
+    ) -> Result<Self, EbpfStatus> {
         if object.is_empty() {
             return Err(EbpfStatus::unavailable(
                 Missing::Object,
@@ -195,70 +322,31 @@ impl EbpfDropCounters {
             .into_iter()
             .chain([(globals::TARGET_NETNS_INUM, inum)])
             .collect();
-        // One parse of the kernel's BTF (several MiB) serves aya's relocations and the attach;
-        // EbpfLoader::new() would otherwise parse it again on its own.
-        let aya_btf = aya::Btf::from_sys_fs().map_err(|e| {
-            EbpfStatus::unavailable(
-                Missing::Btf,
-                format!("aya cannot read kernel BTF: {}", chain(&e)),
-            )
-        })?;
-        let mut loader = EbpfLoader::new();
-        loader.btf(Some(&aya_btf));
-        for (name, value) in &globals_values {
-            loader.override_global(name, value, true);
-        }
-        let mut bpf = loader.load(object).map_err(|e| {
-            let missing = if looks_like_permission(&e) {
-                Missing::Privilege
-            } else {
-                Missing::Load
-            };
-            EbpfStatus::unavailable(missing, format!("loading the eBPF object: {}", chain(&e)))
-        })?;
-
-        let mut programs_status = Vec::new();
-        let mut first_failure: Option<Missing> = None;
-        for (name, tracepoint) in programs::ALL {
-            let result = attach_one(&mut bpf, &btf, &aya_btf, name, tracepoint);
-            if let Err((missing, _)) = &result {
-                first_failure.get_or_insert(*missing);
-            }
-            programs_status.push(ProgramStatus {
-                name: name.to_string(),
-                tracepoint: tracepoint.to_string(),
-                attached: result.is_ok(),
-                error: result.err().map(|(_, e)| e),
-            });
-        }
-        let attached = programs_status.iter().filter(|p| p.attached).count();
-        let status = if attached == programs_status.len() {
-            EbpfStatus {
-                state: EbpfState::Attached,
-                missing: None,
-                reason: None,
-                programs: programs_status,
-            }
+        let mut header_read = if probe_read_only {
+            HeaderRead::ProbeRead
         } else {
-            let failed: Vec<String> = programs_status
-                .iter()
-                .filter(|p| !p.attached)
-                .map(|p| format!("{}: {}", p.name, p.error.as_deref().unwrap_or("?")))
-                .collect();
-            EbpfStatus {
-                state: if attached == 0 {
-                    EbpfState::Unavailable
-                } else {
-                    EbpfState::Partial
-                },
-                missing: first_failure,
-                reason: Some(failed.join("; ")),
-                programs: programs_status,
+            HeaderRead::detect(&btf)
+        };
+        let (mut bpf, status) = loop {
+            let result = load_and_attach(object, &globals_values, header_read, &btf);
+            let status = match &result {
+                Err(status) | Ok((_, status)) => status,
+            };
+            // A program the verifier refused (not a missing tracepoint or privilege): the
+            // helper path is older and accepted everywhere, so try once more with it.
+            let refused =
+                status.state != EbpfState::Attached && status.missing == Some(Missing::Load);
+            match header_read {
+                HeaderRead::DirectLoad { .. } if refused => {
+                    tracing::warn!(
+                        error = status.reason.as_deref().unwrap_or("?"),
+                        "programs using bpf_rdonly_cast refused; using bpf_probe_read_kernel"
+                    );
+                    header_read = HeaderRead::ProbeRead;
+                }
+                _ => break result?,
             }
         };
-        if status.state == EbpfState::Unavailable {
-            return Err(status);
-        }
         let kernel_log = match aya_log::EbpfLogger::init_with_logger(&mut bpf, KernelLog) {
             Ok(logger) => Some(std::sync::Mutex::new(logger)),
             Err(e) => {
@@ -275,14 +363,21 @@ impl EbpfDropCounters {
         Ok(EbpfDropCounters {
             bpf,
             status,
+            header_read,
             reasons,
             peers: PeerIds::default(),
             trie: StdHashMap::new(),
             slots: [0; WATCHED_DEVICES_CAPACITY as usize],
             retired: BTreeMap::new(),
             generation: 0,
+            peer_reported: std::sync::Mutex::new(BTreeMap::new()),
             kernel_log,
         })
+    }
+
+    /// How the loaded programs read the inner IPv4 header and neighbour addresses.
+    pub fn header_read(&self) -> HeaderRead {
+        self.header_read
     }
 
     /// Whether the kernel programs' diagnostics (aya-log) reach `tracing`.
@@ -290,10 +385,25 @@ impl EbpfDropCounters {
         self.kernel_log.is_some()
     }
 
-    /// Run-time statistics of each attached program (needs [`super::bench::enable_stats`]).
+    /// Benchmark only: loads and attaches the empty `kfree_skb_baseline` program next to the
+    /// real ones, so the measuring overhead of the run-time statistics can be subtracted. The
+    /// daemon never calls this.
+    pub fn attach_bench_baseline(&mut self) -> Result<(), EbpfError> {
+        let (name, tracepoint) = programs::KFREE_SKB_BASELINE;
+        let btf = Btf::from_sys().map_err(|e| EbpfError::Bench(e.to_string()))?;
+        let aya_btf = aya::Btf::from_sys_fs().map_err(|e| EbpfError::Bench(chain(&e)))?;
+        attach_one(&mut self.bpf, &btf, &aya_btf, name, tracepoint)
+            .map_err(|(_, e)| EbpfError::Bench(format!("{name}: {e}")))
+    }
+
+    /// Run-time statistics of each attached program (needs [`super::bench::enable_stats`]),
+    /// including the benchmark's baseline program when it was attached.
     pub fn program_stats(&self) -> Result<Vec<super::bench::ProgramRunStats>, EbpfError> {
         let mut out = Vec::new();
-        for (name, _) in programs::ALL {
+        for (name, _) in programs::ALL
+            .into_iter()
+            .chain([programs::KFREE_SKB_BASELINE])
+        {
             let Some(program) = self.bpf.program(name) else {
                 continue;
             };
@@ -321,6 +431,89 @@ impl EbpfDropCounters {
     fn map(&self, name: &'static str) -> Result<&aya::maps::Map, EbpfError> {
         self.bpf.map(name).ok_or(EbpfError::MissingMap(name))
     }
+}
+
+/// Loads the object (its kfunc placeholder resolved per `header_read`, globals overridden) and
+/// attaches every program. Err when nothing could be attached.
+fn load_and_attach(
+    object: &[u8],
+    globals_values: &[(&'static str, u32)],
+    header_read: HeaderRead,
+    btf: &Btf,
+) -> Result<(Ebpf, EbpfStatus), EbpfStatus> {
+    let object = header_read
+        .patch(object)
+        .map_err(|e| EbpfStatus::unavailable(Missing::Load, format!("eBPF object: {e}")))?;
+    // One parse of the kernel's BTF (several MiB) serves aya's relocations and the attach;
+    // EbpfLoader::new() would otherwise parse it again on its own.
+    let aya_btf = aya::Btf::from_sys_fs().map_err(|e| {
+        EbpfStatus::unavailable(
+            Missing::Btf,
+            format!("aya cannot read kernel BTF: {}", chain(&e)),
+        )
+    })?;
+    let mut loader = EbpfLoader::new();
+    loader.btf(Some(&aya_btf));
+    for (name, value) in globals_values {
+        loader.override_global(name, value, true);
+    }
+    let type_ids = header_read.type_ids();
+    for (name, value) in &type_ids {
+        loader.override_global(name, value, true);
+    }
+    let mut bpf = loader.load(object.as_bytes()).map_err(|e| {
+        let missing = if looks_like_permission(&e) {
+            Missing::Privilege
+        } else {
+            Missing::Load
+        };
+        EbpfStatus::unavailable(missing, format!("loading the eBPF object: {}", chain(&e)))
+    })?;
+
+    let mut programs_status = Vec::new();
+    let mut first_failure: Option<Missing> = None;
+    for (name, tracepoint) in programs::ALL {
+        let result = attach_one(&mut bpf, btf, &aya_btf, name, tracepoint);
+        if let Err((missing, _)) = &result {
+            first_failure.get_or_insert(*missing);
+        }
+        programs_status.push(ProgramStatus {
+            name: name.to_string(),
+            tracepoint: tracepoint.to_string(),
+            attached: result.is_ok(),
+            error: result.err().map(|(_, e)| e),
+        });
+    }
+    let attached = programs_status.iter().filter(|p| p.attached).count();
+    let status = if attached == programs_status.len() {
+        EbpfStatus {
+            state: EbpfState::Attached,
+            missing: None,
+            reason: None,
+            programs: programs_status,
+        }
+    } else {
+        let failed: Vec<String> = programs_status
+            .iter()
+            .filter(|p| !p.attached)
+            .map(|p| format!("{}: {}", p.name, p.error.as_deref().unwrap_or("?")))
+            .collect();
+        EbpfStatus {
+            state: if attached == 0 {
+                EbpfState::Unavailable
+            } else {
+                EbpfState::Partial
+            },
+            missing: first_failure,
+            reason: Some(failed.join("; ")),
+            programs: programs_status,
+        }
+    };
+    if status.state == EbpfState::Unavailable {
+        return Err(status);
+    }
+    tracing::debug!(?header_read, "eBPF object loaded");
+    Ok((bpf, status))
 }
 
 fn attach_one(
@@ -539,6 +732,23 @@ impl EbpfDropCounters {
                 Err(e) => return Err(peer_err(e)),
             }
         }
+        let pending_err = |source| EbpfError::Map {
+            map: PEER_PENDING_MAP,
+            source,
+        };
+        let mut pending: PerCpuArray<&mut MapData, PeerPending> =
+            PerCpuArray::try_from(self.map_mut(PEER_PENDING_MAP)?).map_err(pending_err)?;
+        let zeros =
+            PerCpuValues::try_from(vec![PeerPending::default(); ncpu]).map_err(|source| {
+                EbpfError::MapIo {
+                    map: PEER_PENDING_MAP,
+                    source,
+                }
+            })?;
+        pending.set(slot, zeros, 0).map_err(pending_err)?;
+        if let Ok(mut reported) = self.peer_reported.lock() {
+            reported.retain(|k, _| k.slot != slot);
+        }
         Ok(())
     }
 
@@ -554,12 +764,37 @@ impl EbpfDropCounters {
         };
         let peers: PerCpuHashMap<&MapData, PeerDropKey, u64> =
             PerCpuHashMap::try_from(self.map(PEER_DROPS_MAP)?).map_err(peer_err)?;
-        let mut per_peer: Vec<(PeerDropKey, u64)> = Vec::new();
+        let mut per_peer: BTreeMap<PeerDropKey, u64> = BTreeMap::new();
         for entry in peers.iter() {
             let (key, values) = entry.map_err(peer_err)?;
             if (key.slot as usize) < self.slots.len() && wanted(key.slot) {
-                per_peer.push((key, values.iter().sum()));
+                *per_peer.entry(key).or_default() += values.iter().sum::<u64>();
             }
+        }
+        // Pending counts after the hash (see PeerPending: this order never counts one twice).
+        let pending_err = |source| EbpfError::Map {
+            map: PEER_PENDING_MAP,
+            source,
+        };
+        let pending: PerCpuArray<&MapData, PeerPending> =
+            PerCpuArray::try_from(self.map(PEER_PENDING_MAP)?).map_err(pending_err)?;
+        for slot in 0..WATCHED_DEVICES_CAPACITY {
+            if !wanted(slot) {
+                continue;
+            }
+            for p in pending.get(&slot, 0).map_err(pending_err)?.iter() {
+                if p.count != 0 && p.peer != PEER_UNKNOWN {
+                    let key = PeerDropKey {
+                        slot,
+                        reason: p.reason,
+                        peer: p.peer,
+                    };
+                    *per_peer.entry(key).or_default() += p.count;
+                }
+            }
+        }
+        if let Ok(mut reported) = self.peer_reported.lock() {
+            keep_monotonic(&mut reported, &mut per_peer, |k| wanted(k.slot));
         }
         let err = |source| EbpfError::Map {
             map: DEVICE_DROPS_MAP,
@@ -612,6 +847,24 @@ impl EbpfDropCounters {
             }
         }
         Ok(out)
+    }
+}
+
+/// Raises each count to the highest reported before for its key and remembers the new highs.
+/// Exact after any quiet moment: the kernel's hash + pending sum is then the true count, and a
+/// clamped value was a true count at an earlier read.
+/// Only keys for which `read` holds were read this time.
+fn keep_monotonic(
+    reported: &mut BTreeMap<PeerDropKey, u64>,
+    counts: &mut BTreeMap<PeerDropKey, u64>,
+    read: impl Fn(&PeerDropKey) -> bool,
+) {
+    for (key, high) in reported.iter().filter(|(k, _)| read(k)) {
+        let n = counts.entry(*key).or_default();
+        *n = (*n).max(*high);
+    }
+    for (key, n) in counts.iter() {
+        reported.insert(*key, *n);
     }
 }
 
@@ -823,6 +1076,75 @@ mod tests {
         let mut peers = PeerIds::default();
         let e = peers.trie_entries(&[("a".into(), net("10.1.0.70/26"))]);
         assert!(e.contains_key(&(26, u32::from_ne_bytes([10, 1, 0, 64]))));
+    }
+
+    #[test]
+    fn kfunc_placeholder_is_patched_in_place_and_only_when_aligned() {
+        let placeholder = RDONLY_CAST_PLACEHOLDER_INSN.to_le_bytes();
+        let mut object = vec![0xaa; 8];
+        object.extend_from_slice(&placeholder);
+        object.extend_from_slice(&[1, 2, 3]);
+        // An unaligned copy of the bytes (not an instruction) stays untouched.
+        let mut unaligned = object.clone();
+        unaligned.insert(0, 0);
+
+        let direct = HeaderRead::DirectLoad {
+            rdonly_cast: 0x1234,
+            iphdr: 7,
+            in_addr: 9,
+        };
+        let patched = direct.patch(&object).unwrap();
+        let bytes = patched.as_bytes();
+        assert_eq!(bytes.len(), object.len());
+        assert_eq!(bytes.as_ptr() as usize % 8, 0);
+        // call, src_reg = BPF_PSEUDO_KFUNC_CALL (2), imm = the kfunc's BTF id.
+        assert_eq!(&bytes[8..16], &[0x85, 0x20, 0, 0, 0x34, 0x12, 0, 0]);
+        assert_eq!(&bytes[..8], &object[..8]);
+        assert_eq!(&bytes[16..], &[1, 2, 3]);
+        assert_eq!(
+            direct.type_ids(),
+            [(globals::BTF_ID_IPHDR, 7), (globals::BTF_ID_IN_ADDR, 9)]
+        );
+
+        let fallback = HeaderRead::ProbeRead.patch(&object).unwrap();
+        // r0 = r1
+        assert_eq!(&fallback.as_bytes()[8..16], &[0xbf, 0x10, 0, 0, 0, 0, 0, 0]);
+        assert!(HeaderRead::ProbeRead
+            .type_ids()
+            .iter()
+            .all(|(_, id)| *id == 0));
+
+        assert!(HeaderRead::ProbeRead.patch(&unaligned).is_err());
+        assert!(HeaderRead::ProbeRead.patch(&[0u8; 16]).is_err());
+    }
+
+    #[test]
+    fn per_peer_counts_never_go_backwards() {
+        let key = |slot, peer| PeerDropKey {
+            slot,
+            reason: 73,
+            peer,
+        };
+        let mut reported = BTreeMap::new();
+        let mut first = BTreeMap::from([(key(0, 1), 10), (key(1, 2), 4)]);
+        keep_monotonic(&mut reported, &mut first, |_| true);
+        assert_eq!(first[&key(0, 1)], 10);
+        // A read that missed 6 counts in flight from pending to hash, and whose key vanished
+        // from both for a moment: both are held at what was reported.
+        let mut torn = BTreeMap::from([(key(0, 1), 4)]);
+        keep_monotonic(&mut reported, &mut torn, |k| k.slot == 0);
+        assert_eq!(
+            torn,
+            BTreeMap::from([(key(0, 1), 10)]),
+            "slot 1 was not read"
+        );
+        let mut torn_all = BTreeMap::new();
+        keep_monotonic(&mut reported, &mut torn_all, |_| true);
+        assert_eq!(torn_all[&key(1, 2)], 4);
+        // Once the move landed, the true (larger) count is reported again, not added twice.
+        let mut later = BTreeMap::from([(key(0, 1), 12), (key(1, 2), 4)]);
+        keep_monotonic(&mut reported, &mut later, |_| true);
+        assert_eq!(later, BTreeMap::from([(key(0, 1), 12), (key(1, 2), 4)]));
     }
 
     #[test]

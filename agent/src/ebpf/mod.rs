@@ -48,7 +48,7 @@ use serde::Serialize;
 
 use crate::model::DesiredState;
 pub use linkstats::{read_link_drop_stats, LinkDropStats};
-pub use loader::{netns_inode, EbpfDropCounters, EBPF_OBJECT};
+pub use loader::{netns_inode, EbpfDropCounters, HeaderRead, EBPF_OBJECT};
 pub use window::{device_names, DeviceRates, DropRates, DropWindow, PeerRates, Rate};
 
 /// Errors of the eBPF layer. Load-time problems do not surface here but as an [`EbpfStatus`].
@@ -82,6 +82,8 @@ pub enum EbpfError {
     LinkStats(#[source] std::io::Error),
     #[error("enabling BPF run-time stats: {0}")]
     Stats(#[source] std::io::Error),
+    #[error("attaching the benchmark baseline program: {0}")]
+    Bench(String),
 }
 
 /// What a dropped skb was, from `skb->protocol`.
