@@ -121,6 +121,12 @@ struct ScanArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if !matches!(cli.command, Command::Run(_)) {
+        // A report piped into `head` ends quietly, like any Unix tool, instead of panicking on
+        // EPIPE. The daemon keeps Rust's default (SIGPIPE ignored: a write error, not a death).
+        // SAFETY: restoring the default disposition before any thread exists.
+        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    }
     match cli.command {
         Command::Scan(args) => scan_command(args),
         Command::Run(args) => run_command(args),
