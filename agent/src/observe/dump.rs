@@ -20,7 +20,9 @@ use super::{
     parse::{self, is_deviceless_reject},
     Error, Result,
 };
-use crate::model::{DirectRoute, ObservedDevice, ObservedState, RouteKind};
+use crate::model::{
+    DirectRoute, FdbEntry, Neighbour, ObservedDevice, ObservedState, Route, RouteKind,
+};
 
 /// The main routing table.
 const MAIN_TABLE: u32 = 254;
@@ -40,6 +42,23 @@ async fn request(
     flags: u16,
     absent_errno: Option<i32>,
 ) -> Result<Option<Vec<RouteNetlinkMessage>>> {
+    request_fold(conn, what, msg, flags, absent_errno, Vec::new, Vec::push).await
+}
+
+/// Send one request and fold every inner message of the reply into a `T` as it arrives, so a
+/// dump of 30,000 routes never holds 30,000 parsed messages at once (that peak is what
+/// fragments the heap). Each attempt starts from `init()`: a dump the kernel marks
+/// inconsistent (NLM_F_DUMP_INTR) is redone from scratch. `Ok(None)` when the kernel answered
+/// with `absent_errno`.
+async fn request_fold<T>(
+    conn: &NetlinkConn,
+    what: &'static str,
+    msg: RouteNetlinkMessage,
+    flags: u16,
+    absent_errno: Option<i32>,
+    init: impl Fn() -> T,
+    mut fold: impl FnMut(&mut T, RouteNetlinkMessage),
+) -> Result<Option<T>> {
     for attempt in 1..=DUMP_ATTEMPTS {
         let mut nl = NetlinkMessage::from(msg.clone());
         nl.header.flags = NLM_F_REQUEST | flags;
@@ -49,12 +68,12 @@ async fn request(
             what,
             message: e.to_string(),
         })?;
-        let mut out = Vec::new();
+        let mut acc = init();
         let mut interrupted = false;
         while let Some(reply) = replies.next().await {
             interrupted |= reply.header.flags & NLM_F_DUMP_INTR != 0;
             match reply.payload {
-                NetlinkPayload::InnerMessage(inner) => out.push(inner),
+                NetlinkPayload::InnerMessage(inner) => fold(&mut acc, inner),
                 NetlinkPayload::Error(err) => {
                     if let Some(code) = err.code {
                         let errno = -code.get();
@@ -73,7 +92,7 @@ async fn request(
             }
         }
         if !interrupted {
-            return Ok(Some(out));
+            return Ok(Some(acc));
         }
         debug!(
             what,
@@ -115,14 +134,26 @@ async fn dump(
     what: &'static str,
     msg: RouteNetlinkMessage,
 ) -> Result<Vec<RouteNetlinkMessage>> {
+    dump_fold(conn, what, msg, Vec::new, Vec::push).await
+}
+
+/// [`dump`], folding each reply of the requested family into a `T` as it arrives.
+async fn dump_fold<T>(
+    conn: &NetlinkConn,
+    what: &'static str,
+    msg: RouteNetlinkMessage,
+    init: impl Fn() -> T,
+    mut fold: impl FnMut(&mut T, RouteNetlinkMessage),
+) -> Result<T> {
     let family = family_of(&msg).filter(|f| *f != AddressFamily::Unspec);
-    let mut replies = request(conn, what, msg, NLM_F_DUMP, None)
-        .await?
-        .unwrap_or_default();
-    if let Some(family) = family {
-        replies.retain(|m| family_of(m) == Some(family));
-    }
-    Ok(replies)
+    let folded = request_fold(conn, what, msg, NLM_F_DUMP, None, &init, |acc, m| {
+        if family.is_none() || family_of(&m) == family {
+            fold(acc, m);
+        }
+    })
+    .await?;
+    // Only a request with an `absent_errno` can come back absent.
+    Ok(folded.unwrap_or_else(init))
 }
 
 fn route_dump_request(family: AddressFamily) -> RouteNetlinkMessage {
@@ -226,28 +257,54 @@ pub async fn snapshot(conn: &NetlinkConn, devices: &[String]) -> Result<Observed
         }
     }
 
-    for msg in dump_routes(conn).await? {
-        if let RouteNetlinkMessage::NewRoute(route) = msg {
-            for (ifindex, route) in parse::routes_from_message(&route) {
-                if is_deviceless_reject(ifindex, &route) {
-                    for dev in state.devices.values_mut() {
-                        dev.routes.push(route.clone());
-                    }
-                } else if let Some(dev) = lookup(&mut state, &names, ifindex) {
-                    dev.routes.push(route);
-                } else if route.table == MAIN_TABLE
-                    && route.kind == RouteKind::Unicast
-                    && route.gateway.is_some()
-                {
-                    state.direct_routes.insert(
-                        route.destination,
-                        DirectRoute {
-                            ifindex,
-                            gateway: route.gateway,
-                        },
+    // Each reply is parsed into the model's small types as it arrives and dropped at once.
+    let keep_route = |ifindex: u32, route: &Route| {
+        names.contains_key(&ifindex)
+            || is_deviceless_reject(ifindex, route)
+            || (route.table == MAIN_TABLE
+                && route.kind == RouteKind::Unicast
+                && route.gateway.is_some())
+    };
+    let mut routes: Vec<(u32, Route)> = Vec::new();
+    for family in [AddressFamily::Inet, AddressFamily::Inet6] {
+        let what = if family == AddressFamily::Inet {
+            "ipv4 route"
+        } else {
+            "ipv6 route"
+        };
+        let part = dump_fold(
+            conn,
+            what,
+            route_dump_request(family),
+            Vec::new,
+            |acc: &mut Vec<(u32, Route)>, msg| {
+                if let RouteNetlinkMessage::NewRoute(m) = msg {
+                    acc.extend(
+                        parse::routes_from_message(&m)
+                            .into_iter()
+                            .filter(|(i, r)| keep_route(*i, r)),
                     );
                 }
+            },
+        )
+        .await?;
+        routes.extend(part);
+    }
+    for (ifindex, route) in routes {
+        if is_deviceless_reject(ifindex, &route) {
+            for dev in state.devices.values_mut() {
+                dev.routes.push(route.clone());
             }
+        } else if let Some(dev) = lookup(&mut state, &names, ifindex) {
+            dev.routes.push(route);
+        } else {
+            state.direct_routes.insert(
+                route.destination,
+                DirectRoute {
+                    ifindex,
+                    gateway: route.gateway,
+                },
+            );
         }
     }
 
@@ -255,24 +312,42 @@ pub async fn snapshot(conn: &NetlinkConn, devices: &[String]) -> Result<Observed
         (AddressFamily::Inet, "ipv4 neighbour"),
         (AddressFamily::Inet6, "ipv6 neighbour"),
     ] {
-        for msg in dump(conn, what, neighbour_dump_request(family)).await? {
-            if let RouteNetlinkMessage::NewNeighbour(neigh) = msg {
-                if let Some((ifindex, n)) = parse::neighbour_from_message(&neigh) {
-                    if let Some(dev) = lookup(&mut state, &names, ifindex) {
-                        dev.neighbours.push(n);
-                    }
+        let neighbours = dump_fold(
+            conn,
+            what,
+            neighbour_dump_request(family),
+            Vec::new,
+            |acc: &mut Vec<(u32, Neighbour)>, msg| {
+                if let RouteNetlinkMessage::NewNeighbour(m) = msg {
+                    acc.extend(
+                        parse::neighbour_from_message(&m).filter(|(i, _)| names.contains_key(i)),
+                    );
                 }
+            },
+        )
+        .await?;
+        for (ifindex, n) in neighbours {
+            if let Some(dev) = lookup(&mut state, &names, ifindex) {
+                dev.neighbours.push(n);
             }
         }
     }
 
-    for msg in dump(conn, "fdb", neighbour_dump_request(AddressFamily::Bridge)).await? {
-        if let RouteNetlinkMessage::NewNeighbour(neigh) = msg {
-            if let Some((ifindex, entry)) = parse::fdb_from_message(&neigh) {
-                if let Some(dev) = lookup(&mut state, &names, ifindex) {
-                    dev.fdb.push(entry);
-                }
+    let fdb = dump_fold(
+        conn,
+        "fdb",
+        neighbour_dump_request(AddressFamily::Bridge),
+        Vec::new,
+        |acc: &mut Vec<(u32, FdbEntry)>, msg| {
+            if let RouteNetlinkMessage::NewNeighbour(m) = msg {
+                acc.extend(parse::fdb_from_message(&m).filter(|(i, _)| names.contains_key(i)));
             }
+        },
+    )
+    .await?;
+    for (ifindex, entry) in fdb {
+        if let Some(dev) = lookup(&mut state, &names, ifindex) {
+            dev.fdb.push(entry);
         }
     }
 
