@@ -66,7 +66,7 @@ impl Daemon {
         std::fs::write(
             &config,
             format!(
-                "node_name = \"{node}\"\ndevices = [\"{DEVICE}\"]\n{extra}\n[datastore]\nsource = \"file\"\npath = \"{}\"\n[status]\nsocket = \"{}\"\n[metrics]\nlisten = \"off\"\n[ebpf]\nenabled = false\n",
+                "node_name = \"{node}\"\ndevices = [\"{DEVICE}\"]\n{extra}\n[datastore]\nsource = \"file\"\npath = \"{}\"\n[status]\nsocket = \"{}\"\n[metrics]\nlisten = \"off\"\n",
                 datastore.display(),
                 socket.display()
             ),
@@ -358,9 +358,14 @@ fn scale(peers: usize, out: &mut String) -> Result<()> {
     // SAFETY: sysconf has no preconditions.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
     let mib = |kb: u64| kb as f64 / 1024.0;
+    let ebpf = d.status()?.ebpf;
+    let ebpf = match ebpf.error {
+        Some(e) => format!("eBPF off: {e}"),
+        None => format!("eBPF attached: {}", ebpf.attached.join(", ")),
+    };
     writeln!(
         out,
-        "footprint at {peers} peers ({total_routes} routes): RSS {:.1} MiB (anonymous {:.1}, file-backed {:.1}; peak {:.1}), idle CPU {:.2}% of one core over {}s",
+        "footprint at {peers} peers ({total_routes} routes; {ebpf}):\n  RSS {:.1} MiB (anonymous {:.1}, file-backed {:.1}; peak {:.1}), idle CPU {:.2}% of one core over {}s",
         rss as f64 / (1024.0 * 1024.0),
         mib(d.proc_status_kb("RssAnon")?),
         mib(d.proc_status_kb("RssFile")?),
