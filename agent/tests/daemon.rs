@@ -654,7 +654,7 @@ fn every_fault_under_traffic_then_silence(spec: LabSpec, node: &str, peer: &str)
     let mut lab = Lab::build(spec)
         .unwrap_or_else(|e| panic!("cannot build lab (these tests need root): {e:#}"));
     lab.set_traffic_grace(Duration::from_millis(300));
-    let mut agent = Agent::start_with_ebpf(&mut lab, node);
+    let agent = Agent::start_with_ebpf(&mut lab, node);
     let ebpf = agent.status().ebpf;
     assert!(
         !ebpf.attached.is_empty(),
