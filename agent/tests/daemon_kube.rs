@@ -1,7 +1,7 @@
 //! `watchdog run` with `[datastore] source = "kubernetes"` against the fake API server and a
 //! real lab node: annotation changes reach /findings through the watch within 2 s, a silent
 //! watch (the incident's own failure) is caught by the relist and raises `datastore-stale`,
-//! and the Node condition is patched.
+//! the Node condition is patched and a Warning Event is created for a critical finding.
 //!
 //! Needs root (network namespaces); the daemon runs as a child process killed on drop.
 
@@ -180,7 +180,7 @@ fn watch_relist_stale_and_node_condition() {
     let mut agent = Agent::start(
         &mut lab,
         &kubeconfig,
-        "relist_interval = \"2s\"\nstale_after = \"4s\"\npublish_node_condition = true\n",
+        "relist_interval = \"2s\"\nstale_after = \"4s\"\npublish_node_condition = true\npublish_events = true\n",
     );
 
     // Healthy once the watch has synced: zero findings, the Node says so.
@@ -228,6 +228,43 @@ fn watch_relist_stale_and_node_condition() {
         );
         std::thread::sleep(Duration::from_millis(20));
     }
+    // …and a Warning Event on the Node, as `kubectl describe node` shows it.
+    let started = Instant::now();
+    let event = loop {
+        let created = server.requests().into_iter().find(|r| {
+            r.method == "POST"
+                && r.path.ends_with("/events")
+                && r.body["involvedObject"]["name"] == NODE
+                && r.body["reason"] == "GatewayWrongVtep"
+        });
+        if let Some(e) = created {
+            break e;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "no Event created for the critical finding: {:?}\n{}",
+            server
+                .requests()
+                .iter()
+                .map(|r| format!("{} {}", r.method, r.path))
+                .collect::<Vec<_>>(),
+            agent.log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(event.body["type"], "Warning", "{}", event.body);
+    assert_eq!(
+        event.body["involvedObject"]["kind"], "Node",
+        "{}",
+        event.body
+    );
+    assert!(
+        event.body["message"]
+            .as_str()
+            .is_some_and(|m| m.contains(PEER)),
+        "{}",
+        event.body
+    );
     kube_fixture::restore_node(&lab, &server, PEER);
     agent.wait("restored", Duration::from_secs(2), |_, f| f.is_empty());
 
