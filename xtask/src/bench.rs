@@ -1,8 +1,23 @@
 //! Benchmarks. Each reports ratios against a baseline measured in the same run, never absolute
 //! pass/fail thresholds: the numbers go in the README.
-use anyhow::{bail, Result};
+//!
+//! Each one is a release-built example of the agent crate, run directly (not under `cargo run`)
+//! so nothing else shares its measurements:
+//! - `scan` (`agent/examples/bench_scan.rs`): one `watchdog scan` pass against a raw netlink
+//!   route dump, on the lab and on a synthetic 5,000-peer node.
+//! - `daemon` (`agent/examples/bench_daemon.rs`): the real `watchdog run` through its status API:
+//!   detection latency, event throughput at 30,000 routes, resync vs raw dumps, RSS and idle
+//!   CPU at 5,000 peers. `BENCH_INJECTIONS` and `BENCH_PEERS` shrink it for a quick look.
+//! - `ebpf` (`agent/examples/bench_ebpf.rs`): per-event cost of each kernel program (kernel
+//!   run-time stats, calibrated by an empty program) and UDP flood throughput with and without
+//!   the programs.
+//!
+//! `WATCHDOG_BENCH_ARGS` passes flags to the example (e.g. `--quick` for `ebpf`).
+use std::process::Command;
 
-use crate::{cargo, is_root, run, setup};
+use anyhow::{bail, Context as _, Result};
+
+use crate::{cargo, is_root, run, setup, workspace_root};
 
 const ALL: [&str; 3] = ["scan", "daemon", "ebpf"];
 
@@ -21,29 +36,48 @@ pub fn run_bench(which: Option<&str>) -> Result<()> {
     };
     for bench in selected {
         match bench {
-            "scan" => scan(&env)?,
-            "daemon" => crate::bench_daemon::run(&env)?,
-            "ebpf" => crate::bench_ebpf::run(&env)?,
+            "scan" => run_example(&env, "bench_scan", &[])?,
+            // The daemon benchmark drives the real binary.
+            "daemon" => run_example(&env, "bench_daemon", &["--bin", "watchdog"])?,
+            "ebpf" => run_example(&env, "bench_ebpf", &[])?,
             _ => unreachable!("checked above"),
         }
     }
     Ok(())
 }
 
-fn scan(env: &setup::Toolchain) -> Result<()> {
+/// Builds `example` (plus `extra` build targets) in release and runs it.
+fn run_example(env: &setup::Toolchain, example: &str, extra: &[&str]) -> Result<()> {
+    let mut args = vec![
+        "build",
+        "--release",
+        "--quiet",
+        "-p",
+        "dataplane-watchdog",
+        "--example",
+        example,
+    ];
+    args.extend_from_slice(extra);
     run(
-        "bench scan (release build)",
-        &mut cargo(
-            env,
-            &[
-                "run",
-                "--quiet",
-                "--release",
-                "-p",
-                "dataplane-watchdog",
-                "--example",
-                "bench_scan",
-            ],
-        ),
-    )
+        &format!("build {example} (release)"),
+        &mut cargo(env, &args),
+    )?;
+    let bin = workspace_root()
+        .join("target/release/examples")
+        .join(example);
+    let status = Command::new(&bin)
+        .args(
+            std::env::var("WATCHDOG_BENCH_ARGS")
+                .ok()
+                .as_deref()
+                .map(str::split_whitespace)
+                .into_iter()
+                .flatten(),
+        )
+        .status()
+        .with_context(|| format!("starting {}", bin.display()))?;
+    if !status.success() {
+        bail!("{example} failed ({status})");
+    }
+    Ok(())
 }

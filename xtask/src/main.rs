@@ -4,8 +4,6 @@
 //! machine needs nothing but this repository and the Rust toolchains.
 
 mod bench;
-mod bench_daemon;
-mod bench_ebpf;
 mod install;
 mod setup;
 

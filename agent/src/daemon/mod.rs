@@ -75,11 +75,11 @@ const MIN_RESYNC_GAP: Duration = Duration::from_millis(100);
 const RETRY: Duration = Duration::from_secs(1);
 /// eBPF counters, datastore file change, liveness.
 const HOUSEKEEPING: Duration = Duration::from_secs(1);
-/// Liveness is refreshed at most this often during event storms.
 /// How long the first evaluation waits for the datastore's first load. Until then the checks
 /// would run without the datastore (less precise findings that are replaced a moment later);
 /// after it they do, so a datastore that is down at boot never keeps the node unchecked.
 const DATASTORE_WAIT: Duration = Duration::from_secs(10);
+/// Liveness is refreshed at most this often during event storms.
 const TICK_EVERY: Duration = Duration::from_millis(250);
 
 /// Why a full resync runs (the `reason` label of `resyncs_total`).
@@ -229,8 +229,6 @@ impl Daemon {
         let monitor = Monitor::start(netns, &monitor_options)?;
         let observer = NetlinkObserver::new(netns)?;
         let ebpf = ebpf.unwrap_or_else(|| open_ebpf(&config, netns));
-        // Loading parsed the kernel's BTF (tens of MiB, now free): give it back.
-        trim_heap();
         let ebpf_status = ebpf.status();
         status.update(|s| s.ebpf = status_ebpf(&ebpf_status)).await;
 
@@ -278,7 +276,8 @@ impl Daemon {
             ready: false,
             last_summary: None,
             eval_not_before: None,
-            heap_dirty: false,
+            // eBPF loading parsed the kernel's BTF (tens of MiB, now free).
+            heap_dirty: true,
         };
         state.run(shutdown).await;
         Ok(())
@@ -314,12 +313,14 @@ struct LoopState {
     neigh_failed_last: std::collections::BTreeMap<(String, u32), u64>,
     /// At least one kernel dump succeeded.
     synced: bool,
+    /// When the loop started (for [`DATASTORE_WAIT`]).
     started: Instant,
     ready: bool,
     last_summary: Option<(usize, usize, usize)>,
     /// Earliest next evaluation during an event storm (see `evaluate_when_due`).
     eval_not_before: Option<Instant>,
-    /// An evaluation ran since memory was last handed back to the system.
+    /// Memory was freed in bulk (eBPF load, resync, datastore reload, evaluation) since it
+    /// was last handed back to the system.
     heap_dirty: bool,
 }
 
@@ -527,9 +528,7 @@ impl LoopState {
                 s.resync.last_full_resync = Some(now);
             })
             .await;
-        // The dump's messages (several times the model's size) are free now; glibc would keep
-        // them until the next storm.
-        trim_heap();
+        self.heap_dirty = true;
         let ms = |d: Duration| format!("{:.1}", d.as_secs_f64() * 1e3);
         info!(
             reason = reason.as_str(),
@@ -558,8 +557,7 @@ impl LoopState {
                         s.datastore.last_event_age_seconds = Some(0.0);
                     })
                     .await;
-                // The parse's scratch memory is free now.
-                trim_heap();
+                self.heap_dirty = true;
             }
             Err(e) => {
                 // Keep checking against the last good state; say so.
@@ -671,9 +669,9 @@ impl LoopState {
     /// Once a second: drop counters, datastore file changes, datastore age, liveness.
     async fn housekeeping(&mut self) {
         if std::mem::take(&mut self.heap_dirty) {
-            // Each evaluation builds indexes, a report and the status over the whole model and
-            // frees them; glibc keeps those pages (at 5,000 peers, ~8 MiB of RSS) unless asked.
-            // At most once a second, and only after work (measured: 1–5 ms at 5,000 peers).
+            // Loads, dumps and evaluations build large transient structures over the whole
+            // model and free them; glibc keeps those pages (at 5,000 peers ~15 MiB of RSS)
+            // unless asked. At most once a second, only after such work (1-5 ms at 5,000 peers).
             trim_heap();
         }
         self.poll_drops().await;
