@@ -15,7 +15,6 @@
 
 use std::{
     fmt::Write as _,
-    io::Write as _,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
@@ -23,13 +22,16 @@ use std::{
 
 use anyhow::{bail, Context, Result};
 use dataplane_watchdog::{
-    model::{Finding, MacAddr},
+    model::Finding,
     observe::NetlinkObserver,
     serve::{client, Status},
 };
 use watchdog_lab::{Lab, LabSpec};
 
-const DEVICE: &str = "vxlan.calico";
+#[path = "common/mod.rs"]
+mod common;
+use common::{sh, Netns, SyntheticNode, DEVICE};
+
 const BLOCKS: usize = 6;
 
 fn env_usize(name: &str, default: usize) -> usize {
@@ -167,35 +169,6 @@ impl Drop for Daemon {
     }
 }
 
-fn sh(cmd: &str, args: &[&str], stdin: Option<&str>) -> Result<()> {
-    let mut child = Command::new(cmd)
-        .args(args)
-        .stdin(if stdin.is_some() {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
-        .stderr(Stdio::piped())
-        .spawn()
-        .with_context(|| format!("starting {cmd}"))?;
-    if let Some(input) = stdin {
-        child
-            .stdin
-            .take()
-            .expect("piped")
-            .write_all(input.as_bytes())?;
-    }
-    let out = child.wait_with_output()?;
-    if !out.status.success() {
-        bail!(
-            "{cmd} {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    Ok(())
-}
-
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
     sorted[i.min(sorted.len() - 1)]
@@ -266,64 +239,16 @@ fn latency(rounds: usize, out: &mut String) -> Result<()> {
     Ok(())
 }
 
-/// A namespace removed on drop.
-struct Netns(String);
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
-    }
-}
-
 /// 2–4 on a synthetic node with `peers` peers × 6 blocks.
 fn scale(peers: usize, out: &mut String) -> Result<()> {
-    let ns = Netns(format!("wdbenchd{}", std::process::id()));
-    sh("ip", &["netns", "add", &ns.0], None)?;
-    let netns = PathBuf::from("/run/netns").join(&ns.0);
-    let (mut setup, mut routes, mut fdb) = (String::new(), String::new(), String::new());
-    let mut yaml = String::from(
-        "nodes:\n  - name: local\n    node_ip: 172.16.0.1\n    vtep_ip: 10.63.255.192\n    blocks: [10.63.255.192/26]\n",
-    );
-    writeln!(setup, "link set lo up")?;
-    writeln!(
-        setup,
-        "link add {DEVICE} type vxlan id 4096 dstport 4789 nolearning"
-    )?;
-    writeln!(setup, "addr add 10.63.255.192/32 dev {DEVICE}")?;
-    writeln!(setup, "link set {DEVICE} up")?;
-    for p in 0..peers {
-        let name = format!("node{p}");
-        let node_ip = std::net::Ipv4Addr::from(0xac10_0000u32 + 2 + p as u32);
-        let mac = MacAddr::derive_like_felix(&name);
-        let nets: Vec<String> = (0..BLOCKS)
-            .map(|b| {
-                let base = 0x0a40_0000u32 + ((p * BLOCKS + b) as u32) * 64;
-                format!("{}/26", std::net::Ipv4Addr::from(base))
-            })
-            .collect();
-        let vtep = nets[0].trim_end_matches("/26").to_string();
-        for n in &nets {
-            writeln!(routes, "route add {n} via {vtep} dev {DEVICE} onlink")?;
-        }
-        writeln!(
-            setup,
-            "neigh add {vtep} lladdr {mac} dev {DEVICE} nud permanent"
-        )?;
-        writeln!(
-            fdb,
-            "fdb append {mac} dev {DEVICE} dst {node_ip} self permanent"
-        )?;
-        writeln!(
-            yaml,
-            "  - name: {name}\n    node_ip: {node_ip}\n    vtep_ip: {vtep}\n    blocks: [{}]",
-            nets.join(", ")
-        )?;
-    }
-    sh("ip", &["-n", &ns.0, "-batch", "-"], Some(&setup))?;
-    sh("bridge", &["-n", &ns.0, "-batch", "-"], Some(&fdb))?;
+    let node = SyntheticNode::new(peers, BLOCKS)?;
+    let ns = Netns::new(format!("wdbenchd{}", std::process::id()))?;
+    let netns = ns.path();
+    // Routes are written later, while the daemon runs.
+    node.program(&ns, false)?;
     let dir = tempfile::tempdir()?;
     let datastore = dir.path().join("nodes.yaml");
-    std::fs::write(&datastore, &yaml)?;
+    std::fs::write(&datastore, &node.yaml)?;
     let total_routes = peers * BLOCKS;
 
     // 2. Throughput: the daemon starts with every route missing; the routes are written while
@@ -331,7 +256,7 @@ fn scale(peers: usize, out: &mut String) -> Result<()> {
     let d = Daemon::start(&netns, "local", &datastore, "")?;
     let missing = d.findings()?.len();
     let t = Instant::now();
-    sh("ip", &["-n", &ns.0, "-batch", "-"], Some(&routes))?;
+    node.program_routes(&ns)?;
     let written = t.elapsed();
     let done = d.wait(t, Duration::from_secs(300), |f| f.is_empty())?;
     let status = d.status()?;

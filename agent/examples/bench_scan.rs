@@ -4,9 +4,7 @@
 //! Needs root (network namespaces). Prints a table; the README quotes it.
 
 use std::{
-    fmt::Write as _,
-    path::{Path, PathBuf},
-    process::{Command, Stdio},
+    path::Path,
     time::{Duration, Instant},
 };
 
@@ -14,102 +12,15 @@ use anyhow::{bail, Context, Result};
 use dataplane_watchdog::{
     checks::{self, CheckInput, DeviceSpec},
     desired::file::{self, FileFormat},
-    model::MacAddr,
     observe::{KernelObserver, NetlinkObserver},
 };
 use watchdog_lab::{Lab, LabSpec};
 
+#[path = "common/mod.rs"]
+mod common;
+use common::{Netns, SyntheticNode, DEVICE};
+
 const ROUNDS: usize = 7;
-const DEVICE: &str = "vxlan.calico";
-
-/// A network namespace removed on drop.
-struct Netns(String);
-
-impl Netns {
-    fn new(name: String) -> Result<Netns> {
-        run("ip", &["netns", "add", &name], None)?;
-        Ok(Netns(name))
-    }
-    fn path(&self) -> PathBuf {
-        PathBuf::from("/run/netns").join(&self.0)
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
-    }
-}
-
-fn run(cmd: &str, args: &[&str], stdin: Option<&str>) -> Result<()> {
-    let mut child = Command::new(cmd)
-        .args(args)
-        .stdin(if stdin.is_some() {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
-        .spawn()
-        .with_context(|| format!("starting {cmd}"))?;
-    if let Some(input) = stdin {
-        use std::io::Write;
-        child
-            .stdin
-            .take()
-            .expect("piped stdin")
-            .write_all(input.as_bytes())?;
-    }
-    let status = child.wait()?;
-    if !status.success() {
-        bail!("{cmd} {} failed: {status}", args.join(" "));
-    }
-    Ok(())
-}
-
-/// A synthetic node with `peers` remote nodes of `blocks` /26 blocks each, programmed exactly as
-/// Felix does (route via VTEP onlink, permanent neighbour, FDB), plus the datastore describing it.
-fn synthetic(peers: usize, blocks: usize) -> Result<(Netns, String)> {
-    let ns = Netns::new(format!("wdbench{}", std::process::id()))?;
-    let mut ip = String::new();
-    let mut fdb = String::new();
-    let mut yaml = String::from("nodes:\n  - name: local\n    node_ip: 172.16.0.1\n    vtep_ip: 10.63.255.192\n    blocks: [10.63.255.192/26]\n");
-    writeln!(
-        ip,
-        "link add {DEVICE} type vxlan id 4096 dstport 4789 nolearning"
-    )?;
-    writeln!(ip, "addr add 10.63.255.192/32 dev {DEVICE}")?;
-    writeln!(ip, "link set {DEVICE} up")?;
-    for p in 0..peers {
-        let name = format!("node{p}");
-        let node_ip = std::net::Ipv4Addr::from(0xac10_0000u32 + 2 + p as u32);
-        let mac = MacAddr::derive_like_felix(&name);
-        let mut nets = Vec::new();
-        for b in 0..blocks {
-            let base = 0x0a40_0000u32 + ((p * blocks + b) as u32) * 64;
-            nets.push(format!("{}/26", std::net::Ipv4Addr::from(base)));
-        }
-        let vtep = nets[0].trim_end_matches("/26").to_string();
-        for n in &nets {
-            writeln!(ip, "route add {n} via {vtep} dev {DEVICE} onlink")?;
-        }
-        writeln!(
-            ip,
-            "neigh add {vtep} lladdr {mac} dev {DEVICE} nud permanent"
-        )?;
-        writeln!(
-            fdb,
-            "fdb append {mac} dev {DEVICE} dst {node_ip} self permanent"
-        )?;
-        writeln!(
-            yaml,
-            "  - name: {name}\n    node_ip: {node_ip}\n    vtep_ip: {vtep}\n    blocks: [{}]",
-            nets.join(", ")
-        )?;
-    }
-    run("ip", &["-n", &ns.0, "-batch", "-"], Some(&ip))?;
-    run("bridge", &["-n", &ns.0, "-batch", "-"], Some(&fdb))?;
-    Ok((ns, yaml))
-}
 
 struct Timing {
     raw_dump: Duration,
@@ -214,7 +125,10 @@ fn main() -> Result<()> {
     drop(lab.restore_all());
 
     let started = Instant::now();
-    let (ns, yaml) = synthetic(peers, 6)?;
+    let node = SyntheticNode::new(peers, 6)?;
+    let ns = Netns::new(format!("wdbench{}", std::process::id()))?;
+    node.program(&ns, true)?;
+    let yaml = node.yaml;
     eprintln!(
         "(programmed {} peers × 6 blocks in {:.1}s)",
         peers,
