@@ -164,19 +164,44 @@ fn condition_patches(server: &FakeApiServer) -> Vec<(String, String)> {
         .collect()
 }
 
+/// The incident lab and a fake API server serving it.
+struct Cluster {
+    /// The fake server runs on this runtime's worker while the test blocks.
+    _server_rt: tokio::runtime::Runtime,
+    lab: Lab,
+    server: FakeApiServer,
+    kubeconfig: PathBuf,
+}
+
+impl Cluster {
+    fn start() -> Cluster {
+        let server_rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let lab = Lab::build(LabSpec::incident())
+            .unwrap_or_else(|e| panic!("cannot build lab (these tests need root): {e:#}"));
+        let server = server_rt.block_on(FakeApiServer::start(FakeConfig::default()));
+        kube_fixture::populate_fake_apiserver(&lab, &server);
+        let kubeconfig = server.write_kubeconfig();
+        Cluster {
+            _server_rt: server_rt,
+            lab,
+            server,
+            kubeconfig,
+        }
+    }
+}
+
 #[test]
 fn watch_relist_stale_and_node_condition() {
-    // The fake server runs on this runtime's worker while the test blocks.
-    let server_rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .unwrap();
-    let mut lab = Lab::build(LabSpec::incident())
-        .unwrap_or_else(|e| panic!("cannot build lab (these tests need root): {e:#}"));
-    let server = server_rt.block_on(FakeApiServer::start(FakeConfig::default()));
-    kube_fixture::populate_fake_apiserver(&lab, &server);
-    let kubeconfig = server.write_kubeconfig();
+    let Cluster {
+        _server_rt,
+        mut lab,
+        server,
+        kubeconfig,
+    } = Cluster::start();
     let mut agent = Agent::start(
         &mut lab,
         &kubeconfig,
@@ -292,16 +317,12 @@ fn watch_relist_stale_and_node_condition() {
 /// server answers.
 #[test]
 fn api_down_at_boot_checks_the_kernel_then_catches_up() {
-    let server_rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .unwrap();
-    let mut lab = Lab::build(LabSpec::incident())
-        .unwrap_or_else(|e| panic!("cannot build lab (these tests need root): {e:#}"));
-    let server = server_rt.block_on(FakeApiServer::start(FakeConfig::default()));
-    kube_fixture::populate_fake_apiserver(&lab, &server);
-    let kubeconfig = server.write_kubeconfig();
+    let Cluster {
+        _server_rt,
+        mut lab,
+        server,
+        kubeconfig,
+    } = Cluster::start();
     server.set_down(true);
     lab.inject(watchdog_lab::Fault::incident(NODE)).unwrap();
     let mut agent = Agent::start(&mut lab, &kubeconfig, "");
