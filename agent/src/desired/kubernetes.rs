@@ -1328,21 +1328,15 @@ where
     let mut s = rt.shared.lock().unwrap();
     let changed = match ev {
         WatchEvent::Added(obj) | WatchEvent::Modified(obj) => {
-            let rv = obj.metadata.resource_version.clone().unwrap_or_default();
-            let store = (w.store)(&mut s);
             let entry = Entry {
-                rv: rv.clone(),
+                rv: obj.metadata.resource_version.clone().unwrap_or_default(),
                 item: (w.compact)(&obj),
             };
-            let changed = store.items.get(obj.name()).map(|e| &e.item) != Some(&entry.item);
-            store.items.insert(obj.name().to_string(), entry);
-            store.position = rv;
-            changed
+            (w.store)(&mut s).upsert(obj.name(), entry)
         }
         WatchEvent::Deleted(obj) => {
-            let store = (w.store)(&mut s);
-            store.position = obj.metadata.resource_version.clone().unwrap_or_default();
-            store.items.remove(obj.name()).is_some()
+            let rv = obj.metadata.resource_version.clone().unwrap_or_default();
+            (w.store)(&mut s).delete(obj.name(), rv)
         }
         WatchEvent::Bookmark(b) => {
             (w.store)(&mut s).position = b.metadata.resource_version;
@@ -1393,7 +1387,9 @@ where
     let store = (w.store)(&mut s);
     let diffs = store.differences(&list);
     let n = list.items.len();
-    if !diffs.is_empty() {
+    if diffs.is_empty() {
+        store.prune_tombstones(&list.position);
+    } else {
         store.replace(list);
     }
     let h = s.health.get_mut(w.key);
