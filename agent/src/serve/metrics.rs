@@ -42,7 +42,7 @@ pub const MAX_PEER_LABELS: usize = 64;
 /// Distinct values for other externally-derived labels (reasons, sinks, actions, devices).
 pub const MAX_LABEL_VALUES: usize = 128;
 /// Resync reasons exported at 0 from startup (`inc_resync` accepts others too).
-pub const RESYNC_REASONS: [&str; 4] = ["startup", "periodic", "overrun", "datastore"];
+pub const RESYNC_REASONS: [&str; 4] = ["startup", "periodic", "overrun", "kernel"];
 /// The label value that absorbs everything past a cap.
 pub const OTHER_LABEL: &str = "other";
 
@@ -158,7 +158,9 @@ pub struct Metrics {
     findings: Family<FindingLabels, Gauge>,
     findings_seen: Mutex<HashSet<FindingLabels>>,
     vxlan_drops: Family<DropLabels, Counter>,
-    vxlan_drops_last: DeltaTracker<DropLabels>,
+    /// Keyed by the real (uncapped) device and reason: two reasons folded into `other` must
+    /// not overwrite each other's last reading.
+    vxlan_drops_last: DeltaTracker<(String, String)>,
     peer_drops: Family<PeerDropLabels, Counter>,
     peer_drops_last: DeltaTracker<(String, String)>,
     neighbour_unresolved: Family<DeviceLabels, Counter>,
@@ -172,8 +174,13 @@ pub struct Metrics {
     relist_mismatch: Counter,
     peers: Family<VerdictLabels, Gauge>,
     ebpf_programs: Gauge,
+    /// One cap per label kind, so many values of one kind never push another into `other`.
     peer_cap: LabelCap,
-    label_cap: LabelCap,
+    device_cap: LabelCap,
+    reason_cap: LabelCap,
+    sink_cap: LabelCap,
+    action_cap: LabelCap,
+    result_cap: LabelCap,
 }
 
 impl Default for Metrics {
@@ -208,7 +215,11 @@ impl Metrics {
             peers: Family::default(),
             ebpf_programs: Gauge::default(),
             peer_cap: LabelCap::new(MAX_PEER_LABELS),
-            label_cap: LabelCap::new(MAX_LABEL_VALUES),
+            device_cap: LabelCap::new(MAX_LABEL_VALUES),
+            reason_cap: LabelCap::new(MAX_LABEL_VALUES),
+            sink_cap: LabelCap::new(MAX_LABEL_VALUES),
+            action_cap: LabelCap::new(MAX_LABEL_VALUES),
+            result_cap: LabelCap::new(MAX_LABEL_VALUES),
         };
 
         let r = registry.sub_registry_with_prefix("dataplane_watchdog");
@@ -293,7 +304,7 @@ impl Metrics {
         // Export the well-known series at 0 from the start, so rate() and absent() behave.
         for reason in RESYNC_REASONS {
             let _ = m.resyncs.get_or_create(&ReasonLabels {
-                reason: m.label_cap.admit(reason),
+                reason: reason.to_string(),
             });
         }
         m.set_peers(&[]);
@@ -326,12 +337,14 @@ impl Metrics {
 
     /// Absolute drop count for (device, reason) as read from the eBPF map.
     pub fn observe_vxlan_drops_total(&self, device: &str, reason: &str, total: u64) {
-        let labels = DropLabels {
-            device: self.label_cap.admit(device),
-            reason: self.label_cap.admit(reason),
-        };
-        let d = self.vxlan_drops_last.delta(labels.clone(), total);
+        let d = self
+            .vxlan_drops_last
+            .delta((device.to_string(), reason.to_string()), total);
         if d > 0 {
+            let labels = DropLabels {
+                device: self.device_cap.admit(device),
+                reason: self.reason_cap.admit(reason),
+            };
             self.vxlan_drops.get_or_create(&labels).inc_by(d);
         }
     }
@@ -344,7 +357,7 @@ impl Metrics {
             .delta((device.to_string(), peer.to_string()), total);
         if d > 0 {
             let labels = PeerDropLabels {
-                device: self.label_cap.admit(device),
+                device: self.device_cap.admit(device),
                 peer: self.peer_cap.admit(peer),
             };
             self.peer_drops.get_or_create(&labels).inc_by(d);
@@ -355,7 +368,7 @@ impl Metrics {
     pub fn add_neighbour_unresolved(&self, device: &str, n: u64) {
         self.neighbour_unresolved
             .get_or_create(&DeviceLabels {
-                device: self.label_cap.admit(device),
+                device: self.device_cap.admit(device),
             })
             .inc_by(n);
     }
@@ -363,8 +376,8 @@ impl Metrics {
     pub fn inc_repair(&self, action: &str, result: &str) {
         self.repairs
             .get_or_create(&RepairLabels {
-                action: self.label_cap.admit(action),
-                result: self.label_cap.admit(result),
+                action: self.action_cap.admit(action),
+                result: self.result_cap.admit(result),
             })
             .inc();
     }
@@ -372,8 +385,8 @@ impl Metrics {
     pub fn inc_alert(&self, sink: &str, result: &str) {
         self.alerts
             .get_or_create(&AlertLabels {
-                sink: self.label_cap.admit(sink),
-                result: self.label_cap.admit(result),
+                sink: self.sink_cap.admit(sink),
+                result: self.result_cap.admit(result),
             })
             .inc();
     }
@@ -391,11 +404,11 @@ impl Metrics {
             .set(i64::try_from(n).unwrap_or(i64::MAX));
     }
 
-    /// `reason`: `startup`, `periodic`, `overrun`, `datastore`, … (a small fixed set).
+    /// `reason`: one of [`RESYNC_REASONS`] (`ResyncReason::as_str`).
     pub fn inc_resync(&self, reason: &str) {
         self.resyncs
             .get_or_create(&ReasonLabels {
-                reason: self.label_cap.admit(reason),
+                reason: self.reason_cap.admit(reason),
             })
             .inc();
     }
@@ -731,6 +744,57 @@ mod tests {
         // Source restarted at 2: the counter keeps rising.
         m.observe_vxlan_drops_total("d", "r", 2);
         assert!(m.encode().contains(&line(10)));
+    }
+
+    #[test]
+    fn reasons_past_the_cap_stay_exact_and_monotonic() {
+        let m = Metrics::new();
+        let reasons = MAX_LABEL_VALUES + 3;
+        let other = |m: &Metrics| -> u64 {
+            m.encode()
+                .lines()
+                .find_map(|l| {
+                    l.strip_prefix(
+                        "dataplane_watchdog_vxlan_drops_total{device=\"vxlan.calico\",reason=\"other\"} ",
+                    )
+                })
+                .map(|v| v.parse().unwrap())
+                .unwrap_or(0)
+        };
+        // Every second the daemon re-reads the same absolute totals: nothing new happened.
+        for _ in 0..3 {
+            for i in 0..reasons {
+                m.observe_vxlan_drops_total("vxlan.calico", &format!("R{i}"), 10 + i as u64);
+            }
+        }
+        let expected: u64 = (MAX_LABEL_VALUES..reasons).map(|i| 10 + i as u64).sum();
+        assert_eq!(other(&m), expected, "folded reasons counted once each");
+        // One folded reason rises by 5: `other` rises by exactly 5.
+        m.observe_vxlan_drops_total(
+            "vxlan.calico",
+            &format!("R{}", reasons - 1),
+            15 + reasons as u64 - 1,
+        );
+        assert_eq!(other(&m), expected + 5);
+        // Many reasons do not push a device into `other` (per-kind caps).
+        m.add_neighbour_unresolved("vxlan.calico", 1);
+        assert!(m
+            .encode()
+            .contains("neighbour_unresolved_total{device=\"vxlan.calico\"} 1\n"));
+    }
+
+    #[test]
+    fn resync_reasons_are_the_ones_emitted() {
+        let names: Vec<&str> = [
+            crate::daemon::ResyncReason::Startup,
+            crate::daemon::ResyncReason::Periodic,
+            crate::daemon::ResyncReason::Overrun,
+            crate::daemon::ResyncReason::Kernel,
+        ]
+        .iter()
+        .map(|r| r.as_str())
+        .collect();
+        assert_eq!(names, RESYNC_REASONS);
     }
 
     #[test]
