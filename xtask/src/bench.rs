@@ -19,7 +19,7 @@ use anyhow::{bail, Context as _, Result};
 
 use crate::{cargo, is_root, run, setup, workspace_root};
 
-const ALL: [&str; 3] = ["scan", "daemon", "ebpf"];
+const ALL: [&str; 4] = ["scan", "daemon", "ebpf", "findings"];
 
 pub fn run_bench(which: Option<&str>) -> Result<()> {
     if !is_root() {
@@ -40,6 +40,7 @@ pub fn run_bench(which: Option<&str>) -> Result<()> {
             // The daemon benchmark drives the real binary.
             "daemon" => run_example(&env, "bench_daemon", &["--bin", "watchdog"])?,
             "ebpf" => run_example(&env, "bench_ebpf", &[])?,
+            "findings" => run_example(&env, "bench_findings", &[])?,
             _ => unreachable!("checked above"),
         }
     }

@@ -43,7 +43,7 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
-    /// Benchmarks (numbers for the README): `scan`, `daemon`, `ebpf`, or all.
+    /// Benchmarks (numbers for the README): `scan`, `daemon`, `ebpf`, `findings`, or all.
     Bench {
         /// Which benchmark to run; all when omitted.
         which: Option<String>,

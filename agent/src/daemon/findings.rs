@@ -1,7 +1,10 @@
 //! Findings over time: `since` survives re-evaluations, and each finding is reported once when it
 //! opens and once when it clears.
 
-use std::{collections::BTreeMap, time::SystemTime};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    time::SystemTime,
+};
 
 use crate::model::{CheckId, Finding};
 
@@ -33,33 +36,36 @@ impl FindingTracker {
     /// Replace the open findings with a fresh evaluation made at `now`: known findings keep
     /// their `since`, new ones get `now`.
     pub fn update(&mut self, mut findings: Vec<Finding>, now: SystemTime) -> Transitions {
-        let mut since = BTreeMap::new();
+        // One key per finding, computed once: at 5,000 peers a mass open or clear must stay
+        // linear (n log n), not compare every pair.
+        let mut since: BTreeMap<Key, SystemTime> = BTreeMap::new();
         let mut opened: Vec<Finding> = Vec::new();
         for f in &mut findings {
             let key = f.key();
-            let first = match self.since.get(&key).or_else(|| since.get(&key)) {
+            let first = match self.since.get(&key) {
                 Some(t) => *t,
-                None => {
+                None => match since.get(&key) {
                     // Duplicate keys in one evaluation open once.
-                    opened.push(f.clone());
-                    now
-                }
+                    Some(t) => *t,
+                    None => {
+                        let mut o = f.clone();
+                        o.since = Some(now);
+                        opened.push(o);
+                        now
+                    }
+                },
             };
             f.since = Some(first);
-            if let Some(o) = opened.last_mut().filter(|o| o.key() == key) {
-                o.since = Some(first);
-            }
             since.insert(key, first);
         }
+        let mut cleared_keys: BTreeSet<Key> = BTreeSet::new();
         let cleared = std::mem::take(&mut self.open)
             .into_iter()
-            .filter(|f| !since.contains_key(&f.key()))
-            .fold(Vec::<Finding>::new(), |mut acc, f| {
-                if !acc.iter().any(|o| o.key() == f.key()) {
-                    acc.push(f);
-                }
-                acc
-            });
+            .filter(|f| {
+                let key = f.key();
+                !since.contains_key(&key) && cleared_keys.insert(key)
+            })
+            .collect();
         self.since = since;
         self.open = findings;
         Transitions { opened, cleared }
