@@ -27,8 +27,17 @@ pub(super) enum KubeUpdate {
     Closed,
 }
 
+/// First and largest delay before the list/watch is started again after it ended.
+const RESTART_FIRST: Duration = Duration::from_secs(1);
+const RESTART_MAX: Duration = Duration::from_secs(30);
+
 pub(super) struct KubeLink {
     connecting: Option<oneshot::Receiver<KubeSource>>,
+    /// How to connect again when the connect task itself is gone.
+    reconnect: Option<(KubeSourceConfig, StatusHandle)>,
+    /// The list/watch ended: start it again at this instant.
+    restart_at: Option<tokio::time::Instant>,
+    restart_delay: Duration,
     source: Option<KubeSource>,
     /// Kept for the daemon's lifetime: dropping it stops the watch tasks.
     snaps: Option<watch::Receiver<KubeSnapshot>>,
@@ -41,6 +50,28 @@ pub(super) struct KubeLink {
 impl KubeLink {
     /// Connect with retry in a task; failures go to the log and the status `datastore.error`.
     pub(super) fn connect(cfg: KubeSourceConfig, status: StatusHandle) -> Self {
+        let mut link = KubeLink::empty();
+        link.spawn_connect(cfg, status);
+        link
+    }
+
+    fn empty() -> Self {
+        KubeLink {
+            connecting: None,
+            reconnect: None,
+            restart_at: None,
+            restart_delay: RESTART_FIRST,
+            source: None,
+            snaps: None,
+            latest: None,
+            mismatches: 0,
+            last_healthy: None,
+            last_condition: None,
+        }
+    }
+
+    fn spawn_connect(&mut self, cfg: KubeSourceConfig, status: StatusHandle) {
+        self.reconnect = Some((cfg.clone(), status.clone()));
         let (tx, rx) = oneshot::channel();
         tokio::spawn(async move {
             let src = KubeSource::connect_retrying(cfg, |e| {
@@ -54,30 +85,35 @@ impl KubeLink {
             .await;
             let _ = tx.send(src);
         });
-        KubeLink {
-            connecting: Some(rx),
-            source: None,
-            snaps: None,
-            latest: None,
-            mismatches: 0,
-            last_healthy: None,
-            last_condition: None,
-        }
+        self.connecting = Some(rx);
     }
 
     /// An already connected source.
     pub(super) fn connected(src: KubeSource) -> Self {
-        let mut link = KubeLink {
-            connecting: None,
-            source: None,
-            snaps: None,
-            latest: None,
-            mismatches: 0,
-            last_healthy: None,
-            last_condition: None,
-        };
+        let mut link = KubeLink::empty();
         link.start(src);
         link
+    }
+
+    /// After [`KubeUpdate::Closed`]: start the list/watch again (or reconnect, if the connect
+    /// task is what ended) after a delay that doubles up to 30 s while it keeps ending and
+    /// resets once a complete snapshot arrives. The last snapshot stays in [`latest`] meanwhile
+    /// only as far as the caller keeps its desired state; the link reports nothing until then.
+    ///
+    /// [`latest`]: KubeLink::latest
+    pub(super) fn restart(&mut self) -> Duration {
+        let delay = self.restart_delay;
+        self.restart_delay = (self.restart_delay * 2).min(RESTART_MAX);
+        self.snaps = None;
+        self.latest = None;
+        self.connecting = None;
+        self.restart_at = Some(tokio::time::Instant::now() + delay);
+        delay
+    }
+
+    /// A complete snapshot arrived: the next restart waits the shortest delay again.
+    pub(super) fn healthy_again(&mut self) {
+        self.restart_delay = RESTART_FIRST;
     }
 
     fn start(&mut self, src: KubeSource) {
@@ -97,6 +133,19 @@ impl KubeLink {
 
     /// Cancel-safe: waits for the connection, then for each announced snapshot.
     pub(super) async fn next(&mut self) -> KubeUpdate {
+        if let Some(at) = self.restart_at {
+            tokio::time::sleep_until(at).await;
+            self.restart_at = None;
+            match (self.source.clone(), self.reconnect.clone()) {
+                (Some(src), _) => {
+                    let name = src.source_name();
+                    self.start(src);
+                    return KubeUpdate::Connected(name);
+                }
+                (None, Some((cfg, status))) => self.spawn_connect(cfg, status),
+                (None, None) => return std::future::pending().await,
+            }
+        }
         if let Some(rx) = self.connecting.as_mut() {
             let got = rx.await;
             self.connecting = None;

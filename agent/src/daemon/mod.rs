@@ -41,8 +41,8 @@ pub use findings::{FindingTracker, Transitions};
 use crate::{
     config::{Config, DatastoreSource},
     desired::{
-        kubernetes::stale_findings, AnyDatastore, Datastore, FileDatastore, KubeSourceConfig,
-        NoDatastore,
+        kubernetes::{stale_findings, watch_ended_finding},
+        AnyDatastore, Datastore, FileDatastore, KubeSourceConfig, NoDatastore,
     },
     ebpf::{self, DropCounterSource, DropSnapshot, EbpfState, NeighTarget},
     model::{DesiredState, Finding},
@@ -262,6 +262,7 @@ impl Daemon {
             offline,
             feed,
             kube,
+            watch_ended: false,
             ebpf,
             status,
             metrics,
@@ -299,6 +300,9 @@ struct LoopState {
     feed: Option<watch::Receiver<DesiredState>>,
     /// The Kubernetes source: desired state, staleness, condition/event publishing.
     kube: Option<kube::KubeLink>,
+    /// The list/watch ended and is being started again: `datastore-stale` until its first
+    /// complete snapshot.
+    watch_ended: bool,
     ebpf: Box<dyn DropCounterSource>,
     status: StatusHandle,
     metrics: Arc<Metrics>,
@@ -539,8 +543,11 @@ impl LoopState {
     }
 
     async fn reload_datastore(&mut self) {
-        if self.kube.is_some() {
-            // The list/watch pushes the desired state; a relist is the source's business.
+        if self.kube.is_some()
+            || matches!(self.config.datastore.source, DatastoreSource::Kubernetes)
+        {
+            // The list/watch pushes the desired state; a relist is the source's business. The
+            // placeholder datastore must never be loaded in its place ("no nodes").
             return;
         }
         self.file_stamp = file_stamp(&self.datastore);
@@ -623,8 +630,36 @@ impl LoopState {
             }
             kube::KubeUpdate::Snapshot => self.adopt_kube_snapshot().await,
             kube::KubeUpdate::Closed => {
-                warn!("Kubernetes watch ended; keeping the last desired state");
-                self.kube = None;
+                // Never "no nodes": the last good desired state stays in the engine, marked
+                // stale, until a new list/watch has a complete snapshot.
+                let Some(link) = self.kube.as_mut() else {
+                    return;
+                };
+                let delay = link.restart();
+                warn!(
+                    retry_in = ?delay,
+                    "Kubernetes list/watch ended; keeping the last desired state (stale) and starting it again"
+                );
+                let source = self
+                    .engine
+                    .desired()
+                    .map(|d| d.source.clone())
+                    .unwrap_or_else(|| "kubernetes".into());
+                let nodes = self.engine.desired().map_or(0, |d| d.nodes.len());
+                let device = self.config.devices.first().map_or("", String::as_str);
+                self.watch_ended = true;
+                self.engine.set_extra_findings(vec![watch_ended_finding(
+                    &source,
+                    nodes,
+                    device,
+                    "the list/watch ended",
+                )]);
+                self.status
+                    .update(|s| {
+                        s.datastore.stale = true;
+                        s.datastore.error = Some("list/watch ended; restarting".into());
+                    })
+                    .await;
             }
         }
     }
@@ -637,6 +672,10 @@ impl LoopState {
         if snap.synced {
             self.last_desired_ok = Some(Instant::now());
             self.adopt_desired((*snap.desired).clone()).await;
+            self.watch_ended = false;
+            if let Some(link) = self.kube.as_mut() {
+                link.healthy_again();
+            }
         }
         self.kube_bookkeeping();
     }
@@ -646,7 +685,7 @@ impl LoopState {
         let Some(link) = self.kube.as_mut() else {
             return;
         };
-        if let Some(snap) = link.latest() {
+        if let Some(snap) = link.latest().filter(|_| !self.watch_ended) {
             let device = self.config.devices.first().map_or("", String::as_str);
             self.engine.set_extra_findings(stale_findings(snap, device));
         }

@@ -630,7 +630,7 @@ impl KubeSource {
         });
         let mut tasks = JoinSet::new();
         let add = |key: &'static str, ar: &ApiResource| {
-            rt.shared.lock().unwrap().health.insert(
+            lock(&rt.shared).health.insert(
                 key.to_string(),
                 ResourceHealth {
                     api: format!("{}/{}", ar.api_version, ar.plural),
@@ -850,6 +850,13 @@ impl Shared {
     }
 }
 
+/// The cache survives a panic in one of its tasks: the publisher notices the task ended and
+/// closes the channel (the daemon keeps the last good state, marks it stale and reconnects);
+/// a poisoned lock must not turn that into panics everywhere else.
+fn lock(m: &Mutex<Shared>) -> std::sync::MutexGuard<'_, Shared> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 struct Runtime {
     shared: Mutex<Shared>,
     /// Signalled when the cache changed: the publisher rebuilds the desired state.
@@ -862,14 +869,14 @@ struct Runtime {
 
 impl Runtime {
     fn health(&self, key: &str, f: impl FnOnce(&mut ResourceHealth)) {
-        let mut s = self.shared.lock().unwrap();
+        let mut s = lock(&self.shared);
         if let Some(h) = s.health.get_mut(key) {
             f(h);
         }
     }
 
     fn snapshot(&self, desired: Arc<DesiredState>) -> KubeSnapshot {
-        let s = self.shared.lock().unwrap();
+        let s = lock(&self.shared);
         let now = SystemTime::now();
         let causes = stale_causes(&s.health, &self.cfg, self.started, now);
         KubeSnapshot {
@@ -1090,6 +1097,32 @@ pub fn stale_findings(snap: &KubeSnapshot, device: &str) -> Vec<Finding> {
     vec![f]
 }
 
+/// The `datastore-stale` finding while the list/watch is gone (its task ended) and being
+/// re-established: the checks keep running against the last good desired state (`nodes`).
+pub fn watch_ended_finding(source: &str, nodes: usize, device: &str, why: &str) -> Finding {
+    let mut f = Finding::new(
+        CheckId::DatastoreStale,
+        Severity::Warning,
+        device,
+        format!(
+            "datastore {source} is stale: {why}; checks run against the last good state \
+             ({nodes} nodes) until the list/watch is re-established"
+        ),
+    );
+    f.evidence
+        .details
+        .insert("source".into(), source.to_string());
+    f.evidence
+        .details
+        .insert("watch-ended".into(), why.to_string());
+    f.hint = Some(
+        "the agent reconnects by itself; if this persists, see the agent's log for why the \
+         watch ended and check the API server (`kubectl get nodes` with the agent's kubeconfig)"
+            .to_string(),
+    );
+    f
+}
+
 fn trunc(d: Duration) -> Duration {
     Duration::from_secs(d.as_secs())
 }
@@ -1097,7 +1130,7 @@ fn trunc(d: Duration) -> Duration {
 async fn run_publisher(
     rt: Arc<Runtime>,
     tx: watch::Sender<KubeSnapshot>,
-    _tasks: JoinSet<()>,
+    mut tasks: JoinSet<()>,
     ipam: Option<String>,
 ) {
     let mut desired = tx.borrow().desired.clone();
@@ -1108,11 +1141,21 @@ async fn run_publisher(
             _ = rt.dirty.notified() => true,
             _ = tick.tick() => false,
             _ = tx.closed() => break,
+            // The resource loops never return: one that ended panicked or was cancelled. Its
+            // cache would freeze while looking healthy; end the channel so the consumer
+            // keeps its last good state, marks it stale and starts over.
+            Some(ended) = tasks.join_next() => {
+                match ended {
+                    Err(e) => tracing::error!(error = %e, "a Kubernetes list/watch task failed; closing the snapshot channel"),
+                    Ok(()) => tracing::error!("a Kubernetes list/watch task ended; closing the snapshot channel"),
+                }
+                break;
+            }
         };
         if rebuild {
             // Let a burst of events land before rebuilding.
             tokio::time::sleep(rt.cfg.debounce).await;
-            let built = rt.shared.lock().unwrap().build(&rt.cfg, &rt.source);
+            let built = lock(&rt.shared).build(&rt.cfg, &rt.source);
             desired = Arc::new(built);
         }
         let snap = rt.snapshot(desired.clone()).with_ipam(ipam.as_deref());
@@ -1126,7 +1169,7 @@ async fn run_publisher(
             announce
         });
     }
-    // Dropping `_tasks` aborts the resource loops.
+    // Dropping `tasks` aborts the resource loops; dropping `tx` closes the channel.
 }
 
 /// One resource to list and watch.
@@ -1172,7 +1215,7 @@ where
         };
         backoff.reset();
         {
-            let mut s = rt.shared.lock().unwrap();
+            let mut s = lock(&rt.shared);
             let n = list.items.len();
             (w.store)(&mut s).replace(list);
             if let Some(h) = s.health.get_mut(w.key) {
@@ -1196,7 +1239,7 @@ where
     let cfg = rt.cfg.clone();
     let mut next_relist = Instant::now() + cfg.relist_interval;
     loop {
-        let position = (w.store)(&mut rt.shared.lock().unwrap()).position.clone();
+        let position = (w.store)(&mut lock(&rt.shared)).position.clone();
         let wp = WatchParams::default()
             // Bookmarks are on by default: they keep a quiet watch visibly alive.
             .timeout(cfg.watch_timeout.as_secs().clamp(1, 290) as u32);
@@ -1325,7 +1368,7 @@ where
     T: Clone + PartialEq + Send + 'static,
 {
     let now = SystemTime::now();
-    let mut s = rt.shared.lock().unwrap();
+    let mut s = lock(&rt.shared);
     let changed = match ev {
         WatchEvent::Added(obj) | WatchEvent::Modified(obj) => {
             let entry = Entry {
@@ -1383,7 +1426,7 @@ where
     T: Clone + PartialEq + Send + 'static,
 {
     let now = SystemTime::now();
-    let mut s = rt.shared.lock().unwrap();
+    let mut s = lock(&rt.shared);
     let store = (w.store)(&mut s);
     let diffs = store.differences(&list);
     let n = list.items.len();
@@ -1711,6 +1754,44 @@ ipam_api = "projectcalico.org/v3"
             "{:?}",
             f[0].evidence.details
         );
+    }
+
+    #[tokio::test]
+    async fn a_panicking_watch_task_closes_the_channel_instead_of_freezing_it() {
+        let rt = Arc::new(Runtime {
+            shared: Mutex::new(Shared {
+                nodes: Store::default(),
+                blocks: Store::default(),
+                affinities: Store::default(),
+                health: BTreeMap::new(),
+            }),
+            dirty: Notify::new(),
+            cfg: Arc::new(KubeSourceConfig::default()),
+            source: "kubernetes".into(),
+            started: SystemTime::now(),
+        });
+        let mut tasks = JoinSet::new();
+        let poisoner = rt.clone();
+        tasks.spawn(async move {
+            let _guard = lock(&poisoner.shared);
+            panic!("a bug in a resource loop");
+        });
+        let first = rt.snapshot(Arc::default());
+        let (tx, mut rx) = watch::channel(first);
+        let publisher = tokio::spawn(run_publisher(rt.clone(), tx, tasks, None));
+        let closed = tokio::time::timeout(Duration::from_secs(5), async {
+            while rx.changed().await.is_ok() {}
+        })
+        .await;
+        assert!(
+            closed.is_ok(),
+            "the channel stayed open after its task died"
+        );
+        publisher
+            .await
+            .expect("the publisher itself does not panic");
+        // The poisoned cache is still readable.
+        assert!(lock(&rt.shared).nodes.items.is_empty());
     }
 
     #[test]
