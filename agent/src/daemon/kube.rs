@@ -45,6 +45,44 @@ pub(super) struct KubeLink {
     mismatches: u64,
     last_healthy: Option<bool>,
     last_condition: Option<Instant>,
+    /// The one condition publisher's input: only the latest verdict is ever sent, in order.
+    condition: Option<watch::Sender<Option<ConditionUpdate>>>,
+}
+
+/// A verdict for the `VXLANDataplaneHealthy` condition.
+#[derive(Debug, Clone, PartialEq)]
+pub(super) struct ConditionUpdate {
+    pub healthy: bool,
+    pub reason: &'static str,
+    pub message: String,
+}
+
+/// Sends verdicts one at a time; a verdict superseded while one is in flight is never sent,
+/// so the Node ends on the latest verdict whatever the API server's latency.
+async fn publish_latest<F, Fut>(mut rx: watch::Receiver<Option<ConditionUpdate>>, mut publish: F)
+where
+    F: FnMut(ConditionUpdate) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    while rx.changed().await.is_ok() {
+        let Some(update) = rx.borrow_and_update().clone() else {
+            continue;
+        };
+        publish(update).await;
+    }
+}
+
+async fn condition_publisher(src: KubeSource, rx: watch::Receiver<Option<ConditionUpdate>>) {
+    publish_latest(rx, |u| {
+        let src = src.clone();
+        async move {
+            match src.publish_condition(u.healthy, u.reason, &u.message).await {
+                Ok(sent) => debug!(healthy = u.healthy, sent, "node condition published"),
+                Err(e) => warn!(error = %e, "cannot publish the node condition"),
+            }
+        }
+    })
+    .await;
 }
 
 impl KubeLink {
@@ -67,6 +105,7 @@ impl KubeLink {
             mismatches: 0,
             last_healthy: None,
             last_condition: None,
+            condition: None,
         }
     }
 
@@ -207,13 +246,16 @@ impl KubeLink {
             self.last_healthy = Some(healthy);
             self.last_condition = Some(Instant::now());
             let (reason, message) = condition_text(&critical);
-            let src = src.clone();
-            tokio::spawn(async move {
-                match src.publish_condition(healthy, reason, &message).await {
-                    Ok(sent) => debug!(healthy, sent, "node condition published"),
-                    Err(e) => warn!(error = %e, "cannot publish the node condition"),
-                }
+            let tx = self.condition.get_or_insert_with(|| {
+                let (tx, rx) = watch::channel(None);
+                tokio::spawn(condition_publisher(src.clone(), rx));
+                tx
             });
+            tx.send_replace(Some(ConditionUpdate {
+                healthy,
+                reason,
+                message,
+            }));
         }
         if src.config().publish_events {
             for f in opened.iter().filter(|f| f.severity == Severity::Critical) {
@@ -259,4 +301,55 @@ pub(super) fn age(snap: &KubeSnapshot, now: SystemTime) -> Option<Duration> {
 
 pub(super) fn log_connected(name: &str) {
     info!(source = %name, "Kubernetes datastore connected; list+watch started");
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use super::*;
+
+    fn verdict(healthy: bool) -> Option<ConditionUpdate> {
+        Some(ConditionUpdate {
+            healthy,
+            reason: if healthy {
+                "DataplaneHealthy"
+            } else {
+                "CriticalFindings"
+            },
+            message: String::new(),
+        })
+    }
+
+    #[tokio::test]
+    async fn the_node_ends_on_the_latest_verdict_however_slow_the_api_server() {
+        // The first patch takes 300 ms, later ones 1 ms: one task per verdict would land the
+        // stale "unhealthy" last.
+        let landed = Arc::new(Mutex::new(Vec::new()));
+        let (tx, rx) = watch::channel(None);
+        let recorder = landed.clone();
+        let publisher = tokio::spawn(publish_latest(rx, move |u: ConditionUpdate| {
+            let landed = recorder.clone();
+            async move {
+                let slow = !u.healthy;
+                tokio::time::sleep(Duration::from_millis(if slow { 300 } else { 1 })).await;
+                landed.lock().unwrap().push(u.healthy);
+            }
+        }));
+        tx.send_replace(verdict(false));
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        tx.send_replace(verdict(true));
+        tx.send_replace(verdict(false));
+        tx.send_replace(verdict(true));
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        drop(tx);
+        publisher.await.unwrap();
+        let landed = landed.lock().unwrap().clone();
+        assert_eq!(landed.last(), Some(&true), "{landed:?}");
+        assert_eq!(
+            landed,
+            vec![false, true],
+            "superseded verdicts are not sent"
+        );
+    }
 }
