@@ -49,6 +49,12 @@ fn items(ws: &Path) -> Vec<Item> {
             replace: false,
         },
     ];
+    items.push(Item {
+        src: ws.join("systemd/netns.conf"),
+        dst: "/usr/local/share/doc/dataplane-watchdog/netns.conf",
+        mode: 0o644,
+        replace: true,
+    });
     let readme = ws.join("README.md");
     if readme.exists() {
         items.push(Item {
@@ -203,4 +209,82 @@ fn which(program: &str) -> Option<PathBuf> {
     std::env::split_paths(&path)
         .map(|dir| dir.join(program))
         .find(|p| p.is_file())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `systemd-analyze security --offline` of the unit in `dir` (drop-ins included): the
+    /// lines for the settings `--netns` depends on.
+    fn exposure(dir: &Path) -> Option<String> {
+        let analyze = which("systemd-analyze")?;
+        let out = Command::new(analyze)
+            .args(["security", "--offline=yes"])
+            .arg(dir.join("dataplane-watchdog.service"))
+            .output()
+            .ok()?;
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        Some(
+            text.lines()
+                .filter(|l| l.contains("RestrictNamespaces=~net") || l.contains("=~CAP_SYS_ADMIN"))
+                .map(|l| l.split_whitespace().take(2).collect::<Vec<_>>().join(" "))
+                .collect::<Vec<_>>()
+                .join("\n"),
+        )
+    }
+
+    fn verify(dir: &Path) -> Vec<String> {
+        let Some(analyze) = which("systemd-analyze") else {
+            return Vec::new();
+        };
+        let out = Command::new(analyze)
+            .arg("verify")
+            .arg(dir.join("dataplane-watchdog.service"))
+            .output()
+            .expect("systemd-analyze runs");
+        String::from_utf8_lossy(&out.stderr)
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty() && !l.contains(&format!("Command {BIN} is not executable")))
+            .map(str::to_string)
+            .collect()
+    }
+
+    #[test]
+    fn the_unit_forbids_setns_and_the_netns_drop_in_allows_exactly_it() {
+        let ws = workspace_root();
+        let dir = std::env::temp_dir().join(format!("watchdog-unit-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        fs::copy(
+            ws.join("systemd/dataplane-watchdog.service"),
+            dir.join("dataplane-watchdog.service"),
+        )
+        .unwrap();
+        let Some(base) = exposure(&dir) else {
+            eprintln!("systemd-analyze not installed: skipped");
+            return;
+        };
+        assert_eq!(verify(&dir), Vec::<String>::new());
+        assert!(base.contains("✓ RestrictNamespaces=~net"), "{base}");
+        assert!(
+            base.contains("✓ CapabilityBoundingSet=~CAP_SYS_ADMIN"),
+            "{base}"
+        );
+
+        let d = dir.join("dataplane-watchdog.service.d");
+        fs::create_dir(&d).unwrap();
+        fs::copy(ws.join("systemd/netns.conf"), d.join("netns.conf")).unwrap();
+        assert_eq!(verify(&dir), Vec::<String>::new());
+        let with = exposure(&dir).unwrap();
+        assert!(with.contains("✗ RestrictNamespaces=~net"), "{with}");
+        assert!(
+            with.contains("✗ CapabilityBoundingSet=~CAP_SYS_ADMIN"),
+            "{with}"
+        );
+        let text = fs::read_to_string(ws.join("systemd/netns.conf")).unwrap();
+        assert!(text.contains("--netns ${WATCHDOG_NETNS}"));
+        let _ = fs::remove_dir_all(&dir);
+    }
 }
