@@ -424,6 +424,21 @@ fn unwatched_device_is_not_counted_and_rewatching_after_recreate_works() {
     std::thread::sleep(Duration::from_millis(800));
     assert!(counters.snapshot().unwrap().drops.is_empty());
 
+    // Watched: its drops are counted, and must survive the device being retired.
+    watch(&mut counters, old);
+    ns.send_udp(Ipv4Addr::new(10, 9, 0, 5), 9000, 10);
+    wait_for(&counters, Duration::from_secs(5), |s| {
+        s.data_drops_to_peer("k8s03").values().sum::<u64>() == 10
+    });
+    // Let the neighbour fail completely so no queued packet is freed after the retire.
+    std::thread::sleep(Duration::from_millis(1500));
+    let before_retire = counters.snapshot().unwrap();
+    let old_total = before_retire
+        .data_drops_to_peer("k8s03")
+        .values()
+        .sum::<u64>();
+    assert!(old_total >= 10, "{before_retire:#?}");
+
     // Re-create the device (new ifindex) and update the watch set, as the daemon does.
     ns.ip(&["link", "del", "vxlan.calico"]);
     ns.ip(&[
@@ -455,16 +470,33 @@ fn unwatched_device_is_not_counted_and_rewatching_after_recreate_works() {
     counters
         .set_watched_devices(&BTreeSet::from([new]))
         .unwrap();
+    // The retired device's counts are kept.
+    let retired = counters.snapshot().unwrap();
+    assert_eq!(
+        retired.data_drops_to_peer("k8s03").values().sum::<u64>(),
+        old_total,
+        "counts lost when the device was retired: {retired:#?}"
+    );
     ns.send_udp(Ipv4Addr::new(10, 9, 0, 5), 9000, 10);
     let snap = wait_for(&counters, Duration::from_secs(5), |s| {
-        s.data_drops_to_peer("k8s03").values().sum::<u64>() == 10
+        s.data_drops_to_peer("k8s03").values().sum::<u64>() == old_total + 10
     });
     assert_eq!(
         snap.data_drops_to_peer("k8s03").values().sum::<u64>(),
-        10,
+        old_total + 10,
         "{snap:#?}"
     );
-    assert!(snap.drops.iter().all(|d| d.ifindex == new));
+    assert!(snap
+        .drops
+        .iter()
+        .all(|d| d.ifindex == new || d.ifindex == old));
+    let new_data: u64 = snap
+        .drops
+        .iter()
+        .filter(|d| d.ifindex == new && d.class.is_data() && d.peer.is_some())
+        .map(|d| d.packets)
+        .sum();
+    assert_eq!(new_data, 10, "{snap:#?}");
 }
 
 /// Two namespaces joined by a veth underlay, each with a vxlan.calico configured like Felix's

@@ -565,8 +565,11 @@ impl DropCounterSource for EbpfDropCounters {
         }
         let (remove, add) = diff_slots(&self.slots, ifindexes);
         for slot in remove {
-            self.write_slot(slot, 0)?;
+            // Stop counting, harvest what the slot counted (its ifindex is still known here),
+            // then free it: the other order found the slot empty and lost the counts.
+            self.write_kernel_slot(slot, 0)?;
             self.retire_slot(slot)?;
+            self.slots[slot as usize] = 0;
         }
         for ifindex in add {
             let slot = self
@@ -678,6 +681,13 @@ pub(crate) struct RawDrop {
 
 impl EbpfDropCounters {
     fn write_slot(&mut self, slot: u32, ifindex: u32) -> Result<(), EbpfError> {
+        self.write_kernel_slot(slot, ifindex)?;
+        self.slots[slot as usize] = ifindex;
+        Ok(())
+    }
+
+    /// The kernel side of a slot only; `self.slots` is the caller's.
+    fn write_kernel_slot(&mut self, slot: u32, ifindex: u32) -> Result<(), EbpfError> {
         let err = |source| EbpfError::Map {
             map: WATCHED_DEVICES_MAP,
             source,
@@ -685,7 +695,6 @@ impl EbpfDropCounters {
         let mut map: Array<&mut MapData, u32> =
             Array::try_from(self.map_mut(WATCHED_DEVICES_MAP)?).map_err(err)?;
         map.set(slot, ifindex, 0).map_err(err)?;
-        self.slots[slot as usize] = ifindex;
         Ok(())
     }
 
