@@ -225,7 +225,9 @@ impl Default for KubeSourceConfig {
             watch_timeout: Duration::from_secs(60),
             request_timeout: Duration::from_secs(30),
             relist_grace: Duration::from_secs(2),
-            retry_max: Duration::from_secs(30),
+            // Recovery within a few seconds of the API server answering again; with jitter,
+            // 5,000 agents retry at ~1,000/s at worst, spread, not in bursts.
+            retry_max: Duration::from_secs(5),
             page_size: 500,
             debounce: Duration::from_millis(100),
             publish_condition: false,
@@ -1457,7 +1459,9 @@ where
     true
 }
 
-/// Exponential retry delay, 250 ms doubling up to `max`.
+/// Retry delay after errors: 250 ms doubling up to `max`, reset on success. Each wait is
+/// jittered to 50-100 % of the step, so a fleet of agents does not retry in lockstep against
+/// an API server that is coming back, and recovery follows it within `max`.
 struct Backoff {
     next: Duration,
     max: Duration,
@@ -1474,9 +1478,14 @@ impl Backoff {
     fn reset(&mut self) {
         self.next = Self::FIRST.min(self.max);
     }
-    async fn wait(&mut self) {
-        tokio::time::sleep(self.next).await;
+    /// The next delay to wait (jittered), advancing the step.
+    fn next_delay(&mut self) -> Duration {
+        let delay = self.next.mul_f64(0.5 + fastrand::f64() * 0.5);
         self.next = (self.next * 2).min(self.max);
+        delay
+    }
+    async fn wait(&mut self) {
+        tokio::time::sleep(self.next_delay()).await;
     }
 }
 
@@ -1754,6 +1763,32 @@ ipam_api = "projectcalico.org/v3"
             "{:?}",
             f[0].evidence.details
         );
+    }
+
+    #[test]
+    fn retries_are_capped_jittered_and_reset() {
+        let cfg = KubeSourceConfig::default();
+        let mut b = Backoff::new(cfg.retry_max);
+        let delays: Vec<Duration> = (0..12).map(|_| b.next_delay()).collect();
+        // A long outage: the server is retried at most every `retry_max`, and that is a few
+        // seconds, so the agent follows it back quickly.
+        assert!(
+            cfg.retry_max <= Duration::from_secs(5),
+            "{:?}",
+            cfg.retry_max
+        );
+        assert!(delays.iter().all(|d| *d <= cfg.retry_max), "{delays:?}");
+        assert!(
+            delays[11] >= cfg.retry_max / 2,
+            "capped, not stuck low: {delays:?}"
+        );
+        assert!(delays[0] <= Backoff::FIRST && delays[0] >= Backoff::FIRST / 2);
+        // Not in lockstep: two agents failing together wait different times.
+        let mut other = Backoff::new(cfg.retry_max);
+        let theirs: Vec<Duration> = (0..12).map(|_| other.next_delay()).collect();
+        assert_ne!(delays, theirs);
+        b.reset();
+        assert!(b.next_delay() <= Backoff::FIRST);
     }
 
     #[tokio::test]
