@@ -122,6 +122,10 @@ impl DropWindow {
                 );
             }
         }
+        // A peer without counters any more (gone from the datastore, counters retired) has
+        // nothing left to acknowledge: forget it, so node churn cannot grow this map.
+        self.acknowledged
+            .retain(|peer, _| totals.contains_key(peer));
         self.history.push_back((now, totals));
         summary
     }
@@ -150,6 +154,27 @@ mod tests {
 
     fn dev(i: u32) -> Option<String> {
         (i == 7).then(|| "vxlan.calico".to_string())
+    }
+
+    #[test]
+    fn node_churn_does_not_grow_the_acknowledgements() {
+        let t0 = Instant::now();
+        let mut w = DropWindow::new(Duration::from_secs(10));
+        for round in 0..5u64 {
+            let names: Vec<String> = (0..1000).map(|i| format!("node-{round}-{i}")).collect();
+            let entries: Vec<(&str, TrafficClass, Option<&str>, u64)> = names
+                .iter()
+                .map(|n| ("NEIGH_FAILED", TrafficClass::Ipv4, Some(n.as_str()), 5))
+                .collect();
+            w.observe(t0 + Duration::from_secs(round * 2), &snap(&entries), dev);
+            for n in &names {
+                w.acknowledge(n);
+            }
+            assert_eq!(w.acknowledged.len(), 1000, "round {round}");
+        }
+        // Those peers left the cluster; their counters are gone from the snapshot.
+        w.observe(t0 + Duration::from_secs(20), &snap(&[]), dev);
+        assert!(w.acknowledged.is_empty());
     }
 
     #[test]

@@ -801,6 +801,9 @@ impl LoopState {
                 *last = failed;
             }
         }
+        // Devices come and go (re-created with a new ifindex): keep only the watched ones.
+        self.neigh_failed_last
+            .retain(|(device, ifindex), _| names.get(ifindex) == Some(device));
         let peers: Vec<String> = self
             .engine
             .desired()
