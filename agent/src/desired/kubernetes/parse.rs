@@ -15,7 +15,10 @@ use kube::api::ObjectMeta;
 use serde::{Deserialize, Deserializer};
 use serde_json::Value;
 
-use crate::model::{DatastoreProblem, DesiredState, MacAddr, PeerNode};
+use crate::{
+    desired::{RawField, RawNode},
+    model::{DatastoreProblem, DesiredState, MacAddr, PeerNode},
+};
 
 pub const ANN_CALICO_VTEP: &str = "projectcalico.org/IPv4VXLANTunnelAddr";
 pub const ANN_CALICO_ADDRESS: &str = "projectcalico.org/IPv4Address";
@@ -256,7 +259,8 @@ fn nth_address(net: &IpNet, ordinal: u32) -> Option<IpAddr> {
 
 fn build_calico(view: &CacheView, out: &mut DesiredState) {
     // Block ownership from IPAMBlocks: what Felix routes by.
-    let mut blocks_of: BTreeMap<String, Vec<IpNet>> = BTreeMap::new();
+    // The CIDR as written (host bits are the shared validation's to reject), and where.
+    let mut blocks_of: BTreeMap<String, Vec<RawField>> = BTreeMap::new();
     let mut borrowed_of: BTreeMap<String, Vec<IpNet>> = BTreeMap::new();
     let mut owner_of_cidr: BTreeMap<IpNet, String> = BTreeMap::new();
     for (name, block) in view.blocks {
@@ -293,7 +297,14 @@ fn build_calico(view: &CacheView, out: &mut DesiredState) {
             }
         };
         if let Some(owner) = owner {
-            blocks_of.entry(owner.to_string()).or_default().push(cidr);
+            blocks_of
+                .entry(owner.to_string())
+                .or_default()
+                .push(RawField {
+                    field: "spec.cidr".to_string(),
+                    value: block.cidr.as_deref().map(|c| c.trim().to_string()),
+                    object: Some(object.clone()),
+                });
             owner_of_cidr.insert(cidr, owner.to_string());
         }
         for (ordinal, node) in &block.foreign {
@@ -347,10 +358,14 @@ fn build_calico(view: &CacheView, out: &mut DesiredState) {
         }
     }
 
+    // Annotation format is checked here; the values themselves, and everything across
+    // nodes (duplicate VTEPs, conflicting blocks, host bits), by the validation every source
+    // shares.
+    let mut records: Vec<RawNode> = Vec::new();
     for (name, info) in view.nodes {
         let object = format!("Node/{name}");
         let blocks = blocks_of.remove(name).unwrap_or_default();
-        let borrowed = borrowed_of.remove(name).unwrap_or_default();
+        let borrowed = sorted(borrowed_of.remove(name).unwrap_or_default());
         let Some(vtep_raw) = info.calico_vtep.as_deref() else {
             // No VTEP and no blocks: not (yet) a Calico VXLAN node, nothing to check.
             if !blocks.is_empty() {
@@ -365,15 +380,6 @@ fn build_calico(view: &CacheView, out: &mut DesiredState) {
                     ),
                 ));
             }
-            continue;
-        };
-        let Ok(vtep_ip) = vtep_raw.trim().parse::<IpAddr>() else {
-            out.problems.push(problem(
-                object,
-                Some(name),
-                &ann_field(ANN_CALICO_VTEP),
-                format!("{vtep_raw:?} is not an IP address"),
-            ));
             continue;
         };
         let node_ip = match info.calico_address.as_deref() {
@@ -399,34 +405,41 @@ fn build_calico(view: &CacheView, out: &mut DesiredState) {
                 }
             },
         };
-        let (vtep_mac, vtep_mac_derived) = match info.calico_mac.as_deref() {
-            None => (MacAddr::derive_like_felix(name), true),
-            Some(raw) => match raw.trim().parse::<MacAddr>() {
-                Ok(mac) => (mac, false),
-                Err(e) => {
-                    out.problems.push(problem(
-                        object,
-                        Some(name),
-                        &ann_field(ANN_CALICO_MAC),
-                        e.to_string(),
-                    ));
-                    continue;
-                }
-            },
-        };
-        out.nodes.insert(
-            name.clone(),
-            PeerNode {
-                name: name.clone(),
-                node_ip,
-                vtep_ip,
-                vtep_mac,
-                vtep_mac_derived,
-                blocks: sorted(blocks),
-                borrowed: sorted(borrowed),
-            },
-        );
+        records.push(RawNode {
+            object,
+            name: RawField::new("metadata.name", Some(name.clone())),
+            node_ip: RawField::new(ann_field(ANN_CALICO_ADDRESS), Some(node_ip.to_string())),
+            vtep_ip: RawField::new(
+                ann_field(ANN_CALICO_VTEP),
+                Some(vtep_raw.trim().to_string()),
+            ),
+            vtep_mac: RawField::new(
+                ann_field(ANN_CALICO_MAC),
+                info.calico_mac.as_deref().map(|m| m.trim().to_string()),
+            ),
+            blocks,
+            borrowed: borrowed
+                .iter()
+                .map(|b| RawField {
+                    field: "spec.attributes[secondary]".to_string(),
+                    value: Some(b.to_string()),
+                    object: None,
+                })
+                .collect(),
+        });
     }
+    let problems = std::mem::take(&mut out.problems);
+    let built = crate::desired::build(out.source.clone(), &out.local_node, records, problems);
+    out.nodes = built.nodes;
+    out.problems = built.problems;
+    if view.nodes.contains_key(&out.local_node) && !out.nodes.contains_key(&out.local_node) {
+        // The local Node exists but has no VXLAN tunnel (yet): it is in the datastore, and
+        // has no VXLAN blocks to be confused with a peer's.
+        let local = out.local_node.clone();
+        out.problems
+            .retain(|p| !(p.field == "nodes" && p.node.as_deref() == Some(local.as_str())));
+    }
+    out.unverifiable = built.unverifiable;
 }
 
 fn sorted(mut v: Vec<IpNet>) -> Vec<IpNet> {
@@ -570,7 +583,7 @@ mod tests {
             blocks.into_iter().collect(),
             affs.into_iter().collect(),
         );
-        build_desired(
+        let mut d = build_desired(
             KubeProfile::Calico,
             "k8s01",
             &CacheView {
@@ -578,7 +591,10 @@ mod tests {
                 blocks: &b,
                 affinities: &a,
             },
-        )
+        );
+        // These fixtures leave the local node out; that problem is not what they test.
+        d.problems.retain(|p| p.field != "nodes");
+        d
     }
 
     #[test]
@@ -592,6 +608,102 @@ mod tests {
             NodeInfo::from_object(&obj).pod_cidr.as_deref(),
             Some("10.244.1.0/24")
         );
+    }
+
+    /// The same cluster through the file and through Kubernetes: which nodes are accepted,
+    /// which are rejected, and which blocks are unverifiable must not depend on the source.
+    fn through_both(nodes: &[(&str, &str, &str, &[&str])]) -> (DesiredState, DesiredState) {
+        let mut yaml = String::from("nodes:\n");
+        let mut kube_nodes = vec![calico_node("k8s01", "10.1.1.0", "192.168.77.1/24")];
+        let mut kube_blocks = vec![block(
+            "local",
+            json!({"cidr": "10.1.1.0/26", "affinity": "host:k8s01"}),
+        )];
+        yaml.push_str(
+            "  - {name: k8s01, node_ip: 192.168.77.1, vtep_ip: 10.1.1.0, blocks: [10.1.1.0/26]}\n",
+        );
+        for (name, vtep, node_ip, blocks) in nodes {
+            yaml.push_str(&format!(
+                "  - {{name: {name}, node_ip: {node_ip}, vtep_ip: {vtep}, blocks: [{}]}}\n",
+                blocks.join(", ")
+            ));
+            kube_nodes.push(calico_node(name, vtep, &format!("{node_ip}/24")));
+            for (i, cidr) in blocks.iter().enumerate() {
+                kube_blocks.push(block(
+                    &format!("{name}-{i}"),
+                    json!({"cidr": cidr, "affinity": format!("host:{name}")}),
+                ));
+            }
+        }
+        let file = crate::desired::file::parse(
+            &yaml,
+            crate::desired::file::FileFormat::Yaml,
+            std::path::Path::new("/etc/nodes.yaml"),
+            "k8s01",
+        )
+        .expect("valid YAML");
+        let (n, b, a) = (
+            kube_nodes.into_iter().collect(),
+            kube_blocks.into_iter().collect(),
+            BTreeMap::new(),
+        );
+        let kube = build_desired(
+            KubeProfile::Calico,
+            "k8s01",
+            &CacheView {
+                nodes: &n,
+                blocks: &b,
+                affinities: &a,
+            },
+        );
+        (file, kube)
+    }
+
+    fn verdict(d: &DesiredState) -> (Vec<String>, Vec<String>, Vec<IpNet>) {
+        let accepted = d.nodes.keys().cloned().collect();
+        let mut rejected: Vec<String> = d.problems.iter().filter_map(|p| p.node.clone()).collect();
+        rejected.sort();
+        rejected.dedup();
+        (accepted, rejected, d.unverifiable.clone())
+    }
+
+    #[test]
+    fn bad_clusters_give_the_same_verdict_through_file_and_kubernetes() {
+        let cases: [&[(&str, &str, &str, &[&str])]; 4] = [
+            // Two nodes annotated with the same VTEP IP.
+            &[
+                ("k8s02", "10.1.2.0", "192.168.77.2", &["10.1.2.0/26"]),
+                ("k8s03", "10.1.2.0", "192.168.77.3", &["10.1.3.0/26"]),
+            ],
+            // A block CIDR with host bits.
+            &[("k8s02", "10.1.2.0", "192.168.77.2", &["10.1.2.5/26"])],
+            // Two nodes claiming the same block.
+            &[
+                ("k8s02", "10.1.2.0", "192.168.77.2", &["10.1.2.0/26"]),
+                (
+                    "k8s03",
+                    "10.1.3.0",
+                    "192.168.77.3",
+                    &["10.1.2.0/26", "10.1.3.0/26"],
+                ),
+            ],
+            // A loopback VTEP.
+            &[("k8s02", "127.0.0.1", "192.168.77.2", &["10.1.2.0/26"])],
+        ];
+        for (i, case) in cases.iter().enumerate() {
+            let (file, kube) = through_both(case);
+            assert!(
+                !file.problems.is_empty(),
+                "case {i}: the file path found nothing: {file:?}"
+            );
+            assert_eq!(
+                verdict(&file),
+                verdict(&kube),
+                "case {i}:\nfile: {:?}\nkube: {:?}",
+                file.problems,
+                kube.problems
+            );
+        }
     }
 
     #[test]
