@@ -610,6 +610,9 @@ mod tests {
         );
     }
 
+    /// (name, VTEP, node IP, blocks) of one node of a test cluster.
+    type TestNode<'a> = (&'a str, &'a str, &'a str, &'a [&'a str]);
+
     /// The same cluster through the file and through Kubernetes: which nodes are accepted,
     /// which are rejected, and which blocks are unverifiable must not depend on the source.
     fn through_both(nodes: &[(&str, &str, &str, &[&str])]) -> (DesiredState, DesiredState) {
@@ -669,7 +672,7 @@ mod tests {
 
     #[test]
     fn bad_clusters_give_the_same_verdict_through_file_and_kubernetes() {
-        let cases: [&[(&str, &str, &str, &[&str])]; 4] = [
+        let cases: [&[TestNode]; 4] = [
             // Two nodes annotated with the same VTEP IP.
             &[
                 ("k8s02", "10.1.2.0", "192.168.77.2", &["10.1.2.0/26"]),
