@@ -17,7 +17,7 @@ use serde_json::Value;
 
 use crate::{
     desired::{RawField, RawNode},
-    model::{DatastoreProblem, DesiredState, MacAddr, PeerNode},
+    model::{DatastoreProblem, DesiredState, MacAddr},
 };
 
 pub const ANN_CALICO_VTEP: &str = "projectcalico.org/IPv4VXLANTunnelAddr";
@@ -428,10 +428,17 @@ fn build_calico(view: &CacheView, out: &mut DesiredState) {
                 .collect(),
         });
     }
+    validate(view, records, out);
+}
+
+/// The validation every source shares (`desired::build`), over the records this source's
+/// annotation checks accepted.
+fn validate(view: &CacheView, records: Vec<RawNode>, out: &mut DesiredState) {
     let problems = std::mem::take(&mut out.problems);
     let built = crate::desired::build(out.source.clone(), &out.local_node, records, problems);
     out.nodes = built.nodes;
     out.problems = built.problems;
+    out.unverifiable = built.unverifiable;
     if view.nodes.contains_key(&out.local_node) && !out.nodes.contains_key(&out.local_node) {
         // The local Node exists but has no VXLAN tunnel (yet): it is in the datastore, and
         // has no VXLAN blocks to be confused with a peer's.
@@ -439,7 +446,6 @@ fn build_calico(view: &CacheView, out: &mut DesiredState) {
         out.problems
             .retain(|p| !(p.field == "nodes" && p.node.as_deref() == Some(local.as_str())));
     }
-    out.unverifiable = built.unverifiable;
 }
 
 fn sorted(mut v: Vec<IpNet>) -> Vec<IpNet> {
@@ -455,6 +461,7 @@ struct FlannelBackend {
 }
 
 fn build_flannel(view: &CacheView, out: &mut DesiredState) {
+    let mut records: Vec<RawNode> = Vec::new();
     for (name, info) in view.nodes {
         let object = format!("Node/{name}");
         let (Some(backend_raw), Some(public_raw)) = (
@@ -535,20 +542,24 @@ fn build_flannel(view: &CacheView, out: &mut DesiredState) {
                 continue;
             }
         };
-        out.nodes.insert(
-            name.clone(),
-            PeerNode {
-                name: name.clone(),
-                node_ip,
-                // flannel routes `S via S.0 onlink`: the subnet's network address is the VTEP.
-                vtep_ip: pod_cidr.network(),
-                vtep_mac,
-                vtep_mac_derived: false,
-                blocks: vec![pod_cidr],
-                borrowed: Vec::new(),
-            },
-        );
+        records.push(RawNode {
+            object,
+            name: RawField::new("metadata.name", Some(name.clone())),
+            node_ip: RawField::new(ann_field(ANN_FLANNEL_PUBLIC_IP), Some(node_ip.to_string())),
+            // flannel routes `S via S.0 onlink`: the subnet's network address is the VTEP.
+            vtep_ip: RawField::new("spec.podCIDR", Some(pod_cidr.network().to_string())),
+            vtep_mac: RawField::new(
+                format!("{}.VtepMAC", ann_field(ANN_FLANNEL_BACKEND)),
+                Some(vtep_mac.to_string()),
+            ),
+            blocks: vec![RawField::new(
+                "spec.podCIDR",
+                info.pod_cidr.as_deref().map(|c| c.trim().to_string()),
+            )],
+            borrowed: Vec::new(),
+        });
     }
+    validate(view, records, out);
 }
 
 #[cfg(test)]
@@ -870,7 +881,35 @@ mod tests {
         assert_eq!(f2.node_ip, v4(192, 168, 88, 2));
         assert_eq!(f2.vtep_mac.to_string(), "aa:bb:cc:dd:ee:02");
         assert_eq!(f2.blocks, vec!["10.244.2.0/24".parse::<IpNet>().unwrap()]);
-        assert_eq!(d.problems.len(), 1);
-        assert_eq!(d.problems[0].object, "Node/f3");
+        // The local node f1 is left out of this fixture; that problem is not what it tests.
+        let problems: Vec<_> = d.problems.iter().filter(|p| p.field != "nodes").collect();
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert_eq!(problems[0].object, "Node/f3");
+    }
+
+    #[test]
+    fn flannel_pod_cidr_with_host_bits_is_rejected_like_the_file_does() {
+        let obj = lite(json!({"metadata": {"name": "f2", "annotations": {
+            ANN_FLANNEL_BACKEND: "{\"VNI\":1,\"VtepMAC\":\"aa:bb:cc:dd:ee:02\"}",
+            ANN_FLANNEL_PUBLIC_IP: "192.168.88.2"}},
+            "spec": {"podCIDR": "10.244.2.7/24"}}));
+        let nodes: BTreeMap<_, _> = [("f2".to_string(), NodeInfo::from_object(&obj))]
+            .into_iter()
+            .collect();
+        let (b, a) = (BTreeMap::new(), BTreeMap::new());
+        let d = build_desired(
+            KubeProfile::Flannel,
+            "f2",
+            &CacheView {
+                nodes: &nodes,
+                blocks: &b,
+                affinities: &a,
+            },
+        );
+        assert!(
+            d.problems.iter().any(|p| p.field == "spec.podCIDR"),
+            "{:?}",
+            d.problems
+        );
     }
 }
