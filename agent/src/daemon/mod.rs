@@ -228,8 +228,22 @@ impl Daemon {
         // Subscribe before the first dump so no change falls between the two.
         let monitor = Monitor::start(netns, &monitor_options)?;
         let observer = NetlinkObserver::new(netns)?;
-        let ebpf = ebpf.unwrap_or_else(|| open_ebpf(&config, netns));
+        // Loading runs the verifier over every program (hundreds of ms): on a blocking thread,
+        // so the status socket, already serving, answers meanwhile.
+        let ebpf = match ebpf {
+            Some(e) => e,
+            None => {
+                let (cfg, ns) = (config.clone(), netns.map(Path::to_path_buf));
+                tokio::task::spawn_blocking(move || open_ebpf(&cfg, ns.as_deref()))
+                    .await
+                    .unwrap_or_else(|e| {
+                        error!(error = %e, "eBPF load failed; drop accounting off");
+                        disabled_ebpf(format!("loading failed: {e}"), netns)
+                    })
+            }
+        };
         let ebpf_status = ebpf.status();
+        let ebpf = Arc::new(std::sync::Mutex::new(ebpf));
         status.update(|s| s.ebpf = status_ebpf(&ebpf_status)).await;
 
         let kube = match &datastore {
@@ -303,7 +317,9 @@ struct LoopState {
     /// The list/watch ended and is being started again: `datastore-stale` until its first
     /// complete snapshot.
     watch_ended: bool,
-    ebpf: Box<dyn DropCounterSource>,
+    /// Shared with the blocking thread that reads the per-CPU maps (about a thousand
+    /// syscalls per device each second), so the runtime keeps serving meanwhile.
+    ebpf: Arc<std::sync::Mutex<Box<dyn DropCounterSource>>>,
     status: StatusHandle,
     metrics: Arc<Metrics>,
     /// ifindexes last given to eBPF.
@@ -588,7 +604,7 @@ impl LoopState {
         let for_status = desired.clone();
         let changed = self.engine.set_desired((!self.offline).then_some(desired));
         if changed {
-            if let Err(e) = self.ebpf.set_peer_blocks(&blocks) {
+            if let Err(e) = lock_counters(&self.ebpf).set_peer_blocks(&blocks) {
                 warn!(error = %e, "eBPF peer blocks not updated; drops are not attributed to peers");
             }
             info!(
@@ -698,7 +714,7 @@ impl LoopState {
         let now = self.engine.watched_ifindexes();
         if now != self.watched {
             debug!(?now, before = ?self.watched, "watched devices changed");
-            match self.ebpf.set_watched_devices(&now) {
+            match lock_counters(&self.ebpf).set_watched_devices(&now) {
                 Ok(()) => self.watched = now,
                 Err(e) => warn!(error = %e, "eBPF watched devices not updated"),
             }
@@ -752,15 +768,21 @@ impl LoopState {
 
     async fn poll_drops(&mut self) {
         if !matches!(
-            self.ebpf.status().state,
+            lock_counters(&self.ebpf).status().state,
             EbpfState::Attached | EbpfState::Partial
         ) {
             return;
         }
-        let snapshot = match self.ebpf.snapshot() {
-            Ok(s) => s,
-            Err(e) => {
+        let counters = self.ebpf.clone();
+        let read = tokio::task::spawn_blocking(move || lock_counters(&counters).snapshot()).await;
+        let snapshot = match read {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
                 debug!(error = %e, "eBPF snapshot failed");
+                return;
+            }
+            Err(e) => {
+                warn!(error = %e, "eBPF snapshot task failed");
                 return;
             }
         };
@@ -940,16 +962,30 @@ fn open_ebpf(config: &Config, netns: Option<&Path>) -> Box<dyn DropCounterSource
     if config.ebpf.enabled {
         ebpf::open(netns)
     } else {
-        Box::new(ebpf::Disabled::new(
-            ebpf::EbpfStatus {
-                state: EbpfState::Unavailable,
-                missing: None,
-                reason: Some("disabled by configuration (ebpf.enabled = false)".into()),
-                programs: Vec::new(),
-            },
+        disabled_ebpf(
+            "disabled by configuration (ebpf.enabled = false)".into(),
             netns,
-        ))
+        )
     }
+}
+
+fn disabled_ebpf(reason: String, netns: Option<&Path>) -> Box<dyn DropCounterSource> {
+    Box::new(ebpf::Disabled::new(
+        ebpf::EbpfStatus {
+            state: EbpfState::Unavailable,
+            missing: None,
+            reason: Some(reason),
+            programs: Vec::new(),
+        },
+        netns,
+    ))
+}
+
+/// The drop counter source; a panic elsewhere while it was held leaves it usable.
+fn lock_counters(
+    m: &std::sync::Mutex<Box<dyn DropCounterSource>>,
+) -> std::sync::MutexGuard<'_, Box<dyn DropCounterSource>> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// The status API's view of the eBPF state.
