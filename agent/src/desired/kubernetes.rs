@@ -618,18 +618,7 @@ impl KubeSource {
     /// current value are kept fresh without an announcement). The background tasks stop when
     /// every receiver is dropped.
     pub fn spawn(&self) -> watch::Receiver<KubeSnapshot> {
-        let rt = Arc::new(Runtime {
-            shared: Mutex::new(Shared {
-                nodes: Store::default(),
-                blocks: Store::default(),
-                affinities: Store::default(),
-                health: BTreeMap::new(),
-            }),
-            dirty: Notify::new(),
-            cfg: self.cfg.clone(),
-            source: self.source.clone(),
-            started: SystemTime::now(),
-        });
+        let rt = Arc::new(Runtime::new(self.cfg.clone(), self.source.clone()));
         let mut tasks = JoinSet::new();
         let add = |key: &'static str, ar: &ApiResource| {
             lock(&rt.shared).health.insert(
@@ -870,6 +859,22 @@ struct Runtime {
 }
 
 impl Runtime {
+    /// An empty cache, as before the first list.
+    fn new(cfg: Arc<KubeSourceConfig>, source: String) -> Self {
+        Runtime {
+            shared: Mutex::new(Shared {
+                nodes: Store::default(),
+                blocks: Store::default(),
+                affinities: Store::default(),
+                health: BTreeMap::new(),
+            }),
+            dirty: Notify::new(),
+            cfg,
+            source,
+            started: SystemTime::now(),
+        }
+    }
+
     fn health(&self, key: &str, f: impl FnOnce(&mut ResourceHealth)) {
         let mut s = lock(&self.shared);
         if let Some(h) = s.health.get_mut(key) {
@@ -1793,18 +1798,10 @@ ipam_api = "projectcalico.org/v3"
 
     #[tokio::test]
     async fn a_panicking_watch_task_closes_the_channel_instead_of_freezing_it() {
-        let rt = Arc::new(Runtime {
-            shared: Mutex::new(Shared {
-                nodes: Store::default(),
-                blocks: Store::default(),
-                affinities: Store::default(),
-                health: BTreeMap::new(),
-            }),
-            dirty: Notify::new(),
-            cfg: Arc::new(KubeSourceConfig::default()),
-            source: "kubernetes".into(),
-            started: SystemTime::now(),
-        });
+        let rt = Arc::new(Runtime::new(
+            Arc::new(KubeSourceConfig::default()),
+            "kubernetes".into(),
+        ));
         let mut tasks = JoinSet::new();
         let poisoner = rt.clone();
         tasks.spawn(async move {

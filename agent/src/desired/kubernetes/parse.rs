@@ -589,23 +589,30 @@ mod tests {
         blocks: Vec<(String, BlockInfo)>,
         affs: Vec<(String, AffinityInfo)>,
     ) -> DesiredState {
-        let (n, b, a) = (
+        let mut d = build_calico_k8s01(
             nodes.into_iter().collect(),
             blocks.into_iter().collect(),
             affs.into_iter().collect(),
         );
-        let mut d = build_desired(
-            KubeProfile::Calico,
-            "k8s01",
-            &CacheView {
-                nodes: &n,
-                blocks: &b,
-                affinities: &a,
-            },
-        );
         // These fixtures leave the local node out; that problem is not what they test.
         d.problems.retain(|p| p.field != "nodes");
         d
+    }
+
+    fn build_calico_k8s01(
+        nodes: BTreeMap<String, NodeInfo>,
+        blocks: BTreeMap<String, BlockInfo>,
+        affinities: BTreeMap<String, AffinityInfo>,
+    ) -> DesiredState {
+        build_desired(
+            KubeProfile::Calico,
+            "k8s01",
+            &CacheView {
+                nodes: &nodes,
+                blocks: &blocks,
+                affinities: &affinities,
+            },
+        )
     }
 
     #[test]
@@ -656,19 +663,10 @@ mod tests {
             "k8s01",
         )
         .expect("valid YAML");
-        let (n, b, a) = (
+        let kube = build_calico_k8s01(
             kube_nodes.into_iter().collect(),
             kube_blocks.into_iter().collect(),
             BTreeMap::new(),
-        );
-        let kube = build_desired(
-            KubeProfile::Calico,
-            "k8s01",
-            &CacheView {
-                nodes: &n,
-                blocks: &b,
-                affinities: &a,
-            },
         );
         (file, kube)
     }
