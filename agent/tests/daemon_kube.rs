@@ -371,3 +371,87 @@ fn api_down_at_boot_checks_the_kernel_then_catches_up() {
     );
     assert_eq!(agent.status().unwrap().datastore.nodes, lab.nodes().len());
 }
+
+/// The agent's credentials are revoked mid-run (an expired token, a rotated client
+/// certificate): the list/watch ends. The agent must keep checking against the last good
+/// desired state — never "no nodes", so never a `route-stale` for a healthy route — say the
+/// datastore is stale, and recover on its own once the credentials work again.
+#[test]
+fn a_watch_that_ends_keeps_the_last_state_and_recovers() {
+    let Cluster {
+        _server_rt,
+        mut lab,
+        server,
+        kubeconfig,
+    } = Cluster::start();
+    let mut agent = Agent::start(&mut lab, &kubeconfig, "");
+    let nodes = lab.nodes().len();
+    agent.wait("in sync", Duration::from_secs(10), |s, f| {
+        s.in_sync && s.datastore.nodes == nodes && f.is_empty()
+    });
+
+    server.set_unauthorized(true);
+    let saw_stale_route = std::cell::Cell::new(false);
+    let ended = |f: &[Finding]| {
+        f.iter().any(|f| {
+            f.check.as_str() == "datastore-stale" && f.evidence.details.contains_key("watch-ended")
+        })
+    };
+    let (found, took) = agent.wait("the watch ended", Duration::from_secs(20), |_, f| {
+        saw_stale_route.set(saw_stale_route.get() || has(f, "route-stale", None));
+        ended(f)
+    });
+    eprintln!(
+        "credentials revoked: watch ended after {took:?}: {:?}",
+        names(&found)
+    );
+    let stale = found
+        .iter()
+        .find(|f| f.check.as_str() == "datastore-stale")
+        .unwrap();
+    assert!(stale.message.contains("401"), "{}", stale.message);
+    assert!(
+        stale.message.contains(&format!("{nodes} nodes")),
+        "{}",
+        stale.message
+    );
+    assert!(agent.status().unwrap().datastore.stale);
+
+    // The checks still run, against the last good state: the incident is caught precisely.
+    lab.inject(watchdog_lab::Fault::incident(NODE)).unwrap();
+    let (found, _) = agent.wait(
+        "the incident caught against the last good state",
+        Duration::from_secs(5),
+        |_, f| {
+            saw_stale_route.set(saw_stale_route.get() || has(f, "route-stale", None));
+            has(f, "gateway-wrong-vtep", Some("k8s03")) && ended(f)
+        },
+    );
+    let wrong = found
+        .iter()
+        .find(|f| f.check.as_str() == "gateway-wrong-vtep")
+        .unwrap();
+    assert_eq!(
+        wrong.expected_gateway,
+        Some(lab.node("k8s03").vtep_ip.into())
+    );
+
+    // Credentials work again: the agent reconnects by itself, the stale warning clears and
+    // the real finding stays.
+    server.set_unauthorized(false);
+    let (found, took) = agent.wait("recovered", Duration::from_secs(20), |s, f| {
+        saw_stale_route.set(saw_stale_route.get() || has(f, "route-stale", None));
+        !s.datastore.stale
+            && !has(f, "datastore-stale", None)
+            && has(f, "gateway-wrong-vtep", Some("k8s03"))
+    });
+    eprintln!(
+        "credentials back: recovered after {took:?}: {:?}",
+        names(&found)
+    );
+    assert!(
+        !saw_stale_route.get(),
+        "a route-stale appeared while the watch was gone:\n{}",
+        agent.log()
+    );
+}

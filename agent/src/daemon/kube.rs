@@ -23,8 +23,8 @@ pub(super) enum KubeUpdate {
     Connected(String),
     /// A new snapshot is in [`KubeLink::latest`].
     Snapshot,
-    /// The connect task or the watch is gone.
-    Closed,
+    /// The connect task or the watch is gone, and why.
+    Closed(String),
 }
 
 /// First and largest delay before the list/watch is started again after it ended.
@@ -146,6 +146,10 @@ impl KubeLink {
         self.snaps = None;
         self.latest = None;
         self.connecting = None;
+        if self.reconnect.is_some() {
+            // A fresh connection re-reads the kubeconfig: rotated credentials take effect.
+            self.source = None;
+        }
         self.restart_at = Some(tokio::time::Instant::now() + delay);
         delay
     }
@@ -194,7 +198,7 @@ impl KubeLink {
                     self.start(src);
                     KubeUpdate::Connected(name)
                 }
-                Err(_) => KubeUpdate::Closed,
+                Err(_) => KubeUpdate::Closed("the connect task ended".into()),
             };
         }
         match self.snaps.as_mut() {
@@ -203,8 +207,9 @@ impl KubeLink {
                     self.latest = Some(rx.borrow_and_update().clone());
                     KubeUpdate::Snapshot
                 } else {
+                    let why = rx.borrow().ended.clone();
                     self.snaps = None;
-                    KubeUpdate::Closed
+                    KubeUpdate::Closed(why.unwrap_or_else(|| "the list/watch ended".into()))
                 }
             }
             None => std::future::pending().await,

@@ -115,6 +115,15 @@ pub enum KubeError {
 }
 
 impl KubeError {
+    /// 401: the server rejected the credentials themselves (expired token, rotated client
+    /// certificate). Retrying with the same client cannot help; a reconnect re-reads them.
+    fn is_unauthorized(&self) -> bool {
+        matches!(
+            self,
+            KubeError::Api { source: kube::Error::Api(status), .. } if status.code == 401
+        )
+    }
+
     /// The API server URL, when the error happened talking to a known one.
     pub fn server(&self) -> Option<&str> {
         match self {
@@ -754,6 +763,9 @@ pub struct KubeSnapshot {
     /// Sum of the per-resource relist mismatches.
     pub relist_mismatches: u64,
     pub ipam_api: Option<String>,
+    /// Set on the last value before the channel closes: why the list/watch ended.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ended: Option<String>,
 }
 
 impl KubeSnapshot {
@@ -895,6 +907,7 @@ impl Runtime {
             relist_mismatches: s.health.values().map(|h| h.relist_mismatches).sum(),
             resources: s.health.clone(),
             ipam_api: None,
+            ended: None,
         }
     }
 }
@@ -1137,7 +1150,7 @@ fn trunc(d: Duration) -> Duration {
 async fn run_publisher(
     rt: Arc<Runtime>,
     tx: watch::Sender<KubeSnapshot>,
-    mut tasks: JoinSet<()>,
+    mut tasks: JoinSet<String>,
     ipam: Option<String>,
 ) {
     let mut desired = tx.borrow().desired.clone();
@@ -1152,10 +1165,21 @@ async fn run_publisher(
             // cache would freeze while looking healthy; end the channel so the consumer
             // keeps its last good state, marks it stale and starts over.
             Some(ended) = tasks.join_next() => {
-                match ended {
-                    Err(e) => tracing::error!(error = %e, "a Kubernetes list/watch task failed; closing the snapshot channel"),
-                    Ok(()) => tracing::error!("a Kubernetes list/watch task ended; closing the snapshot channel"),
-                }
+                let why = match ended {
+                    Err(e) => {
+                        tracing::error!(error = %e, "a Kubernetes list/watch task failed; closing the snapshot channel");
+                        format!("a list/watch task failed ({e})")
+                    }
+                    Ok(why) => {
+                        tracing::warn!(reason = %why, "a Kubernetes list/watch ended; closing the snapshot channel");
+                        why
+                    }
+                };
+                // Left in place for the receiver to read after the close; no announcement.
+                tx.send_if_modified(|cur| {
+                    cur.ended = Some(why);
+                    false
+                });
                 break;
             }
         };
@@ -1197,12 +1221,38 @@ enum WatchEnd {
     Relist,
 }
 
-async fn run_resource<T>(rt: Arc<Runtime>, w: Watched<T>)
+/// Consecutive 401 answers after which a resource loop gives up its client: the credentials
+/// are re-read by a fresh connection (the daemon reconnects with backoff).
+const UNAUTHORIZED_LIMIT: u32 = 3;
+
+/// Counts consecutive 401 answers across a resource's lists and watches.
+#[derive(Default)]
+struct Rejections(u32);
+
+impl Rejections {
+    /// Records the outcome of one request; `true` once the credentials are evidently dead.
+    fn record(&mut self, err: Option<&KubeError>) -> bool {
+        match err {
+            Some(e) if e.is_unauthorized() => self.0 += 1,
+            _ => self.0 = 0,
+        }
+        self.0 >= UNAUTHORIZED_LIMIT
+    }
+}
+
+/// Why a resource loop returned: the snapshot channel closes with this as `ended`.
+const CREDENTIALS_REJECTED: &str =
+    "the API server rejected the agent's credentials (401 Unauthorized); reconnecting re-reads them";
+
+/// Lists and watches one resource for as long as its client is usable. Returns only when the
+/// credentials are rejected (the reason); everything else is retried in place.
+async fn run_resource<T>(rt: Arc<Runtime>, w: Watched<T>) -> String
 where
     T: Clone + PartialEq + Send + 'static,
 {
     let cfg = rt.cfg.clone();
     let mut backoff = Backoff::new(cfg.retry_max);
+    let mut rejections = Rejections::default();
     loop {
         // (Re)list: the initial sync, and recovery after 410 Gone or errors.
         let listed = bounded(
@@ -1216,10 +1266,14 @@ where
             Err(e) => {
                 tracing::warn!(resource = w.key, error = %e, "list failed; keeping the last good state");
                 rt.health(w.key, |h| h.last_error = Some(e.to_string()));
+                if rejections.record(Some(&e)) {
+                    return CREDENTIALS_REJECTED.to_string();
+                }
                 backoff.wait().await;
                 continue;
             }
         };
+        rejections.record(None);
         backoff.reset();
         {
             let mut s = lock(&rt.shared);
@@ -1234,12 +1288,20 @@ where
             }
         }
         rt.dirty.notify_one();
-        watch_until_relist(&rt, &w, &mut backoff).await;
+        if watch_until_relist(&rt, &w, &mut backoff, &mut rejections).await {
+            return CREDENTIALS_REJECTED.to_string();
+        }
     }
 }
 
-/// Watches from the store's position, with periodic relists, until a full relist is needed.
-async fn watch_until_relist<T>(rt: &Arc<Runtime>, w: &Watched<T>, backoff: &mut Backoff)
+/// Watches from the store's position, with periodic relists, until a full relist is needed
+/// (`false`) or the credentials are rejected (`true`).
+async fn watch_until_relist<T>(
+    rt: &Arc<Runtime>,
+    w: &Watched<T>,
+    backoff: &mut Backoff,
+    rejections: &mut Rejections,
+) -> bool
 where
     T: Clone + PartialEq + Send + 'static,
 {
@@ -1263,19 +1325,23 @@ where
                 ..
             }) if status.code == 410 => {
                 rt.health(w.key, |h| h.gone += 1);
-                return;
+                return false;
             }
             Err(e) => {
                 tracing::warn!(resource = w.key, error = %e, "watch failed");
                 rt.health(w.key, |h| h.last_error = Some(e.to_string()));
+                if rejections.record(Some(&e)) {
+                    return true;
+                }
                 backoff.wait().await;
                 // A long outage still gets its relist (and so its recovery) on schedule.
                 if Instant::now() >= next_relist {
-                    return;
+                    return false;
                 }
                 continue;
             }
         };
+        rejections.record(None);
         rt.health(w.key, |h| {
             h.last_contact = Some(SystemTime::now());
             h.last_error = None;
@@ -1283,7 +1349,7 @@ where
         backoff.reset();
         match consume(rt, w, stream, &mut next_relist).await {
             WatchEnd::Rewatch | WatchEnd::Restart => rt.health(w.key, |h| h.watch_restarts += 1),
-            WatchEnd::Relist => return,
+            WatchEnd::Relist => return false,
         }
     }
 }
@@ -1576,6 +1642,7 @@ mod tests {
             resources: BTreeMap::new(),
             relist_mismatches: 0,
             ipam_api: None,
+            ended: None,
         }
     }
 
@@ -1802,7 +1869,7 @@ ipam_api = "projectcalico.org/v3"
             Arc::new(KubeSourceConfig::default()),
             "kubernetes".into(),
         ));
-        let mut tasks = JoinSet::new();
+        let mut tasks: JoinSet<String> = JoinSet::new();
         let poisoner = rt.clone();
         tasks.spawn(async move {
             let _guard = lock(&poisoner.shared);
@@ -1822,6 +1889,8 @@ ipam_api = "projectcalico.org/v3"
         publisher
             .await
             .expect("the publisher itself does not panic");
+        let why = rx.borrow().ended.clone().unwrap_or_default();
+        assert!(why.contains("task failed"), "{why:?}");
         // The poisoned cache is still readable.
         assert!(lock(&rt.shared).nodes.items.is_empty());
     }
@@ -1838,6 +1907,7 @@ ipam_api = "projectcalico.org/v3"
             resources: BTreeMap::new(),
             relist_mismatches: 0,
             ipam_api: None,
+            ended: None,
         };
         snap.resources.insert(
             "a".into(),

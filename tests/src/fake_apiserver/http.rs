@@ -73,9 +73,9 @@ fn query(req: &Request<Incoming>) -> HashMap<String, String> {
 }
 
 async fn handle(st: Arc<State>, req: Request<Incoming>) -> Response<Body> {
-    let (delay, unavailable) = {
+    let (delay, unavailable, unauthorized) = {
         let i = st.inner.lock().unwrap();
-        (i.delay, i.unavailable)
+        (i.delay, i.unavailable, i.unauthorized)
     };
     if !delay.is_zero() {
         tokio::time::sleep(delay).await;
@@ -86,6 +86,9 @@ async fn handle(st: Arc<State>, req: Request<Incoming>) -> Response<Body> {
             "ServiceUnavailable",
             "fake: unavailable",
         );
+    }
+    if unauthorized {
+        return status(StatusCode::UNAUTHORIZED, "Unauthorized", "Unauthorized");
     }
     let method = req.method().clone();
     let path = req.uri().path().to_string();

@@ -118,6 +118,7 @@ struct Inner {
     ignore_watch_timeout: bool,
     down: bool,
     unavailable: bool,
+    unauthorized: bool,
     /// Resources whose list and watch are answered 403 Forbidden (missing RBAC).
     forbidden: Vec<Res>,
     delay: Duration,
@@ -177,6 +178,7 @@ impl FakeApiServer {
                 ignore_watch_timeout: false,
                 down: false,
                 unavailable: false,
+                unauthorized: false,
                 forbidden: Vec::new(),
                 delay: Duration::ZERO,
                 requests: Vec::new(),
@@ -280,6 +282,18 @@ impl FakeApiServer {
     /// Every request is answered `503 Service Unavailable` (which kube retries silently).
     pub fn set_unavailable(&self, on: bool) {
         self.state.inner.lock().unwrap().unavailable = on;
+    }
+
+    /// The agent's credentials are revoked (expired token, rotated certificate): open
+    /// connections are cut and every request is answered `401 Unauthorized` until turned off.
+    pub fn set_unauthorized(&self, on: bool) {
+        let mut inner = self.state.inner.lock().unwrap();
+        inner.unauthorized = on;
+        if on {
+            for c in inner.conns.drain(..) {
+                c.abort();
+            }
+        }
     }
 
     /// Lists and watches of `res` are answered `403 Forbidden` like RBAC without the verb.
