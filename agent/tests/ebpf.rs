@@ -20,7 +20,7 @@ use std::{
 
 use dataplane_watchdog::ebpf::{
     DropCounterSource, DropSnapshot, EbpfDropCounters, EbpfState, HeaderRead, NeighTarget,
-    TrafficClass, EBPF_OBJECT,
+    TrafficClass, EBPF_OBJECT, RETIRED_IFINDEX,
 };
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
@@ -486,10 +486,13 @@ fn unwatched_device_is_not_counted_and_rewatching_after_recreate_works() {
         old_total + 10,
         "{snap:#?}"
     );
-    assert!(snap
-        .drops
-        .iter()
-        .all(|d| d.ifindex == new || d.ifindex == old));
+    // The old device's counts are kept under RETIRED_IFINDEX, whatever its ifindex was.
+    assert!(
+        snap.drops
+            .iter()
+            .all(|d| d.ifindex == new || d.ifindex == RETIRED_IFINDEX),
+        "{snap:#?}"
+    );
     let new_data: u64 = snap
         .drops
         .iter()
@@ -497,6 +500,110 @@ fn unwatched_device_is_not_counted_and_rewatching_after_recreate_works() {
         .map(|d| d.packets)
         .sum();
     assert_eq!(new_data, 10, "{snap:#?}");
+}
+
+/// Nodes leave and join: a leaving peer's counters are harvested (its id handed out again),
+/// never moved to the peer that takes over its block, and the device totals stay exact; churn
+/// of many nodes keeps the id space flat.
+#[test]
+fn leaving_peers_are_harvested_without_moving_counts_and_churn_stays_flat() {
+    let ns = broken_sender("churn");
+    let ifindex = ns.ifindex("vxlan.calico");
+    let mut counters = load(&ns);
+    watch(&mut counters, ifindex);
+    ns.send_udp(Ipv4Addr::new(10, 9, 0, 5), 9000, 10);
+    wait_for(&counters, Duration::from_secs(5), |s| {
+        s.data_drops_to_peer("k8s03").values().sum::<u64>() == 10
+    });
+    // Let the neighbour fail completely so no queued packet is freed later.
+    std::thread::sleep(Duration::from_millis(1500));
+    let device_total = |s: &DropSnapshot| s.drops_by_reason(ifindex).values().sum::<u64>();
+    let unattributed_data = |s: &DropSnapshot| -> u64 {
+        s.drops
+            .iter()
+            .filter(|d| d.ifindex == ifindex && d.class.is_data() && d.peer.is_none())
+            .map(|d| d.packets)
+            .sum()
+    };
+    let before = counters.snapshot().unwrap();
+    assert_eq!(before.data_drops_to_peer("k8s03").values().sum::<u64>(), 10);
+
+    // k8s03 leaves; after the grace period k8s09 takes over its block.
+    let k8s02 = ("k8s02".to_string(), "10.9.2.0/26".parse().unwrap());
+    counters
+        .set_peer_blocks(std::slice::from_ref(&k8s02))
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(1100));
+    counters
+        .set_peer_blocks(&[
+            k8s02.clone(),
+            ("k8s09".into(), "10.9.0.0/26".parse().unwrap()),
+        ])
+        .unwrap();
+    let after = counters.snapshot().unwrap();
+    assert!(
+        after.data_drops_to_peer("k8s09").is_empty(),
+        "the new peer inherited the old one's counts: {after:#?}"
+    );
+    assert_eq!(device_total(&after), device_total(&before), "{after:#?}");
+    assert_eq!(
+        unattributed_data(&after),
+        unattributed_data(&before),
+        "harvested counts became unattributed: {after:#?}"
+    );
+    // Either harvested (departed) or, while a CPU still holds a pending count for it, still
+    // reported under its name: never both, never lost.
+    let departed: u64 = after.departed.iter().map(|d| d.packets).sum();
+    let still_named: u64 = after.data_drops_to_peer("k8s03").values().sum();
+    assert_eq!(departed + still_named, 10, "{after:#?}");
+
+    // New drops toward the block are k8s09's, exactly.
+    ns.send_udp(Ipv4Addr::new(10, 9, 0, 5), 9000, 5);
+    let snap = wait_for(&counters, Duration::from_secs(5), |s| {
+        s.data_drops_to_peer("k8s09").values().sum::<u64>() == 5
+    });
+    assert_eq!(
+        snap.data_drops_to_peer("k8s09").values().sum::<u64>(),
+        5,
+        "{snap:#?}"
+    );
+    let device_data = |s: &DropSnapshot| -> u64 {
+        s.drops
+            .iter()
+            .chain(&s.departed)
+            .filter(|d| d.ifindex == ifindex && d.class.is_data())
+            .map(|d| d.packets)
+            .sum()
+    };
+    assert_eq!(device_data(&snap), device_data(&before) + 5, "{snap:#?}");
+
+    // Churn: three waves of 500 nodes replacing each other.
+    for wave in 0..3u32 {
+        let blocks: Vec<(String, ipnet::Ipv4Net)> = (0..500u32)
+            .map(|i| {
+                let addr = Ipv4Addr::from(0x0a40_0000 + (i << 6));
+                (
+                    format!("wave{wave}-node{i}"),
+                    ipnet::Ipv4Net::new(addr, 26).unwrap(),
+                )
+            })
+            .chain([k8s02.clone()])
+            .collect();
+        counters.set_peer_blocks(&blocks).unwrap();
+        std::thread::sleep(Duration::from_millis(1100));
+    }
+    counters
+        .set_peer_blocks(std::slice::from_ref(&k8s02))
+        .unwrap();
+    assert!(
+        counters.peer_ids_allocated() <= 1000 + 4,
+        "id space grew with churn: {}",
+        counters.peer_ids_allocated()
+    );
+    assert_eq!(
+        device_total(&counters.snapshot().unwrap()),
+        device_total(&snap)
+    );
 }
 
 /// Two namespaces joined by a veth underlay, each with a vxlan.calico configured like Felix's

@@ -9,7 +9,7 @@ use std::{
 
 use crate::{
     checks::{DropSummary, PeerDrops},
-    ebpf::DropSnapshot,
+    ebpf::{DropSnapshot, RETIRED_IFINDEX},
 };
 
 /// How far back "recent" drops reach by default.
@@ -54,7 +54,12 @@ impl DropWindow {
         device_of: impl Fn(u32) -> Option<String>,
     ) -> DropSummary {
         let mut totals: PeerTotals = BTreeMap::new();
-        for d in &snapshot.drops {
+        // Retired devices' counts moved there when the device went: not new drops.
+        for d in snapshot
+            .drops
+            .iter()
+            .filter(|d| d.ifindex != RETIRED_IFINDEX)
+        {
             let Some(peer) = d.peer.as_ref().filter(|_| d.class.is_data()) else {
                 continue;
             };

@@ -645,7 +645,7 @@ impl LoopState {
                     .await;
             }
             kube::KubeUpdate::Snapshot => self.adopt_kube_snapshot().await,
-            kube::KubeUpdate::Closed => {
+            kube::KubeUpdate::Closed(why) => {
                 // Never "no nodes": the last good desired state stays in the engine, marked
                 // stale, until a new list/watch has a complete snapshot.
                 let Some(link) = self.kube.as_mut() else {
@@ -654,6 +654,7 @@ impl LoopState {
                 let delay = link.restart();
                 warn!(
                     retry_in = ?delay,
+                    reason = %why,
                     "Kubernetes list/watch ended; keeping the last desired state (stale) and starting it again"
                 );
                 let source = self
@@ -664,16 +665,12 @@ impl LoopState {
                 let nodes = self.engine.desired().map_or(0, |d| d.nodes.len());
                 let device = self.config.devices.first().map_or("", String::as_str);
                 self.watch_ended = true;
-                self.engine.set_extra_findings(vec![watch_ended_finding(
-                    &source,
-                    nodes,
-                    device,
-                    "the list/watch ended",
-                )]);
+                self.engine
+                    .set_extra_findings(vec![watch_ended_finding(&source, nodes, device, &why)]);
                 self.status
                     .update(|s| {
                         s.datastore.stale = true;
-                        s.datastore.error = Some("list/watch ended; restarting".into());
+                        s.datastore.error = Some(format!("list/watch ended: {why}; restarting"));
                     })
                     .await;
             }
@@ -826,21 +823,22 @@ impl LoopState {
         // Devices come and go (re-created with a new ifindex): keep only the watched ones.
         self.neigh_failed_last
             .retain(|(device, ifindex), _| names.get(ifindex) == Some(device));
-        let peers: Vec<String> = self
-            .engine
-            .desired()
-            .map(|d| d.peers().map(|p| p.name.clone()).collect())
-            .unwrap_or_default();
-        for peer in &peers {
+        // Every peer with counters, including one that just left the datastore: its last
+        // drops still count, and it is forgotten once its counters were harvested.
+        let peers: std::collections::BTreeSet<&str> = snapshot
+            .drops
+            .iter()
+            .filter(|d| d.class.is_data())
+            .filter_map(|d| d.peer.as_deref())
+            .collect();
+        let mut totals = std::collections::BTreeMap::new();
+        for peer in peers {
             let by_reason = snapshot.data_drops_to_peer(peer);
-            if by_reason.is_empty() {
-                continue;
-            }
-            let total: u64 = by_reason.values().sum();
-            if let Some(device) = self.engine.devices().first() {
-                self.metrics.observe_peer_drops_total(device, peer, total);
-            }
-            drops.by_peer.insert(peer.clone(), by_reason);
+            totals.insert(peer.to_string(), by_reason.values().sum::<u64>());
+            drops.by_peer.insert(peer.to_string(), by_reason);
+        }
+        if let Some(device) = self.engine.devices().first() {
+            self.metrics.observe_peer_drops_totals(device, &totals);
         }
         self.status
             .update(|s| {

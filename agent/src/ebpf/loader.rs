@@ -25,8 +25,9 @@ use ipnet::Ipv4Net;
 use super::{
     btf::Btf,
     offsets::{DropReasons, KernelOffsets},
+    peers::{diff_trie, PeerIds, TrieKey},
     DropCount, DropCounterSource, DropSnapshot, EbpfError, EbpfState, EbpfStatus, Missing,
-    NeighTarget, NeighTransitionCount, Overflow, ProgramStatus, TrafficClass,
+    NeighTarget, NeighTransitionCount, Overflow, ProgramStatus, TrafficClass, RETIRED_IFINDEX,
 };
 
 /// The kernel programs, built by agent/build.rs. Empty when built without bpf-linker.
@@ -34,6 +35,10 @@ pub static EBPF_OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/agent-ebpf"));
 
 const DEFAULT_NETNS: &str = "/proc/self/ns/net";
+
+/// Peer id, in user space only, of counts harvested from peers that left: reported in
+/// [`DropSnapshot::departed`], never in a peer's totals.
+const PEER_DEPARTED: u32 = u32::MAX;
 
 /// Inode of a network namespace file (`/proc/<pid>/ns/net`, `/run/netns/<name>`): the value the
 /// kernel holds in `net.ns.inum`.
@@ -179,11 +184,15 @@ pub struct EbpfDropCounters {
     reasons: DropReasons,
     peers: PeerIds,
     /// (prefix, network-order address) → peer id currently in the LPM trie.
-    trie: StdHashMap<(u32, u32), u32>,
+    trie: StdHashMap<TrieKey, u32>,
     /// ifindex in each slot of the WATCHED_DEVICES array (0: free), as written.
     slots: [u32; WATCHED_DEVICES_CAPACITY as usize],
-    /// Counts of devices no longer watched (their slot was reused), so totals stay monotonic.
+    /// Counts of devices no longer watched (their slot was reused), under
+    /// [`RETIRED_IFINDEX`], so per-peer totals stay monotonic however often devices churn.
     retired: BTreeMap<RawDrop, u64>,
+    /// Per (slot, reason): counts harvested from peers that left (their ids were reused).
+    /// Still part of the device's total, attributed to no current peer.
+    departed: BTreeMap<(u32, u32), u64>,
     /// Value last written to CONFIG[CONFIG_PEER_GENERATION].
     generation: u32,
     /// Highest per-peer count reported so far: a read can miss a count the kernel is moving
@@ -369,6 +378,7 @@ impl EbpfDropCounters {
             trie: StdHashMap::new(),
             slots: [0; WATCHED_DEVICES_CAPACITY as usize],
             retired: BTreeMap::new(),
+            departed: BTreeMap::new(),
             generation: 0,
             peer_reported: std::sync::Mutex::new(BTreeMap::new()),
             kernel_log,
@@ -583,7 +593,11 @@ impl DropCounterSource for EbpfDropCounters {
     }
 
     fn set_peer_blocks(&mut self, blocks: &[(String, Ipv4Net)]) -> Result<(), EbpfError> {
-        let desired = self.peers.trie_entries(blocks);
+        let now = std::time::Instant::now();
+        // Harvest first, so the ids freed are reused by this very update.
+        let incoming: BTreeSet<&str> = blocks.iter().map(|(name, _)| name.as_str()).collect();
+        self.harvest_departed(now, |name| incoming.contains(name))?;
+        let desired = self.peers.trie_entries(blocks, now);
         if desired.len() > PEER_BLOCKS_CAPACITY as usize {
             return Err(EbpfError::TooManyBlocks {
                 count: desired.len(),
@@ -702,8 +716,13 @@ impl EbpfDropCounters {
     /// so the slot can serve another device.
     fn retire_slot(&mut self, slot: u32) -> Result<(), EbpfError> {
         for (key, n) in self.read_drops(Some(slot))? {
+            let key = RawDrop {
+                ifindex: RETIRED_IFINDEX,
+                ..key
+            };
             *self.retired.entry(key).or_default() += n;
         }
+        self.departed.retain(|(s, _), _| *s != slot);
         let err = |source| EbpfError::Map {
             map: DEVICE_DROPS_MAP,
             source,
@@ -829,6 +848,20 @@ impl EbpfDropCounters {
                     }
                     let mut unattributed = total;
                     if class == CLASS_IPV4 {
+                        for (&(_, raw_reason), n) in self
+                            .departed
+                            .iter()
+                            .filter(|((s, r), _)| *s == slot && reason_slot(*r) == reason)
+                        {
+                            let raw = RawDrop {
+                                ifindex,
+                                reason: raw_reason,
+                                class,
+                                peer: PEER_DEPARTED,
+                            };
+                            *out.entry(raw).or_default() += n;
+                            unattributed = unattributed.saturating_sub(*n);
+                        }
                         for (key, n) in per_peer
                             .iter()
                             .filter(|(k, _)| k.slot == slot && reason_slot(k.reason) == reason)
@@ -856,6 +889,96 @@ impl EbpfDropCounters {
             }
         }
         Ok(out)
+    }
+
+    /// Harvests the counters of peers that left the trie more than the grace period ago, so
+    /// their ids can be reused: their per-peer entries are removed from the kernel and their
+    /// counts kept as `departed` (device totals stay exact and monotonic). An id a CPU still
+    /// holds a pending count for waits (at most CPUs × devices of them).
+    fn harvest_departed(
+        &mut self,
+        now: std::time::Instant,
+        coming_back: impl Fn(&str) -> bool,
+    ) -> Result<(), EbpfError> {
+        let mut ready: BTreeSet<u32> = self
+            .peers
+            .harvestable(now, coming_back)
+            .into_iter()
+            .collect();
+        if ready.is_empty() {
+            return Ok(());
+        }
+        let pending_err = |source| EbpfError::Map {
+            map: PEER_PENDING_MAP,
+            source,
+        };
+        let pending: PerCpuArray<&MapData, PeerPending> =
+            PerCpuArray::try_from(self.map(PEER_PENDING_MAP)?).map_err(pending_err)?;
+        for slot in 0..WATCHED_DEVICES_CAPACITY {
+            for p in pending.get(&slot, 0).map_err(pending_err)?.iter() {
+                if p.count != 0 {
+                    ready.remove(&p.peer);
+                }
+            }
+        }
+        let peer_err = |source| EbpfError::Map {
+            map: PEER_DROPS_MAP,
+            source,
+        };
+        let mut harvested: Vec<(PeerDropKey, u64)> = Vec::new();
+        {
+            let map: PerCpuHashMap<&MapData, PeerDropKey, u64> =
+                PerCpuHashMap::try_from(self.map(PEER_DROPS_MAP)?).map_err(peer_err)?;
+            for entry in map.iter() {
+                let (key, values) = entry.map_err(peer_err)?;
+                if ready.contains(&key.peer) {
+                    harvested.push((key, values.iter().sum()));
+                }
+            }
+        }
+        {
+            let mut map: PerCpuHashMap<&mut MapData, PeerDropKey, u64> =
+                PerCpuHashMap::try_from(self.map_mut(PEER_DROPS_MAP)?).map_err(peer_err)?;
+            for (key, _) in &harvested {
+                match map.remove(key) {
+                    Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+                    Err(e) => return Err(peer_err(e)),
+                }
+            }
+        }
+        let mut reported = self.peer_reported.lock().unwrap_or_else(|e| e.into_inner());
+        for (key, n) in harvested {
+            let n = n.max(reported.remove(&key).unwrap_or(0));
+            if (key.slot as usize) < self.slots.len() && self.slots[key.slot as usize] != 0 {
+                *self.departed.entry((key.slot, key.reason)).or_default() += n;
+            }
+        }
+        reported.retain(|k, _| !ready.contains(&k.peer));
+        drop(reported);
+        // Retired devices' counts for these peers: departed too.
+        let moved: Vec<(RawDrop, u64)> = self
+            .retired
+            .iter()
+            .filter(|(k, _)| ready.contains(&k.peer))
+            .map(|(k, n)| (*k, *n))
+            .collect();
+        for (key, n) in moved {
+            self.retired.remove(&key);
+            let key = RawDrop {
+                peer: PEER_DEPARTED,
+                ..key
+            };
+            *self.retired.entry(key).or_default() += n;
+        }
+        for id in ready {
+            self.peers.release(id);
+        }
+        Ok(())
+    }
+
+    /// Peer ids allocated: bounded by the peers present at once, whatever the churn.
+    pub fn peer_ids_allocated(&self) -> usize {
+        self.peers.allocated()
     }
 }
 
@@ -905,16 +1028,32 @@ fn build_snapshot(
     raw_neigh: Vec<(NeighKey, u64)>,
     overflow: Overflow,
 ) -> DropSnapshot {
-    let mut drops: Vec<DropCount> = raw_drops
+    let (raw_departed, raw_drops): (Vec<_>, Vec<_>) = raw_drops
         .into_iter()
         .filter(|(_, n)| *n > 0)
+        .partition(|(k, _)| k.peer == PEER_DEPARTED);
+    let name_reason = |reason: u32| {
+        if reason == REASON_OVERFLOW_SLOT && !reasons.contains(reason) {
+            "OTHER_SUBSYSTEM".to_string()
+        } else {
+            reasons.name(reason)
+        }
+    };
+    let departed = raw_departed
+        .into_iter()
         .map(|(k, packets)| DropCount {
             ifindex: k.ifindex,
-            reason: if k.reason == REASON_OVERFLOW_SLOT && !reasons.contains(k.reason) {
-                "OTHER_SUBSYSTEM".to_string()
-            } else {
-                reasons.name(k.reason)
-            },
+            reason: name_reason(k.reason),
+            class: TrafficClass::from_raw(k.class),
+            peer: None,
+            packets,
+        })
+        .collect();
+    let mut drops: Vec<DropCount> = raw_drops
+        .into_iter()
+        .map(|(k, packets)| DropCount {
+            ifindex: k.ifindex,
+            reason: name_reason(k.reason),
             class: TrafficClass::from_raw(k.class),
             peer: peers.name(k.peer).map(str::to_string),
             packets,
@@ -943,82 +1082,16 @@ fn build_snapshot(
     neighbour_transitions.sort_by_key(|n| (n.ifindex, n.gateway, n.state));
     DropSnapshot {
         drops,
+        departed,
         neighbour_transitions,
         overflow,
         link_stats: Vec::new(),
     }
 }
 
-/// Stable peer name ↔ id mapping (ids from 1; 0 means unknown). Ids are never reused, so a
-/// counter key always names the same peer.
-#[derive(Debug, Default, Clone)]
-pub(crate) struct PeerIds {
-    by_name: BTreeMap<String, u32>,
-    names: Vec<String>,
-}
-
-impl PeerIds {
-    fn id(&mut self, name: &str) -> u32 {
-        if let Some(id) = self.by_name.get(name) {
-            return *id;
-        }
-        self.names.push(name.to_string());
-        let id = self.names.len() as u32;
-        self.by_name.insert(name.to_string(), id);
-        id
-    }
-
-    fn name(&self, id: u32) -> Option<&str> {
-        if id == PEER_UNKNOWN {
-            return None;
-        }
-        self.names.get(id as usize - 1).map(String::as_str)
-    }
-
-    /// Desired trie contents: (prefix length, network-order address) → peer id. When two peers
-    /// claim the same prefix (a datastore conflict), the first wins, deterministically.
-    fn trie_entries(&mut self, blocks: &[(String, Ipv4Net)]) -> StdHashMap<(u32, u32), u32> {
-        let mut out = StdHashMap::new();
-        for (peer, net) in blocks {
-            let net = net.trunc();
-            let key = (
-                u32::from(net.prefix_len()),
-                u32::from_ne_bytes(net.network().octets()),
-            );
-            let id = self.id(peer);
-            out.entry(key).or_insert(id);
-        }
-        out
-    }
-}
-
-type TrieKey = (u32, u32);
-
-/// Entries to insert or overwrite, and keys to remove, to turn `current` into `desired`.
-fn diff_trie(
-    current: &StdHashMap<TrieKey, u32>,
-    desired: &StdHashMap<TrieKey, u32>,
-) -> (Vec<(TrieKey, u32)>, Vec<TrieKey>) {
-    let upserts = desired
-        .iter()
-        .filter(|(k, v)| current.get(k) != Some(v))
-        .map(|(k, v)| (*k, *v))
-        .collect();
-    let removals = current
-        .keys()
-        .filter(|k| !desired.contains_key(k))
-        .copied()
-        .collect();
-    (upserts, removals)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn net(s: &str) -> Ipv4Net {
-        s.parse().unwrap()
-    }
 
     #[test]
     fn empty_object_reports_not_compiled_in() {
@@ -1042,49 +1115,6 @@ mod tests {
         assert!(caps_allow_tracing(1 << CAP_BPF | 1 << CAP_PERFMON));
         assert!(!caps_allow_tracing(1 << CAP_BPF));
         assert!(!caps_allow_tracing(0));
-    }
-
-    #[test]
-    fn peer_ids_are_stable_and_trie_diff_is_minimal() {
-        let mut peers = PeerIds::default();
-        let first = peers.trie_entries(&[
-            ("k8s02".into(), net("10.1.0.64/26")),
-            ("k8s03".into(), net("10.1.235.128/26")),
-            ("k8s03".into(), net("10.1.0.7/32")),
-        ]);
-        assert_eq!(first.len(), 3);
-        let k3 = peers.by_name["k8s03"];
-        assert_eq!(peers.name(k3), Some("k8s03"));
-        assert_eq!(peers.name(PEER_UNKNOWN), None);
-        let key = (26, u32::from_ne_bytes([10, 1, 235, 128]));
-        assert_eq!(first[&key], k3);
-
-        // k8s02 leaves, k8s04 takes over its block; k8s03 unchanged.
-        let second = peers.trie_entries(&[
-            ("k8s04".into(), net("10.1.0.64/26")),
-            ("k8s03".into(), net("10.1.235.128/26")),
-            ("k8s03".into(), net("10.1.0.7/32")),
-        ]);
-        assert_eq!(peers.by_name["k8s03"], k3, "ids survive updates");
-        let (upserts, removals) = diff_trie(&first, &second);
-        assert_eq!(
-            upserts,
-            vec![(
-                (26, u32::from_ne_bytes([10, 1, 0, 64])),
-                peers.by_name["k8s04"]
-            )]
-        );
-        assert!(removals.is_empty());
-        let (upserts, removals) = diff_trie(&second, &StdHashMap::new());
-        assert!(upserts.is_empty());
-        assert_eq!(removals.len(), 3);
-    }
-
-    #[test]
-    fn host_bits_are_truncated_in_trie_keys() {
-        let mut peers = PeerIds::default();
-        let e = peers.trie_entries(&[("a".into(), net("10.1.0.70/26"))]);
-        assert!(e.contains_key(&(26, u32::from_ne_bytes([10, 1, 0, 64]))));
     }
 
     #[test]

@@ -35,6 +35,7 @@ pub mod btf;
 pub mod linkstats;
 mod loader;
 pub mod offsets;
+mod peers;
 pub mod window;
 
 use std::{
@@ -165,13 +166,23 @@ pub struct Overflow {
 /// Monotonic counters since the programs were loaded, summed over CPUs.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct DropSnapshot {
+    /// Per device (ifindex; [`RETIRED_IFINDEX`] for devices no longer watched), reason,
+    /// class and peer.
     pub drops: Vec<DropCount>,
+    /// Counts of peers that left the datastore, per device, reason and class (no peer): part
+    /// of the device totals, in no window (they moved here, they did not just happen).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub departed: Vec<DropCount>,
     pub neighbour_transitions: Vec<NeighTransitionCount>,
     pub overflow: Overflow,
     /// Device counters of the watched devices; filled only by the fallback ([`Disabled`]).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub link_stats: Vec<LinkDropStats>,
 }
+
+/// The ifindex under which counts of devices no longer watched are kept: per-peer totals stay
+/// monotonic when an overlay device is re-created, and windows skip them (moved, not new).
+pub const RETIRED_IFINDEX: u32 = 0;
 
 impl DropSnapshot {
     /// Data (IPv4) packets dropped toward `peer`, by reason.
@@ -188,7 +199,12 @@ impl DropSnapshot {
     /// All packets dropped on `ifindex`, by reason (the `vxlan_drops_total{device,reason}` metric).
     pub fn drops_by_reason(&self, ifindex: u32) -> BTreeMap<String, u64> {
         let mut out = BTreeMap::new();
-        for d in self.drops.iter().filter(|d| d.ifindex == ifindex) {
+        for d in self
+            .drops
+            .iter()
+            .chain(&self.departed)
+            .filter(|d| d.ifindex == ifindex)
+        {
             *out.entry(d.reason.clone()).or_default() += d.packets;
         }
         out
@@ -450,6 +466,8 @@ mod tests {
                 drop(5, "NEIGH_FAILED", TrafficClass::Ipv4, Some("k8s02"), 1),
                 drop(6, "NEIGH_FAILED", TrafficClass::Ipv4, Some("k8s03"), 100),
             ],
+            // A peer that left: its drops stay in the device total, in no peer's.
+            departed: vec![drop(5, "NEIGH_FAILED", TrafficClass::Ipv4, None, 10)],
             neighbour_transitions: vec![
                 NeighTransitionCount {
                     ifindex: 5,
@@ -473,7 +491,7 @@ mod tests {
         assert_eq!(k3.get("NO_TX_TARGET"), None);
         let dev5 = s.drops_by_reason(5);
         assert_eq!(dev5.get("NO_TX_TARGET"), Some(&7));
-        assert_eq!(dev5.get("NEIGH_FAILED"), Some(&4));
+        assert_eq!(dev5.get("NEIGH_FAILED"), Some(&14));
         assert_eq!(s.neighbour_total(5, NeighTarget::Failed), 2);
         assert_eq!(s.neighbour_total(5, NeighTarget::Incomplete), 0);
         assert_eq!(

@@ -13,7 +13,7 @@ use std::{
 
 use serde::Serialize;
 
-use super::{DropSnapshot, NeighTarget, TrafficClass};
+use super::{DropSnapshot, NeighTarget, TrafficClass, RETIRED_IFINDEX};
 use crate::{
     checks::{DropSummary, PeerDrops},
     model::ObservedState,
@@ -174,7 +174,7 @@ pub fn window(
     };
     // peer → device → packets, to name the device most drops happened on.
     let mut peer_devices: BTreeMap<String, BTreeMap<String, u64>> = BTreeMap::new();
-    for d in &after.drops {
+    for d in after.drops.iter().filter(|d| d.ifindex != RETIRED_IFINDEX) {
         let key = (d.ifindex, d.reason.clone(), d.class, d.peer.clone());
         let n = delta(d.packets, old.get(&key).copied().unwrap_or(0));
         if n == 0 {

@@ -5,7 +5,7 @@
 //! up the series count: past the cap they are reported as `other`.
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::{BTreeMap, HashMap, HashSet},
     convert::Infallible,
     future::Future,
     net::SocketAddr,
@@ -138,6 +138,15 @@ impl<K: std::hash::Hash + Eq> DeltaTracker<K> {
         DeltaTracker {
             last: Mutex::new(HashMap::new()),
         }
+    }
+
+    fn retain(&self, keep: impl Fn(&K) -> bool) {
+        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+        last.retain(|k, _| keep(k));
+    }
+
+    fn len(&self) -> usize {
+        self.last.lock().unwrap_or_else(|e| e.into_inner()).len()
     }
 
     fn delta(&self, key: K, total: u64) -> u64 {
@@ -349,8 +358,25 @@ impl Metrics {
         }
     }
 
+    /// Absolute drop counts toward every peer that has counters, as read from the eBPF maps
+    /// (`totals`: peer → total). A peer absent from `totals` has no counters any more (it left
+    /// and was harvested); it is forgotten, so node churn cannot grow this tracker, and a
+    /// later node of that name counts from its new kernel counters.
+    pub fn observe_peer_drops_totals(&self, device: &str, totals: &BTreeMap<String, u64>) {
+        for (peer, total) in totals {
+            self.observe_peer_drops_total(device, peer, *total);
+        }
+        self.peer_drops_last
+            .retain(|(d, peer)| d != device || totals.contains_key(peer));
+    }
+
+    /// Peers whose last total is remembered (bounded by the peers with counters).
+    pub fn peer_drops_tracked(&self) -> usize {
+        self.peer_drops_last.len()
+    }
+
     /// Absolute drop count toward one peer as read from the eBPF map.
-    pub fn observe_peer_drops_total(&self, device: &str, peer: &str, total: u64) {
+    fn observe_peer_drops_total(&self, device: &str, peer: &str, total: u64) {
         // Track the delta per real peer name, so peers folded into `other` still add up.
         let d = self
             .peer_drops_last
@@ -810,6 +836,38 @@ mod tests {
             .count();
         assert_eq!(series, MAX_PEER_LABELS + 1);
         assert!(out.contains("peer=\"other\"} 10\n"), "{out}");
+    }
+
+    #[test]
+    fn peer_churn_keeps_the_tracker_flat_and_the_counters_exact() {
+        let m = Metrics::new();
+        let total = |m: &Metrics, peer: &str| -> u64 {
+            let out = m.encode();
+            let prefix = format!(
+                "dataplane_watchdog_peer_drops_total{{device=\"vxlan.calico\",peer=\"{peer}\"}} "
+            );
+            out.lines()
+                .find_map(|l| l.strip_prefix(prefix.as_str()))
+                .map_or(0, |v| v.parse().unwrap())
+        };
+        // k8s03 keeps dropping while thousands of other nodes come and go, each with drops.
+        for round in 0..5000u64 {
+            let totals = BTreeMap::from([
+                ("k8s03".to_string(), round + 1),
+                (format!("node-{round}"), 3),
+            ]);
+            m.observe_peer_drops_totals("vxlan.calico", &totals);
+        }
+        assert!(m.peer_drops_tracked() <= 2, "{}", m.peer_drops_tracked());
+        assert_eq!(total(&m, "k8s03"), 5000, "exact across churn");
+        // A node leaves (harvested) and a node of the same name joins with fresh counters.
+        m.observe_peer_drops_totals("vxlan.calico", &BTreeMap::new());
+        m.observe_peer_drops_totals("vxlan.calico", &BTreeMap::from([("k8s03".into(), 2)]));
+        assert_eq!(
+            total(&m, "k8s03"),
+            5002,
+            "a re-joined node adds its new counts"
+        );
     }
 
     #[test]

@@ -1,0 +1,260 @@
+//! Peer name ↔ id for the LPM trie and the per-peer counters. Pure, unit-tested without a
+//! kernel; the loader applies what it decides.
+//!
+//! Ids are reused, so node churn cannot grow the id space, but an id is only handed out again
+//! once its leaving peer's kernel counters were harvested: a counter key never names two peers.
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    time::{Duration, Instant},
+};
+
+use agent_ebpf::PEER_UNKNOWN;
+use ipnet::Ipv4Net;
+
+/// (prefix length, network-order address): an LPM trie key.
+pub(crate) type TrieKey = (u32, u32);
+
+/// How long a leaving peer's id waits before its counters are harvested: far longer than a
+/// program run that looked the id up just before the trie changed.
+pub(crate) const HARVEST_GRACE: Duration = Duration::from_secs(1);
+
+/// Peer name ↔ id (ids from 1; 0 means unknown).
+#[derive(Debug, Default, Clone)]
+pub(crate) struct PeerIds {
+    by_name: BTreeMap<String, u32>,
+    /// Index `id - 1`; `None` for a free id.
+    names: Vec<Option<String>>,
+    free: BTreeSet<u32>,
+    /// Ids no longer in the trie, since when: their counters still name them until harvested.
+    draining: BTreeMap<u32, Instant>,
+}
+
+impl PeerIds {
+    /// The peer's id; a new peer gets the lowest free id. A draining peer that comes back keeps
+    /// its id (and its counters).
+    pub(crate) fn id(&mut self, name: &str) -> u32 {
+        if let Some(id) = self.by_name.get(name) {
+            self.draining.remove(id);
+            return *id;
+        }
+        let id = match self.free.pop_first() {
+            Some(id) => {
+                self.names[id as usize - 1] = Some(name.to_string());
+                id
+            }
+            None => {
+                self.names.push(Some(name.to_string()));
+                self.names.len() as u32
+            }
+        };
+        self.by_name.insert(name.to_string(), id);
+        id
+    }
+
+    pub(crate) fn name(&self, id: u32) -> Option<&str> {
+        if id == PEER_UNKNOWN {
+            return None;
+        }
+        self.names.get(id as usize - 1)?.as_deref()
+    }
+
+    /// Desired trie contents: key → peer id. When two peers claim the same prefix (a datastore
+    /// conflict), the first wins, deterministically. Peers absent from `blocks` start draining.
+    pub(crate) fn trie_entries(
+        &mut self,
+        blocks: &[(String, Ipv4Net)],
+        now: Instant,
+    ) -> HashMap<TrieKey, u32> {
+        let mut out = HashMap::new();
+        for (peer, net) in blocks {
+            let net = net.trunc();
+            let key = (
+                u32::from(net.prefix_len()),
+                u32::from_ne_bytes(net.network().octets()),
+            );
+            let id = self.id(peer);
+            out.entry(key).or_insert(id);
+        }
+        let in_trie: BTreeSet<u32> = out.values().copied().collect();
+        for id in self.by_name.values() {
+            if !in_trie.contains(id) {
+                self.draining.entry(*id).or_insert(now);
+            }
+        }
+        out
+    }
+
+    /// Ids that left the trie at least [`HARVEST_GRACE`] ago: no program counts to them any
+    /// more, so their counters are final. A peer `coming_back` keeps its id instead.
+    pub(crate) fn harvestable(&self, now: Instant, coming_back: impl Fn(&str) -> bool) -> Vec<u32> {
+        self.draining
+            .iter()
+            .filter(|(_, since)| now.saturating_duration_since(**since) >= HARVEST_GRACE)
+            .filter(|(id, _)| !self.name(**id).is_some_and(&coming_back))
+            .map(|(id, _)| *id)
+            .collect()
+    }
+
+    /// The id's counters were harvested: forget its name and hand the id out again.
+    pub(crate) fn release(&mut self, id: u32) {
+        if self.draining.remove(&id).is_none() {
+            return;
+        }
+        if let Some(name) = self.names.get_mut(id as usize - 1).and_then(Option::take) {
+            self.by_name.remove(&name);
+            self.free.insert(id);
+        }
+    }
+
+    /// Ids ever allocated (the id space): bounded by the peers present at once.
+    pub(crate) fn allocated(&self) -> usize {
+        self.names.len()
+    }
+}
+
+/// Entries to insert or overwrite, and keys to remove, to turn `current` into `desired`.
+pub(crate) fn diff_trie(
+    current: &HashMap<TrieKey, u32>,
+    desired: &HashMap<TrieKey, u32>,
+) -> (Vec<(TrieKey, u32)>, Vec<TrieKey>) {
+    let upserts = desired
+        .iter()
+        .filter(|(k, v)| current.get(k) != Some(v))
+        .map(|(k, v)| (*k, *v))
+        .collect();
+    let removals = current
+        .keys()
+        .filter(|k| !desired.contains_key(k))
+        .copied()
+        .collect();
+    (upserts, removals)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn net(s: &str) -> Ipv4Net {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn peer_ids_are_stable_and_trie_diff_is_minimal() {
+        let now = Instant::now();
+        let mut peers = PeerIds::default();
+        let first = peers.trie_entries(
+            &[
+                ("k8s02".into(), net("10.1.0.64/26")),
+                ("k8s03".into(), net("10.1.235.128/26")),
+                ("k8s03".into(), net("10.1.0.7/32")),
+            ],
+            now,
+        );
+        assert_eq!(first.len(), 3);
+        let k3 = peers.by_name["k8s03"];
+        assert_eq!(peers.name(k3), Some("k8s03"));
+        assert_eq!(peers.name(PEER_UNKNOWN), None);
+        let key = (26, u32::from_ne_bytes([10, 1, 235, 128]));
+        assert_eq!(first[&key], k3);
+
+        // k8s02 leaves, k8s04 takes over its block; k8s03 unchanged.
+        let second = peers.trie_entries(
+            &[
+                ("k8s04".into(), net("10.1.0.64/26")),
+                ("k8s03".into(), net("10.1.235.128/26")),
+                ("k8s03".into(), net("10.1.0.7/32")),
+            ],
+            now,
+        );
+        assert_eq!(peers.by_name["k8s03"], k3, "ids survive updates");
+        let (upserts, removals) = diff_trie(&first, &second);
+        assert_eq!(
+            upserts,
+            vec![(
+                (26, u32::from_ne_bytes([10, 1, 0, 64])),
+                peers.by_name["k8s04"]
+            )]
+        );
+        assert!(removals.is_empty());
+        let (upserts, removals) = diff_trie(&second, &HashMap::new());
+        assert!(upserts.is_empty());
+        assert_eq!(removals.len(), 3);
+    }
+
+    #[test]
+    fn host_bits_are_truncated_in_trie_keys() {
+        let mut peers = PeerIds::default();
+        let e = peers.trie_entries(&[("a".into(), net("10.1.0.70/26"))], Instant::now());
+        assert!(e.contains_key(&(26, u32::from_ne_bytes([10, 1, 0, 64]))));
+    }
+
+    #[test]
+    fn a_leaving_peer_keeps_its_id_until_harvested_then_the_id_is_reused() {
+        let t0 = Instant::now();
+        let mut peers = PeerIds::default();
+        peers.trie_entries(&[("a".into(), net("10.1.0.0/26"))], t0);
+        let a = peers.id("a");
+        peers.trie_entries(&[("b".into(), net("10.1.0.64/26"))], t0);
+        // Inside the grace period a's counters may still grow: its id is not harvestable and
+        // still names it.
+        assert!(peers.harvestable(t0, |_| false).is_empty());
+        assert_eq!(peers.name(a), Some("a"));
+        let later = t0 + HARVEST_GRACE;
+        assert_eq!(peers.harvestable(later, |_| false), vec![a]);
+        peers.release(a);
+        assert_eq!(peers.name(a), None, "a harvested id names nobody");
+        assert_eq!(peers.id("c"), a, "the lowest free id is reused");
+        assert_eq!(peers.name(a), Some("c"));
+        // Releasing an id that is not draining (c is live) does nothing.
+        peers.release(a);
+        assert_eq!(peers.name(a), Some("c"));
+    }
+
+    #[test]
+    fn a_peer_that_comes_back_before_the_harvest_keeps_its_id() {
+        let t0 = Instant::now();
+        let mut peers = PeerIds::default();
+        peers.trie_entries(&[("a".into(), net("10.1.0.0/26"))], t0);
+        let a = peers.id("a");
+        peers.trie_entries(&[], t0);
+        peers.trie_entries(&[("a".into(), net("10.1.0.0/26"))], t0);
+        assert!(peers.harvestable(t0 + HARVEST_GRACE, |_| false).is_empty());
+        assert_eq!(peers.id("a"), a);
+        // Draining past the grace, but named in the update being applied: not harvested.
+        peers.trie_entries(&[], t0);
+        assert!(peers
+            .harvestable(t0 + HARVEST_GRACE, |n| n == "a")
+            .is_empty());
+    }
+
+    #[test]
+    fn churn_of_thousands_of_nodes_keeps_the_id_space_flat() {
+        let mut now = Instant::now();
+        let mut peers = PeerIds::default();
+        for round in 0..2000u32 {
+            // 50 nodes at a time, all replaced every round (autoscaling churn).
+            let blocks: Vec<(String, Ipv4Net)> = (0..50u32)
+                .map(|i| {
+                    let n = round * 50 + i;
+                    (
+                        format!("node-{n}"),
+                        Ipv4Net::new(std::net::Ipv4Addr::from(0x0a00_0000 + (i << 6)), 26).unwrap(),
+                    )
+                })
+                .collect();
+            // As the loader does: harvest what is final, then allocate.
+            for id in peers.harvestable(now, |n| blocks.iter().any(|(b, _)| b == n)) {
+                peers.release(id);
+            }
+            peers.trie_entries(&blocks, now);
+            now += HARVEST_GRACE;
+        }
+        assert!(
+            peers.allocated() <= 100,
+            "id space grew with churn: {}",
+            peers.allocated()
+        );
+        assert!(peers.by_name.len() <= 100 && peers.draining.len() <= 50);
+    }
+}
