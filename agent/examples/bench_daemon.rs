@@ -61,6 +61,24 @@ struct Daemon {
 
 impl Daemon {
     fn start(netns: &Path, node: &str, datastore: &Path, extra: &str) -> Result<Daemon> {
+        let d = Self::spawn(netns, node, datastore, extra)?;
+        d.wait_in_sync()?;
+        Ok(d)
+    }
+
+    fn wait_in_sync(&self) -> Result<()> {
+        let started = Instant::now();
+        while !self.status().map(|s| s.in_sync).unwrap_or(false) {
+            if started.elapsed() > Duration::from_secs(120) {
+                bail!("daemon not in sync:\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Ok(())
+    }
+
+    /// Started, not yet in sync.
+    fn spawn(netns: &Path, node: &str, datastore: &Path, extra: &str) -> Result<Daemon> {
         let dir = tempfile::tempdir()?;
         let socket = dir.path().join("status.sock");
         let log = dir.path().join("agent.log");
@@ -92,13 +110,6 @@ impl Daemon {
                 .build()?,
             _dir: dir,
         };
-        let started = Instant::now();
-        while !d.status().map(|s| s.in_sync).unwrap_or(false) {
-            if started.elapsed() > Duration::from_secs(120) {
-                bail!("daemon not in sync:\n{}", d.log());
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
         Ok(d)
     }
 
@@ -167,6 +178,64 @@ impl Drop for Daemon {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// `GET /status` every 5 ms from another thread while the daemon works: what an operator's
+/// `watchdog status` waits. Connection failures before the socket exists are not latencies.
+struct StatusProbe {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<Vec<Duration>>,
+}
+
+impl StatusProbe {
+    fn start(socket: &Path) -> StatusProbe {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (flag, socket) = (stop.clone(), socket.to_path_buf());
+        let thread = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            let mut took = Vec::new();
+            while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+                let t = Instant::now();
+                let ok = rt
+                    .block_on(client::fetch(&socket, "/status", Duration::from_secs(10)))
+                    .is_ok();
+                if ok {
+                    took.push(t.elapsed());
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            took
+        });
+        StatusProbe { stop, thread }
+    }
+
+    /// Stops and returns (samples, p50, p99, max).
+    fn finish(self) -> (usize, Duration, Duration, Duration) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let mut took = self.thread.join().expect("probe thread");
+        took.sort();
+        if took.is_empty() {
+            return (0, Duration::ZERO, Duration::ZERO, Duration::ZERO);
+        }
+        (
+            took.len(),
+            percentile(&took, 0.5),
+            percentile(&took, 0.99),
+            *took.last().unwrap(),
+        )
+    }
+}
+
+fn probe_line(what: &str, (n, p50, p99, max): (usize, Duration, Duration, Duration)) -> String {
+    format!(
+        "{what}: {n} requests, p50 {}, p99 {}, max {}",
+        ms(p50),
+        ms(p99),
+        ms(max)
+    )
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
@@ -253,13 +322,21 @@ fn scale(peers: usize, out: &mut String) -> Result<()> {
 
     // 2. Throughput: the daemon starts with every route missing; the routes are written while
     // it runs; done when its findings are exactly the healthy node's (none).
-    let d = Daemon::start(&netns, "local", &datastore, "")?;
+    // Status latency while the daemon starts: eBPF load (verifier), first dump, datastore.
+    let d = Daemon::spawn(&netns, "local", &datastore, "")?;
+    let probe = StatusProbe::start(&d.socket);
+    d.wait_in_sync()?;
+    let startup = probe.finish();
     let missing = d.findings()?.len();
     let t = Instant::now();
     node.program_routes(&ns)?;
     let written = t.elapsed();
     let done = d.wait(t, Duration::from_secs(300), |f| f.is_empty())?;
     let status = d.status()?;
+    // Baseline: the same daemon idle in the healthy state the resync phase has.
+    let probe = StatusProbe::start(&d.socket);
+    std::thread::sleep(Duration::from_secs(2));
+    let idle_probe = probe.finish();
     writeln!(
         out,
         "event throughput ({peers} peers × {BLOCKS} blocks = {total_routes} routes added while running; {missing} findings before):\n  \
@@ -303,6 +380,7 @@ fn scale(peers: usize, out: &mut String) -> Result<()> {
     // 3. Resync vs raw dump: periodic resyncs every second, durations from the daemon's log;
     // the raw dump measured in between, same namespace.
     let d = Daemon::start(&netns, "local", &datastore, "resync_interval = \"1s\"")?;
+    let probe = StatusProbe::start(&d.socket);
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -318,6 +396,14 @@ fn scale(peers: usize, out: &mut String) -> Result<()> {
         same.push(t.elapsed());
         std::thread::sleep(Duration::from_millis(400));
     }
+    let resyncing = probe.finish();
+    writeln!(
+        out,
+        "status API latency (GET /status every 5 ms) at {peers} peers, baseline idle first:\n  {}\n  {}\n  {}",
+        probe_line("idle", idle_probe),
+        probe_line("during startup (eBPF load + verifier, first dump, datastore)", startup),
+        probe_line("during 1-per-second full resyncs", resyncing),
+    )?;
     let log = d.log();
     let (mut kernel, mut full) = (Vec::new(), Vec::new());
     for line in log

@@ -226,7 +226,7 @@ impl Daemon {
             ..MonitorOptions::default()
         };
         // Subscribe before the first dump so no change falls between the two.
-        let monitor = Monitor::start(netns, &monitor_options)?;
+        let monitor = Monitor::start_off_loop(netns, &monitor_options).await?;
         let observer = NetlinkObserver::new(netns)?;
         // Loading runs the verifier over every program (hundreds of ms): on a blocking thread,
         // so the status socket, already serving, answers meanwhile.
@@ -504,7 +504,7 @@ impl LoopState {
         self.pending_resync = None;
         self.last_resync = Some(started);
         if self.monitor.is_none() {
-            match Monitor::start(self.netns.as_deref(), &self.monitor_options) {
+            match Monitor::start_off_loop(self.netns.as_deref(), &self.monitor_options).await {
                 Ok(m) => self.monitor = Some(m),
                 Err(e) => {
                     error!(error = %e, "cannot subscribe to netlink; retrying");

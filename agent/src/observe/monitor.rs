@@ -86,22 +86,50 @@ fn set_recv_buffer(socket: &netlink_sys::Socket, size: usize) -> io::Result<()> 
     }
 }
 
+/// A non-blocking rtnetlink socket in `netns` subscribed to every group the monitor reads.
+fn subscribed_socket(
+    netns: Option<&Path>,
+    recv_buffer: Option<usize>,
+) -> Result<netlink_sys::Socket> {
+    raw_socket(netns, move |socket| {
+        for group in GROUPS {
+            socket.add_membership(group)?;
+        }
+        if let Some(size) = recv_buffer {
+            set_recv_buffer(socket, size)?;
+        }
+        Ok(())
+    })
+}
+
 impl Monitor {
     /// Subscribe in `netns` (`None`: the current namespace). Must be called from within a
     /// tokio runtime. Start it before taking the snapshot it will update, so no change falls
     /// between the two.
     pub fn start(netns: Option<&Path>, options: &MonitorOptions) -> Result<Monitor> {
-        let label = netns_label(netns);
+        let socket = subscribed_socket(netns, options.recv_buffer)?;
+        Self::with_socket(socket, netns_label(netns), options)
+    }
+
+    /// [`Monitor::start`] for the daemon's loop: the namespace thread is awaited on a blocking
+    /// thread, never joined on the runtime.
+    pub async fn start_off_loop(netns: Option<&Path>, options: &MonitorOptions) -> Result<Monitor> {
+        let owned = netns.map(Path::to_path_buf);
         let recv_buffer = options.recv_buffer;
-        let socket = raw_socket(netns, move |socket| {
-            for group in GROUPS {
-                socket.add_membership(group)?;
-            }
-            if let Some(size) = recv_buffer {
-                set_recv_buffer(socket, size)?;
-            }
-            Ok(())
-        })?;
+        let socket =
+            tokio::task::spawn_blocking(move || subscribed_socket(owned.as_deref(), recv_buffer))
+                .await
+                .map_err(|_| Error::ThreadPanicked {
+                    netns: netns_label(netns),
+                })??;
+        Self::with_socket(socket, netns_label(netns), options)
+    }
+
+    fn with_socket(
+        socket: netlink_sys::Socket,
+        label: String,
+        options: &MonitorOptions,
+    ) -> Result<Monitor> {
         // SAFETY: the socket owns its fd and is neither closed nor replaced while registered.
         let fd = unsafe { AsyncFd::register(socket) }.map_err(|source| Error::Socket {
             netns: label.clone(),
