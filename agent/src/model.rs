@@ -12,6 +12,9 @@ use std::{
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
+mod remedy;
+pub use remedy::{hint, Remedy, PROTO_BOOT};
+
 /// An Ethernet address, printed and parsed as `aa:bb:cc:dd:ee:ff`.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
 pub struct MacAddr(pub [u8; 6]);
@@ -465,9 +468,14 @@ pub struct Finding {
     )]
     pub since: Option<SystemTime>,
     pub message: String,
-    /// The exact command that would fix it, when one is known.
+    /// The exact command that would fix it, when one is known (rendered from `remedies` when
+    /// there are any).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub hint: Option<String>,
+    /// The kernel writes that fix it, in order; empty when no write can (device down,
+    /// datastore problems, drops).
+    #[serde(skip_serializing_if = "Vec::is_empty", default)]
+    pub remedies: Vec<Remedy>,
     pub evidence: Evidence,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub repair: Option<RepairInfo>,
@@ -486,9 +494,16 @@ impl Finding {
             since: None,
             message,
             hint: None,
+            remedies: Vec::new(),
             evidence: Evidence::default(),
             repair: None,
         }
+    }
+
+    /// Sets the kernel writes that fix this finding, and the hint rendered from them.
+    pub fn set_remedies(&mut self, remedies: Vec<Remedy>) {
+        self.hint = hint(&remedies);
+        self.remedies = remedies;
     }
 
     /// Identity of a finding across re-evaluations (so `since` survives): check, device, and

@@ -448,3 +448,100 @@ async fn default_buffer_absorbs_a_felix_sized_burst() {
     }
     assert_eq!(routes, 4000);
 }
+
+/// Every remedy kind written through netlink gives exactly the state the recording writer's
+/// model predicts: unit tests of repair logic on the model stand for the real kernel.
+#[tokio::test]
+async fn netlink_writes_agree_with_the_recording_model() {
+    use dataplane_watchdog::{
+        model::Remedy,
+        observe::{apply_to_model, KernelWriter, NetlinkWriter},
+    };
+    require_root!();
+    let ns = Netns::calico_node();
+    let observer = NetlinkObserver::new(Some(&ns.path())).expect("connect in netns");
+    let mut writer = NetlinkWriter::new(Some(&ns.path())).expect("writer in netns");
+    let mut model = observer.snapshot(&devices()).await.expect("snapshot");
+    let d = || DEV.to_string();
+    let remedies = [
+        // The incident's fix: the existing route re-pointed, its protocol kept.
+        Remedy::RouteReplace {
+            device: d(),
+            destination: "10.1.235.128/26".parse().unwrap(),
+            gateway: ip("10.1.235.140"),
+            protocol: 3,
+            metric: None,
+        },
+        Remedy::RouteReplace {
+            device: d(),
+            destination: "10.1.237.0/26".parse().unwrap(),
+            gateway: ip("10.1.237.1"),
+            protocol: 80,
+            metric: Some(50),
+        },
+        Remedy::RouteAdd {
+            device: d(),
+            destination: "10.1.236.0/26".parse().unwrap(),
+            gateway: ip("10.1.236.1"),
+        },
+        Remedy::RouteAdd {
+            device: d(),
+            destination: "10.1.238.0/26".parse().unwrap(),
+            gateway: ip("10.1.238.1"),
+        },
+        Remedy::RouteDelete {
+            device: d(),
+            destination: "10.1.238.0/26".parse().unwrap(),
+            gateway: Some(ip("10.1.238.1")),
+            protocol: 3,
+            metric: None,
+        },
+        Remedy::NeighReplace {
+            device: d(),
+            ip: ip("10.1.235.133"),
+            mac: mac("66:aa:bb:cc:dd:01"),
+        },
+        Remedy::NeighReplace {
+            device: d(),
+            ip: ip("10.1.236.1"),
+            mac: mac("66:aa:bb:cc:dd:02"),
+        },
+        Remedy::FdbReplace {
+            device: d(),
+            mac: mac("66:aa:bb:cc:dd:ee"),
+            destination: ip("192.168.77.9"),
+        },
+        Remedy::FdbReplace {
+            device: d(),
+            mac: mac("66:aa:bb:cc:dd:02"),
+            destination: ip("192.168.77.4"),
+        },
+    ];
+    for r in &remedies {
+        writer
+            .write(r)
+            .await
+            .unwrap_or_else(|e| panic!("{r}: {e}"));
+        apply_to_model(&mut model, r).unwrap_or_else(|e| panic!("model {r}: {e}"));
+    }
+    let mut kernel = observer.snapshot(&devices()).await.expect("snapshot");
+    kernel.normalize();
+    model.normalize();
+    assert_eq!(kernel.devices[DEV].routes, model.devices[DEV].routes);
+    assert_eq!(kernel.devices[DEV].neighbours, model.devices[DEV].neighbours);
+    assert_eq!(kernel.devices[DEV].fdb, model.devices[DEV].fdb);
+
+    // Both refuse to add a route that exists, and to write to a device that does not.
+    let again = &remedies[2];
+    let err = writer.write(again).await.unwrap_err().to_string();
+    assert!(err.contains("route-add") && err.contains("exists"), "{err}");
+    assert!(apply_to_model(&mut model, again).is_err());
+    let missing = Remedy::NeighReplace {
+        device: "flannel.1".into(),
+        ip: ip("10.1.9.1"),
+        mac: mac("66:aa:bb:cc:dd:03"),
+    };
+    let err = writer.write(&missing).await.unwrap_err().to_string();
+    assert!(err.contains("flannel.1 does not exist"), "{err}");
+    assert!(apply_to_model(&mut model, &missing).is_err());
+}

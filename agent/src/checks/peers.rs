@@ -10,7 +10,7 @@ use ipnet::IpNet;
 
 use super::{fdb_destinations, neighbour, DeviceSpec, Family, Indexed, MAIN_TABLE};
 use crate::model::{
-    CheckId, DesiredState, DirectRoute, Finding, MacAddr, ObservedDevice, PeerNode, Route,
+    CheckId, DesiredState, DirectRoute, Finding, MacAddr, ObservedDevice, PeerNode, Remedy, Route,
     RouteKind, Severity,
 };
 
@@ -114,7 +114,16 @@ fn peer_routes(
         f.expected_gateway = Some(peer.vtep_ip);
         f.peer_node = Some(peer.name.clone());
         f.evidence.routes = list;
-        f.hint = Some(route_fix(device, &missing, peer.vtep_ip));
+        f.set_remedies(
+            missing
+                .iter()
+                .map(|dst| Remedy::RouteAdd {
+                    device: device.to_string(),
+                    destination: *dst,
+                    gateway: peer.vtep_ip,
+                })
+                .collect(),
+        );
         out.push(f);
     }
 
@@ -173,7 +182,11 @@ fn peer_routes(
         f.expected_gateway = Some(peer.vtep_ip);
         f.peer_node = Some(peer.name.clone());
         f.evidence.routes = bad.iter().map(|r| r.display(device)).collect();
-        f.hint = Some(route_fix(device, &dsts, peer.vtep_ip));
+        f.set_remedies(
+            bad.iter()
+                .map(|r| route_replace(device, r, peer.vtep_ip))
+                .collect(),
+        );
         out.push(f);
     }
     out
@@ -212,7 +225,7 @@ fn peer_vtep(spec: &DeviceSpec, dev: &Indexed<'_>, peer: &PeerNode) -> Vec<Findi
                         f.evidence.neighbour_state = Some(n.state.name());
                         f.evidence.neighbour_mac = Some(mac);
                         f.evidence.expected_mac = Some(peer.vtep_mac);
-                        f.hint = Some(neigh_fix(device, peer.vtep_ip, peer.vtep_mac));
+                        f.set_remedies(vec![neigh_replace(device, peer)]);
                         out.push(f);
                     }
                 }
@@ -232,7 +245,7 @@ fn peer_vtep(spec: &DeviceSpec, dev: &Indexed<'_>, peer: &PeerNode) -> Vec<Findi
             );
             f.evidence.neighbour_state = Some(state);
             f.evidence.expected_mac = Some(peer.vtep_mac);
-            f.hint = Some(neigh_fix(device, peer.vtep_ip, peer.vtep_mac));
+            f.set_remedies(vec![neigh_replace(device, peer)]);
             out.push(f);
         }
     }
@@ -248,11 +261,10 @@ fn peer_vtep(spec: &DeviceSpec, dev: &Indexed<'_>, peer: &PeerNode) -> Vec<Findi
             .details
             .insert("fdb_for_expected_mac".into(), "missing".into());
         f.evidence.expected_fdb_destination = Some(peer.node_ip);
-        f.hint = Some(format!(
-            "{} && {}",
-            fdb_fix(device, effective_mac, peer.node_ip),
-            neigh_fix(device, peer.vtep_ip, peer.vtep_mac)
-        ));
+        f.set_remedies(vec![
+            fdb_replace(device, effective_mac, peer),
+            neigh_replace(device, peer),
+        ]);
     } else if dests.is_empty() {
         let mut f = base(
             CheckId::FdbMissing,
@@ -264,7 +276,7 @@ fn peer_vtep(spec: &DeviceSpec, dev: &Indexed<'_>, peer: &PeerNode) -> Vec<Findi
         );
         f.evidence.expected_mac = Some(effective_mac);
         f.evidence.expected_fdb_destination = Some(peer.node_ip);
-        f.hint = Some(fdb_fix(device, effective_mac, peer.node_ip));
+        f.set_remedies(vec![fdb_replace(device, effective_mac, peer)]);
         out.push(f);
     } else if !dests.contains(&Some(peer.node_ip)) {
         let have = dests.iter().flatten().next().copied();
@@ -282,7 +294,7 @@ fn peer_vtep(spec: &DeviceSpec, dev: &Indexed<'_>, peer: &PeerNode) -> Vec<Findi
         f.evidence.fdb_destination = have;
         f.evidence.expected_fdb_destination = Some(peer.node_ip);
         f.evidence.expected_mac = Some(effective_mac);
-        f.hint = Some(fdb_fix(device, effective_mac, peer.node_ip));
+        f.set_remedies(vec![fdb_replace(device, effective_mac, peer)]);
         out.push(f);
     }
     out
@@ -362,10 +374,16 @@ fn stray_routes(
         f.expected_gateway = expected_gateway;
         f.peer_node = peer_node;
         f.evidence.routes = vec![route.display(device)];
-        f.hint = Some(match expected_gateway {
-            Some(gw) => route_fix(device, &[*dst], gw),
-            None => format!("ip route del {dst} dev {device}"),
-        });
+        f.set_remedies(vec![match expected_gateway {
+            Some(gw) => route_replace(device, route, gw),
+            None => Remedy::RouteDelete {
+                device: device.to_string(),
+                destination: *dst,
+                gateway: route.gateway,
+                protocol: route.protocol,
+                metric: route.metric,
+            },
+        }]);
         out.push(f);
     }
     out
@@ -383,24 +401,29 @@ fn plural(n: usize, one: &str, many: &str) -> String {
     }
 }
 
-/// The command that fixes routes, as the incident's responders typed it.
-pub(crate) fn route_fix(device: &str, dsts: &[IpNet], gateway: IpAddr) -> String {
-    match dsts {
-        [one] => format!("ip route replace {one} via {gateway} dev {device} onlink"),
-        many => format!(
-            "for r in {}; do ip route replace $r via {gateway} dev {device} onlink; done",
-            many.iter()
-                .map(|d| d.to_string())
-                .collect::<Vec<_>>()
-                .join(" ")
-        ),
+/// Points `route` at `gateway`, keeping its protocol and metric so the write replaces it.
+fn route_replace(device: &str, route: &Route, gateway: IpAddr) -> Remedy {
+    Remedy::RouteReplace {
+        device: device.to_string(),
+        destination: route.destination,
+        gateway,
+        protocol: route.protocol,
+        metric: route.metric,
     }
 }
 
-pub(crate) fn neigh_fix(device: &str, ip: IpAddr, mac: MacAddr) -> String {
-    format!("ip neigh replace {ip} lladdr {mac} dev {device} nud permanent")
+fn neigh_replace(device: &str, peer: &PeerNode) -> Remedy {
+    Remedy::NeighReplace {
+        device: device.to_string(),
+        ip: peer.vtep_ip,
+        mac: peer.vtep_mac,
+    }
 }
 
-pub(crate) fn fdb_fix(device: &str, mac: MacAddr, dst: IpAddr) -> String {
-    format!("bridge fdb replace {mac} dev {device} dst {dst} self permanent")
+fn fdb_replace(device: &str, mac: MacAddr, peer: &PeerNode) -> Remedy {
+    Remedy::FdbReplace {
+        device: device.to_string(),
+        mac,
+        destination: peer.node_ip,
+    }
 }

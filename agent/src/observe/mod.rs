@@ -16,6 +16,7 @@ mod events;
 mod monitor;
 mod netns;
 pub mod parse;
+mod write;
 
 use std::{
     future::Future,
@@ -27,6 +28,7 @@ pub use dump::{dump_route_count, snapshot};
 pub use events::{events_from_message, Applied, ObservedEvent};
 pub use monitor::{parse_datagram, Monitor, MonitorOptions};
 pub use netns::{connect, netns_inode, netns_label, run_in_netns, NetlinkConn};
+pub use write::{apply_to_model, KernelWriter, NetlinkWriter, RecordingWriter};
 
 use crate::model::ObservedState;
 
