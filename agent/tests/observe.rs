@@ -518,17 +518,17 @@ async fn netlink_writes_agree_with_the_recording_model() {
         },
     ];
     for r in &remedies {
-        writer
-            .write(r)
-            .await
-            .unwrap_or_else(|e| panic!("{r}: {e}"));
+        writer.write(r).await.unwrap_or_else(|e| panic!("{r}: {e}"));
         apply_to_model(&mut model, r).unwrap_or_else(|e| panic!("model {r}: {e}"));
     }
     let mut kernel = observer.snapshot(&devices()).await.expect("snapshot");
     kernel.normalize();
     model.normalize();
     assert_eq!(kernel.devices[DEV].routes, model.devices[DEV].routes);
-    assert_eq!(kernel.devices[DEV].neighbours, model.devices[DEV].neighbours);
+    assert_eq!(
+        kernel.devices[DEV].neighbours,
+        model.devices[DEV].neighbours
+    );
     assert_eq!(kernel.devices[DEV].fdb, model.devices[DEV].fdb);
 
     // Both refuse to add a route that exists, and to write to a device that does not.

@@ -1,1 +1,5 @@
 //! Acting on findings: alert sinks and guarded repair.
+
+mod plan;
+
+pub use plan::{apply_plan, repair_plan, Applied};

@@ -10,7 +10,7 @@ mod drops;
 mod offline;
 mod peers;
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 
 use std::{
     collections::{BTreeMap, HashMap},

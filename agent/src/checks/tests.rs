@@ -11,17 +11,19 @@ use crate::model::{
     RouteKind,
 };
 
-fn ip(s: &str) -> IpAddr {
+pub(crate) fn ip(s: &str) -> IpAddr {
     s.parse().unwrap()
 }
-fn net(s: &str) -> IpNet {
+pub(crate) fn net(s: &str) -> IpNet {
     s.parse().unwrap()
 }
 
-struct Cluster {
-    device: &'static str,
-    desired: DesiredState,
-    observed: ObservedState,
+/// A node's desired and observed state, consistent unless a test breaks it; shared with the
+/// repair tests (`act`).
+pub(crate) struct Cluster {
+    pub(crate) device: &'static str,
+    pub(crate) desired: DesiredState,
+    pub(crate) observed: ObservedState,
 }
 
 fn node(name: &str, node_ip: &str, vtep: &str, blocks: &[&str]) -> PeerNode {
@@ -39,7 +41,7 @@ fn node(name: &str, node_ip: &str, vtep: &str, blocks: &[&str]) -> PeerNode {
 impl Cluster {
     /// k8s01 (local), k8s02 (VTEP = its block's network address, as Calico does) and k8s03
     /// with the incident's six blocks and VTEP 10.1.235.133.
-    fn calico() -> Cluster {
+    pub(crate) fn calico() -> Cluster {
         let nodes = vec![
             node("k8s01", "192.168.77.1", "10.1.10.0", &["10.1.10.0/26"]),
             node(
@@ -65,7 +67,7 @@ impl Cluster {
         Cluster::programmed("vxlan.calico", 4096, 4789, nodes)
     }
 
-    fn flannel() -> Cluster {
+    pub(crate) fn flannel() -> Cluster {
         let nodes = vec![
             node("n1", "172.16.0.1", "10.244.0.0", &["10.244.0.0/24"]),
             node("n2", "172.16.0.2", "10.244.1.0", &["10.244.1.0/24"]),
@@ -124,15 +126,15 @@ impl Cluster {
         }
     }
 
-    fn dev(&mut self) -> &mut ObservedDevice {
+    pub(crate) fn dev(&mut self) -> &mut ObservedDevice {
         self.observed.devices.get_mut(self.device).unwrap()
     }
 
-    fn peer(&self, name: &str) -> PeerNode {
+    pub(crate) fn peer(&self, name: &str) -> PeerNode {
         self.desired.nodes[name].clone()
     }
 
-    fn set_gateway(&mut self, peer: &str, gateway: &str) {
+    pub(crate) fn set_gateway(&mut self, peer: &str, gateway: &str) {
         let blocks = self.peer(peer).blocks;
         for r in &mut self.dev().routes {
             if blocks.contains(&r.destination) {
@@ -160,7 +162,7 @@ impl Cluster {
     }
 }
 
-fn route(dst: &IpNet, gateway: Option<IpAddr>) -> Route {
+pub(crate) fn route(dst: &IpNet, gateway: Option<IpAddr>) -> Route {
     Route {
         destination: *dst,
         gateway,

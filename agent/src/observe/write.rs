@@ -223,7 +223,10 @@ impl KernelWriter for RecordingWriter {
 
 /// The kernel's semantics of each write, on the model: replace matches a route by destination
 /// and metric in the main table, a neighbour by address, an FDB entry by MAC.
-pub fn apply_to_model(state: &mut ObservedState, remedy: &Remedy) -> std::result::Result<(), String> {
+pub fn apply_to_model(
+    state: &mut ObservedState,
+    remedy: &Remedy,
+) -> std::result::Result<(), String> {
     let device = remedy.device();
     let dev = state
         .devices
