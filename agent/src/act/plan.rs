@@ -88,7 +88,8 @@ mod tests {
 
     #[tokio::test]
     async fn every_repairable_fault_is_fixed_by_its_plan() {
-        let faults: Vec<(&str, Box<dyn Fn(&mut Cluster)>)> = vec![
+        type Fault = (&'static str, Box<dyn Fn(&mut Cluster)>);
+        let faults: Vec<Fault> = vec![
             (
                 "routes removed",
                 Box::new(|c| {
