@@ -60,6 +60,8 @@ async fn measure(netns: &Path, yaml: &str, local: &str) -> Result<Timing> {
             observed: &observed,
             desired: Some(&desired),
             drops: None,
+            explained_recently: None,
+            datastore: None,
         });
         let t3 = Instant::now();
         findings = report.findings.len();

@@ -191,6 +191,8 @@ pub async fn scan_with_drops(
         observed: &observed,
         desired: desired.as_ref(),
         drops: counted.as_ref().map(|(summary, _)| summary),
+        explained_recently: None,
+        datastore: None,
     });
     let mut out = output(
         config,
@@ -283,7 +285,7 @@ pub fn render_text(out: &ScanOutput) -> String {
                     p.vtep.to_string(),
                     p.node_ip.to_string(),
                     p.blocks.len().to_string(),
-                    p.verdict.to_uppercase(),
+                    p.verdict.as_str().to_uppercase(),
                 ]
             })
             .collect();

@@ -352,6 +352,8 @@ async fn silent_watch_caught_by_relist_flips_the_checks() {
             observed,
             desired: Some(&snap.desired),
             drops: None,
+            explained_recently: None,
+            datastore: None,
         });
         report.findings.extend(stale_findings(snap, lab.device()));
         report

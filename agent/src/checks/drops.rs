@@ -1,7 +1,7 @@
 //! Kernel drop counters turned into evidence: `traffic-blackholed` when packets toward a peer are
 //! being dropped while a dataplane finding explains it, `drops-unexplained` when nothing does.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use serde::Serialize;
 
@@ -51,7 +51,11 @@ fn list(reasons: &BTreeMap<String, u64>) -> String {
         .join(", ")
 }
 
-pub(super) fn apply(drops: &DropSummary, findings: &mut Vec<Finding>) {
+pub(super) fn apply(
+    drops: &DropSummary,
+    explained_recently: Option<&BTreeSet<String>>,
+    findings: &mut Vec<Finding>,
+) {
     let mut added = Vec::new();
     for (peer, d) in &drops.per_peer {
         if d.packets == 0 {
@@ -65,7 +69,11 @@ pub(super) fn apply(drops: &DropSummary, findings: &mut Vec<Finding>) {
                 explained.push(f.check.as_str());
             }
         }
+        let recently = explained_recently.is_some_and(|r| r.contains(peer));
         let (mut f, packets, reasons) = if explained.is_empty() {
+            if recently {
+                continue;
+            }
             let packets: u64 = d.unexplained.values().sum();
             if packets == 0 {
                 continue;

@@ -5,6 +5,7 @@
 //! state. One finding per root cause: a peer whose six blocks all point at one wrong gateway is
 //! one `gateway-wrong-vtep` finding with six routes as evidence.
 
+mod datastore;
 mod device;
 mod drops;
 mod offline;
@@ -13,12 +14,13 @@ mod peers;
 pub(crate) mod tests;
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap},
     net::IpAddr,
 };
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
+pub use datastore::{DatastoreHealth, StaleNote};
 pub use drops::{explains_drops, DropSummary, PeerDrops};
 
 use crate::model::{
@@ -87,9 +89,44 @@ pub struct CheckInput<'a> {
     pub desired: Option<&'a DesiredState>,
     /// Drops toward peers since the previous evaluation (eBPF), when available.
     pub drops: Option<&'a DropSummary>,
+    /// Peers whose drops a finding explained shortly before this evaluation: packets queued
+    /// behind a fault that was just repaired are freed (and counted) seconds later, and are
+    /// not `drops-unexplained`.
+    pub explained_recently: Option<&'a BTreeSet<String>>,
+    /// The datastore's own freshness (Kubernetes), when it reports one.
+    pub datastore: Option<&'a DatastoreHealth>,
 }
 
-/// Verdict for one remote node, for status views.
+/// A remote node's health: the worst of its open findings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Verdict {
+    #[default]
+    Ok,
+    Warning,
+    Critical,
+}
+
+impl Verdict {
+    /// Info findings do not degrade a peer.
+    pub fn from_worst(worst: Option<Severity>) -> Self {
+        match worst {
+            Some(Severity::Critical) => Verdict::Critical,
+            Some(Severity::Warning) => Verdict::Warning,
+            _ => Verdict::Ok,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Verdict::Ok => "ok",
+            Verdict::Warning => "warning",
+            Verdict::Critical => "critical",
+        }
+    }
+}
+
+/// Verdict for one remote node, for status views: computed here once, from the final findings.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct PeerVerdict {
     pub node: String,
@@ -97,8 +134,7 @@ pub struct PeerVerdict {
     pub vtep_mac: MacAddr,
     pub node_ip: IpAddr,
     pub blocks: Vec<String>,
-    /// `ok`, `warning` or `critical`.
-    pub verdict: String,
+    pub verdict: Verdict,
     pub findings: usize,
 }
 
@@ -129,11 +165,11 @@ impl CheckReport {
 /// Runs every check that the inputs allow.
 pub fn evaluate(input: &CheckInput<'_>) -> CheckReport {
     let mut report = CheckReport::default();
-    if let Some(desired) = input.desired {
-        report
-            .findings
-            .extend(datastore_findings(desired, input.devices));
-    }
+    report.findings.extend(datastore::findings(
+        input.desired,
+        input.datastore,
+        input.devices,
+    ));
     for spec in input.devices {
         let Some(dev) = input.observed.devices.get(&spec.name) else {
             report.findings.push(device::missing(spec, input.desired));
@@ -179,7 +215,7 @@ pub fn evaluate(input: &CheckInput<'_>) -> CheckReport {
         }
     }
     if let Some(drops) = input.drops {
-        drops::apply(drops, &mut report.findings);
+        drops::apply(drops, input.explained_recently, &mut report.findings);
     }
     report.findings.sort_by(|a, b| {
         b.severity
@@ -196,42 +232,6 @@ pub fn evaluate(input: &CheckInput<'_>) -> CheckReport {
 
 /// Routes Calico and flannel program live in the main table.
 pub const MAIN_TABLE: u32 = 254;
-
-fn datastore_findings(desired: &DesiredState, devices: &[DeviceSpec]) -> Vec<Finding> {
-    let device = devices.first().map(|d| d.name.as_str()).unwrap_or("");
-    let mut out: Vec<Finding> = desired
-        .problems
-        .iter()
-        .map(|p| {
-            let mut f = Finding::new(
-                CheckId::DatastoreInvalid,
-                Severity::Warning,
-                device,
-                format!(
-                    "{}: {}: {} (checks that depend on it are skipped)",
-                    p.object, p.field, p.message
-                ),
-            );
-            f.peer_node = p.node.clone();
-            f.evidence.details.insert("object".into(), p.object.clone());
-            f.evidence.details.insert("field".into(), p.field.clone());
-            f
-        })
-        .collect();
-    if !desired.local_node.is_empty() && !desired.nodes.contains_key(&desired.local_node) {
-        out.push(Finding::new(
-            CheckId::DatastoreInvalid,
-            Severity::Warning,
-            device,
-            format!(
-                "local node {:?} is not in the datastore ({}): every node in it is treated as a \
-                 peer; set node_name in the config if the host name differs from the node name",
-                desired.local_node, desired.source
-            ),
-        ));
-    }
-    out
-}
 
 fn verdicts(desired: &DesiredState, findings: &[Finding]) -> Vec<PeerVerdict> {
     let mut by_peer: BTreeMap<&str, (usize, Option<Severity>)> = BTreeMap::new();
@@ -252,12 +252,7 @@ fn verdicts(desired: &DesiredState, findings: &[Finding]) -> Vec<PeerVerdict> {
                 vtep_mac: p.vtep_mac,
                 node_ip: p.node_ip,
                 blocks: p.blocks.iter().map(|b| b.to_string()).collect(),
-                verdict: match worst {
-                    None | Some(Severity::Info) => "ok",
-                    Some(Severity::Warning) => "warning",
-                    Some(Severity::Critical) => "critical",
-                }
-                .to_string(),
+                verdict: Verdict::from_worst(worst),
                 findings: count,
             }
         })

@@ -158,6 +158,8 @@ impl Cluster {
             observed: &self.observed,
             desired,
             drops,
+            explained_recently: None,
+            datastore: None,
         })
     }
 }
@@ -201,7 +203,7 @@ fn healthy_calico_with_network_address_vteps_has_no_findings() {
     let r = c.report();
     assert!(r.findings.is_empty(), "{:#?}", r.findings);
     assert_eq!(r.routes_checked, 8);
-    assert!(r.peers.iter().all(|p| p.verdict == "ok"));
+    assert!(r.peers.iter().all(|p| p.verdict == Verdict::Ok));
     assert_eq!(r.peers.len(), 2);
 }
 
@@ -288,10 +290,10 @@ fn incident_replay_is_one_critical_finding_with_all_six_routes() {
     );
     assert_eq!(r.worst(), Some(Severity::Critical));
     let k8s03 = r.peers.iter().find(|p| p.node == "k8s03").unwrap();
-    assert_eq!(k8s03.verdict, "critical");
+    assert_eq!(k8s03.verdict, Verdict::Critical);
     assert_eq!(
         r.peers.iter().find(|p| p.node == "k8s02").unwrap().verdict,
-        "ok"
+        Verdict::Ok
     );
 }
 

@@ -11,8 +11,8 @@ use std::{
 
 use super::findings::{FindingTracker, Transitions};
 use crate::{
-    checks::{self, CheckInput, CheckReport, DeviceSpec, DropSummary},
-    model::{CheckId, DesiredState, Finding, ObservedState},
+    checks::{self, CheckInput, CheckReport, DatastoreHealth, DeviceSpec, DropSummary},
+    model::{DesiredState, Finding, ObservedState},
     observe::{Applied, ObservedEvent},
 };
 
@@ -40,8 +40,8 @@ pub struct Engine {
     desired: Option<DesiredState>,
     drops: DropSummary,
     tracker: FindingTracker,
-    /// Findings from outside the checks (e.g. `datastore-stale` from the Kubernetes source).
-    extra: Vec<Finding>,
+    /// The datastore's own freshness report (Kubernetes), judged by the checks.
+    datastore: Option<DatastoreHealth>,
     /// Per peer, when a finding that explains drops toward it was last open.
     explained_at: BTreeMap<String, SystemTime>,
     dirty: bool,
@@ -56,7 +56,7 @@ impl Engine {
             desired: None,
             drops: DropSummary::default(),
             tracker: FindingTracker::default(),
-            extra: Vec::new(),
+            datastore: None,
             explained_at: BTreeMap::new(),
             dirty: true,
         }
@@ -112,10 +112,10 @@ impl Engine {
         changed
     }
 
-    /// Findings the datastore raises about itself; evaluated and tracked with the others.
-    pub fn set_extra_findings(&mut self, extra: Vec<Finding>) {
-        if extra != self.extra {
-            self.extra = extra;
+    /// What the datastore says about its freshness; `datastore-stale` is decided from it.
+    pub fn set_datastore_health(&mut self, health: Option<DatastoreHealth>) {
+        if health != self.datastore {
+            self.datastore = health;
             self.dirty = true;
         }
     }
@@ -140,13 +140,17 @@ impl Engine {
     /// Run every check over the whole model; clears the dirty flag.
     pub fn evaluate(&mut self, now: SystemTime) -> Evaluation {
         let started = Instant::now();
+        self.explained_at
+            .retain(|_, at| within(now, *at, DROPS_EXPLAINED_GRACE));
+        let explained_recently: BTreeSet<String> = self.explained_at.keys().cloned().collect();
         let mut report = checks::evaluate(&CheckInput {
             devices: &self.specs,
             observed: &self.observed,
             desired: self.desired.as_ref(),
             drops: Some(&self.drops),
+            explained_recently: Some(&explained_recently),
+            datastore: self.datastore.as_ref(),
         });
-        report.findings.extend(self.extra.iter().cloned());
         for f in &report.findings {
             if let Some(peer) = f
                 .peer_node
@@ -156,15 +160,6 @@ impl Engine {
                 self.explained_at.insert(peer.clone(), now);
             }
         }
-        self.explained_at
-            .retain(|_, at| within(now, *at, DROPS_EXPLAINED_GRACE));
-        let explained_at = &self.explained_at;
-        report.findings.retain(|f| {
-            f.check != CheckId::DropsUnexplained
-                || f.peer_node
-                    .as_ref()
-                    .is_none_or(|p| !explained_at.contains_key(p))
-        });
         let transitions = self
             .tracker
             .update(std::mem::take(&mut report.findings), now);

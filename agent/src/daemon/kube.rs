@@ -8,7 +8,11 @@ use tokio::sync::{oneshot, watch};
 use tracing::{debug, info, warn};
 
 use crate::{
-    desired::{kubernetes::KubeSnapshot, KubeSource, KubeSourceConfig},
+    checks::{DatastoreHealth, StaleNote},
+    desired::{
+        kubernetes::{KubeSnapshot, StaleCause},
+        KubeSource, KubeSourceConfig,
+    },
     model::{Finding, Severity},
     serve::StatusHandle,
 };
@@ -297,6 +301,29 @@ fn condition_text(critical: &[&Finding]) -> (&'static str, String) {
             checks.join(", ")
         ),
     )
+}
+
+/// What the snapshot says about the datastore's freshness, for the checks to judge.
+pub(super) fn health(snap: &KubeSnapshot) -> DatastoreHealth {
+    DatastoreHealth {
+        source: snap.desired.source.clone(),
+        nodes: snap.desired.nodes.len(),
+        stale: snap
+            .stale_causes
+            .iter()
+            .map(|c| StaleNote {
+                resource: c.resource().to_string(),
+                kind: match c {
+                    StaleCause::NeverListed { .. } => "never-listed",
+                    StaleCause::NoContact { .. } => "no-contact",
+                    StaleCause::MissedEvents { .. } => StaleNote::MISSED_EVENTS,
+                },
+                text: c.to_string(),
+            })
+            .collect(),
+        relist_mismatches: snap.relist_mismatches,
+        watch_ended: None,
+    }
 }
 
 /// Status/metrics age of the datastore from the snapshot.

@@ -39,11 +39,9 @@ pub use engine::{Engine, Evaluation};
 pub use findings::{FindingTracker, Transitions};
 
 use crate::{
+    checks::DatastoreHealth,
     config::{Config, DatastoreSource},
-    desired::{
-        kubernetes::{stale_findings, watch_ended_finding},
-        AnyDatastore, Datastore, FileDatastore, KubeSourceConfig, NoDatastore,
-    },
+    desired::{AnyDatastore, Datastore, FileDatastore, KubeSourceConfig, NoDatastore},
     ebpf::{self, DropCounterSource, DropSnapshot, EbpfState, NeighTarget},
     model::{DesiredState, Finding},
     observe::{
@@ -276,7 +274,7 @@ impl Daemon {
             offline,
             feed,
             kube,
-            watch_ended: false,
+            watch_ended: None,
             ebpf,
             status,
             metrics,
@@ -314,9 +312,9 @@ struct LoopState {
     feed: Option<watch::Receiver<DesiredState>>,
     /// The Kubernetes source: desired state, staleness, condition/event publishing.
     kube: Option<kube::KubeLink>,
-    /// The list/watch ended and is being started again: `datastore-stale` until its first
-    /// complete snapshot.
-    watch_ended: bool,
+    /// The list/watch ended (why) and is being started again: `datastore-stale` until its
+    /// first complete snapshot.
+    watch_ended: Option<String>,
     /// Shared with the blocking thread that reads the per-CPU maps (about a thousand
     /// syscalls per device each second), so the runtime keeps serving meanwhile.
     ebpf: Arc<std::sync::Mutex<Box<dyn DropCounterSource>>>,
@@ -657,16 +655,16 @@ impl LoopState {
                     reason = %why,
                     "Kubernetes list/watch ended; keeping the last desired state (stale) and starting it again"
                 );
-                let source = self
-                    .engine
-                    .desired()
-                    .map(|d| d.source.clone())
-                    .unwrap_or_else(|| "kubernetes".into());
-                let nodes = self.engine.desired().map_or(0, |d| d.nodes.len());
-                let device = self.config.devices.first().map_or("", String::as_str);
-                self.watch_ended = true;
-                self.engine
-                    .set_extra_findings(vec![watch_ended_finding(&source, nodes, device, &why)]);
+                let (source, nodes) = self.engine.desired().map_or(("kubernetes".into(), 0), |d| {
+                    (d.source.clone(), d.nodes.len())
+                });
+                self.engine.set_datastore_health(Some(DatastoreHealth {
+                    source,
+                    nodes,
+                    watch_ended: Some(why.clone()),
+                    ..Default::default()
+                }));
+                self.watch_ended = Some(why.clone());
                 self.status
                     .update(|s| {
                         s.datastore.stale = true;
@@ -685,7 +683,7 @@ impl LoopState {
         if snap.synced {
             self.last_desired_ok = Some(Instant::now());
             self.adopt_desired((*snap.desired).clone()).await;
-            self.watch_ended = false;
+            self.watch_ended = None;
             if let Some(link) = self.kube.as_mut() {
                 link.healthy_again();
             }
@@ -698,9 +696,8 @@ impl LoopState {
         let Some(link) = self.kube.as_mut() else {
             return;
         };
-        if let Some(snap) = link.latest().filter(|_| !self.watch_ended) {
-            let device = self.config.devices.first().map_or("", String::as_str);
-            self.engine.set_extra_findings(stale_findings(snap, device));
+        if let Some(snap) = link.latest().filter(|_| self.watch_ended.is_none()) {
+            self.engine.set_datastore_health(Some(kube::health(snap)));
         }
         for _ in 0..link.new_mismatches() {
             self.metrics.inc_datastore_relist_mismatch();

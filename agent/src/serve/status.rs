@@ -192,34 +192,7 @@ impl DeviceStatus {
     }
 }
 
-/// Per-peer summary.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum Verdict {
-    #[default]
-    Ok,
-    Warning,
-    Critical,
-}
-
-impl Verdict {
-    /// Info findings do not degrade a peer.
-    pub fn from_worst(worst: Option<Severity>) -> Self {
-        match worst {
-            Some(Severity::Critical) => Verdict::Critical,
-            Some(Severity::Warning) => Verdict::Warning,
-            _ => Verdict::Ok,
-        }
-    }
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Verdict::Ok => "ok",
-            Verdict::Warning => "warning",
-            Verdict::Critical => "critical",
-        }
-    }
-}
+pub use crate::checks::Verdict;
 
 /// One remote node as the daemon sees it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
