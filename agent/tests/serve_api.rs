@@ -79,7 +79,9 @@ fn incident_status() -> Status {
     f.since = Some(SystemTime::now() - Duration::from_secs(300));
     f.hint = Some("ip route replace 10.1.3.0/26 via 10.1.3.5 dev vxlan.calico onlink".into());
     s.findings.push(f);
-    s.refresh_peer_verdicts();
+    // As the checks would judge it.
+    s.peers[1].verdict = Verdict::Critical;
+    s.peers[1].findings = 1;
     s
 }
 
@@ -200,8 +202,7 @@ async fn status_api_serves_reads_and_refuses_writes() {
     );
     handle
         .update(|s| {
-            s.findings.clear();
-            s.refresh_peer_verdicts();
+            s.set_findings(Vec::new(), &[]);
         })
         .await;
     assert_eq!(client::run_check(check.clone()).await, 0);

@@ -22,13 +22,15 @@ pub struct FindingTracker {
 pub struct Transitions {
     /// Findings not open before this evaluation.
     pub opened: Vec<Finding>,
+    /// Findings open before and now, whose content changed (message, severity, evidence).
+    pub changed: Vec<Finding>,
     /// Findings open before and absent now (as they were last seen).
     pub cleared: Vec<Finding>,
 }
 
 impl Transitions {
     pub fn is_empty(&self) -> bool {
-        self.opened.is_empty() && self.cleared.is_empty()
+        self.opened.is_empty() && self.changed.is_empty() && self.cleared.is_empty()
     }
 }
 
@@ -40,7 +42,9 @@ impl FindingTracker {
         // linear (n log n), not compare every pair.
         let mut since: BTreeMap<Key, SystemTime> = BTreeMap::new();
         let mut opened: Vec<Finding> = Vec::new();
-        for f in &mut findings {
+        let before: BTreeMap<Key, &Finding> = self.open.iter().map(|f| (f.key(), f)).collect();
+        let mut changed_keys: Vec<(Key, usize)> = Vec::new();
+        for (i, f) in findings.iter_mut().enumerate() {
             let key = f.key();
             let first = match self.since.get(&key) {
                 Some(t) => *t,
@@ -56,8 +60,18 @@ impl FindingTracker {
                 },
             };
             f.since = Some(first);
+            if before.get(&key).is_some_and(|old| *old != &*f) {
+                changed_keys.push((key.clone(), i));
+            }
             since.insert(key, first);
         }
+        drop(before);
+        let mut seen_changed = BTreeSet::new();
+        let changed = changed_keys
+            .into_iter()
+            .filter(|(k, _)| seen_changed.insert(k.clone()))
+            .map(|(_, i)| findings[i].clone())
+            .collect();
         let mut cleared_keys: BTreeSet<Key> = BTreeSet::new();
         let cleared = std::mem::take(&mut self.open)
             .into_iter()
@@ -68,7 +82,11 @@ impl FindingTracker {
             .collect();
         self.since = since;
         self.open = findings;
-        Transitions { opened, cleared }
+        Transitions {
+            opened,
+            changed,
+            cleared,
+        }
     }
 
     /// The open findings, each with `since`, in evaluation order.
@@ -106,7 +124,7 @@ mod tests {
         assert!(tr.cleared.is_empty());
         assert_eq!(t.open()[0].since, Some(at(10)));
 
-        // Same problem, new message and severity: same finding, same since, no transition.
+        // Same problem, new message and severity: same finding, same since, changed.
         let mut a2 = a.clone();
         a2.message = "other words".into();
         a2.severity = Severity::Warning;
@@ -115,6 +133,9 @@ mod tests {
             tr.opened.iter().map(|f| f.check).collect::<Vec<_>>(),
             [CheckId::FdbMissing]
         );
+        assert_eq!(tr.changed.len(), 1);
+        assert_eq!(tr.changed[0].message, "other words");
+        assert_eq!(tr.changed[0].since, Some(at(10)));
         assert!(tr.cleared.is_empty());
         assert_eq!(t.open()[0].since, Some(at(10)));
         assert_eq!(t.open()[0].message, "other words");
@@ -163,7 +184,8 @@ mod tests {
         t.update(vec![group("10.1.235.128/26")], at(1));
         // The first route was repaired; the finding now names the next one.
         let tr = t.update(vec![group("10.1.235.192/26")], at(2));
-        assert!(tr.is_empty(), "{tr:?}");
+        assert!(tr.opened.is_empty() && tr.cleared.is_empty(), "{tr:?}");
+        assert_eq!(tr.changed.len(), 1, "the same finding, with other content");
         assert_eq!(t.open()[0].since, Some(at(1)));
         // Another wrong gateway for the same peer is another problem.
         let mut other = group("10.1.236.0/26");

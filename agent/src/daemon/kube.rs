@@ -1,11 +1,11 @@
 //! The daemon's link to the Kubernetes source: connect in the background (an API server that is
-//! down at boot must not stop the kernel-only checks), then follow the list/watch snapshots,
-//! and publish the Node condition and Events without ever blocking the loop.
+//! down at boot must not stop the kernel-only checks), then follow the list/watch snapshots and
+//! restart them when they end. Publishing to the Node is the Node consumer's (`node.rs`).
 
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 
 use tokio::sync::{oneshot, watch};
-use tracing::{debug, info, warn};
+use tracing::{info, warn};
 
 use crate::{
     checks::{DatastoreHealth, StaleNote},
@@ -13,13 +13,8 @@ use crate::{
         kubernetes::{KubeSnapshot, StaleCause},
         KubeSource, KubeSourceConfig,
     },
-    model::{Finding, Severity},
     serve::StatusHandle,
 };
-
-/// The condition is re-offered this often; the source itself only re-patches an unchanged one
-/// every `condition_refresh`.
-const CONDITION_EVERY: Duration = Duration::from_secs(30);
 
 /// What [`KubeLink::next`] saw.
 pub(super) enum KubeUpdate {
@@ -47,46 +42,8 @@ pub(super) struct KubeLink {
     snaps: Option<watch::Receiver<KubeSnapshot>>,
     latest: Option<KubeSnapshot>,
     mismatches: u64,
-    last_healthy: Option<bool>,
-    last_condition: Option<Instant>,
-    /// The one condition publisher's input: only the latest verdict is ever sent, in order.
-    condition: Option<watch::Sender<Option<ConditionUpdate>>>,
-}
-
-/// A verdict for the `VXLANDataplaneHealthy` condition.
-#[derive(Debug, Clone, PartialEq)]
-pub(super) struct ConditionUpdate {
-    pub healthy: bool,
-    pub reason: &'static str,
-    pub message: String,
-}
-
-/// Sends verdicts one at a time; a verdict superseded while one is in flight is never sent,
-/// so the Node ends on the latest verdict whatever the API server's latency.
-async fn publish_latest<F, Fut>(mut rx: watch::Receiver<Option<ConditionUpdate>>, mut publish: F)
-where
-    F: FnMut(ConditionUpdate) -> Fut,
-    Fut: std::future::Future<Output = ()>,
-{
-    while rx.changed().await.is_ok() {
-        let Some(update) = rx.borrow_and_update().clone() else {
-            continue;
-        };
-        publish(update).await;
-    }
-}
-
-async fn condition_publisher(src: KubeSource, rx: watch::Receiver<Option<ConditionUpdate>>) {
-    publish_latest(rx, |u| {
-        let src = src.clone();
-        async move {
-            match src.publish_condition(u.healthy, u.reason, &u.message).await {
-                Ok(sent) => debug!(healthy = u.healthy, sent, "node condition published"),
-                Err(e) => warn!(error = %e, "cannot publish the node condition"),
-            }
-        }
-    })
-    .await;
+    /// The connected source, for the Node consumer (which publishes through it).
+    sources: watch::Sender<Option<KubeSource>>,
 }
 
 impl KubeLink {
@@ -107,9 +64,7 @@ impl KubeLink {
             snaps: None,
             latest: None,
             mismatches: 0,
-            last_healthy: None,
-            last_condition: None,
-            condition: None,
+            sources: watch::Sender::new(None),
         }
     }
 
@@ -167,6 +122,7 @@ impl KubeLink {
         let rx = src.spawn();
         self.latest = Some(rx.borrow().clone());
         self.snaps = Some(rx);
+        self.sources.send_replace(Some(src.clone()));
         self.source = Some(src);
     }
 
@@ -235,72 +191,10 @@ impl KubeLink {
         new
     }
 
-    /// After an evaluation: the Node condition when the verdict changed (or now and then), an
-    /// Event per newly opened critical finding. Spawned; errors are logged.
-    pub(super) fn publish(&mut self, open: &[Finding], opened: &[Finding], periodic: bool) {
-        let Some(src) = self.source.clone() else {
-            return;
-        };
-        let critical: Vec<&Finding> = open
-            .iter()
-            .filter(|f| f.severity == Severity::Critical)
-            .collect();
-        let healthy = critical.is_empty();
-        let due = self.last_healthy != Some(healthy)
-            || (periodic
-                && self
-                    .last_condition
-                    .is_none_or(|t| t.elapsed() >= CONDITION_EVERY));
-        if src.config().publish_condition && due {
-            self.last_healthy = Some(healthy);
-            self.last_condition = Some(Instant::now());
-            let (reason, message) = condition_text(&critical);
-            let tx = self.condition.get_or_insert_with(|| {
-                let (tx, rx) = watch::channel(None);
-                tokio::spawn(condition_publisher(src.clone(), rx));
-                tx
-            });
-            tx.send_replace(Some(ConditionUpdate {
-                healthy,
-                reason,
-                message,
-            }));
-        }
-        if src.config().publish_events {
-            for f in opened.iter().filter(|f| f.severity == Severity::Critical) {
-                let src = src.clone();
-                let f = f.clone();
-                tokio::spawn(async move {
-                    match src.publish_event(&f).await {
-                        Ok(outcome) => debug!(?outcome, check = %f.check, "event published"),
-                        Err(e) => warn!(error = %e, check = %f.check, "cannot publish an event"),
-                    }
-                });
-            }
-        }
+    /// The source as it (re)connects: what the Node condition and Events are published with.
+    pub(super) fn sources(&self) -> watch::Receiver<Option<KubeSource>> {
+        self.sources.subscribe()
     }
-}
-
-/// Reason and message of `VXLANDataplaneHealthy`, like node-problem-detector's.
-fn condition_text(critical: &[&Finding]) -> (&'static str, String) {
-    if critical.is_empty() {
-        return (
-            "DataplaneHealthy",
-            "VXLAN routes, neighbours and FDB entries match the datastore".to_string(),
-        );
-    }
-    let mut checks: Vec<String> = critical.iter().map(|f| f.check.to_string()).collect();
-    checks.sort();
-    checks.dedup();
-    let first = &critical[0].message;
-    (
-        "CriticalFindings",
-        format!(
-            "{} critical finding(s) ({}); first: {first}",
-            critical.len(),
-            checks.join(", ")
-        ),
-    )
 }
 
 /// What the snapshot says about the datastore's freshness, for the checks to judge.
@@ -333,55 +227,4 @@ pub(super) fn age(snap: &KubeSnapshot, now: SystemTime) -> Option<Duration> {
 
 pub(super) fn log_connected(name: &str) {
     info!(source = %name, "Kubernetes datastore connected; list+watch started");
-}
-
-#[cfg(test)]
-mod tests {
-    use std::sync::{Arc, Mutex};
-
-    use super::*;
-
-    fn verdict(healthy: bool) -> Option<ConditionUpdate> {
-        Some(ConditionUpdate {
-            healthy,
-            reason: if healthy {
-                "DataplaneHealthy"
-            } else {
-                "CriticalFindings"
-            },
-            message: String::new(),
-        })
-    }
-
-    #[tokio::test]
-    async fn the_node_ends_on_the_latest_verdict_however_slow_the_api_server() {
-        // The first patch takes 300 ms, later ones 1 ms: one task per verdict would land the
-        // stale "unhealthy" last.
-        let landed = Arc::new(Mutex::new(Vec::new()));
-        let (tx, rx) = watch::channel(None);
-        let recorder = landed.clone();
-        let publisher = tokio::spawn(publish_latest(rx, move |u: ConditionUpdate| {
-            let landed = recorder.clone();
-            async move {
-                let slow = !u.healthy;
-                tokio::time::sleep(Duration::from_millis(if slow { 300 } else { 1 })).await;
-                landed.lock().unwrap().push(u.healthy);
-            }
-        }));
-        tx.send_replace(verdict(false));
-        tokio::time::sleep(Duration::from_millis(1)).await;
-        tx.send_replace(verdict(true));
-        tx.send_replace(verdict(false));
-        tx.send_replace(verdict(true));
-        tokio::time::sleep(Duration::from_millis(600)).await;
-        drop(tx);
-        publisher.await.unwrap();
-        let landed = landed.lock().unwrap().clone();
-        assert_eq!(landed.last(), Some(&true), "{landed:?}");
-        assert_eq!(
-            landed,
-            vec![false, true],
-            "superseded verdicts are not sent"
-        );
-    }
 }

@@ -18,10 +18,13 @@
 //! loop alive (`/healthz`, systemd `WATCHDOG=1`), so a hung loop gets the service restarted.
 //! `READY=1` goes out only after the first full sync.
 
+mod consumers;
 mod drops;
 mod engine;
 mod findings;
 mod kube;
+mod node;
+mod stream;
 
 use std::{
     collections::BTreeSet,
@@ -37,6 +40,7 @@ use tracing::{debug, error, info, warn};
 pub use drops::{DropWindow, DEFAULT_DROP_WINDOW};
 pub use engine::{Engine, Evaluation};
 pub use findings::{FindingTracker, Transitions};
+pub use stream::{Consumer, Fanout, FindingsDelta};
 
 use crate::{
     checks::DatastoreHealth,
@@ -243,6 +247,8 @@ impl Daemon {
         let ebpf_status = ebpf.status();
         let ebpf = Arc::new(std::sync::Mutex::new(ebpf));
         status.update(|s| s.ebpf = status_ebpf(&ebpf_status)).await;
+        metrics
+            .set_ebpf_programs_attached(ebpf_status.programs.iter().filter(|p| p.attached).count());
 
         let kube = match &datastore {
             AnyDatastore::Kubernetes(src) => Some(kube::KubeLink::connected((**src).clone())),
@@ -261,7 +267,19 @@ impl Daemon {
             _ => None,
         };
         let offline = matches!(datastore, AnyDatastore::None(_)) && kube.is_none();
+        // The evaluation's consumers, each on its own thread: none can hold up detection.
+        let mut fanout = Fanout::default();
+        fanout.spawn(consumers::StatusConsumer {
+            status: status.clone(),
+        });
+        fanout.spawn(consumers::MetricsConsumer {
+            metrics: metrics.clone(),
+        });
+        if let Some(link) = &kube {
+            fanout.spawn(node::NodeConsumer::new(link.sources()));
+        }
         let mut state = LoopState {
+            fanout,
             engine: Engine::new(&config.devices),
             window: DropWindow::new(DEFAULT_DROP_WINDOW),
             file_stamp: file_stamp(&datastore),
@@ -299,6 +317,8 @@ impl Daemon {
 
 /// Everything the loop owns.
 struct LoopState {
+    /// Where each evaluation's [`FindingsDelta`] goes.
+    fanout: Fanout,
     config: Config,
     netns: Option<PathBuf>,
     engine: Engine,
@@ -742,10 +762,6 @@ impl LoopState {
                 let ds = snap.datastore_status(now);
                 self.status.update(|s| s.datastore = ds).await;
             }
-            let open = self.engine.open_findings().to_vec();
-            if let Some(link) = self.kube.as_mut() {
-                link.publish(&open, &[], true);
-            }
         } else if let Some(ok) = self.last_desired_ok {
             let age = ok.elapsed();
             self.metrics.set_datastore_last_event_age(age);
@@ -870,35 +886,37 @@ impl LoopState {
         }
         self.metrics.observe_check_duration(duration);
         let summary = Summary::of(&report.findings);
-        let devices = self.engine.devices().to_vec();
-        let observed = self.engine.observed();
-        let metrics = self.metrics.clone();
-        let routes_checked = report.routes_checked as u64;
-        let findings = report.findings;
-        let synced = self.in_sync();
-        if let Some(link) = self.kube.as_mut() {
-            link.publish(&findings, &transitions.opened, false);
-        }
-        let kube_status = self
+        let devices = self
+            .engine
+            .devices()
+            .iter()
+            .map(|name| {
+                serve::status::DeviceStatus::from_observed(
+                    name,
+                    self.engine.observed().devices.get(name),
+                )
+            })
+            .collect();
+        let datastore = self
             .kube
             .as_ref()
             .filter(|k| k.is_connected())
             .and_then(|k| k.latest())
             .map(|snap| snap.datastore_status(now));
-        self.status
-            .update(|s| {
-                if let Some(ds) = kube_status {
-                    s.datastore = ds;
-                }
-                s.set_findings(findings);
-                s.set_observed(&devices, observed);
-                s.checks.routes_checked = routes_checked;
-                s.checks.last_duration_seconds = Some(duration.as_secs_f64());
-                s.checks.last_run = Some(now);
-                s.in_sync = synced;
-                metrics.update_from_status(s);
-            })
-            .await;
+        let synced = self.in_sync();
+        self.fanout.publish(FindingsDelta {
+            opened: transitions.opened,
+            changed: transitions.changed,
+            cleared: transitions.cleared,
+            open: Arc::new(report.findings),
+            peers: Arc::new(report.peers),
+            in_sync: synced,
+            at: now,
+            routes_checked: report.routes_checked,
+            duration,
+            devices,
+            datastore,
+        });
         let counts = (summary.critical, summary.warning, summary.info);
         if synced && self.last_summary != Some(counts) {
             self.last_summary = Some(counts);

@@ -28,12 +28,8 @@ use prometheus_client::{
 };
 use tokio::net::TcpListener;
 
-use super::{
-    http,
-    status::{PeerStatus, Status},
-    ServeError,
-};
-use crate::model::Finding;
+use super::{http, ServeError};
+use crate::{checks::PeerVerdict, model::Finding};
 
 /// Default `[metrics] listen`.
 pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9464";
@@ -316,7 +312,7 @@ impl Metrics {
                 reason: reason.to_string(),
             });
         }
-        m.set_peers(&[]);
+        m.set_peer_verdicts(&[]);
         Metrics { registry, ..m }
     }
 
@@ -448,7 +444,8 @@ impl Metrics {
     }
 
     /// Peer counts by verdict; every verdict is always exported (0 when none).
-    pub fn set_peers(&self, peers: &[PeerStatus]) {
+    /// `peers{verdict}` from the checks' verdicts.
+    pub fn set_peer_verdicts(&self, peers: &[PeerVerdict]) {
         for v in ["ok", "warning", "critical"] {
             let n = peers.iter().filter(|p| p.verdict.as_str() == v).count();
             self.peers
@@ -465,16 +462,6 @@ impl Metrics {
 
     /// Set every gauge that mirrors the status (findings, peers, routes checked, eBPF
     /// programs, datastore age). Counters are event-driven and not touched.
-    pub fn update_from_status(&self, status: &Status) {
-        self.set_findings(&status.findings);
-        self.set_peers(&status.peers);
-        self.set_routes_checked(status.checks.routes_checked);
-        self.set_ebpf_programs_attached(status.ebpf.attached.len());
-        if let Some(age) = status.datastore.last_event_age_seconds {
-            self.datastore_last_event_age.set(age);
-        }
-    }
-
     /// The OpenMetrics text exposition of everything.
     pub fn encode(&self) -> String {
         let mut out = String::new();
@@ -718,24 +705,22 @@ mod tests {
     }
 
     #[test]
-    fn gauges_mirror_the_status() {
+    fn gauges_follow_the_evaluation() {
         let m = Metrics::new();
-        let mut s = Status::starting("n", "alert", "calico", std::time::SystemTime::now());
-        s.peers.push(PeerStatus {
-            name: "k8s03".into(),
-            vtep: crate::model::v4(10, 1, 3, 5),
-            node_ip: None,
-            blocks: vec![],
-            verdict: crate::serve::status::Verdict::Ok,
-            findings: 0,
-            drops: 0,
-        });
         let mut f = finding(CheckId::RouteMissing, Severity::Critical);
         f.peer_node = Some("k8s03".into());
-        s.set_findings(vec![f]);
-        s.checks.routes_checked = 12;
-        s.datastore.last_event_age_seconds = Some(4.5);
-        m.update_from_status(&s);
+        m.set_findings(&[f]);
+        m.set_peer_verdicts(&[crate::checks::PeerVerdict {
+            node: "k8s03".into(),
+            vtep: crate::model::v4(10, 1, 3, 5),
+            vtep_mac: crate::model::MacAddr::default(),
+            node_ip: crate::model::v4(192, 168, 77, 3),
+            blocks: vec![],
+            verdict: crate::checks::Verdict::Critical,
+            findings: 1,
+        }]);
+        m.set_routes_checked(12);
+        m.set_datastore_last_event_age(std::time::Duration::from_millis(4500));
         let out = m.encode();
         assert!(out.contains("dataplane_watchdog_peers{verdict=\"critical\"} 1\n"));
         assert!(out.contains("dataplane_watchdog_peers{verdict=\"ok\"} 0\n"));

@@ -656,7 +656,8 @@ mod tests {
         w.peer_node = Some("k8s03".into());
         w.since = Some(t(710));
         s.findings = vec![w, f];
-        s.refresh_peer_verdicts();
+        let k8s03 = s.peers.iter_mut().find(|p| p.name == "k8s03").unwrap();
+        (k8s03.verdict, k8s03.findings) = (Verdict::Critical, 2);
         s.drops.total = 1234;
         s.drops
             .by_peer

@@ -14,7 +14,10 @@ use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 use tokio::sync::RwLock;
 
-use crate::model::{DesiredState, Finding, ObservedDevice, ObservedState, PeerNode, Severity};
+use crate::{
+    checks::PeerVerdict,
+    model::{DesiredState, Finding, ObservedDevice, ObservedState, PeerNode, Severity},
+};
 
 /// Everything `watchdog status` shows. Field names are a contract (DESIGN.md §3).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -91,32 +94,39 @@ impl Status {
         self.findings.iter().map(|f| f.severity).max()
     }
 
-    /// Replace the open findings and recompute peer verdicts.
-    pub fn set_findings(&mut self, findings: Vec<Finding>) {
+    /// Replace the open findings and the peer verdicts the checks made from them.
+    pub fn set_findings(&mut self, findings: Vec<Finding>, verdicts: &[PeerVerdict]) {
         self.findings = findings;
-        self.refresh_peer_verdicts();
+        let by_name: BTreeMap<&str, &PeerVerdict> =
+            verdicts.iter().map(|v| (v.node.as_str(), v)).collect();
+        for peer in &mut self.peers {
+            let v = by_name.get(peer.name.as_str());
+            peer.verdict = v.map_or(Verdict::Ok, |v| v.verdict);
+            peer.findings = v.map_or(0, |v| v.findings);
+        }
     }
 
     /// Rebuild `peers` and the datastore counts from the desired state, keeping each known
-    /// peer's drop count, then recompute verdicts.
+    /// peer's drop count and verdict until the next evaluation says otherwise.
     pub fn set_desired(&mut self, desired: &DesiredState) {
-        let old: BTreeMap<String, u64> = self
+        let old: BTreeMap<String, (u64, Verdict, usize)> = self
             .peers
             .iter()
-            .map(|p| (p.name.clone(), p.drops))
+            .map(|p| (p.name.clone(), (p.drops, p.verdict, p.findings)))
             .collect();
         self.peers = desired
             .peers()
             .map(|p| {
                 let mut ps = PeerStatus::from_peer(p);
-                ps.drops = old.get(&p.name).copied().unwrap_or(0);
+                if let Some((drops, verdict, findings)) = old.get(&p.name) {
+                    (ps.drops, ps.verdict, ps.findings) = (*drops, *verdict, *findings);
+                }
                 ps
             })
             .collect();
         self.datastore.source = desired.source.clone();
         self.datastore.nodes = desired.nodes.len();
         self.datastore.problems = desired.problems.len();
-        self.refresh_peer_verdicts();
     }
 
     /// Rebuild `devices` for the watched device names from the observed state.
@@ -125,20 +135,6 @@ impl Status {
             .iter()
             .map(|name| DeviceStatus::from_observed(name, observed.devices.get(name)))
             .collect();
-    }
-
-    /// Recompute each peer's verdict and finding count from `findings` (findings without a
-    /// peer, e.g. `device-missing`, count for no peer).
-    pub fn refresh_peer_verdicts(&mut self) {
-        for peer in &mut self.peers {
-            let mine = self
-                .findings
-                .iter()
-                .filter(|f| f.peer_node.as_deref() == Some(peer.name.as_str()));
-            let (count, worst) = mine.fold((0, None), |(n, w), f| (n + 1, w.max(Some(f.severity))));
-            peer.findings = count;
-            peer.verdict = Verdict::from_worst(worst);
-        }
     }
 }
 
@@ -387,8 +383,20 @@ mod tests {
     use super::*;
     use crate::model::CheckId;
 
+    fn verdict(node: &str, verdict: Verdict, findings: usize) -> PeerVerdict {
+        PeerVerdict {
+            node: node.into(),
+            vtep: crate::model::v4(10, 1, 0, 1),
+            vtep_mac: crate::model::MacAddr::default(),
+            node_ip: crate::model::v4(192, 168, 0, 1),
+            blocks: vec![],
+            verdict,
+            findings,
+        }
+    }
+
     #[test]
-    fn peer_verdicts_follow_worst_finding() {
+    fn peer_verdicts_are_the_checks_verdicts() {
         let mut s = Status::starting("k8s01", "alert", "calico", SystemTime::UNIX_EPOCH);
         for name in ["k8s02", "k8s03"] {
             s.peers.push(PeerStatus {
@@ -410,8 +418,8 @@ mod tests {
         f.peer_node = Some("k8s03".into());
         let mut w = f.clone();
         w.severity = Severity::Warning;
-        s.findings = vec![f, w];
-        s.refresh_peer_verdicts();
+        // Only k8s03 has a verdict: k8s02's stale "critical" goes back to ok.
+        s.set_findings(vec![f, w], &[verdict("k8s03", Verdict::Critical, 2)]);
         assert_eq!((s.peers[0].verdict, s.peers[0].findings), (Verdict::Ok, 0));
         assert_eq!(
             (s.peers[1].verdict, s.peers[1].findings),
@@ -463,7 +471,10 @@ mod tests {
             "x".into(),
         );
         f.peer_node = Some("k8s03".into());
-        s.set_findings(vec![f]);
+        s.set_findings(vec![f], &[verdict("k8s03", Verdict::Warning, 1)]);
+        assert_eq!(s.peers[0].verdict, Verdict::Warning);
+        // A relist keeps the verdict until the next evaluation.
+        s.set_desired(&d);
         assert_eq!(s.peers[0].verdict, Verdict::Warning);
 
         let mut obs = ObservedState::default();
