@@ -20,16 +20,16 @@ type PeerTotals = BTreeMap<String, BTreeMap<(String, String), u64>>;
 
 /// Per-peer data drops in the last `window`, from successive snapshots.
 #[derive(Debug)]
-pub struct DropWindow {
+pub struct RecentDrops {
     window: Duration,
     history: VecDeque<(Instant, PeerTotals)>,
     /// Per peer, the totals up to which a finding explained the drops.
     acknowledged: PeerTotals,
 }
 
-impl DropWindow {
+impl RecentDrops {
     pub fn new(window: Duration) -> Self {
-        DropWindow {
+        RecentDrops {
             window,
             history: VecDeque::new(),
             acknowledged: BTreeMap::new(),
@@ -164,7 +164,7 @@ mod tests {
     #[test]
     fn node_churn_does_not_grow_the_acknowledgements() {
         let t0 = Instant::now();
-        let mut w = DropWindow::new(Duration::from_secs(10));
+        let mut w = RecentDrops::new(Duration::from_secs(10));
         for round in 0..5u64 {
             let names: Vec<String> = (0..1000).map(|i| format!("node-{round}-{i}")).collect();
             let entries: Vec<(&str, TrafficClass, Option<&str>, u64)> = names
@@ -185,7 +185,7 @@ mod tests {
     #[test]
     fn reports_only_recent_data_drops() {
         let t0 = Instant::now();
-        let mut w = DropWindow::new(Duration::from_secs(10));
+        let mut w = RecentDrops::new(Duration::from_secs(10));
         let ipv4 = TrafficClass::Ipv4;
         // Drops from before the daemon started are the baseline, not evidence.
         let s = w.observe(t0, &snap(&[("NEIGH_FAILED", ipv4, Some("k8s03"), 50)]), dev);
@@ -230,7 +230,7 @@ mod tests {
     fn acknowledged_drops_are_never_unexplained() {
         let t0 = Instant::now();
         let at = |ms| t0 + Duration::from_millis(ms);
-        let mut w = DropWindow::new(Duration::from_secs(10));
+        let mut w = RecentDrops::new(Duration::from_secs(10));
         let ipv4 = TrafficClass::Ipv4;
         w.observe(at(0), &snap(&[]), dev);
         // A fault drops 90 packets; a finding explains them, so the daemon acknowledges.
@@ -254,7 +254,7 @@ mod tests {
             BTreeMap::from([("NEIGH_FAILED".into(), 5), ("NO_TX_TARGET".into(), 2)])
         );
         // Counters reset (programs reloaded): an old acknowledgement must not hide new drops.
-        let mut w = DropWindow::new(Duration::from_secs(10));
+        let mut w = RecentDrops::new(Duration::from_secs(10));
         w.observe(at(0), &snap(&[]), dev);
         w.observe(at(100), &fault, dev);
         w.acknowledge("k8s03");

@@ -19,11 +19,14 @@
 //! `READY=1` goes out only after the first full sync.
 
 mod consumers;
+mod counters;
 mod drops;
 mod engine;
+mod feed;
 mod findings;
 mod kube;
 mod node;
+mod publish;
 mod stream;
 
 use std::{
@@ -37,8 +40,12 @@ use std::{
 use tokio::{sync::watch, task::JoinHandle, time::MissedTickBehavior};
 use tracing::{debug, error, info, warn};
 
-pub use drops::{DropWindow, DEFAULT_DROP_WINDOW};
+pub use drops::{RecentDrops, DEFAULT_DROP_WINDOW};
+pub use feed::datastore_from_config;
+
+use counters::{disabled_ebpf, lock_counters, open_ebpf, status_ebpf};
 pub use engine::{Engine, Evaluation};
+use feed::{feed_changed, file_stamp, kube_next};
 pub use findings::{FindingTracker, Transitions};
 pub use stream::{Consumer, Fanout, FindingsDelta};
 
@@ -108,24 +115,6 @@ impl ResyncReason {
     /// Whether the datastore is re-read too (the kernel-triggered ones only need a dump).
     fn reloads_datastore(self) -> bool {
         matches!(self, ResyncReason::Startup | ResyncReason::Periodic)
-    }
-}
-
-/// The configured datastore as the daemon's source. For `kubernetes` this is a placeholder:
-/// [`Daemon::run`] connects in the background (with retry) so the kernel-only checks start
-/// even while the API server is down.
-pub fn datastore_from_config(config: &Config) -> Result<AnyDatastore, DaemonError> {
-    match config.datastore.source {
-        DatastoreSource::File => Ok(AnyDatastore::File(FileDatastore::new(
-            config.datastore.path.clone(),
-            &config.node_name,
-        ))),
-        DatastoreSource::None => Ok(AnyDatastore::None(NoDatastore {
-            local_node: config.node_name.clone(),
-        })),
-        DatastoreSource::Kubernetes => Ok(AnyDatastore::None(NoDatastore {
-            local_node: config.node_name.clone(),
-        })),
     }
 }
 
@@ -281,7 +270,7 @@ impl Daemon {
         let mut state = LoopState {
             fanout,
             engine: Engine::new(&config.devices),
-            window: DropWindow::new(DEFAULT_DROP_WINDOW),
+            window: RecentDrops::new(DEFAULT_DROP_WINDOW),
             file_stamp: file_stamp(&datastore),
             config,
             netns: netns.map(Path::to_path_buf),
@@ -322,7 +311,7 @@ struct LoopState {
     config: Config,
     netns: Option<PathBuf>,
     engine: Engine,
-    window: DropWindow,
+    window: RecentDrops,
     monitor: Option<Monitor>,
     monitor_options: MonitorOptions,
     observer: NetlinkObserver,
@@ -576,165 +565,6 @@ impl LoopState {
         );
     }
 
-    async fn reload_datastore(&mut self) {
-        if self.kube.is_some()
-            || matches!(self.config.datastore.source, DatastoreSource::Kubernetes)
-        {
-            // The list/watch pushes the desired state; a relist is the source's business. The
-            // placeholder datastore must never be loaded in its place ("no nodes").
-            return;
-        }
-        self.file_stamp = file_stamp(&self.datastore);
-        match self.datastore.load().await {
-            Ok(desired) => {
-                self.last_desired_ok = Some(Instant::now());
-                let now = SystemTime::now();
-                self.adopt_desired(desired).await;
-                self.status
-                    .update(|s| {
-                        s.datastore.last_relist = Some(now);
-                        s.datastore.error = None;
-                        s.datastore.stale = false;
-                        s.datastore.last_event_age_seconds = Some(0.0);
-                    })
-                    .await;
-                self.heap_dirty = true;
-            }
-            Err(e) => {
-                // Keep checking against the last good state; say so.
-                error!(error = %e, "datastore load failed; keeping the previous desired state");
-                let msg = e.to_string();
-                let source = self.datastore.describe();
-                self.status
-                    .update(|s| {
-                        s.datastore.error = Some(msg);
-                        if s.datastore.source.is_empty() {
-                            s.datastore.source = source;
-                        }
-                    })
-                    .await;
-            }
-        }
-    }
-
-    async fn adopt_desired(&mut self, desired: DesiredState) {
-        let blocks = ebpf::peer_blocks_from_desired(&desired);
-        let for_status = desired.clone();
-        let changed = self.engine.set_desired((!self.offline).then_some(desired));
-        if changed {
-            if let Err(e) = lock_counters(&self.ebpf).set_peer_blocks(&blocks) {
-                warn!(error = %e, "eBPF peer blocks not updated; drops are not attributed to peers");
-            }
-            info!(
-                source = %for_status.source,
-                nodes = for_status.nodes.len(),
-                problems = for_status.problems.len(),
-                "desired state loaded"
-            );
-        }
-        self.status.update(|s| s.set_desired(&for_status)).await;
-    }
-
-    async fn adopt_feed(&mut self) {
-        let Some(feed) = self.feed.as_mut() else {
-            return;
-        };
-        let desired = feed.borrow_and_update().clone();
-        self.last_desired_ok = Some(Instant::now());
-        self.adopt_desired(desired).await;
-        self.status
-            .update(|s| {
-                s.datastore.last_event_age_seconds = Some(0.0);
-                s.datastore.error = None;
-                s.datastore.stale = false;
-            })
-            .await;
-    }
-
-    async fn on_kube(&mut self, update: kube::KubeUpdate) {
-        match update {
-            kube::KubeUpdate::Connected(name) => {
-                kube::log_connected(&name);
-                self.status
-                    .update(|s| {
-                        s.datastore.source = name;
-                        s.datastore.error = None;
-                    })
-                    .await;
-            }
-            kube::KubeUpdate::Snapshot => self.adopt_kube_snapshot().await,
-            kube::KubeUpdate::Closed(why) => {
-                // Never "no nodes": the last good desired state stays in the engine, marked
-                // stale, until a new list/watch has a complete snapshot.
-                let Some(link) = self.kube.as_mut() else {
-                    return;
-                };
-                let delay = link.restart();
-                warn!(
-                    retry_in = ?delay,
-                    reason = %why,
-                    "Kubernetes list/watch ended; keeping the last desired state (stale) and starting it again"
-                );
-                let (source, nodes) = self.engine.desired().map_or(("kubernetes".into(), 0), |d| {
-                    (d.source.clone(), d.nodes.len())
-                });
-                self.engine.set_datastore_health(Some(DatastoreHealth {
-                    source,
-                    nodes,
-                    watch_ended: Some(why.clone()),
-                    ..Default::default()
-                }));
-                self.watch_ended = Some(why.clone());
-                self.status
-                    .update(|s| {
-                        s.datastore.stale = true;
-                        s.datastore.error = Some(format!("list/watch ended: {why}; restarting"));
-                    })
-                    .await;
-            }
-        }
-    }
-
-    /// The snapshot's desired state (once synced) and its `datastore-stale` findings.
-    async fn adopt_kube_snapshot(&mut self) {
-        let Some(snap) = self.kube.as_ref().and_then(|k| k.latest()).cloned() else {
-            return;
-        };
-        if snap.synced {
-            self.last_desired_ok = Some(Instant::now());
-            self.adopt_desired((*snap.desired).clone()).await;
-            self.watch_ended = None;
-            if let Some(link) = self.kube.as_mut() {
-                link.healthy_again();
-            }
-        }
-        self.kube_bookkeeping();
-    }
-
-    /// Stale findings and relist mismatch metrics from the latest snapshot.
-    fn kube_bookkeeping(&mut self) {
-        let Some(link) = self.kube.as_mut() else {
-            return;
-        };
-        if let Some(snap) = link.latest().filter(|_| self.watch_ended.is_none()) {
-            self.engine.set_datastore_health(Some(kube::health(snap)));
-        }
-        for _ in 0..link.new_mismatches() {
-            self.metrics.inc_datastore_relist_mismatch();
-        }
-    }
-
-    fn update_ebpf_devices(&mut self) {
-        let now = self.engine.watched_ifindexes();
-        if now != self.watched {
-            debug!(?now, before = ?self.watched, "watched devices changed");
-            match lock_counters(&self.ebpf).set_watched_devices(&now) {
-                Ok(()) => self.watched = now,
-                Err(e) => warn!(error = %e, "eBPF watched devices not updated"),
-            }
-        }
-    }
-
     /// Once a second: drop counters, datastore file changes, datastore age, liveness.
     async fn housekeeping(&mut self) {
         if std::mem::take(&mut self.heap_dirty) {
@@ -775,188 +605,6 @@ impl LoopState {
         }
         self.tick(true).await;
     }
-
-    async fn poll_drops(&mut self) {
-        if !matches!(
-            lock_counters(&self.ebpf).status().state,
-            EbpfState::Attached | EbpfState::Partial
-        ) {
-            return;
-        }
-        let counters = self.ebpf.clone();
-        let read = tokio::task::spawn_blocking(move || lock_counters(&counters).snapshot()).await;
-        let snapshot = match read {
-            Ok(Ok(s)) => s,
-            Ok(Err(e)) => {
-                debug!(error = %e, "eBPF snapshot failed");
-                return;
-            }
-            Err(e) => {
-                warn!(error = %e, "eBPF snapshot task failed");
-                return;
-            }
-        };
-        let names: std::collections::BTreeMap<u32, String> = self
-            .engine
-            .observed()
-            .devices
-            .iter()
-            .map(|(n, d)| (d.link.ifindex, n.clone()))
-            .collect();
-        let summary = self
-            .window
-            .observe(Instant::now(), &snapshot, |i| names.get(&i).cloned());
-        self.engine.set_drops(summary);
-        self.export_drops(&snapshot, &names).await;
-    }
-
-    async fn export_drops(
-        &mut self,
-        snapshot: &DropSnapshot,
-        names: &std::collections::BTreeMap<u32, String>,
-    ) {
-        let mut drops = serve::status::DropsStatus::default();
-        for (ifindex, device) in names {
-            for (reason, n) in snapshot.drops_by_reason(*ifindex) {
-                self.metrics.observe_vxlan_drops_total(device, &reason, n);
-                *drops.by_reason.entry(reason).or_default() += n;
-                drops.total += n;
-            }
-            let failed = snapshot.neighbour_total(*ifindex, NeighTarget::Failed);
-            let last = self
-                .neigh_failed_last
-                .entry((device.clone(), *ifindex))
-                .or_insert(0);
-            if failed > *last {
-                self.metrics
-                    .add_neighbour_unresolved(device, failed - *last);
-                *last = failed;
-            }
-        }
-        // Devices come and go (re-created with a new ifindex): keep only the watched ones.
-        self.neigh_failed_last
-            .retain(|(device, ifindex), _| names.get(ifindex) == Some(device));
-        // Every peer with counters, including one that just left the datastore: its last
-        // drops still count, and it is forgotten once its counters were harvested.
-        let peers: std::collections::BTreeSet<&str> = snapshot
-            .drops
-            .iter()
-            .filter(|d| d.class.is_data())
-            .filter_map(|d| d.peer.as_deref())
-            .collect();
-        let mut totals = std::collections::BTreeMap::new();
-        for peer in peers {
-            let by_reason = snapshot.data_drops_to_peer(peer);
-            totals.insert(peer.to_string(), by_reason.values().sum::<u64>());
-            drops.by_peer.insert(peer.to_string(), by_reason);
-        }
-        if let Some(device) = self.engine.devices().first() {
-            self.metrics.observe_peer_drops_totals(device, &totals);
-        }
-        self.status
-            .update(|s| {
-                for p in &mut s.peers {
-                    p.drops = drops
-                        .by_peer
-                        .get(&p.name)
-                        .map(|r| r.values().sum())
-                        .unwrap_or(0);
-                }
-                s.drops = drops;
-            })
-            .await;
-    }
-
-    async fn evaluate_and_publish(&mut self) {
-        let now = SystemTime::now();
-        let Evaluation {
-            report,
-            transitions,
-            duration,
-        } = self.engine.evaluate(now);
-        self.heap_dirty = true;
-        for peer in self.engine.peers_with_explained_drops() {
-            self.window.acknowledge(peer);
-        }
-        for f in &transitions.opened {
-            log_opened(f);
-        }
-        for f in &transitions.cleared {
-            log_cleared(f);
-        }
-        self.metrics.observe_check_duration(duration);
-        let summary = Summary::of(&report.findings);
-        let devices = self
-            .engine
-            .devices()
-            .iter()
-            .map(|name| {
-                serve::status::DeviceStatus::from_observed(
-                    name,
-                    self.engine.observed().devices.get(name),
-                )
-            })
-            .collect();
-        let datastore = self
-            .kube
-            .as_ref()
-            .filter(|k| k.is_connected())
-            .and_then(|k| k.latest())
-            .map(|snap| snap.datastore_status(now));
-        let synced = self.in_sync();
-        self.fanout.publish(FindingsDelta {
-            opened: transitions.opened,
-            changed: transitions.changed,
-            cleared: transitions.cleared,
-            open: Arc::new(report.findings),
-            peers: Arc::new(report.peers),
-            in_sync: synced,
-            at: now,
-            routes_checked: report.routes_checked,
-            duration,
-            devices,
-            datastore,
-        });
-        let counts = (summary.critical, summary.warning, summary.info);
-        if synced && self.last_summary != Some(counts) {
-            self.last_summary = Some(counts);
-            let line = if summary.critical + summary.warning + summary.info == 0 {
-                "in sync; healthy".to_string()
-            } else {
-                format!(
-                    "in sync; {} critical, {} warning finding(s)",
-                    summary.critical, summary.warning
-                )
-            };
-            let sent = if self.ready {
-                notify::status(&line)
-            } else {
-                notify::ready(&line)
-            };
-            if let Err(e) = sent {
-                warn!(error = %e, "sd_notify failed");
-            }
-            if !self.ready {
-                info!(status = %line, "first full sync done; ready");
-            }
-            self.ready = true;
-        }
-    }
-
-    /// Mark the loop alive: `/healthz`, `generated_at`, systemd `WATCHDOG=1`. Rate-limited
-    /// unless `force`.
-    async fn tick(&mut self, force: bool) {
-        if !force && self.last_tick.is_some_and(|t| t.elapsed() < TICK_EVERY) {
-            return;
-        }
-        self.last_tick = Some(Instant::now());
-        self.status.tick().await;
-        if self.ready {
-            if let Err(e) = notify::watchdog() {
-                debug!(error = %e, "sd_notify WATCHDOG failed");
-            }
-        }
-    }
 }
 
 fn trim_heap() {
@@ -971,83 +619,9 @@ fn trim_heap() {
     }
 }
 
-fn open_ebpf(config: &Config, netns: Option<&Path>) -> Box<dyn DropCounterSource> {
-    if config.ebpf.enabled {
-        ebpf::open(netns)
-    } else {
-        disabled_ebpf(
-            "disabled by configuration (ebpf.enabled = false)".into(),
-            netns,
-        )
-    }
-}
-
-fn disabled_ebpf(reason: String, netns: Option<&Path>) -> Box<dyn DropCounterSource> {
-    Box::new(ebpf::Disabled::new(
-        ebpf::EbpfStatus {
-            state: EbpfState::Unavailable,
-            missing: None,
-            reason: Some(reason),
-            programs: Vec::new(),
-        },
-        netns,
-    ))
-}
-
-/// The drop counter source; a panic elsewhere while it was held leaves it usable.
-fn lock_counters(
-    m: &std::sync::Mutex<Box<dyn DropCounterSource>>,
-) -> std::sync::MutexGuard<'_, Box<dyn DropCounterSource>> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
-/// The status API's view of the eBPF state.
-fn status_ebpf(s: &ebpf::EbpfStatus) -> StatusEbpf {
-    let attached = s
-        .programs
-        .iter()
-        .filter(|p| p.attached)
-        .map(|p| p.name.clone())
-        .collect();
-    let mut problems: Vec<String> = s.reason.iter().cloned().collect();
-    problems.extend(
-        s.programs
-            .iter()
-            .filter_map(|p| p.error.as_ref().map(|e| format!("{}: {e}", p.name))),
-    );
-    StatusEbpf {
-        attached,
-        error: (!problems.is_empty()).then(|| problems.join("; ")),
-    }
-}
-
-/// Modification time and length of the datastore file, to notice edits cheaply.
-fn file_stamp(datastore: &AnyDatastore) -> Option<(SystemTime, u64)> {
-    let AnyDatastore::File(f) = datastore else {
-        return None;
-    };
-    let meta = std::fs::metadata(f.path()).ok()?;
-    Some((meta.modified().ok()?, meta.len()))
-}
-
 async fn next_event(monitor: &mut Option<Monitor>) -> Option<ObservedEvent> {
     match monitor {
         Some(m) => m.next().await,
-        None => std::future::pending().await,
-    }
-}
-
-/// `true` when a new value arrived, `false` when the sender is gone; pending without a feed.
-async fn feed_changed(feed: &mut Option<watch::Receiver<DesiredState>>) -> bool {
-    match feed {
-        Some(rx) => rx.changed().await.is_ok(),
-        None => std::future::pending().await,
-    }
-}
-
-async fn kube_next(kube: &mut Option<kube::KubeLink>) -> kube::KubeUpdate {
-    match kube {
-        Some(k) => k.next().await,
         None => std::future::pending().await,
     }
 }
@@ -1057,38 +631,4 @@ async fn sleep_until_opt(at: Option<tokio::time::Instant>) {
         Some(at) => tokio::time::sleep_until(at).await,
         None => std::future::pending().await,
     }
-}
-
-fn log_opened(f: &Finding) {
-    warn!(
-        check = %f.check,
-        severity = %f.severity,
-        device = %f.device,
-        peer = f.peer_node.as_deref().unwrap_or("-"),
-        route = f.route.as_deref().unwrap_or("-"),
-        gateway = %f.gateway.map(|g| g.to_string()).unwrap_or_else(|| "-".into()),
-        expected_gateway = %f.expected_gateway.map(|g| g.to_string()).unwrap_or_else(|| "-".into()),
-        hint = f.hint.as_deref().unwrap_or("-"),
-        "finding opened: {}",
-        f.message
-    );
-}
-
-fn log_cleared(f: &Finding) {
-    let open_for = f
-        .since
-        .and_then(|s| SystemTime::now().duration_since(s).ok())
-        .map(|d| {
-            humantime::format_duration(Duration::from_millis(d.as_millis() as u64)).to_string()
-        })
-        .unwrap_or_default();
-    info!(
-        check = %f.check,
-        severity = %f.severity,
-        device = %f.device,
-        peer = f.peer_node.as_deref().unwrap_or("-"),
-        route = f.route.as_deref().unwrap_or("-"),
-        open_for = %open_for,
-        "finding cleared"
-    );
 }

@@ -1,0 +1,131 @@
+//! After each evaluation: the [`FindingsDelta`] to the consumers, the log lines of what opened
+//! and cleared, and systemd's status/readiness.
+
+use super::*;
+
+impl LoopState {
+    pub(super) async fn evaluate_and_publish(&mut self) {
+        let now = SystemTime::now();
+        let Evaluation {
+            report,
+            transitions,
+            duration,
+        } = self.engine.evaluate(now);
+        self.heap_dirty = true;
+        for peer in self.engine.peers_with_explained_drops() {
+            self.window.acknowledge(peer);
+        }
+        for f in &transitions.opened {
+            log_opened(f);
+        }
+        for f in &transitions.cleared {
+            log_cleared(f);
+        }
+        self.metrics.observe_check_duration(duration);
+        let summary = Summary::of(&report.findings);
+        let devices = self
+            .engine
+            .devices()
+            .iter()
+            .map(|name| {
+                serve::status::DeviceStatus::from_observed(
+                    name,
+                    self.engine.observed().devices.get(name),
+                )
+            })
+            .collect();
+        let datastore = self
+            .kube
+            .as_ref()
+            .filter(|k| k.is_connected())
+            .and_then(|k| k.latest())
+            .map(|snap| snap.datastore_status(now));
+        let synced = self.in_sync();
+        self.fanout.publish(FindingsDelta {
+            opened: transitions.opened,
+            changed: transitions.changed,
+            cleared: transitions.cleared,
+            open: Arc::new(report.findings),
+            peers: Arc::new(report.peers),
+            in_sync: synced,
+            at: now,
+            routes_checked: report.routes_checked,
+            duration,
+            devices,
+            datastore,
+        });
+        let counts = (summary.critical, summary.warning, summary.info);
+        if synced && self.last_summary != Some(counts) {
+            self.last_summary = Some(counts);
+            let line = if summary.critical + summary.warning + summary.info == 0 {
+                "in sync; healthy".to_string()
+            } else {
+                format!(
+                    "in sync; {} critical, {} warning finding(s)",
+                    summary.critical, summary.warning
+                )
+            };
+            let sent = if self.ready {
+                notify::status(&line)
+            } else {
+                notify::ready(&line)
+            };
+            if let Err(e) = sent {
+                warn!(error = %e, "sd_notify failed");
+            }
+            if !self.ready {
+                info!(status = %line, "first full sync done; ready");
+            }
+            self.ready = true;
+        }
+    }
+
+    /// Mark the loop alive: `/healthz`, `generated_at`, systemd `WATCHDOG=1`. Rate-limited
+    /// unless `force`.
+    pub(super) async fn tick(&mut self, force: bool) {
+        if !force && self.last_tick.is_some_and(|t| t.elapsed() < TICK_EVERY) {
+            return;
+        }
+        self.last_tick = Some(Instant::now());
+        self.status.tick().await;
+        if self.ready {
+            if let Err(e) = notify::watchdog() {
+                debug!(error = %e, "sd_notify WATCHDOG failed");
+            }
+        }
+    }
+}
+
+fn log_opened(f: &Finding) {
+    warn!(
+        check = %f.check,
+        severity = %f.severity,
+        device = %f.device,
+        peer = f.peer_node.as_deref().unwrap_or("-"),
+        route = f.route.as_deref().unwrap_or("-"),
+        gateway = %f.gateway.map(|g| g.to_string()).unwrap_or_else(|| "-".into()),
+        expected_gateway = %f.expected_gateway.map(|g| g.to_string()).unwrap_or_else(|| "-".into()),
+        hint = f.hint.as_deref().unwrap_or("-"),
+        "finding opened: {}",
+        f.message
+    );
+}
+
+fn log_cleared(f: &Finding) {
+    let open_for = f
+        .since
+        .and_then(|s| SystemTime::now().duration_since(s).ok())
+        .map(|d| {
+            humantime::format_duration(Duration::from_millis(d.as_millis() as u64)).to_string()
+        })
+        .unwrap_or_default();
+    info!(
+        check = %f.check,
+        severity = %f.severity,
+        device = %f.device,
+        peer = f.peer_node.as_deref().unwrap_or("-"),
+        route = f.route.as_deref().unwrap_or("-"),
+        open_for = %open_for,
+        "finding cleared"
+    );
+}
