@@ -1,0 +1,190 @@
+//! Starting the daemon: the status and metrics servers, the netlink subscription and first
+//! connection, eBPF, the datastore link and the consumers, then the loop.
+
+use super::*;
+
+/// The agent, configured but not yet running.
+pub struct Daemon {
+    config: Config,
+    netns: Option<PathBuf>,
+    datastore: AnyDatastore,
+    feed: Option<watch::Receiver<DesiredState>>,
+    ebpf: Option<Box<dyn DropCounterSource>>,
+}
+
+impl Daemon {
+    pub fn new(config: Config, netns: Option<PathBuf>, datastore: AnyDatastore) -> Self {
+        Daemon {
+            config,
+            netns,
+            datastore,
+            feed: None,
+            ebpf: None,
+        }
+    }
+
+    /// A datastore that pushes changes (e.g. a Kubernetes watch): every new value replaces the
+    /// desired state at once; periodic `load()` still runs on each full resync.
+    pub fn with_desired_feed(mut self, feed: watch::Receiver<DesiredState>) -> Self {
+        self.feed = Some(feed);
+        self
+    }
+
+    /// Use this drop counter source instead of loading eBPF (tests).
+    pub fn with_drop_counters(mut self, source: Box<dyn DropCounterSource>) -> Self {
+        self.ebpf = Some(source);
+        self
+    }
+
+    /// Run until `shutdown` completes. Fails only when it cannot start (socket, netns, port).
+    pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), DaemonError> {
+        let config = &self.config;
+        let status = StatusHandle::new(Status::starting(
+            &config.node_name,
+            config.mode.as_str(),
+            config.profile.as_str(),
+            SystemTime::now(),
+        ));
+        let metrics = Arc::new(Metrics::new());
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let stopped = move || {
+            let mut rx = stop_rx.clone();
+            async move {
+                let _ = rx.wait_for(|s| *s).await;
+            }
+        };
+
+        let server = StatusServer::bind(&StatusServerOptions {
+            socket: config.status.socket.clone(),
+            group: config.status.group.clone(),
+            ..StatusServerOptions::default()
+        })?;
+        let mut servers: Vec<JoinHandle<Result<(), ServeError>>> =
+            vec![tokio::spawn(server.run(status.clone(), stopped()))];
+        if let Some(addr) = config.metrics.listen {
+            let server = MetricsServer::bind(addr).await?;
+            if let Ok(bound) = server.local_addr() {
+                info!(addr = %bound, "metrics served at http://{bound}/metrics");
+            }
+            servers.push(tokio::spawn(server.run(metrics.clone(), stopped())));
+        }
+
+        let result = self.main_loop(status, metrics, shutdown).await;
+        let _ = notify::stopping();
+        let _ = stop_tx.send(true);
+        for s in servers {
+            match s.await {
+                Ok(Err(e)) => warn!(error = %e, "server ended with an error"),
+                Err(e) => warn!(error = %e, "server task failed"),
+                Ok(Ok(())) => {}
+            }
+        }
+        info!("stopped");
+        result
+    }
+
+    async fn main_loop(
+        self,
+        status: StatusHandle,
+        metrics: Arc<Metrics>,
+        shutdown: impl Future<Output = ()>,
+    ) -> Result<(), DaemonError> {
+        let Daemon {
+            config,
+            netns,
+            datastore,
+            feed,
+            ebpf,
+        } = self;
+        let netns = netns.as_deref();
+        let monitor_options = MonitorOptions {
+            recv_buffer: Some(config.netlink.receive_buffer),
+            ..MonitorOptions::default()
+        };
+        // Subscribe before the first dump so no change falls between the two.
+        let monitor = Monitor::start_off_loop(netns, &monitor_options).await?;
+        let observer = NetlinkObserver::new(netns)?;
+        // Loading runs the verifier over every program (hundreds of ms): on a blocking thread,
+        // so the status socket, already serving, answers meanwhile.
+        let ebpf = match ebpf {
+            Some(e) => e,
+            None => {
+                let (cfg, ns) = (config.clone(), netns.map(Path::to_path_buf));
+                tokio::task::spawn_blocking(move || open_ebpf(&cfg, ns.as_deref()))
+                    .await
+                    .unwrap_or_else(|e| {
+                        error!(error = %e, "eBPF load failed; drop accounting off");
+                        disabled_ebpf(format!("loading failed: {e}"), netns)
+                    })
+            }
+        };
+        let ebpf_status = ebpf.status();
+        let ebpf = Arc::new(std::sync::Mutex::new(ebpf));
+        status.update(|s| s.ebpf = status_ebpf(&ebpf_status)).await;
+        metrics
+            .set_ebpf_programs_attached(ebpf_status.programs.iter().filter(|p| p.attached).count());
+
+        let kube = match &datastore {
+            AnyDatastore::Kubernetes(src) => Some(kube::KubeLink::connected((**src).clone())),
+            _ if matches!(config.datastore.source, DatastoreSource::Kubernetes) => {
+                status
+                    .update(|s| {
+                        s.datastore.source = "kubernetes".into();
+                        s.datastore.error = Some("connecting to the API server".into());
+                    })
+                    .await;
+                Some(kube::KubeLink::connect(
+                    KubeSourceConfig::from_config(&config),
+                    status.clone(),
+                ))
+            }
+            _ => None,
+        };
+        let offline = matches!(datastore, AnyDatastore::None(_)) && kube.is_none();
+        // The evaluation's consumers, each on its own thread: none can hold up detection.
+        let mut fanout = Fanout::default();
+        fanout.spawn(consumers::StatusConsumer {
+            status: status.clone(),
+        });
+        fanout.spawn(consumers::MetricsConsumer {
+            metrics: metrics.clone(),
+        });
+        if let Some(link) = &kube {
+            fanout.spawn(node::NodeConsumer::new(link.sources()));
+        }
+        let mut state = LoopState {
+            fanout,
+            engine: Engine::new(&config.devices),
+            window: RecentDrops::new(DEFAULT_DROP_WINDOW),
+            file_stamp: file_stamp(&datastore),
+            config,
+            netns: netns.map(Path::to_path_buf),
+            monitor: Some(monitor),
+            monitor_options,
+            observer,
+            datastore,
+            offline,
+            feed,
+            kube,
+            watch_ended: None,
+            ebpf,
+            status,
+            metrics,
+            watched: BTreeSet::new(),
+            pending_resync: None,
+            last_resync: None,
+            last_tick: None,
+            last_desired_ok: None,
+            neigh_failed_last: Default::default(),
+            synced: false,
+            started: Instant::now(),
+            ready: false,
+            last_summary: None,
+            eval_not_before: None,
+            // eBPF loading parsed the kernel's BTF (tens of MiB, now free).
+            heap_dirty: true,
+        };
+        state.run(shutdown).await;
+        Ok(())
+    }
+}
