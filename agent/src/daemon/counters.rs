@@ -137,23 +137,3 @@ pub(super) fn lock_counters(
 ) -> std::sync::MutexGuard<'_, Box<dyn DropCounterSource>> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
-
-/// The status API's view of the eBPF state.
-pub(super) fn status_ebpf(s: &ebpf::EbpfStatus) -> StatusEbpf {
-    let attached = s
-        .programs
-        .iter()
-        .filter(|p| p.attached)
-        .map(|p| p.name.clone())
-        .collect();
-    let mut problems: Vec<String> = s.reason.iter().cloned().collect();
-    problems.extend(
-        s.programs
-            .iter()
-            .filter_map(|p| p.error.as_ref().map(|e| format!("{}: {e}", p.name))),
-    );
-    StatusEbpf {
-        attached,
-        error: (!problems.is_empty()).then(|| problems.join("; ")),
-    }
-}

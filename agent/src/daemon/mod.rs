@@ -44,7 +44,7 @@ use tracing::{debug, error, info, warn};
 pub use drops::{RecentDrops, DEFAULT_DROP_WINDOW};
 pub use feed::datastore_from_config;
 
-use counters::{disabled_ebpf, lock_counters, open_ebpf, status_ebpf};
+use counters::{disabled_ebpf, lock_counters, open_ebpf};
 pub use engine::{Engine, Evaluation};
 use feed::{feed_changed, file_stamp, kube_next};
 pub use findings::{FindingTracker, Transitions};
@@ -62,7 +62,7 @@ use crate::{
     },
     scan::Summary,
     serve::{
-        self, notify, status::EbpfStatus as StatusEbpf, Metrics, MetricsServer, ServeError, Status,
+        self, notify, status::EbpfSummary, Metrics, MetricsServer, ServeError, Status,
         StatusHandle, StatusServer, StatusServerOptions,
     },
 };

@@ -120,7 +120,9 @@ impl Daemon {
         };
         let ebpf_status = ebpf.status();
         let ebpf = Arc::new(std::sync::Mutex::new(ebpf));
-        status.update(|s| s.ebpf = status_ebpf(&ebpf_status)).await;
+        status
+            .update(|s| s.ebpf = EbpfSummary::from(&ebpf_status))
+            .await;
         metrics
             .set_ebpf_programs_attached(ebpf_status.programs.iter().filter(|p| p.attached).count());
 

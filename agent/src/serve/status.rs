@@ -50,7 +50,7 @@ pub struct Status {
     pub repairs: Vec<RepairRecord>,
     pub alerts: AlertsStatus,
     pub datastore: DatastoreStatus,
-    pub ebpf: EbpfStatus,
+    pub ebpf: EbpfSummary,
     pub resync: ResyncStatus,
     #[serde(default)]
     pub checks: ChecksStatus,
@@ -75,7 +75,7 @@ impl Status {
             repairs: Vec::new(),
             alerts: AlertsStatus::default(),
             datastore: DatastoreStatus::default(),
-            ebpf: EbpfStatus::default(),
+            ebpf: EbpfSummary::default(),
             resync: ResyncStatus::default(),
             checks: ChecksStatus::default(),
         }
@@ -295,14 +295,36 @@ pub struct DatastoreStatus {
     pub error: Option<String>,
 }
 
-/// eBPF program state: what is attached, or why nothing is.
+/// The status API's short view of the eBPF state ([`crate::ebpf::EbpfStatus`]): what is
+/// attached, or why nothing is.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct EbpfStatus {
+pub struct EbpfSummary {
     /// Attached program names (`kfree_skb`, `neigh_update`, …).
     pub attached: Vec<String>,
     /// Why eBPF is not (fully) attached: disabled by config, missing capability, load error.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub error: Option<String>,
+}
+
+impl From<&crate::ebpf::EbpfStatus> for EbpfSummary {
+    fn from(s: &crate::ebpf::EbpfStatus) -> Self {
+        let attached = s
+            .programs
+            .iter()
+            .filter(|p| p.attached)
+            .map(|p| p.name.clone())
+            .collect();
+        let mut problems: Vec<String> = s.reason.iter().cloned().collect();
+        problems.extend(
+            s.programs
+                .iter()
+                .filter_map(|p| p.error.as_ref().map(|e| format!("{}: {e}", p.name))),
+        );
+        EbpfSummary {
+            attached,
+            error: (!problems.is_empty()).then(|| problems.join("; ")),
+        }
+    }
 }
 
 /// The periodic full resync (netlink dump + datastore relist).
