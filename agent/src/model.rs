@@ -355,6 +355,7 @@ pub enum CheckId {
     DatastoreInvalid,
     DatastoreStale,
     KubeletWatchStalled,
+    RouteWrongDevice,
 }
 
 impl CheckId {
@@ -376,6 +377,7 @@ impl CheckId {
             CheckId::DatastoreInvalid => "datastore-invalid",
             CheckId::DatastoreStale => "datastore-stale",
             CheckId::KubeletWatchStalled => "kubelet-watch-stalled",
+            CheckId::RouteWrongDevice => "route-wrong-device",
         }
     }
 }

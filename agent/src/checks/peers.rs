@@ -28,6 +28,7 @@ pub(super) fn check(
         .collect();
     let routes = best_routes(dev, spec.family);
     let peers: Vec<&PeerNode> = desired.peers().filter(|p| family_ok(&p.vtep_ip)).collect();
+    let links = Links::of(direct);
 
     let mut findings = Vec::new();
     let mut expected: HashMap<IpNet, &PeerNode> = HashMap::new();
@@ -40,11 +41,109 @@ pub(super) fn check(
     }
 
     for peer in &peers {
-        findings.extend(peer_routes(spec, dev, peer, &routes, &vtep_owner, direct));
-        findings.extend(peer_vtep(spec, dev, peer));
+        let (route_findings, over_overlay) =
+            peer_routes(spec, dev, peer, &routes, &vtep_owner, direct, &links);
+        findings.extend(route_findings);
+        // A peer reached only directly (flannel DirectRouting, Calico CrossSubnet) needs no
+        // VTEP neighbour or FDB entry: no frame to it is encapsulated.
+        if over_overlay {
+            findings.extend(peer_vtep(spec, dev, peer));
+        }
     }
-    findings.extend(stray_routes(spec, desired, &routes, &expected, &peers));
+    findings.extend(stray_routes(
+        spec,
+        desired,
+        &routes,
+        &expected,
+        &peers,
+        &vtep_owner,
+    ));
+    findings.extend(blackholes_in_peer_blocks(spec, dev, &peers));
     findings
+}
+
+/// The kernel's own record of which subnets are on-link on which device: connected routes
+/// (no gateway) of the devices that are not overlays.
+struct Links(Vec<(u32, IpNet)>);
+
+impl Links {
+    fn of(direct: &BTreeMap<IpNet, DirectRoute>) -> Self {
+        Links(
+            direct
+                .iter()
+                .filter(|(_, r)| r.gateway.is_none())
+                .map(|(dst, r)| (r.ifindex, *dst))
+                .collect(),
+        )
+    }
+
+    /// `ip` is directly reachable on device `ifindex`: a route via it there is a real direct
+    /// route, not a tunnel (`tunl0`) or an off-subnet next hop.
+    fn on_link(&self, ifindex: u32, ip: &IpAddr) -> bool {
+        self.0
+            .iter()
+            .any(|(i, net)| *i == ifindex && net.contains(ip))
+    }
+}
+
+/// `V/32` (or `/128`) with no gateway to a peer's own VTEP: Calico 3.30+ programs these
+/// ("they are the VTEP"), for VTEPs inside blocks and for borrowed tunnel addresses.
+fn is_vtep_host_route(route: &Route, vtep_owner: &HashMap<IpAddr, &str>) -> bool {
+    route.gateway.is_none()
+        && route.destination.prefix_len() == route.destination.max_prefix_len()
+        && vtep_owner.contains_key(&route.destination.addr())
+}
+
+/// A blackhole, unreachable or prohibit route inside a peer's block wins by longest prefix
+/// and drops that traffic, whatever the block route says.
+fn blackholes_in_peer_blocks(
+    spec: &DeviceSpec,
+    dev: &ObservedDevice,
+    peers: &[&PeerNode],
+) -> Vec<Finding> {
+    let device = spec.name.as_str();
+    let mut out = Vec::new();
+    for r in dev.routes.iter().filter(|r| {
+        r.table == MAIN_TABLE
+            && matches!(
+                r.kind,
+                RouteKind::Blackhole | RouteKind::Unreachable | RouteKind::Prohibit
+            )
+            && Family::of(&r.destination.addr()) == spec.family
+    }) {
+        let Some((peer, block)) = peers.iter().find_map(|p| {
+            p.blocks
+                .iter()
+                .chain(&p.borrowed)
+                .find(|b| b.contains(&r.destination))
+                .map(|b| (*p, *b))
+        }) else {
+            continue;
+        };
+        let mut f = Finding::new(
+            CheckId::RouteStale,
+            Severity::Critical,
+            device,
+            format!(
+                "route {} lies inside {}'s block {block} and drops that traffic (it wins by \
+                 longest prefix)",
+                r.display(device),
+                peer.name
+            ),
+        );
+        f.route = Some(r.destination.to_string());
+        f.peer_node = Some(peer.name.clone());
+        f.expected_gateway = Some(peer.vtep_ip);
+        f.evidence.routes = vec![r.display(device)];
+        let kind = match r.kind {
+            RouteKind::Unreachable => "unreachable ",
+            RouteKind::Prohibit => "prohibit ",
+            _ => "blackhole ",
+        };
+        f.hint = Some(format!("ip route del {kind}{}", r.destination));
+        out.push(f);
+    }
+    out
 }
 
 /// The route the kernel would use per destination in the main table: lowest metric wins.
@@ -68,6 +167,7 @@ fn best_routes(dev: &ObservedDevice, family: Family) -> BTreeMap<IpNet, &Route> 
     best
 }
 
+/// The routes to one peer's blocks, and whether any of them goes over the overlay.
 fn peer_routes(
     spec: &DeviceSpec,
     dev: &Indexed<'_>,
@@ -75,10 +175,13 @@ fn peer_routes(
     routes: &BTreeMap<IpNet, &Route>,
     vtep_owner: &HashMap<IpAddr, &str>,
     direct: &BTreeMap<IpNet, DirectRoute>,
-) -> Vec<Finding> {
+    links: &Links,
+) -> (Vec<Finding>, bool) {
     let device = spec.name.as_str();
     let mut missing: Vec<IpNet> = Vec::new();
     let mut wrong: BTreeMap<Option<IpAddr>, Vec<&Route>> = BTreeMap::new();
+    let mut not_direct: Vec<(IpNet, DirectRoute)> = Vec::new();
+    let mut over_overlay = false;
     for dst in peer
         .blocks
         .iter()
@@ -86,12 +189,28 @@ fn peer_routes(
         .filter(|d| Family::of(&d.addr()) == spec.family)
     {
         match routes.get(dst) {
-            // CrossSubnet: a same-subnet peer's block goes straight to its node IP via the
-            // underlay device, not over the overlay.
-            None if direct.get(dst).and_then(|r| r.gateway) == Some(peer.node_ip) => {}
-            None => missing.push(*dst),
-            Some(r) if r.gateway == Some(peer.vtep_ip) => {}
-            Some(r) => wrong.entry(r.gateway).or_default().push(r),
+            // CrossSubnet / DirectRouting: a same-subnet peer's block goes straight to its
+            // node IP on the device that subnet is on, not over the overlay.
+            None => match direct.get(dst) {
+                Some(d) if d.gateway == Some(peer.node_ip) => {
+                    if !links.on_link(d.ifindex, &peer.node_ip) {
+                        not_direct.push((*dst, *d));
+                    }
+                }
+                _ => {
+                    over_overlay = true;
+                    missing.push(*dst);
+                }
+            },
+            Some(r) => {
+                over_overlay = true;
+                let vtep_host = r.gateway.is_none()
+                    && dst.addr() == peer.vtep_ip
+                    && dst.prefix_len() == dst.max_prefix_len();
+                if r.gateway != Some(peer.vtep_ip) && !vtep_host {
+                    wrong.entry(r.gateway).or_default().push(r);
+                }
+            }
         }
     }
 
@@ -189,7 +308,49 @@ fn peer_routes(
         );
         out.push(f);
     }
-    out
+
+    if !not_direct.is_empty() {
+        let dsts: Vec<String> = not_direct.iter().map(|(d, _)| d.to_string()).collect();
+        let mut f = Finding::new(
+            CheckId::RouteWrongDevice,
+            Severity::Critical,
+            device,
+            format!(
+                "{} to {}'s blocks {} via its node address {} on ifindex {}, where {} is not on \
+                 a connected subnet (a tunnel such as tunl0 left from an IPIP pool, or an \
+                 off-subnet next hop): expected via its VTEP {} on {device}",
+                plural(dsts.len(), "route", "routes"),
+                peer.name,
+                if dsts.len() == 1 { "goes" } else { "go" },
+                peer.node_ip,
+                not_direct[0].1.ifindex,
+                peer.node_ip,
+                peer.vtep_ip,
+            ),
+        );
+        f.route = Some(dsts[0].clone());
+        f.gateway = Some(peer.node_ip);
+        f.expected_gateway = Some(peer.vtep_ip);
+        f.peer_node = Some(peer.name.clone());
+        f.evidence.routes = dsts;
+        f.evidence
+            .details
+            .insert("ifindex".into(), not_direct[0].1.ifindex.to_string());
+        f.set_remedies(
+            not_direct
+                .iter()
+                .map(|(dst, _)| Remedy::RouteReplace {
+                    device: device.to_string(),
+                    destination: *dst,
+                    gateway: peer.vtep_ip,
+                    protocol: crate::model::PROTO_BOOT,
+                    metric: None,
+                })
+                .collect(),
+        );
+        out.push(f);
+    }
+    (out, over_overlay)
 }
 
 /// The peer's VTEP must resolve to its MAC (neighbour) and the MAC to its node IP (FDB).
@@ -203,32 +364,25 @@ fn peer_vtep(spec: &DeviceSpec, dev: &Indexed<'_>, peer: &PeerNode) -> Vec<Findi
         f
     };
     let neigh = neighbour(dev, &peer.vtep_ip);
-    // The MAC frames to this peer are actually sent to: the neighbour's when it has one.
-    let mut effective_mac = peer.vtep_mac;
+    // Frames to this peer are sent to its expected MAC once the neighbour is right.
+    let effective_mac = peer.vtep_mac;
     match neigh {
         Some(n) if n.state.is_resolved() => {
-            if let Some(mac) = n.mac {
-                if mac != peer.vtep_mac {
-                    // A derived MAC is our guess, not the datastore's word: accept a different
-                    // one as long as the FDB sends it to the right node.
-                    let fdb_ok = fdb_destinations(dev, &mac).contains(&Some(peer.node_ip));
-                    if peer.vtep_mac_derived && fdb_ok {
-                        effective_mac = mac;
-                    } else {
-                        let mut f = base(
-                            CheckId::NeighbourMacMismatch,
-                            format!(
-                                "neighbour {} (VTEP of {}) resolves to {mac}, expected {}",
-                                peer.vtep_ip, peer.name, peer.vtep_mac
-                            ),
-                        );
-                        f.evidence.neighbour_state = Some(n.state.name());
-                        f.evidence.neighbour_mac = Some(mac);
-                        f.evidence.expected_mac = Some(peer.vtep_mac);
-                        f.set_remedies(vec![neigh_replace(device, peer)]);
-                        out.push(f);
-                    }
-                }
+            // A derived MAC is Felix's own rule, so a different one is as wrong as a
+            // different annotated one, even when the FDB agrees with it (both stale).
+            if let Some(mac) = n.mac.filter(|m| *m != peer.vtep_mac) {
+                let mut f = base(
+                    CheckId::NeighbourMacMismatch,
+                    format!(
+                        "neighbour {} (VTEP of {}) resolves to {mac}, expected {}",
+                        peer.vtep_ip, peer.name, peer.vtep_mac
+                    ),
+                );
+                f.evidence.neighbour_state = Some(n.state.name());
+                f.evidence.neighbour_mac = Some(mac);
+                f.evidence.expected_mac = Some(peer.vtep_mac);
+                f.set_remedies(vec![neigh_replace(device, peer)]);
+                out.push(f);
             }
         }
         other => {
@@ -307,12 +461,27 @@ fn stray_routes(
     routes: &BTreeMap<IpNet, &Route>,
     expected: &HashMap<IpNet, &PeerNode>,
     peers: &[&PeerNode],
+    vtep_owner: &HashMap<IpAddr, &str>,
 ) -> Vec<Finding> {
     let device = spec.name.as_str();
     let local = desired.nodes.get(&desired.local_node);
     let mut out = Vec::new();
     for (dst, route) in routes {
-        if expected.contains_key(dst) || desired.unverifiable.iter().any(|u| overlaps(u, dst)) {
+        if expected.contains_key(dst)
+            || desired.unverifiable.iter().any(|u| overlaps(u, dst))
+            || is_vtep_host_route(route, vtep_owner)
+        {
+            continue;
+        }
+        let overlaps_a_block = || {
+            local
+                .into_iter()
+                .chain(peers.iter().copied())
+                .any(|n| n.blocks.iter().chain(&n.borrowed).any(|b| overlaps(b, dst)))
+        };
+        // Connected routes of the device's own addresses and IPv6 link-local are the
+        // kernel's; only one that takes over a node's block is a problem.
+        if route.protocol == PROTO_KERNEL && !overlaps_a_block() {
             continue;
         }
         let local_overlap = local.and_then(|l| {
@@ -388,6 +557,9 @@ fn stray_routes(
     }
     out
 }
+
+/// `rtm_protocol` of routes the kernel makes itself (connected, link-local).
+const PROTO_KERNEL: u8 = 2;
 
 fn overlaps(a: &IpNet, b: &IpNet) -> bool {
     a.contains(b) || b.contains(a)

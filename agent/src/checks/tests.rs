@@ -406,9 +406,9 @@ fn neighbour_with_wrong_mac() {
 }
 
 #[test]
-fn derived_mac_that_differs_but_is_consistent_is_not_a_finding() {
-    // Our Felix-style derivation is a guess when the datastore publishes no MAC: a different
-    // MAC that the FDB sends to the right node is a working dataplane.
+fn derived_mac_that_differs_is_a_finding_even_when_the_fdb_agrees() {
+    // The derivation is Felix's own rule: neighbour and FDB both on another MAC are both
+    // stale (a node re-created with a new name, a MAC left from another CNI).
     let mut c = Cluster::calico();
     let other: MacAddr = "66:12:34:56:78:9a".parse().unwrap();
     let mac = c.peer("k8s02").vtep_mac;
@@ -422,8 +422,13 @@ fn derived_mac_that_differs_but_is_consistent_is_not_a_finding() {
             e.mac = other;
         }
     }
-    assert!(c.report().findings.is_empty(), "{:#?}", c.report().findings);
-    // But when the datastore published the MAC, the mismatch is real.
+    let f = only(&c.report(), CheckId::NeighbourMacMismatch, Some("k8s02"));
+    assert_eq!(
+        f.remedies.len(),
+        2,
+        "FDB and neighbour both rewritten: {:?}",
+        f.remedies
+    );
     c.desired.nodes.get_mut("k8s02").unwrap().vtep_mac_derived = false;
     only(&c.report(), CheckId::NeighbourMacMismatch, Some("k8s02"));
 }
@@ -649,6 +654,14 @@ fn cross_subnet_peer_routed_via_the_underlay_is_healthy() {
     c.dev()
         .routes
         .retain(|r| !k8s02.blocks.contains(&r.destination));
+    // eth0 (ifindex 2) is on 192.168.77.0/24, as its connected route says.
+    c.observed.direct_routes.insert(
+        net("192.168.77.0/24"),
+        crate::model::DirectRoute {
+            ifindex: 2,
+            gateway: None,
+        },
+    );
     for b in &k8s02.blocks {
         c.observed.direct_routes.insert(
             *b,
@@ -660,9 +673,121 @@ fn cross_subnet_peer_routed_via_the_underlay_is_healthy() {
     }
     assert!(c.report().findings.is_empty(), "{:#?}", c.report().findings);
 
-    // Via the underlay to some other address is not that peer: still missing over the overlay.
-    for r in c.observed.direct_routes.values_mut() {
+    // flannel DirectRouting: no ARP and no FDB for a peer reached directly.
+    let vtep = k8s02.vtep_ip;
+    c.dev().neighbours.retain(|n| n.ip != vtep);
+    c.dev().fdb.retain(|e| e.mac != k8s02.vtep_mac);
+    assert!(c.report().findings.is_empty(), "{:#?}", c.report().findings);
+
+    // The same "direct" routes on a device where the node address is not on-link (tunl0
+    // left from an IPIP pool): not direct at all.
+    for b in &k8s02.blocks {
+        c.observed.direct_routes.get_mut(b).unwrap().ifindex = 9;
+    }
+    let f = only(&c.report(), CheckId::RouteWrongDevice, Some("k8s02"));
+    assert_eq!(f.expected_gateway, Some(k8s02.vtep_ip));
+    assert_eq!(f.remedies.len(), k8s02.blocks.len());
+    for b in &k8s02.blocks {
+        c.observed.direct_routes.get_mut(b).unwrap().ifindex = 2;
+    }
+
+    // Via the underlay to some other address is not that peer: missing over the overlay (and
+    // now its VTEP entries are needed again).
+    for r in c
+        .observed
+        .direct_routes
+        .values_mut()
+        .filter(|r| r.gateway.is_some())
+    {
         r.gateway = Some(ip("192.168.77.99"));
     }
-    only(&c.report(), CheckId::RouteMissing, Some("k8s02"));
+    let r = c.report();
+    assert!(
+        summary(&r).contains(&(CheckId::RouteMissing, Some("k8s02".into()))),
+        "{:#?}",
+        r.findings
+    );
+}
+
+#[test]
+fn calico_vtep_host_routes_and_a_borrowed_vtep_are_healthy() {
+    // Calico 3.30-3.31: `V dev vxlan.calico scope link` for every remote VTEP, here k8s03's
+    // 10.1.235.133 inside its own block; and k8s02's VTEP borrowed from k8s03's block.
+    let mut c = Cluster::calico();
+    let k3 = c.peer("k8s03");
+    c.dev().routes.push(route(&net("10.1.235.133/32"), None));
+    assert!(c.report().findings.is_empty(), "{:#?}", c.report().findings);
+
+    let borrowed = ip("10.1.236.70");
+    let old = c.peer("k8s02").vtep_ip;
+    {
+        let k2 = c.desired.nodes.get_mut("k8s02").unwrap();
+        k2.vtep_ip = borrowed;
+        k2.borrowed.push(IpNet::new(borrowed, 32).unwrap());
+    }
+    let k2 = c.peer("k8s02");
+    for r in &mut c.dev().routes {
+        if r.gateway == Some(old) {
+            r.gateway = Some(borrowed);
+        }
+    }
+    for n in &mut c.dev().neighbours {
+        if n.ip == old {
+            n.ip = borrowed;
+        }
+    }
+    c.dev()
+        .routes
+        .push(route(&IpNet::new(borrowed, 32).unwrap(), None));
+    assert!(
+        c.report().findings.is_empty(),
+        "borrowed VTEP of {} inside {}'s block: {:#?}",
+        k2.name,
+        k3.name,
+        c.report().findings
+    );
+}
+
+#[test]
+fn kernel_routes_are_the_kernels_unless_they_take_a_block() {
+    let mut c = Cluster::calico();
+    let kernel = |dst: &str| Route {
+        protocol: 2,
+        ..route(&net(dst), None)
+    };
+    c.dev().routes.push(kernel("10.1.10.0/32"));
+    assert!(c.report().findings.is_empty(), "{:#?}", c.report().findings);
+    // An address like 10.1.236.1/27 on the device makes the kernel route part of a peer's
+    // block here: that traffic no longer reaches k8s03.
+    c.dev().routes.push(kernel("10.1.236.0/27"));
+    let r = c.report();
+    assert!(
+        summary(&r).contains(&(CheckId::RouteStale, Some("k8s03".into()))),
+        "{:#?}",
+        r.findings
+    );
+}
+
+#[test]
+fn a_blackhole_inside_a_peers_block_is_critical() {
+    let mut c = Cluster::calico();
+    // The local block's own blackhole is Calico's and healthy.
+    c.dev().routes.push(Route {
+        kind: RouteKind::Blackhole,
+        gateway: None,
+        protocol: 80,
+        ..route(&net("10.1.10.0/26"), None)
+    });
+    assert!(c.report().findings.is_empty(), "{:#?}", c.report().findings);
+    c.dev().routes.push(Route {
+        kind: RouteKind::Unreachable,
+        gateway: None,
+        ..route(&net("10.1.236.8/29"), None)
+    });
+    let f = only(&c.report(), CheckId::RouteStale, Some("k8s03"));
+    assert_eq!(f.severity, Severity::Critical);
+    assert!(f
+        .hint
+        .unwrap()
+        .starts_with("ip route del unreachable 10.1.236.8/29"));
 }
