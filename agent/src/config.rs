@@ -33,6 +33,13 @@ pub struct Config {
     pub mode: Mode,
     /// Full netlink dump + datastore reload even without events. Default: 60s.
     pub resync_interval: Duration,
+    /// The VXLAN VNI the overlay uses. Default: the profile's (Calico 4096, flannel from the
+    /// device name); a cluster migrated from flannel to Calico keeps 1.
+    pub vxlan_vni: Option<u32>,
+    /// The VXLAN UDP port. Default: the profile's (Calico 4789, flannel 8472).
+    pub vxlan_port: Option<u16>,
+    /// The overlay devices' MTU. Default: not checked (both CNIs derive it from the underlay).
+    pub vxlan_mtu: Option<u32>,
     /// tracing `EnvFilter` directive. Default: "info".
     pub log_level: String,
     pub datastore: DatastoreConfig,
@@ -279,6 +286,9 @@ impl Config {
             devices: profile.default_devices(),
             mode: Mode::default(),
             resync_interval: Duration::from_secs(60),
+            vxlan_vni: None,
+            vxlan_port: None,
+            vxlan_mtu: None,
             log_level: "info".to_string(),
             datastore: DatastoreConfig::default(),
             status: StatusConfig::default(),
@@ -287,6 +297,21 @@ impl Config {
             repair: RepairConfig::default(),
             netlink: NetlinkConfig::default(),
         }
+    }
+
+    /// What each watched device should look like: the profile's conventions with the
+    /// `vxlan_*` overrides.
+    pub fn device_specs(&self) -> Vec<crate::checks::DeviceSpec> {
+        self.devices
+            .iter()
+            .map(|d| {
+                crate::checks::DeviceSpec::for_name(d).with_overrides(
+                    self.vxlan_vni,
+                    self.vxlan_port,
+                    self.vxlan_mtu,
+                )
+            })
+            .collect()
     }
 
     /// True only in `mode = "repair"`.
@@ -363,6 +388,15 @@ impl Config {
                     format!("{dev:?} is not a valid interface name (1-{MAX_IFNAME} bytes, no '/' or spaces)"),
                 );
             }
+        }
+        if let Some(vni) = self.vxlan_vni.filter(|v| *v == 0 || *v > 0xff_ffff) {
+            return bad("vxlan_vni", format!("{vni} is not a VNI (1-16777215)"));
+        }
+        if self.vxlan_port == Some(0) {
+            return bad("vxlan_port", "0 is not a UDP port (1-65535)".into());
+        }
+        if let Some(mtu) = self.vxlan_mtu.filter(|m| !(68..=65535).contains(m)) {
+            return bad("vxlan_mtu", format!("{mtu} is not an MTU (68-65535)"));
         }
         if self.resync_interval < Duration::from_secs(1) {
             return bad(
@@ -535,6 +569,9 @@ struct RawConfig {
     mode: Mode,
     #[serde(deserialize_with = "de_opt_duration")]
     resync_interval: Option<Duration>,
+    vxlan_vni: Option<u32>,
+    vxlan_port: Option<u16>,
+    vxlan_mtu: Option<u32>,
     log_level: Option<String>,
     datastore: DatastoreConfig,
     status: StatusConfig,
@@ -555,6 +592,9 @@ impl RawConfig {
             profile: self.profile,
             mode: self.mode,
             resync_interval: self.resync_interval.unwrap_or(defaults.resync_interval),
+            vxlan_vni: self.vxlan_vni,
+            vxlan_port: self.vxlan_port,
+            vxlan_mtu: self.vxlan_mtu,
             log_level: self.log_level.unwrap_or(defaults.log_level),
             datastore: self.datastore,
             status: self.status,

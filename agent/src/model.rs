@@ -141,6 +141,10 @@ pub struct LinkInfo {
     pub mtu: Option<u32>,
     /// Addresses configured on the device (Calico: the node's own VTEP as a /32).
     pub addresses: Vec<IpNet>,
+    /// Flow-based (`external`, collect-metadata): the VNI and remote come per packet from a
+    /// program (Calico's eBPF dataplane), so the device has no VNI and uses no FDB.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub external: bool,
 }
 
 /// Route type (`rtm_type`), only the ones that matter here are distinguished.

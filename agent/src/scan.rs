@@ -181,11 +181,7 @@ pub async fn scan_with_drops(
         }
         None => None,
     };
-    let specs: Vec<DeviceSpec> = config
-        .devices
-        .iter()
-        .map(|d| DeviceSpec::for_name(d))
-        .collect();
+    let specs: Vec<DeviceSpec> = config.device_specs();
     let report = checks::evaluate(&CheckInput {
         devices: &specs,
         observed: &observed,

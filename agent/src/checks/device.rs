@@ -1,6 +1,6 @@
 //! `device-missing` and `device-misconfigured`.
 
-use super::DeviceSpec;
+use super::{DeviceSpec, Family};
 use crate::model::{CheckId, DesiredState, Finding, ObservedDevice, Severity};
 
 pub(super) fn missing(spec: &DeviceSpec, desired: Option<&DesiredState>) -> Finding {
@@ -47,7 +47,8 @@ pub(super) fn misconfigured(
     if !link.up {
         push(Severity::Critical, "state", "down".into(), "up".into());
     }
-    if let (Some(want), Some(have)) = (spec.vni, link.vni) {
+    // A flow-based device takes its VNI from the program that sends through it.
+    if let (Some(want), Some(have), false) = (spec.vni, link.vni, link.external) {
         if want != have {
             push(
                 Severity::Critical,
@@ -67,11 +68,38 @@ pub(super) fn misconfigured(
             );
         }
     }
+    if let (Some(want), Some(have)) = (spec.mtu, link.mtu) {
+        if want != have {
+            push(Severity::Warning, "mtu", have.to_string(), want.to_string());
+        }
+    }
     if link.learning == Some(true) {
         // Both Calico and flannel program every FDB entry and turn learning off.
         push(Severity::Warning, "learning", "on".into(), "off".into());
     }
     if let Some(local) = desired.and_then(|d| d.nodes.get(&d.local_node)) {
+        // Peers send to the MAC they were given for us: the device must have it, or it drops
+        // every frame addressed to it.
+        if let Some(have) = link.mac.filter(|m| *m != local.vtep_mac) {
+            push(
+                Severity::Critical,
+                "mac",
+                have.to_string(),
+                local.vtep_mac.to_string(),
+            );
+        }
+        // The outer source address peers expect (their FDB points at it).
+        if let Some(have) = link
+            .local
+            .filter(|l| *l != local.node_ip && Family::of(l) == Family::of(&local.node_ip))
+        {
+            push(
+                Severity::Warning,
+                "local",
+                have.to_string(),
+                local.node_ip.to_string(),
+            );
+        }
         let has_vtep = link.addresses.iter().any(|a| a.addr() == local.vtep_ip);
         if !has_vtep {
             let have = if link.addresses.is_empty() {

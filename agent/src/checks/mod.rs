@@ -52,6 +52,8 @@ pub struct DeviceSpec {
     pub vni: Option<u32>,
     /// Expected UDP port, when known (Calico 4789, flannel 8472).
     pub port: Option<u16>,
+    /// Expected MTU, when configured (`vxlan_mtu`; Calico and flannel derive it otherwise).
+    pub mtu: Option<u32>,
 }
 
 impl DeviceSpec {
@@ -76,7 +78,17 @@ impl DeviceSpec {
             family,
             vni,
             port,
+            mtu: None,
         }
+    }
+
+    /// The conventional settings overridden by what the cluster says (`vxlan_vni`,
+    /// `vxlan_port`, `vxlan_mtu`; a cluster migrated from flannel keeps VNI 1 and port 8472).
+    pub fn with_overrides(mut self, vni: Option<u32>, port: Option<u16>, mtu: Option<u32>) -> Self {
+        self.vni = vni.or(self.vni);
+        self.port = port.or(self.port);
+        self.mtu = mtu.or(self.mtu);
+        self
     }
 }
 

@@ -404,6 +404,10 @@ fn peer_vtep(spec: &DeviceSpec, dev: &Indexed<'_>, peer: &PeerNode) -> Vec<Findi
         }
     }
 
+    if dev.link.external {
+        // Flow-based device (Calico eBPF): the remote comes from the program, no FDB is used.
+        return out;
+    }
     let dests = fdb_destinations(dev, &effective_mac);
     let mac_mismatch = out
         .iter_mut()

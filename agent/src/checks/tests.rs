@@ -92,6 +92,7 @@ impl Cluster {
                 mac: Some(local.vtep_mac),
                 mtu: Some(1450),
                 addresses: vec![IpNet::new(local.vtep_ip, 32).unwrap()],
+                external: false,
             },
             ..Default::default()
         };
@@ -790,4 +791,64 @@ fn a_blackhole_inside_a_peers_block_is_critical() {
         .hint
         .unwrap()
         .starts_with("ip route del unreachable 10.1.236.8/29"));
+}
+
+#[test]
+fn device_mac_local_and_configured_mtu_are_checked() {
+    let mut c = Cluster::calico();
+    c.dev().link.mac = Some("66:00:00:00:00:01".parse().unwrap());
+    let f = only(&c.report(), CheckId::DeviceMisconfigured, None);
+    assert_eq!(f.severity, Severity::Critical);
+    assert_eq!(f.evidence.details["mac"], "66:00:00:00:00:01");
+
+    let mut c = Cluster::calico();
+    c.dev().link.local = Some(ip("192.168.77.200"));
+    let f = only(&c.report(), CheckId::DeviceMisconfigured, None);
+    assert_eq!(f.evidence.details["expected_local"], "192.168.77.1");
+
+    // The MTU only when the cluster says what it should be.
+    let mut c = Cluster::calico();
+    c.dev().link.mtu = Some(1400);
+    assert!(c.report().findings.is_empty());
+    let specs = [DeviceSpec::for_name("vxlan.calico").with_overrides(None, None, Some(1450))];
+    let r = evaluate(&CheckInput {
+        devices: &specs,
+        observed: &c.observed,
+        desired: Some(&c.desired),
+        drops: None,
+        explained_recently: None,
+        datastore: None,
+    });
+    assert_eq!(summary(&r), vec![(CheckId::DeviceMisconfigured, None)]);
+}
+
+#[test]
+fn a_flannel_migrated_vni_and_port_are_healthy_once_configured() {
+    let mut c = Cluster::calico();
+    c.dev().link.vni = Some(1);
+    c.dev().link.port = Some(8472);
+    only(&c.report(), CheckId::DeviceMisconfigured, None);
+    let specs = [DeviceSpec::for_name("vxlan.calico").with_overrides(Some(1), Some(8472), None)];
+    let r = evaluate(&CheckInput {
+        devices: &specs,
+        observed: &c.observed,
+        desired: Some(&c.desired),
+        drops: None,
+        explained_recently: None,
+        datastore: None,
+    });
+    assert!(r.findings.is_empty(), "{:#?}", r.findings);
+}
+
+#[test]
+fn calico_ebpf_dataplane_device_has_no_vni_and_no_fdb() {
+    let mut c = Cluster::calico();
+    c.dev().link.external = true;
+    c.dev().link.vni = Some(0);
+    c.dev().fdb.clear();
+    assert!(c.report().findings.is_empty(), "{:#?}", c.report().findings);
+    // Its ARP entries still matter.
+    let vtep = c.peer("k8s03").vtep_ip;
+    c.dev().neighbours.retain(|n| n.ip != vtep);
+    only(&c.report(), CheckId::NeighbourUnresolved, Some("k8s03"));
 }

@@ -223,3 +223,35 @@ fn example_config_is_the_defaults() {
 fn hostname_is_readable() {
     assert!(!hostname().is_empty());
 }
+
+#[test]
+fn vxlan_overrides_reach_the_device_specs_and_bad_ones_are_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("c.toml");
+    std::fs::write(
+        &path,
+        "node_name = \"k8s01\"\nvxlan_vni = 1\nvxlan_port = 8472\nvxlan_mtu = 1400\n",
+    )
+    .unwrap();
+    let c = Config::load(&path, true).unwrap();
+    let spec = &c.device_specs()[0];
+    assert_eq!(
+        (spec.vni, spec.port, spec.mtu),
+        (Some(1), Some(8472), Some(1400))
+    );
+    // Unset: the profile's conventions, MTU unchecked.
+    let d = Config::with_node_name("k8s01").device_specs();
+    assert_eq!(
+        (d[0].vni, d[0].port, d[0].mtu),
+        (Some(4096), Some(4789), None)
+    );
+    for (text, key) in [
+        ("vxlan_vni = 16777216", "vxlan_vni"),
+        ("vxlan_port = 0", "vxlan_port"),
+        ("vxlan_mtu = 20", "vxlan_mtu"),
+    ] {
+        std::fs::write(&path, format!("node_name = \"k8s01\"\n{text}\n")).unwrap();
+        let e = Config::load(&path, true).unwrap_err().to_string();
+        assert!(e.contains(key), "{text}: {e}");
+    }
+}

@@ -49,9 +49,14 @@ pub struct Engine {
 
 impl Engine {
     pub fn new(devices: &[String]) -> Self {
+        Self::with_specs(devices.iter().map(|d| DeviceSpec::for_name(d)).collect())
+    }
+
+    /// For devices whose expected settings differ from the conventional ones.
+    pub fn with_specs(specs: Vec<DeviceSpec>) -> Self {
         Engine {
-            devices: devices.to_vec(),
-            specs: devices.iter().map(|d| DeviceSpec::for_name(d)).collect(),
+            devices: specs.iter().map(|s| s.name.clone()).collect(),
+            specs,
             observed: ObservedState::default(),
             desired: None,
             drops: DropSummary::default(),

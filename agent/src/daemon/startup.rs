@@ -156,7 +156,7 @@ impl Daemon {
         }
         let mut state = LoopState {
             fanout,
-            engine: Engine::new(&config.devices),
+            engine: Engine::with_specs(config.device_specs()),
             window: RecentDrops::new(DEFAULT_DROP_WINDOW),
             file_stamp: file_stamp(&datastore),
             config,

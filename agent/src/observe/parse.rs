@@ -88,6 +88,7 @@ fn apply_vxlan(link: &mut LinkInfo, attrs: &[InfoVxlan]) {
             InfoVxlan::Learning(on) => link.learning = Some(*on),
             InfoVxlan::Local(ip) => link.local = Some(IpAddr::V4(*ip)),
             InfoVxlan::Local6(ip) => link.local = Some(IpAddr::V6(*ip)),
+            InfoVxlan::CollectMetadata(on) => link.external = *on,
             _ => {}
         }
     }

@@ -371,6 +371,7 @@ fn vxlan_link_message_becomes_link_info() {
             mac: Some(mac("66:01:02:03:04:05")),
             mtu: Some(1450),
             addresses: vec![],
+            external: false,
         })
     );
 }
