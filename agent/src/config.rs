@@ -23,8 +23,12 @@ const MAX_IFNAME: usize = 15;
 /// The whole agent configuration, fully resolved (defaults applied, validated).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
-    /// Name of the local node in the datastore. Default: the host name (gethostname).
+    /// Name of the local node in the datastore. Default: Calico's own record of it
+    /// (`/var/lib/calico/nodename`), else the host name; and when that is not in the
+    /// datastore, the node with this host's address.
     pub node_name: String,
+    /// `node_name` was given (config or `--node`), not derived: then it is never replaced.
+    pub node_name_configured: bool,
     /// Which overlay the node runs. Default: calico.
     pub profile: Profile,
     /// Overlay devices to watch. Default: from the profile (`vxlan.calico` / `flannel.1`).
@@ -271,8 +275,9 @@ impl Default for RepairConfig {
 }
 
 impl Default for Config {
+    /// What a missing config file means: every key at its default, the node name derived.
     fn default() -> Self {
-        Config::with_node_name(hostname())
+        RawConfig::default().resolve()
     }
 }
 
@@ -282,6 +287,7 @@ impl Config {
         let profile = Profile::default();
         Config {
             node_name: node_name.into(),
+            node_name_configured: true,
             profile,
             devices: profile.default_devices(),
             mode: Mode::default(),
@@ -583,7 +589,14 @@ struct RawConfig {
 
 impl RawConfig {
     fn resolve(self) -> Config {
-        let node_name = self.node_name.unwrap_or_else(hostname);
+        let configured = self.node_name.is_some();
+        let node_name = self
+            .node_name
+            .or_else(|| match self.profile {
+                Profile::Calico => calico_nodename(Path::new(CALICO_NODENAME)),
+                Profile::Flannel => None,
+            })
+            .unwrap_or_else(hostname);
         let defaults = Config::with_node_name(node_name);
         Config {
             devices: self
@@ -603,6 +616,7 @@ impl RawConfig {
             repair: self.repair,
             netlink: self.netlink,
             node_name: defaults.node_name,
+            node_name_configured: configured,
         }
     }
 }
@@ -633,6 +647,16 @@ fn de_listen<'de, D: Deserializer<'de>>(d: D) -> Result<Option<SocketAddr>, D::E
             "invalid listen address {s:?}: expected ip:port like \"127.0.0.1:9464\", or \"off\""
         ))
     })
+}
+
+/// Where calico-node records the name it registered this node under (Felix's `NODENAME`).
+pub const CALICO_NODENAME: &str = "/var/lib/calico/nodename";
+
+/// The name in Calico's nodename file, if there is one.
+pub fn calico_nodename(path: &Path) -> Option<String> {
+    let name = std::fs::read_to_string(path).ok()?;
+    let name = name.trim();
+    (!name.is_empty()).then(|| name.to_string())
 }
 
 /// The kernel's host name, or "" if it cannot be read (validation then asks for node_name).

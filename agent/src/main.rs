@@ -243,6 +243,7 @@ fn load_config(common: &CommonArgs) -> Result<Config, ExitCode> {
     };
     if let Some(node) = &common.node {
         config.node_name = node.clone();
+        config.node_name_configured = true;
     }
     if let Some(profile) = &common.profile {
         config.profile = match profile.as_str() {

@@ -294,6 +294,26 @@ impl DesiredState {
             .values()
             .filter(move |n| n.name != self.local_node)
     }
+
+    /// When the local node's name (host name) is not in the datastore (clouds name nodes
+    /// differently), the one node whose `node_ip` is an address of this host is the local
+    /// node: it must never be judged as its own peer. Returns the name adopted, if any.
+    pub fn adopt_local_by_address(&mut self, local_addresses: &[IpAddr]) -> Option<&str> {
+        if self.nodes.contains_key(&self.local_node) {
+            return None;
+        }
+        let mut mine = self
+            .nodes
+            .values()
+            .filter(|n| local_addresses.contains(&n.node_ip));
+        let found = mine.next()?.name.clone();
+        if mine.next().is_some() {
+            // Ambiguous (two nodes claim one of our addresses): leave it to datastore-invalid.
+            return None;
+        }
+        self.local_node = found;
+        Some(&self.local_node)
+    }
 }
 
 /// One node as the datastore describes it.

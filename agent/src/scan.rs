@@ -170,8 +170,16 @@ pub async fn scan_with_drops(
 ) -> Result<ScanOutput, ScanError> {
     let started = Instant::now();
     let observer = NetlinkObserver::new(netns)?;
-    let desired = load_desired(datastore, config).await?;
+    let mut desired = load_desired(datastore, config).await?;
     let mut observed = observer.snapshot(&config.devices).await?;
+    if let Some(d) = desired.as_mut().filter(|_| !config.node_name_configured) {
+        let local: Vec<std::net::IpAddr> = observed
+            .devices
+            .values()
+            .filter_map(|d| d.link.local)
+            .collect();
+        d.adopt_local_by_address(&local);
+    }
     let counted = match drops {
         Some(window) => {
             let counted = count_drops(netns, &observed, desired.as_ref(), window).await?;

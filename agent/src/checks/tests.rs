@@ -852,3 +852,22 @@ fn calico_ebpf_dataplane_device_has_no_vni_and_no_fdb() {
     c.dev().neighbours.retain(|n| n.ip != vtep);
     only(&c.report(), CheckId::NeighbourUnresolved, Some("k8s03"));
 }
+
+#[test]
+fn a_host_name_that_is_not_the_node_name_finds_the_node_by_its_address() {
+    // Clouds: the host is "ip-192-168-77-1", the node "k8s01". Judged as a peer, k8s01's own
+    // blocks and VTEP would be critical findings.
+    let mut c = Cluster::calico();
+    c.desired.local_node = "ip-192-168-77-1".into();
+    assert!(summary(&c.report())
+        .iter()
+        .any(|(check, _)| *check == CheckId::DatastoreInvalid));
+    let local = c.dev().link.local.unwrap();
+    assert_eq!(c.desired.adopt_local_by_address(&[local]), Some("k8s01"));
+    assert!(c.report().findings.is_empty(), "{:#?}", c.report().findings);
+    // A name that is in the datastore is never replaced.
+    assert_eq!(
+        c.desired.adopt_local_by_address(&[ip("192.168.77.2")]),
+        None
+    );
+}

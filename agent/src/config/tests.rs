@@ -255,3 +255,24 @@ fn vxlan_overrides_reach_the_device_specs_and_bad_ones_are_named() {
         assert!(e.contains(key), "{text}: {e}");
     }
 }
+
+#[test]
+fn an_unset_node_name_is_derived_and_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("c.toml");
+    std::fs::write(&path, "profile = \"flannel\"\n").unwrap();
+    let c = Config::load(&path, true).unwrap();
+    assert!(!c.node_name_configured);
+    assert_eq!(c.node_name, hostname());
+    std::fs::write(&path, "node_name = \"k8s01\"\n").unwrap();
+    assert!(Config::load(&path, true).unwrap().node_name_configured);
+    // Calico's own record of the node's name, trimmed; empty means none.
+    let file = dir.path().join("nodename");
+    std::fs::write(&file, "ip-10-0-1-5.ec2.internal\n").unwrap();
+    assert_eq!(
+        calico_nodename(&file).as_deref(),
+        Some("ip-10-0-1-5.ec2.internal")
+    );
+    std::fs::write(&file, "  \n").unwrap();
+    assert_eq!(calico_nodename(&file), None);
+}

@@ -44,6 +44,9 @@ pub struct Engine {
     datastore: Option<DatastoreHealth>,
     /// Per peer, when a finding that explains drops toward it was last open.
     explained_at: BTreeMap<String, SystemTime>,
+    /// `node_name` was not configured: a local node missing from the datastore is looked up
+    /// by address.
+    local_by_address: bool,
     dirty: bool,
 }
 
@@ -63,6 +66,7 @@ impl Engine {
             tracker: FindingTracker::default(),
             datastore: None,
             explained_at: BTreeMap::new(),
+            local_by_address: false,
             dirty: true,
         }
     }
@@ -105,16 +109,50 @@ impl Engine {
         }
         // A resync always re-evaluates: that is its point.
         self.dirty = true;
+        if let Some(mut d) = self.desired.take() {
+            self.adopt_local(&mut d);
+            self.desired = Some(d);
+        }
     }
 
     /// Replace the desired state (`None`: offline checks only).
-    pub fn set_desired(&mut self, desired: Option<DesiredState>) -> bool {
+    pub fn set_desired(&mut self, mut desired: Option<DesiredState>) -> bool {
+        if let Some(d) = desired.as_mut() {
+            self.adopt_local(d);
+        }
         let changed = desired != self.desired;
         if changed {
             self.desired = desired;
             self.dirty = true;
         }
         changed
+    }
+
+    /// The local node's name was not configured: when it is not in the datastore either,
+    /// find it by this host's addresses (the overlay devices' `local`, which both CNIs set to
+    /// the node's address).
+    pub fn resolve_local_by_address(&mut self, on: bool) {
+        self.local_by_address = on;
+    }
+
+    fn adopt_local(&self, desired: &mut DesiredState) {
+        if !self.local_by_address {
+            return;
+        }
+        let addresses: Vec<std::net::IpAddr> = self
+            .observed
+            .devices
+            .values()
+            .filter_map(|d| d.link.local)
+            .collect();
+        let configured = desired.local_node.clone();
+        if let Some(name) = desired.adopt_local_by_address(&addresses) {
+            tracing::info!(
+                configured = %configured,
+                local_node = %name,
+                "this host's name is not a node in the datastore; using the node with this host's address"
+            );
+        }
     }
 
     /// What the datastore says about its freshness; `datastore-stale` is decided from it.

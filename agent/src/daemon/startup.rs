@@ -156,7 +156,11 @@ impl Daemon {
         }
         let mut state = LoopState {
             fanout,
-            engine: Engine::with_specs(config.device_specs()),
+            engine: {
+                let mut e = Engine::with_specs(config.device_specs());
+                e.resolve_local_by_address(!config.node_name_configured);
+                e
+            },
             window: RecentDrops::new(DEFAULT_DROP_WINDOW),
             file_stamp: file_stamp(&datastore),
             config,
