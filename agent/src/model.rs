@@ -103,7 +103,8 @@ pub struct ObservedState {
     pub direct_routes: BTreeMap<IpNet, DirectRoute>,
 }
 
-/// A route to a destination via a non-overlay device.
+/// A main-table route via a non-overlay device: a direct route to a peer (with a gateway) or
+/// a connected subnet (without).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub struct DirectRoute {
     pub ifindex: u32,

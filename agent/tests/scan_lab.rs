@@ -293,3 +293,113 @@ fn calico_cross_subnet_routes_via_the_underlay_are_healthy() {
     assert!(s.findings().is_empty(), "{:#?}", s.findings());
     assert_eq!(s.code, 0);
 }
+
+/// Shapes real clusters have that the basic lab does not: each is healthy (zero findings on
+/// every node, every flow delivered), and the field's ways of breaking them are found.
+#[test]
+fn real_cluster_shapes_are_healthy_and_their_faults_are_found() {
+    use watchdog_lab::UNDERLAY_IF;
+    let mut lab = Lab::build(LabSpec::calico(3)).expect("building lab");
+    let dev = lab.device();
+    let nodes = lab.nodes().to_vec();
+    let assert_delivered = |lab: &Lab, context: &str| {
+        for r in lab.traffic_matrix(3).expect("traffic") {
+            for d in &r.per_destination {
+                assert_eq!(
+                    d.received, d.sent,
+                    "{context}: {} -> {} lost packets",
+                    r.from, d.dst
+                );
+            }
+        }
+    };
+
+    // Calico 3.30-3.31: a gateway-less host route to every remote VTEP.
+    for n in &nodes {
+        for p in nodes.iter().filter(|p| p.name != n.name) {
+            let vtep = format!("{}/32", p.vtep_ip);
+            lab.ip(
+                &n.name,
+                &["route", "add", &vtep, "dev", dev, "scope", "link"],
+            )
+            .unwrap();
+        }
+    }
+    assert_all_healthy(&mut lab, "Calico 3.30 VTEP host routes");
+    assert_delivered(&lab, "Calico 3.30 VTEP host routes");
+
+    // flannel DirectRouting / Calico CrossSubnet: node1 reaches node2 over the shared
+    // underlay subnet, with no ARP or FDB entry for node2's VTEP.
+    let (n1, n2) = (&nodes[0], &nodes[1]);
+    let via = n2.node_ip.to_string();
+    for b in &n2.blocks {
+        let b = b.to_string();
+        lab.ip(
+            &n1.name,
+            &["route", "replace", &b, "via", &via, "dev", UNDERLAY_IF],
+        )
+        .unwrap();
+    }
+    lab.ip(
+        &n1.name,
+        &["route", "del", &format!("{}/32", n2.vtep_ip), "dev", dev],
+    )
+    .unwrap();
+    lab.ip(
+        &n1.name,
+        &["neigh", "del", &n2.vtep_ip.to_string(), "dev", dev],
+    )
+    .unwrap();
+    lab.bridge(
+        &n1.name,
+        &["fdb", "del", &n2.vtep_mac.to_string(), "dev", dev],
+    )
+    .unwrap();
+    let s = scan(&mut lab, &n1.name, &[]);
+    assert!(
+        s.findings().is_empty(),
+        "DirectRouting: {:#?}",
+        s.findings()
+    );
+    assert_delivered(&lab, "DirectRouting");
+
+    // Left on a tunnel device where node2's address is not on-link (an IPIP leftover).
+    lab.ip(
+        &n1.name,
+        &[
+            "link", "add", "tunl9", "type", "veth", "peer", "name", "tunl9p",
+        ],
+    )
+    .unwrap();
+    lab.ip(&n1.name, &["link", "set", "tunl9", "up"]).unwrap();
+    let first = n2.blocks[0].to_string();
+    lab.ip(
+        &n1.name,
+        &[
+            "route", "replace", &first, "via", &via, "dev", "tunl9", "onlink",
+        ],
+    )
+    .unwrap();
+    let s = scan(&mut lab, &n1.name, &[]);
+    assert_eq!(
+        s.checks(),
+        BTreeSet::from([("route-wrong-device".to_string(), Some(n2.name.clone()))]),
+        "{:#?}",
+        s.findings()
+    );
+
+    // A blackhole inside node3's block on node1 drops that part of node3's traffic.
+    let n3 = &nodes[2];
+    let inner = ipnet::Ipv4Net::new(n3.blocks[0].network(), 29)
+        .unwrap()
+        .to_string();
+    lab.ip(&n1.name, &["route", "add", "blackhole", &inner])
+        .unwrap();
+    let s = scan(&mut lab, &n1.name, &[]);
+    assert!(
+        s.checks()
+            .contains(&("route-stale".to_string(), Some(n3.name.clone()))),
+        "{:#?}",
+        s.findings()
+    );
+}

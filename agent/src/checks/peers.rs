@@ -64,25 +64,23 @@ pub(super) fn check(
 
 /// The kernel's own record of which subnets are on-link on which device: connected routes
 /// (no gateway) of the devices that are not overlays.
-struct Links(Vec<(u32, IpNet)>);
+struct Links(HashMap<u32, Vec<IpNet>>);
 
 impl Links {
     fn of(direct: &BTreeMap<IpNet, DirectRoute>) -> Self {
-        Links(
-            direct
-                .iter()
-                .filter(|(_, r)| r.gateway.is_none())
-                .map(|(dst, r)| (r.ifindex, *dst))
-                .collect(),
-        )
+        let mut by_device: HashMap<u32, Vec<IpNet>> = HashMap::new();
+        for (dst, r) in direct.iter().filter(|(_, r)| r.gateway.is_none()) {
+            by_device.entry(r.ifindex).or_default().push(*dst);
+        }
+        Links(by_device)
     }
 
     /// `ip` is directly reachable on device `ifindex`: a route via it there is a real direct
     /// route, not a tunnel (`tunl0`) or an off-subnet next hop.
     fn on_link(&self, ifindex: u32, ip: &IpAddr) -> bool {
         self.0
-            .iter()
-            .any(|(i, net)| *i == ifindex && net.contains(ip))
+            .get(&ifindex)
+            .is_some_and(|nets| nets.iter().any(|n| n.contains(ip)))
     }
 }
 

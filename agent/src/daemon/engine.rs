@@ -325,7 +325,8 @@ mod tests {
         assert!(ev.report.findings.is_empty(), "{:#?}", ev.report.findings);
         assert!(!e.is_dirty());
 
-        // An event about another device's connected route changes nothing.
+        // Another device's connected route is kept (it decides which next hops are on-link
+        // there) and finds nothing wrong.
         let mut connected = route("10.1.2.0/26", v4(10, 9, 9, 9));
         connected.gateway = None;
         let other = ObservedEvent::RouteAdded {
@@ -333,7 +334,9 @@ mod tests {
             route: connected,
             replace: false,
         };
-        assert_eq!(e.apply(&other), Applied::Unchanged);
+        assert_eq!(e.apply(&other), Applied::Changed);
+        assert!(e.evaluate(SystemTime::UNIX_EPOCH).report.findings.is_empty());
+        assert_eq!(e.apply(&other), Applied::Unchanged, "the same route again");
         assert!(!e.is_dirty());
 
         // The incident: the route is replaced with one via a non-VTEP gateway.

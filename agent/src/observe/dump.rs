@@ -258,12 +258,12 @@ pub async fn snapshot(conn: &NetlinkConn, devices: &[String]) -> Result<Observed
     }
 
     // Each reply is parsed into the model's small types as it arrives and dropped at once.
+    // Main-table unicast routes of other devices: direct routes to peers, and the connected
+    // subnets that say whether such a next hop is really on-link there.
     let keep_route = |ifindex: u32, route: &Route| {
         names.contains_key(&ifindex)
             || is_deviceless_reject(ifindex, route)
-            || (route.table == MAIN_TABLE
-                && route.kind == RouteKind::Unicast
-                && route.gateway.is_some())
+            || (route.table == MAIN_TABLE && route.kind == RouteKind::Unicast)
     };
     let mut routes: Vec<(u32, Route)> = Vec::new();
     for family in [AddressFamily::Inet, AddressFamily::Inet6] {

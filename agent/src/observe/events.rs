@@ -441,7 +441,8 @@ impl ObservedState {
         }
     }
 
-    /// Keeps `direct_routes` (main-table unicast routes via unwatched devices) in step.
+    /// Keeps `direct_routes` (main-table unicast routes via unwatched devices, with or without
+    /// a gateway) in step.
     fn apply_direct_route(
         &mut self,
         ifindex: u32,
@@ -453,8 +454,7 @@ impl ObservedState {
         let eligible = !watched
             && !is_deviceless_reject(ifindex, route)
             && route.table == crate::checks::MAIN_TABLE
-            && route.kind == crate::model::RouteKind::Unicast
-            && route.gateway.is_some();
+            && route.kind == crate::model::RouteKind::Unicast;
         let entry = crate::model::DirectRoute {
             ifindex,
             gateway: route.gateway,
