@@ -140,7 +140,7 @@ impl Datastore for FileDatastore {
 }
 
 /// The file's top level. Node entries stay untyped so one bad entry cannot fail the file.
-/// YAML entries are read as `serde_yaml::Value`, which (unlike `serde_json::Value`) rejects a
+/// YAML entries are read as `serde_norway::Value`, which (unlike `serde_json::Value`) rejects a
 /// key given twice instead of silently keeping the last one.
 #[derive(Deserialize)]
 struct Doc<V> {
@@ -166,7 +166,7 @@ pub fn parse(
     let object = path.display().to_string();
     // `None`: an entry already reported as unusable.
     let doc: Doc<Option<Value>> = match format {
-        FileFormat::Yaml => serde_yaml::from_str::<Doc<serde_yaml::Value>>(text)
+        FileFormat::Yaml => serde_norway::from_str::<Doc<serde_norway::Value>>(text)
             .map(|doc| Doc {
                 nodes: doc
                     .nodes
@@ -190,7 +190,7 @@ pub fn parse(
             })
             .map_err(|e| {
                 let loc = e.location();
-                // serde_yaml repeats the position in its message; keep ours only.
+                // serde_norway repeats the position in its message; keep ours only.
                 let msg = e.to_string();
                 let msg = match msg.rsplit_once(" at line ") {
                     Some((m, _)) if loc.is_some() => m.to_string(),
@@ -544,7 +544,7 @@ borrowed = ["10.1.240.7/32", "10.1.240.8"]
 
     #[test]
     fn unquoted_all_digit_mac_stays_a_string() {
-        // YAML 1.1 would read 12:34:56 as a base-60 number; serde_yaml is YAML 1.2.
+        // YAML 1.1 would read 12:34:56 as a base-60 number; serde_norway is YAML 1.2.
         let s = yaml(&with_nodes(
             "  - name: k8s03
     node_ip: 192.168.77.3
@@ -1104,7 +1104,7 @@ mod props {
             junk in "[\\[\\]{}:,\"'= \n#a-z0-9.-]{0,4}",
         ) {
             let doc = json!({ "nodes": entries });
-            let y = serde_yaml::to_string(&doc).unwrap();
+            let y = serde_norway::to_string(&doc).unwrap();
             let s = parse(&y, FileFormat::Yaml, Path::new(PATH), "n0").unwrap();
             check_accounted(&entries, &s)?;
             // TOML cannot hold every generated shape (mixed arrays); test it when it can.
