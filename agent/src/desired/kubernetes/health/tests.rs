@@ -1,14 +1,4 @@
-use std::{
-    collections::BTreeMap,
-    sync::Arc,
-    time::{Duration, SystemTime},
-};
-
 use super::*;
-use crate::{
-    desired::kubernetes::KubeSourceConfig,
-    model::{CheckId, DesiredState, Severity},
-};
 
 fn health(contact_ago: Option<u64>, mismatch: Option<&str>) -> ResourceHealth {
     ResourceHealth {
