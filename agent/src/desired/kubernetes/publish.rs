@@ -11,7 +11,7 @@ use kube::api::{Api, ApiResource, DynamicObject, Patch, PatchParams, PostParams}
 use serde_json::json;
 use tokio::time::Instant;
 
-use super::{bounded, KubeSource, LiteObject, Result, CONDITION_TYPE};
+use super::{error::bounded, KubeSource, LiteObject, Result, CONDITION_TYPE};
 use crate::model::{Finding, Severity};
 
 /// What [`KubeSource::publish_event`] did with a finding.

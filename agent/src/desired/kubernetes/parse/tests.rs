@@ -1,0 +1,346 @@
+use serde_json::json;
+
+use super::*;
+use crate::model::v4;
+
+fn lite(v: Value) -> LiteObject {
+    serde_json::from_value(v).unwrap()
+}
+
+fn calico_node(name: &str, vtep: &str, addr: &str) -> (String, NodeInfo) {
+    let obj = lite(json!({"metadata": {"name": name, "annotations": {
+        ANN_CALICO_VTEP: vtep, ANN_CALICO_ADDRESS: addr}}}));
+    (name.to_string(), NodeInfo::from_object(&obj))
+}
+
+fn block(name: &str, spec: Value) -> (String, BlockInfo) {
+    let obj = lite(json!({"metadata": {"name": name}, "spec": spec}));
+    (name.to_string(), BlockInfo::from_object(&obj))
+}
+
+fn build(
+    nodes: Vec<(String, NodeInfo)>,
+    blocks: Vec<(String, BlockInfo)>,
+    affs: Vec<(String, AffinityInfo)>,
+) -> DesiredState {
+    let mut d = build_calico_k8s01(
+        nodes.into_iter().collect(),
+        blocks.into_iter().collect(),
+        affs.into_iter().collect(),
+    );
+    // These fixtures leave the local node out; that problem is not what they test.
+    d.problems.retain(|p| p.field != "nodes");
+    d
+}
+
+fn build_calico_k8s01(
+    nodes: BTreeMap<String, NodeInfo>,
+    blocks: BTreeMap<String, BlockInfo>,
+    affinities: BTreeMap<String, AffinityInfo>,
+) -> DesiredState {
+    build_desired(
+        KubeProfile::Calico,
+        "k8s01",
+        &CacheView {
+            nodes: &nodes,
+            blocks: &blocks,
+            affinities: &affinities,
+        },
+    )
+}
+
+#[test]
+fn managed_fields_and_status_are_not_kept() {
+    let obj = lite(
+        json!({"metadata": {"name": "n", "managedFields": [{"manager": "x"}]},
+        "status": {"images": [{"names": ["a"]}]}, "spec": {"podCIDR": "10.244.1.0/24"}}),
+    );
+    assert!(obj.metadata.managed_fields.is_none());
+    assert_eq!(
+        NodeInfo::from_object(&obj).pod_cidr.as_deref(),
+        Some("10.244.1.0/24")
+    );
+}
+
+/// (name, VTEP, node IP, blocks) of one node of a test cluster.
+type TestNode<'a> = (&'a str, &'a str, &'a str, &'a [&'a str]);
+
+/// The same cluster through the file and through Kubernetes: which nodes are accepted,
+/// which are rejected, and which blocks are unverifiable must not depend on the source.
+fn through_both(nodes: &[(&str, &str, &str, &[&str])]) -> (DesiredState, DesiredState) {
+    let mut yaml = String::from("nodes:\n");
+    let mut kube_nodes = vec![calico_node("k8s01", "10.1.1.0", "192.168.77.1/24")];
+    let mut kube_blocks = vec![block(
+        "local",
+        json!({"cidr": "10.1.1.0/26", "affinity": "host:k8s01"}),
+    )];
+    yaml.push_str(
+        "  - {name: k8s01, node_ip: 192.168.77.1, vtep_ip: 10.1.1.0, blocks: [10.1.1.0/26]}\n",
+    );
+    for (name, vtep, node_ip, blocks) in nodes {
+        yaml.push_str(&format!(
+            "  - {{name: {name}, node_ip: {node_ip}, vtep_ip: {vtep}, blocks: [{}]}}\n",
+            blocks.join(", ")
+        ));
+        kube_nodes.push(calico_node(name, vtep, &format!("{node_ip}/24")));
+        for (i, cidr) in blocks.iter().enumerate() {
+            kube_blocks.push(block(
+                &format!("{name}-{i}"),
+                json!({"cidr": cidr, "affinity": format!("host:{name}")}),
+            ));
+        }
+    }
+    let file = crate::desired::file::parse(
+        &yaml,
+        crate::desired::file::FileFormat::Yaml,
+        std::path::Path::new("/etc/nodes.yaml"),
+        "k8s01",
+    )
+    .expect("valid YAML");
+    let kube = build_calico_k8s01(
+        kube_nodes.into_iter().collect(),
+        kube_blocks.into_iter().collect(),
+        BTreeMap::new(),
+    );
+    (file, kube)
+}
+
+fn verdict(d: &DesiredState) -> (Vec<String>, Vec<String>, Vec<IpNet>) {
+    let accepted = d.nodes.keys().cloned().collect();
+    let mut rejected: Vec<String> = d.problems.iter().filter_map(|p| p.node.clone()).collect();
+    rejected.sort();
+    rejected.dedup();
+    (accepted, rejected, d.unverifiable.clone())
+}
+
+#[test]
+fn bad_clusters_give_the_same_verdict_through_file_and_kubernetes() {
+    let cases: [&[TestNode]; 4] = [
+        // Two nodes annotated with the same VTEP IP.
+        &[
+            ("k8s02", "10.1.2.0", "192.168.77.2", &["10.1.2.0/26"]),
+            ("k8s03", "10.1.2.0", "192.168.77.3", &["10.1.3.0/26"]),
+        ],
+        // A block CIDR with host bits.
+        &[("k8s02", "10.1.2.0", "192.168.77.2", &["10.1.2.5/26"])],
+        // Two nodes claiming the same block.
+        &[
+            ("k8s02", "10.1.2.0", "192.168.77.2", &["10.1.2.0/26"]),
+            (
+                "k8s03",
+                "10.1.3.0",
+                "192.168.77.3",
+                &["10.1.2.0/26", "10.1.3.0/26"],
+            ),
+        ],
+        // A loopback VTEP.
+        &[("k8s02", "127.0.0.1", "192.168.77.2", &["10.1.2.0/26"])],
+    ];
+    for (i, case) in cases.iter().enumerate() {
+        let (file, kube) = through_both(case);
+        assert!(
+            !file.problems.is_empty(),
+            "case {i}: the file path found nothing: {file:?}"
+        );
+        assert_eq!(
+            verdict(&file),
+            verdict(&kube),
+            "case {i}:\nfile: {:?}\nkube: {:?}",
+            file.problems,
+            kube.problems
+        );
+    }
+}
+
+#[test]
+fn calico_node_with_blocks_borrowed_and_derived_mac() {
+    let d = build(
+        vec![
+            calico_node("k8s01", "10.1.73.0", "192.168.77.1/24"),
+            calico_node("k8s03", "10.1.235.133", "192.168.77.3/24"),
+        ],
+        vec![
+            block(
+                "10-1-235-128-26",
+                json!({"cidr": "10.1.235.128/26", "affinity": "host:k8s03", "deleted": false,
+                "allocations": [0, null, 1, null],
+                "attributes": [
+                    {"handle_id": "vxlan-tunnel-addr-k8s03", "secondary": {"node": "k8s03"}},
+                    {"handle_id": "k8s-pod-network.x", "secondary": {"node": "k8s01", "pod": "p"}}
+                ]}),
+            ),
+            block(
+                "10-1-236-0-26",
+                json!({"cidr": "10.1.236.0/26", "affinity": "host:k8s03", "deleted": true}),
+            ),
+        ],
+        vec![],
+    );
+    assert!(d.problems.is_empty(), "{:?}", d.problems);
+    let k3 = &d.nodes["k8s03"];
+    assert_eq!(k3.vtep_ip, v4(10, 1, 235, 133));
+    assert_eq!(k3.node_ip, v4(192, 168, 77, 3));
+    assert_eq!(k3.vtep_mac, MacAddr::derive_like_felix("k8s03"));
+    assert!(k3.vtep_mac_derived);
+    assert_eq!(k3.blocks, vec!["10.1.235.128/26".parse::<IpNet>().unwrap()]);
+    let k1 = &d.nodes["k8s01"];
+    assert_eq!(
+        k1.borrowed,
+        vec!["10.1.235.130/32".parse::<IpNet>().unwrap()]
+    );
+    assert_eq!(d.peers().count(), 1);
+}
+
+#[test]
+fn malformed_annotations_become_problems_and_skip_the_node() {
+    let mut bad_mac = calico_node("k8s04", "10.1.4.0", "192.168.77.4");
+    bad_mac.1.calico_mac = Some("not-a-mac".into());
+    let d = build(
+        vec![
+            calico_node("k8s02", "10.1.2.300", "192.168.77.2/24"),
+            calico_node("k8s03", "10.1.3.0", "garbage"),
+            bad_mac,
+            calico_node("k8s05", "10.1.5.0", "192.168.77.5/24"),
+        ],
+        vec![block(
+            "bad",
+            json!({"cidr": "10.1.999.0/26", "affinity": "host:k8s05"}),
+        )],
+        vec![],
+    );
+    assert_eq!(d.nodes.keys().collect::<Vec<_>>(), vec!["k8s05"]);
+    let fields: Vec<(&str, &str)> = d
+        .problems
+        .iter()
+        .map(|p| (p.object.as_str(), p.field.as_str()))
+        .collect();
+    assert!(fields.contains(&("IPAMBlock/bad", "spec.cidr")));
+    assert!(fields.contains(&(
+        "Node/k8s02",
+        "metadata.annotations[projectcalico.org/IPv4VXLANTunnelAddr]"
+    )));
+    assert!(fields.contains(&(
+        "Node/k8s03",
+        "metadata.annotations[projectcalico.org/IPv4Address]"
+    )));
+    assert!(fields.contains(&(
+        "Node/k8s04",
+        "metadata.annotations[projectcalico.org/VXLANTunnelMACAddr]"
+    )));
+}
+
+#[test]
+fn node_without_calico_is_skipped_quietly_unless_it_owns_blocks() {
+    let plain = ("plain".to_string(), NodeInfo::default());
+    let owner = ("owner".to_string(), NodeInfo::default());
+    let d = build(
+        vec![plain, owner],
+        vec![block(
+            "b",
+            json!({"cidr": "10.1.9.0/26", "affinity": "host:owner"}),
+        )],
+        vec![],
+    );
+    assert!(d.nodes.is_empty());
+    assert_eq!(d.problems.len(), 1);
+    assert_eq!(d.problems[0].object, "Node/owner");
+}
+
+#[test]
+fn affinity_deleted_is_a_string_and_conflicts_are_reported() {
+    let obj = lite(json!({"metadata": {"name": "k8s02-10-1-9-0-26"}, "spec": {
+        "node": "k8s02", "cidr": "10.1.9.0/26", "state": "confirmed", "deleted": "false"}}));
+    let aff = AffinityInfo::from_object(&obj);
+    assert!(!aff.deleted);
+    let gone = AffinityInfo::from_object(&lite(json!({"spec": {"deleted": "true"}})));
+    assert!(gone.deleted);
+    let d = build(
+        vec![calico_node("k8s03", "10.1.9.0", "192.168.77.3")],
+        vec![block(
+            "b",
+            json!({"cidr": "10.1.9.0/26", "affinity": "host:k8s03"}),
+        )],
+        vec![("k8s02-10-1-9-0-26".into(), aff)],
+    );
+    assert_eq!(d.problems.len(), 1, "{:?}", d.problems);
+    assert_eq!(d.problems[0].field, "spec.node");
+    assert!(d.nodes.contains_key("k8s03"));
+}
+
+#[test]
+fn bad_allocation_references_are_problems() {
+    let d = build(
+        vec![calico_node("k8s03", "10.1.9.0", "192.168.77.3")],
+        vec![block(
+            "b",
+            json!({"cidr": "10.1.9.0/30", "affinity": "host:k8s03",
+                "allocations": [5, "x", null, null], "attributes": []}),
+        )],
+        vec![],
+    );
+    assert_eq!(d.problems.len(), 2, "{:?}", d.problems);
+    assert!(d.nodes["k8s03"].borrowed.is_empty());
+}
+
+#[test]
+fn flannel_profile_from_annotations() {
+    let obj = lite(json!({"metadata": {"name": "f2", "annotations": {
+        ANN_FLANNEL_BACKEND: "{\"VNI\":1,\"VtepMAC\":\"aa:bb:cc:dd:ee:02\"}",
+        ANN_FLANNEL_PUBLIC_IP: "192.168.88.2"}},
+        "spec": {"podCIDR": "10.244.2.0/24"}}));
+    let bad = lite(json!({"metadata": {"name": "f3", "annotations": {
+        ANN_FLANNEL_BACKEND: "{not json", ANN_FLANNEL_PUBLIC_IP: "192.168.88.3"}},
+        "spec": {"podCIDR": "10.244.3.0/24"}}));
+    let nodes: BTreeMap<_, _> = [
+        ("f2".to_string(), NodeInfo::from_object(&obj)),
+        ("f3".to_string(), NodeInfo::from_object(&bad)),
+    ]
+    .into_iter()
+    .collect();
+    let empty_b = BTreeMap::new();
+    let empty_a = BTreeMap::new();
+    let d = build_desired(
+        KubeProfile::Flannel,
+        "f1",
+        &CacheView {
+            nodes: &nodes,
+            blocks: &empty_b,
+            affinities: &empty_a,
+        },
+    );
+    let f2 = &d.nodes["f2"];
+    assert_eq!(f2.vtep_ip, v4(10, 244, 2, 0));
+    assert_eq!(f2.node_ip, v4(192, 168, 88, 2));
+    assert_eq!(f2.vtep_mac.to_string(), "aa:bb:cc:dd:ee:02");
+    assert_eq!(f2.blocks, vec!["10.244.2.0/24".parse::<IpNet>().unwrap()]);
+    // The local node f1 is left out of this fixture; that problem is not what it tests.
+    let problems: Vec<_> = d.problems.iter().filter(|p| p.field != "nodes").collect();
+    assert_eq!(problems.len(), 1, "{problems:?}");
+    assert_eq!(problems[0].object, "Node/f3");
+}
+
+#[test]
+fn flannel_pod_cidr_with_host_bits_is_rejected_like_the_file_does() {
+    let obj = lite(json!({"metadata": {"name": "f2", "annotations": {
+        ANN_FLANNEL_BACKEND: "{\"VNI\":1,\"VtepMAC\":\"aa:bb:cc:dd:ee:02\"}",
+        ANN_FLANNEL_PUBLIC_IP: "192.168.88.2"}},
+        "spec": {"podCIDR": "10.244.2.7/24"}}));
+    let nodes: BTreeMap<_, _> = [("f2".to_string(), NodeInfo::from_object(&obj))]
+        .into_iter()
+        .collect();
+    let (b, a) = (BTreeMap::new(), BTreeMap::new());
+    let d = build_desired(
+        KubeProfile::Flannel,
+        "f2",
+        &CacheView {
+            nodes: &nodes,
+            blocks: &b,
+            affinities: &a,
+        },
+    );
+    assert!(
+        d.problems.iter().any(|p| p.field == "spec.podCIDR"),
+        "{:?}",
+        d.problems
+    );
+}
