@@ -2,7 +2,6 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap as StdHashMap},
-    net::Ipv4Addr,
     os::unix::fs::MetadataExt,
     path::Path,
 };
@@ -10,10 +9,10 @@ use std::{
 use agent_ebpf::{
     device_drop_index, globals, kfunc_call_insn, programs, NeighKey, PeerDropKey, PeerPending,
     CLASSES, CLASS_IPV4, CONFIG_MAP, CONFIG_PEER_GENERATION, DEVICE_DROPS_MAP, NEIGH_DEVICE_MAP,
-    NEIGH_GATEWAY_MAP, NUD_FAILED, NUD_INCOMPLETE, OVERFLOW_HEADER_UNREADABLE, OVERFLOW_MAP,
-    OVERFLOW_NEIGH, OVERFLOW_PEER_DROPS, PEER_BLOCKS_CAPACITY, PEER_BLOCKS_MAP, PEER_DROPS_MAP,
-    PEER_PENDING_MAP, PEER_UNKNOWN, RDONLY_CAST_FALLBACK_INSN, RDONLY_CAST_PLACEHOLDER_INSN,
-    REASON_OVERFLOW_SLOT, REASON_SLOTS, WATCHED_DEVICES_CAPACITY, WATCHED_DEVICES_MAP,
+    NEIGH_GATEWAY_MAP, OVERFLOW_HEADER_UNREADABLE, OVERFLOW_MAP, OVERFLOW_NEIGH,
+    OVERFLOW_PEER_DROPS, PEER_BLOCKS_CAPACITY, PEER_BLOCKS_MAP, PEER_DROPS_MAP, PEER_PENDING_MAP,
+    PEER_UNKNOWN, RDONLY_CAST_FALLBACK_INSN, RDONLY_CAST_PLACEHOLDER_INSN, REASON_SLOTS,
+    WATCHED_DEVICES_CAPACITY, WATCHED_DEVICES_MAP,
 };
 use aya::{
     maps::{lpm_trie::Key, Array, LpmTrie, MapData, PerCpuArray, PerCpuHashMap, PerCpuValues},
@@ -26,8 +25,9 @@ use super::{
     btf::Btf,
     offsets::{DropReasons, KernelOffsets},
     peers::{diff_trie, PeerIds, TrieKey},
-    DropCount, DropCounterSource, DropSnapshot, EbpfError, EbpfState, EbpfStatus, Missing,
-    NeighTarget, NeighTransitionCount, Overflow, ProgramStatus, TrafficClass, RETIRED_IFINDEX,
+    snapshot::{build_snapshot, diff_slots, reason_slot, RawDrop, PEER_DEPARTED},
+    DropCounterSource, DropSnapshot, EbpfError, EbpfState, EbpfStatus, Missing, Overflow,
+    ProgramStatus, RETIRED_IFINDEX,
 };
 
 /// The kernel programs, built by agent/build.rs. Empty when built without bpf-linker.
@@ -35,10 +35,6 @@ pub static EBPF_OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/agent-ebpf"));
 
 const DEFAULT_NETNS: &str = "/proc/self/ns/net";
-
-/// Peer id, in user space only, of counts harvested from peers that left: reported in
-/// [`DropSnapshot::departed`], never in a peer's totals.
-const PEER_DEPARTED: u32 = u32::MAX;
 
 /// Inode of a network namespace file (`/proc/<pid>/ns/net`, `/run/netns/<name>`): the value the
 /// kernel holds in `net.ns.inum`.
@@ -684,15 +680,6 @@ impl DropCounterSource for EbpfDropCounters {
     }
 }
 
-/// One drop counter as user space reports it: per device (ifindex), reason, class and peer.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub(crate) struct RawDrop {
-    pub ifindex: u32,
-    pub reason: u32,
-    pub class: u32,
-    pub peer: u32,
-}
-
 impl EbpfDropCounters {
     fn write_slot(&mut self, slot: u32, ifindex: u32) -> Result<(), EbpfError> {
         self.write_kernel_slot(slot, ifindex)?;
@@ -1000,95 +987,6 @@ fn keep_monotonic(
     }
 }
 
-fn reason_slot(reason: u32) -> u32 {
-    reason.min(REASON_OVERFLOW_SLOT)
-}
-
-/// Slots to free (their device is no longer wanted) and ifindexes to add.
-fn diff_slots(slots: &[u32], desired: &BTreeSet<u32>) -> (Vec<u32>, Vec<u32>) {
-    let remove = slots
-        .iter()
-        .enumerate()
-        .filter(|(_, ifindex)| **ifindex != 0 && !desired.contains(ifindex))
-        .map(|(slot, _)| slot as u32)
-        .collect();
-    let add = desired
-        .iter()
-        .filter(|ifindex| !slots.contains(ifindex))
-        .copied()
-        .collect();
-    (remove, add)
-}
-
-/// Turns raw map contents into named counters. Pure, so it is unit-tested without a kernel.
-fn build_snapshot(
-    reasons: &DropReasons,
-    peers: &PeerIds,
-    raw_drops: Vec<(RawDrop, u64)>,
-    raw_neigh: Vec<(NeighKey, u64)>,
-    overflow: Overflow,
-) -> DropSnapshot {
-    let (raw_departed, raw_drops): (Vec<_>, Vec<_>) = raw_drops
-        .into_iter()
-        .filter(|(_, n)| *n > 0)
-        .partition(|(k, _)| k.peer == PEER_DEPARTED);
-    let name_reason = |reason: u32| {
-        if reason == REASON_OVERFLOW_SLOT && !reasons.contains(reason) {
-            "OTHER_SUBSYSTEM".to_string()
-        } else {
-            reasons.name(reason)
-        }
-    };
-    let departed = raw_departed
-        .into_iter()
-        .map(|(k, packets)| DropCount {
-            ifindex: k.ifindex,
-            reason: name_reason(k.reason),
-            class: TrafficClass::from_raw(k.class),
-            peer: None,
-            packets,
-        })
-        .collect();
-    let mut drops: Vec<DropCount> = raw_drops
-        .into_iter()
-        .map(|(k, packets)| DropCount {
-            ifindex: k.ifindex,
-            reason: name_reason(k.reason),
-            class: TrafficClass::from_raw(k.class),
-            peer: peers.name(k.peer).map(str::to_string),
-            packets,
-        })
-        .collect();
-    drops.sort_by(|a, b| {
-        (a.ifindex, &a.reason, a.class, &a.peer).cmp(&(b.ifindex, &b.reason, b.class, &b.peer))
-    });
-    let mut neighbour_transitions: Vec<NeighTransitionCount> = raw_neigh
-        .into_iter()
-        .filter(|(_, n)| *n > 0)
-        .filter_map(|(k, transitions)| {
-            let state = match k.state {
-                NUD_INCOMPLETE => NeighTarget::Incomplete,
-                NUD_FAILED => NeighTarget::Failed,
-                _ => return None,
-            };
-            Some(NeighTransitionCount {
-                ifindex: k.ifindex,
-                gateway: (k.addr != 0).then(|| Ipv4Addr::from(k.addr.to_ne_bytes())),
-                state,
-                transitions,
-            })
-        })
-        .collect();
-    neighbour_transitions.sort_by_key(|n| (n.ifindex, n.gateway, n.state));
-    DropSnapshot {
-        drops,
-        departed,
-        neighbour_transitions,
-        overflow,
-        link_stats: Vec::new(),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1184,108 +1082,5 @@ mod tests {
         let mut later = BTreeMap::from([(key(0, 1), 12), (key(1, 2), 4)]);
         keep_monotonic(&mut reported, &mut later, |_| true);
         assert_eq!(later, BTreeMap::from([(key(0, 1), 12), (key(1, 2), 4)]));
-    }
-
-    #[test]
-    fn device_slots_are_reused_and_kept_stable() {
-        let slots = [3, 5, 0, 0, 0, 0, 0, 0];
-        let want: BTreeSet<u32> = [5, 9].into();
-        // ifindex 3 leaves slot 0; 5 keeps slot 1; 9 is new.
-        assert_eq!(diff_slots(&slots, &want), (vec![0], vec![9]));
-        assert_eq!(diff_slots(&slots, &[3, 5].into()), (vec![], vec![]));
-    }
-
-    #[test]
-    fn device_drop_index_is_dense_and_clamps_reasons() {
-        assert_eq!(device_drop_index(0, 0, 0), 0);
-        assert_eq!(device_drop_index(0, 1, 58), REASON_SLOTS + 58);
-        assert_eq!(
-            device_drop_index(0, 0, 0x10000),
-            device_drop_index(0, 0, REASON_OVERFLOW_SLOT)
-        );
-        assert_eq!(
-            device_drop_index(WATCHED_DEVICES_CAPACITY - 1, CLASSES - 1, u32::MAX),
-            agent_ebpf::DEVICE_DROP_SLOTS - 1
-        );
-        assert_eq!(reason_slot(300), REASON_OVERFLOW_SLOT);
-    }
-
-    #[test]
-    fn snapshot_names_reasons_classes_peers_and_gateways() {
-        let reasons = DropReasons::from_values([
-            ("SKB_DROP_REASON_NEIGH_FAILED".to_string(), 73),
-            ("SKB_DROP_REASON_NO_TX_TARGET".to_string(), 90),
-        ]);
-        let mut peers = PeerIds::default();
-        let id = peers.id("k8s03");
-        let snap = build_snapshot(
-            &reasons,
-            &peers,
-            vec![
-                (
-                    RawDrop {
-                        ifindex: 4,
-                        reason: 90,
-                        class: agent_ebpf::CLASS_ARP,
-                        peer: 0,
-                    },
-                    6,
-                ),
-                (
-                    RawDrop {
-                        ifindex: 4,
-                        reason: 73,
-                        class: agent_ebpf::CLASS_IPV4,
-                        peer: id,
-                    },
-                    3,
-                ),
-                (
-                    RawDrop {
-                        ifindex: 4,
-                        reason: 73,
-                        class: agent_ebpf::CLASS_IPV4,
-                        peer: 0,
-                    },
-                    0,
-                ),
-            ],
-            vec![
-                (
-                    NeighKey {
-                        ifindex: 4,
-                        addr: u32::from_ne_bytes([10, 9, 0, 0]),
-                        state: NUD_FAILED,
-                    },
-                    2,
-                ),
-                (
-                    NeighKey {
-                        ifindex: 4,
-                        addr: 0,
-                        state: NUD_INCOMPLETE,
-                    },
-                    3,
-                ),
-            ],
-            Overflow::default(),
-        );
-        assert_eq!(snap.drops.len(), 2, "zero counters are dropped");
-        assert_eq!(
-            snap.data_drops_to_peer("k8s03").get("NEIGH_FAILED"),
-            Some(&3)
-        );
-        let arp = snap
-            .drops
-            .iter()
-            .find(|d| d.class == TrafficClass::Arp)
-            .unwrap();
-        assert_eq!(arp.reason, "NO_TX_TARGET");
-        assert_eq!(arp.peer, None);
-        assert_eq!(
-            snap.neighbour_gateway(4, Ipv4Addr::new(10, 9, 0, 0), NeighTarget::Failed),
-            2
-        );
-        assert_eq!(snap.neighbour_total(4, NeighTarget::Incomplete), 3);
     }
 }

@@ -36,6 +36,7 @@ pub mod linkstats;
 mod loader;
 pub mod offsets;
 mod peers;
+mod snapshot;
 pub mod window;
 
 use std::{
