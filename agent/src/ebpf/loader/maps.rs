@@ -11,7 +11,13 @@ use agent_ebpf::{
     PEER_BLOCKS_CAPACITY, PEER_BLOCKS_MAP, PEER_DROPS_MAP, PEER_PENDING_MAP, PEER_UNKNOWN,
     REASON_SLOTS, WATCHED_DEVICES_CAPACITY, WATCHED_DEVICES_MAP,
 };
-use aya::maps::{lpm_trie::Key, Array, LpmTrie, MapData, PerCpuArray, PerCpuHashMap, PerCpuValues};
+use aya::{
+    maps::{
+        lpm_trie::Key, Array, LpmTrie, Map, MapData, MapError, PerCpuArray, PerCpuHashMap,
+        PerCpuValues,
+    },
+    Pod,
+};
 use ipnet::Ipv4Net;
 
 use super::EbpfDropCounters;
@@ -65,35 +71,21 @@ impl DropCounterSource for EbpfDropCounters {
             });
         }
         let (upserts, removals) = diff_trie(&self.trie, &desired);
-        let map_err = |source| EbpfError::Map {
-            map: PEER_BLOCKS_MAP,
-            source,
-        };
-        let mut trie: LpmTrie<&mut MapData, u32, u32> =
-            LpmTrie::try_from(self.map_mut(PEER_BLOCKS_MAP)?).map_err(map_err)?;
+        let (mut trie, err) = self.open_mut::<LpmTrie<&mut MapData, u32, u32>>(PEER_BLOCKS_MAP)?;
         for (prefix, addr) in &removals {
-            match trie.remove(&Key::new(*prefix, *addr)) {
-                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
-                Err(e) => return Err(map_err(e)),
-            }
+            ignore_missing(trie.remove(&Key::new(*prefix, *addr))).map_err(err)?;
         }
         for ((prefix, addr), id) in &upserts {
-            trie.insert(&Key::new(*prefix, *addr), id, 0)
-                .map_err(map_err)?;
+            trie.insert(&Key::new(*prefix, *addr), id, 0).map_err(err)?;
         }
         self.trie = desired;
         // After the trie changed: invalidates the programs' per-CPU lookup caches.
         self.generation = self.generation.wrapping_add(1);
         let generation = self.generation;
-        let config_err = |source| EbpfError::Map {
-            map: CONFIG_MAP,
-            source,
-        };
-        let mut config: Array<&mut MapData, u32> =
-            Array::try_from(self.map_mut(CONFIG_MAP)?).map_err(config_err)?;
+        let (mut config, err) = self.open_mut::<Array<&mut MapData, u32>>(CONFIG_MAP)?;
         config
             .set(CONFIG_PEER_GENERATION, generation, 0)
-            .map_err(config_err)?;
+            .map_err(err)?;
         Ok(())
     }
 
@@ -109,25 +101,15 @@ impl DropCounterSource for EbpfDropCounters {
         }
         let mut neigh = Vec::new();
         for map_name in [NEIGH_DEVICE_MAP, NEIGH_GATEWAY_MAP] {
-            let err = |source| EbpfError::Map {
-                map: map_name,
-                source,
-            };
-            let map: PerCpuHashMap<&MapData, NeighKey, u64> =
-                PerCpuHashMap::try_from(self.map(map_name)?).map_err(err)?;
+            let (map, err) = self.open::<PerCpuHashMap<&MapData, NeighKey, u64>>(map_name)?;
             for entry in map.iter() {
                 let (key, values) = entry.map_err(err)?;
                 neigh.push((key, values.iter().sum::<u64>()));
             }
         }
-        let overflow_err = |source| EbpfError::Map {
-            map: OVERFLOW_MAP,
-            source,
-        };
-        let overflow_map: PerCpuArray<&MapData, u64> =
-            PerCpuArray::try_from(self.map(OVERFLOW_MAP)?).map_err(overflow_err)?;
+        let (overflow_map, err) = self.open::<PerCpuArray<&MapData, u64>>(OVERFLOW_MAP)?;
         let slot = |i: u32| -> Result<u64, EbpfError> {
-            Ok(overflow_map.get(&i, 0).map_err(overflow_err)?.iter().sum())
+            Ok(overflow_map.get(&i, 0).map_err(err)?.iter().sum())
         };
         let overflow = Overflow {
             drops_map_full: slot(OVERFLOW_PEER_DROPS)?,
@@ -145,12 +127,31 @@ impl DropCounterSource for EbpfDropCounters {
 }
 
 impl EbpfDropCounters {
-    fn map_mut(&mut self, name: &'static str) -> Result<&mut aya::maps::Map, EbpfError> {
-        self.bpf.map_mut(name).ok_or(EbpfError::MissingMap(name))
+    /// Map `name` as the typed view `M` (e.g. `PerCpuArray<&MapData, u64>`), and the error
+    /// context for later operations on it: aya's errors do not say which map they concern.
+    fn open<'a, M>(
+        &'a self,
+        name: &'static str,
+    ) -> Result<(M, impl Fn(MapError) -> EbpfError + Copy), EbpfError>
+    where
+        M: TryFrom<&'a Map, Error = MapError>,
+    {
+        let map = self.bpf.map(name).ok_or(EbpfError::MissingMap(name))?;
+        let err = map_error(name);
+        Ok((M::try_from(map).map_err(err)?, err))
     }
 
-    fn map(&self, name: &'static str) -> Result<&aya::maps::Map, EbpfError> {
-        self.bpf.map(name).ok_or(EbpfError::MissingMap(name))
+    /// As [`Self::open`], for writing.
+    fn open_mut<'a, M>(
+        &'a mut self,
+        name: &'static str,
+    ) -> Result<(M, impl Fn(MapError) -> EbpfError + Copy), EbpfError>
+    where
+        M: TryFrom<&'a mut Map, Error = MapError>,
+    {
+        let map = self.bpf.map_mut(name).ok_or(EbpfError::MissingMap(name))?;
+        let err = map_error(name);
+        Ok((M::try_from(map).map_err(err)?, err))
     }
 
     fn write_slot(&mut self, slot: u32, ifindex: u32) -> Result<(), EbpfError> {
@@ -161,14 +162,8 @@ impl EbpfDropCounters {
 
     /// The kernel side of a slot only; `self.slots` is the caller's.
     fn write_kernel_slot(&mut self, slot: u32, ifindex: u32) -> Result<(), EbpfError> {
-        let err = |source| EbpfError::Map {
-            map: WATCHED_DEVICES_MAP,
-            source,
-        };
-        let mut map: Array<&mut MapData, u32> =
-            Array::try_from(self.map_mut(WATCHED_DEVICES_MAP)?).map_err(err)?;
-        map.set(slot, ifindex, 0).map_err(err)?;
-        Ok(())
+        let (mut map, err) = self.open_mut::<Array<&mut MapData, u32>>(WATCHED_DEVICES_MAP)?;
+        map.set(slot, ifindex, 0).map_err(err)
     }
 
     /// Moves the counters of a slot that is no longer watched into `retired` and zeroes them,
@@ -182,57 +177,31 @@ impl EbpfDropCounters {
             *self.retired.entry(key).or_default() += n;
         }
         self.departed.retain(|(s, _), _| *s != slot);
-        let err = |source| EbpfError::Map {
-            map: DEVICE_DROPS_MAP,
-            source,
-        };
-        let mut device: PerCpuArray<&mut MapData, u64> =
-            PerCpuArray::try_from(self.map_mut(DEVICE_DROPS_MAP)?).map_err(err)?;
+        let (mut device, err) =
+            self.open_mut::<PerCpuArray<&mut MapData, u64>>(DEVICE_DROPS_MAP)?;
         let ncpu = device.get(&0, 0).map_err(err)?.len();
         for class in 0..CLASSES {
             for reason in 0..REASON_SLOTS {
-                let zeros = PerCpuValues::try_from(vec![0u64; ncpu]).map_err(|source| {
-                    EbpfError::MapIo {
-                        map: DEVICE_DROPS_MAP,
-                        source,
-                    }
-                })?;
+                let zeros = per_cpu_zeros(DEVICE_DROPS_MAP, ncpu)?;
                 device
                     .set(device_drop_index(slot, class, reason), zeros, 0)
                     .map_err(err)?;
             }
         }
-        let peer_err = |source| EbpfError::Map {
-            map: PEER_DROPS_MAP,
-            source,
-        };
-        let mut peers: PerCpuHashMap<&mut MapData, PeerDropKey, u64> =
-            PerCpuHashMap::try_from(self.map_mut(PEER_DROPS_MAP)?).map_err(peer_err)?;
+        let (mut peers, err) =
+            self.open_mut::<PerCpuHashMap<&mut MapData, PeerDropKey, u64>>(PEER_DROPS_MAP)?;
         let keys: Vec<PeerDropKey> = peers
             .keys()
             .filter_map(Result::ok)
             .filter(|k| k.slot == slot)
             .collect();
         for key in keys {
-            match peers.remove(&key) {
-                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
-                Err(e) => return Err(peer_err(e)),
-            }
+            ignore_missing(peers.remove(&key)).map_err(err)?;
         }
-        let pending_err = |source| EbpfError::Map {
-            map: PEER_PENDING_MAP,
-            source,
-        };
-        let mut pending: PerCpuArray<&mut MapData, PeerPending> =
-            PerCpuArray::try_from(self.map_mut(PEER_PENDING_MAP)?).map_err(pending_err)?;
-        let zeros =
-            PerCpuValues::try_from(vec![PeerPending::default(); ncpu]).map_err(|source| {
-                EbpfError::MapIo {
-                    map: PEER_PENDING_MAP,
-                    source,
-                }
-            })?;
-        pending.set(slot, zeros, 0).map_err(pending_err)?;
+        let (mut pending, err) =
+            self.open_mut::<PerCpuArray<&mut MapData, PeerPending>>(PEER_PENDING_MAP)?;
+        let zeros = per_cpu_zeros(PEER_PENDING_MAP, ncpu)?;
+        pending.set(slot, zeros, 0).map_err(err)?;
         if let Ok(mut reported) = self.peer_reported.lock() {
             reported.retain(|k, _| k.slot != slot);
         }
@@ -245,31 +214,22 @@ impl EbpfDropCounters {
         let wanted = |slot: u32| only.is_none_or(|o| o == slot) && self.slots[slot as usize] != 0;
         // Per-peer counts first: the device totals read afterwards can only be larger, so the
         // unattributed remainder never goes negative.
-        let peer_err = |source| EbpfError::Map {
-            map: PEER_DROPS_MAP,
-            source,
-        };
-        let peers: PerCpuHashMap<&MapData, PeerDropKey, u64> =
-            PerCpuHashMap::try_from(self.map(PEER_DROPS_MAP)?).map_err(peer_err)?;
+        let (peers, err) =
+            self.open::<PerCpuHashMap<&MapData, PeerDropKey, u64>>(PEER_DROPS_MAP)?;
         let mut per_peer: BTreeMap<PeerDropKey, u64> = BTreeMap::new();
         for entry in peers.iter() {
-            let (key, values) = entry.map_err(peer_err)?;
+            let (key, values) = entry.map_err(err)?;
             if (key.slot as usize) < self.slots.len() && wanted(key.slot) {
                 *per_peer.entry(key).or_default() += values.iter().sum::<u64>();
             }
         }
         // Pending counts after the hash (see PeerPending: this order never counts one twice).
-        let pending_err = |source| EbpfError::Map {
-            map: PEER_PENDING_MAP,
-            source,
-        };
-        let pending: PerCpuArray<&MapData, PeerPending> =
-            PerCpuArray::try_from(self.map(PEER_PENDING_MAP)?).map_err(pending_err)?;
+        let (pending, err) = self.open::<PerCpuArray<&MapData, PeerPending>>(PEER_PENDING_MAP)?;
         for slot in 0..WATCHED_DEVICES_CAPACITY {
             if !wanted(slot) {
                 continue;
             }
-            for p in pending.get(&slot, 0).map_err(pending_err)?.iter() {
+            for p in pending.get(&slot, 0).map_err(err)?.iter() {
                 if p.count != 0 && p.peer != PEER_UNKNOWN {
                     let key = PeerDropKey {
                         slot,
@@ -283,12 +243,7 @@ impl EbpfDropCounters {
         if let Ok(mut reported) = self.peer_reported.lock() {
             keep_monotonic(&mut reported, &mut per_peer, |k| wanted(k.slot));
         }
-        let err = |source| EbpfError::Map {
-            map: DEVICE_DROPS_MAP,
-            source,
-        };
-        let device: PerCpuArray<&MapData, u64> =
-            PerCpuArray::try_from(self.map(DEVICE_DROPS_MAP)?).map_err(err)?;
+        let (device, err) = self.open::<PerCpuArray<&MapData, u64>>(DEVICE_DROPS_MAP)?;
         let mut out = BTreeMap::new();
         for slot in 0..WATCHED_DEVICES_CAPACITY {
             if !wanted(slot) {
@@ -367,42 +322,30 @@ impl EbpfDropCounters {
         if ready.is_empty() {
             return Ok(());
         }
-        let pending_err = |source| EbpfError::Map {
-            map: PEER_PENDING_MAP,
-            source,
-        };
-        let pending: PerCpuArray<&MapData, PeerPending> =
-            PerCpuArray::try_from(self.map(PEER_PENDING_MAP)?).map_err(pending_err)?;
+        let (pending, err) = self.open::<PerCpuArray<&MapData, PeerPending>>(PEER_PENDING_MAP)?;
         for slot in 0..WATCHED_DEVICES_CAPACITY {
-            for p in pending.get(&slot, 0).map_err(pending_err)?.iter() {
+            for p in pending.get(&slot, 0).map_err(err)?.iter() {
                 if p.count != 0 {
                     ready.remove(&p.peer);
                 }
             }
         }
-        let peer_err = |source| EbpfError::Map {
-            map: PEER_DROPS_MAP,
-            source,
-        };
         let mut harvested: Vec<(PeerDropKey, u64)> = Vec::new();
         {
-            let map: PerCpuHashMap<&MapData, PeerDropKey, u64> =
-                PerCpuHashMap::try_from(self.map(PEER_DROPS_MAP)?).map_err(peer_err)?;
+            let (map, err) =
+                self.open::<PerCpuHashMap<&MapData, PeerDropKey, u64>>(PEER_DROPS_MAP)?;
             for entry in map.iter() {
-                let (key, values) = entry.map_err(peer_err)?;
+                let (key, values) = entry.map_err(err)?;
                 if ready.contains(&key.peer) {
                     harvested.push((key, values.iter().sum()));
                 }
             }
         }
         {
-            let mut map: PerCpuHashMap<&mut MapData, PeerDropKey, u64> =
-                PerCpuHashMap::try_from(self.map_mut(PEER_DROPS_MAP)?).map_err(peer_err)?;
+            let (mut map, err) =
+                self.open_mut::<PerCpuHashMap<&mut MapData, PeerDropKey, u64>>(PEER_DROPS_MAP)?;
             for (key, _) in &harvested {
-                match map.remove(key) {
-                    Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
-                    Err(e) => return Err(peer_err(e)),
-                }
+                ignore_missing(map.remove(key)).map_err(err)?;
             }
         }
         let mut reported = self.peer_reported.lock().unwrap_or_else(|e| e.into_inner());
@@ -434,6 +377,28 @@ impl EbpfDropCounters {
         }
         Ok(())
     }
+}
+
+/// Names the map an aya error concerns.
+fn map_error(map: &'static str) -> impl Fn(MapError) -> EbpfError + Copy {
+    move |source| EbpfError::Map { map, source }
+}
+
+/// Removing a key that is already gone is not an error: the map ends up as wanted.
+fn ignore_missing(result: Result<(), MapError>) -> Result<(), MapError> {
+    match result {
+        Err(MapError::KeyNotFound) => Ok(()),
+        other => other,
+    }
+}
+
+/// One zero per CPU: the value that resets a per-CPU slot of `map`.
+fn per_cpu_zeros<T: Pod + Default>(
+    map: &'static str,
+    ncpu: usize,
+) -> Result<PerCpuValues<T>, EbpfError> {
+    PerCpuValues::try_from(vec![T::default(); ncpu])
+        .map_err(|source| EbpfError::MapIo { map, source })
 }
 
 /// Raises each count to the highest reported before for its key and remembers the new highs.
