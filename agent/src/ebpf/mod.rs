@@ -50,7 +50,7 @@ use serde::Serialize;
 
 use crate::model::DesiredState;
 pub use linkstats::{read_link_drop_stats, LinkDropStats};
-pub use loader::{netns_inode, EbpfDropCounters, HeaderRead, EBPF_OBJECT};
+pub use loader::{EbpfDropCounters, HeaderRead, EBPF_OBJECT};
 pub use window::{device_names, DeviceRates, DropRates, DropWindow, PeerRates, Rate};
 
 /// Errors of the eBPF layer. Load-time problems do not surface here but as an [`EbpfStatus`].

@@ -4,7 +4,6 @@
 
 use std::{
     collections::{BTreeMap, HashMap as StdHashMap},
-    os::unix::fs::MetadataExt,
     path::Path,
 };
 
@@ -12,21 +11,28 @@ use agent_ebpf::{globals, programs, WATCHED_DEVICES_CAPACITY};
 use aya::{programs::BtfTracePoint, Ebpf, EbpfLoader};
 
 use super::{EbpfDropCounters, HeaderRead, EBPF_OBJECT};
-use crate::ebpf::{
-    bench::ProgramRunStats,
-    btf::Btf,
-    offsets::{DropReasons, KernelOffsets},
-    peers::PeerIds,
-    EbpfError, EbpfState, EbpfStatus, Missing, ProgramStatus,
+use crate::{
+    ebpf::{
+        bench::ProgramRunStats,
+        btf::Btf,
+        offsets::{DropReasons, KernelOffsets},
+        peers::PeerIds,
+        EbpfError, EbpfState, EbpfStatus, Missing, ProgramStatus,
+    },
+    observe,
 };
 
-const DEFAULT_NETNS: &str = "/proc/self/ns/net";
-
-/// Inode of a network namespace file (`/proc/<pid>/ns/net`, `/run/netns/<name>`): the value the
-/// kernel holds in `net.ns.inum`.
-pub fn netns_inode(path: &Path) -> std::io::Result<u32> {
-    let ino = std::fs::metadata(path)?.ino();
-    u32::try_from(ino).map_err(|_| std::io::Error::other(format!("inode {ino} exceeds u32")))
+/// The `net.ns.inum` the programs filter on: the watched namespace's inode, which the kernel
+/// keeps as a u32 (an inode beyond that cannot be a namespace's number).
+fn target_netns_inum(netns: Option<&Path>) -> Result<u32, EbpfStatus> {
+    let unavailable = |reason: String| EbpfStatus::unavailable(Missing::Netns, reason);
+    let ino = observe::netns_inode(netns).map_err(|e| unavailable(e.to_string()))?;
+    u32::try_from(ino).map_err(|_| {
+        unavailable(format!(
+            "{}: inode {ino} exceeds the kernel's u32 net.ns.inum",
+            observe::netns_label(netns)
+        ))
+    })
 }
 
 /// Forwards the kernel programs' aya-log records (rare diagnostics only) into `tracing`.
@@ -131,16 +137,7 @@ impl EbpfDropCounters {
                  (run `cargo xtask setup` and rebuild)",
             ));
         }
-        let netns_path = netns.unwrap_or(Path::new(DEFAULT_NETNS));
-        let inum = netns_inode(netns_path).map_err(|e| {
-            EbpfStatus::unavailable(
-                Missing::Netns,
-                format!(
-                    "cannot stat network namespace {}: {e}",
-                    netns_path.display()
-                ),
-            )
-        })?;
+        let inum = target_netns_inum(netns)?;
         let btf = Btf::from_sys().map_err(|e| {
             EbpfStatus::unavailable(Missing::Btf, format!("kernel BTF unusable: {e}"))
         })?;

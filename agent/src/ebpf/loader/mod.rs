@@ -22,7 +22,6 @@ use super::{
     snapshot::RawDrop,
     EbpfStatus,
 };
-pub use attach::netns_inode;
 use attach::KernelLog;
 pub use object::{HeaderRead, EBPF_OBJECT};
 
