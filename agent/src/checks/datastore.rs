@@ -34,7 +34,9 @@ impl StaleNote {
     pub const MISSED_EVENTS: &'static str = "missed-events";
 }
 
-pub(super) fn findings(
+/// `datastore-invalid` for the desired state's problems and `datastore-stale` for the
+/// source's health, naming the first device.
+pub fn findings(
     desired: Option<&DesiredState>,
     health: Option<&DatastoreHealth>,
     devices: &[DeviceSpec],

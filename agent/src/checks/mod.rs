@@ -20,7 +20,7 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
-pub use datastore::{DatastoreHealth, StaleNote};
+pub use datastore::{findings as datastore_findings, DatastoreHealth, StaleNote};
 pub use drops::{explains_drops, DropSummary, PeerDrops};
 
 use crate::model::{

@@ -335,7 +335,11 @@ mod tests {
             replace: false,
         };
         assert_eq!(e.apply(&other), Applied::Changed);
-        assert!(e.evaluate(SystemTime::UNIX_EPOCH).report.findings.is_empty());
+        assert!(e
+            .evaluate(SystemTime::UNIX_EPOCH)
+            .report
+            .findings
+            .is_empty());
         assert_eq!(e.apply(&other), Applied::Unchanged, "the same route again");
         assert!(!e.is_dirty());
 

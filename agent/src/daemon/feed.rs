@@ -145,7 +145,7 @@ impl LoopState {
             return;
         };
         if let Some(snap) = link.latest().filter(|_| self.watch_ended.is_none()) {
-            self.engine.set_datastore_health(Some(kube::health(snap)));
+            self.engine.set_datastore_health(Some(snap.health()));
         }
         for _ in 0..link.new_mismatches() {
             self.metrics.inc_datastore_relist_mismatch();

@@ -8,11 +8,7 @@ use tokio::sync::{oneshot, watch};
 use tracing::{info, warn};
 
 use crate::{
-    checks::{DatastoreHealth, StaleNote},
-    desired::{
-        kubernetes::{KubeSnapshot, StaleCause},
-        KubeSource, KubeSourceConfig,
-    },
+    desired::{kubernetes::KubeSnapshot, KubeSource, KubeSourceConfig},
     serve::StatusHandle,
 };
 
@@ -194,29 +190,6 @@ impl KubeLink {
     /// The source as it (re)connects: what the Node condition and Events are published with.
     pub(super) fn sources(&self) -> watch::Receiver<Option<KubeSource>> {
         self.sources.subscribe()
-    }
-}
-
-/// What the snapshot says about the datastore's freshness, for the checks to judge.
-pub(super) fn health(snap: &KubeSnapshot) -> DatastoreHealth {
-    DatastoreHealth {
-        source: snap.desired.source.clone(),
-        nodes: snap.desired.nodes.len(),
-        stale: snap
-            .stale_causes
-            .iter()
-            .map(|c| StaleNote {
-                resource: c.resource().to_string(),
-                kind: match c {
-                    StaleCause::NeverListed { .. } => "never-listed",
-                    StaleCause::NoContact { .. } => "no-contact",
-                    StaleCause::MissedEvents { .. } => StaleNote::MISSED_EVENTS,
-                },
-                text: c.to_string(),
-            })
-            .collect(),
-        relist_mismatches: snap.relist_mismatches,
-        watch_ended: None,
     }
 }
 

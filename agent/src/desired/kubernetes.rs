@@ -51,7 +51,7 @@ pub use self::{
     client::{IPAM_APIS, MICROK8S_KUBECONFIG},
     config::KubeSourceConfig,
     error::{KubeError, Result},
-    health::{stale_findings, watch_ended_finding, KubeSnapshot, ResourceHealth, StaleCause},
+    health::{stale_findings, KubeSnapshot, ResourceHealth, StaleCause},
     parse::{build_desired, AffinityInfo, BlockInfo, CacheView, KubeProfile, LiteObject, NodeInfo},
     publish::EventOutcome,
     store::{Difference, Entry, Store},

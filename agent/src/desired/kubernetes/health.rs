@@ -11,7 +11,10 @@ use std::{
 use serde::Serialize;
 
 use super::KubeSourceConfig;
-use crate::model::{CheckId, DesiredState, Finding, Severity};
+use crate::{
+    checks::{DatastoreHealth, DeviceSpec, StaleNote},
+    model::{DesiredState, Finding},
+};
 
 /// Health of one watched resource. Timestamps are wall-clock so they serialize for the status
 /// API; ages are computed by the reader.
@@ -258,95 +261,36 @@ pub(super) fn join_causes(causes: &[StaleCause]) -> Option<String> {
     })
 }
 
-/// `datastore-stale` findings for a snapshot (none when it is fresh): one warning naming every
-/// stale resource and why, and saying what the checks now run against. Pure: `device` is the
-/// first overlay device (findings always name one).
-pub fn stale_findings(snap: &KubeSnapshot, device: &str) -> Vec<Finding> {
-    if snap.stale_causes.is_empty() {
-        return Vec::new();
+impl KubeSnapshot {
+    /// What this snapshot says about the datastore's freshness, for the checks to judge
+    /// (`datastore-stale` is decided there, with every other finding).
+    pub fn health(&self) -> DatastoreHealth {
+        DatastoreHealth {
+            source: self.desired.source.clone(),
+            nodes: self.desired.nodes.len(),
+            stale: self
+                .stale_causes
+                .iter()
+                .map(|c| StaleNote {
+                    resource: c.resource().to_string(),
+                    kind: match c {
+                        StaleCause::NeverListed { .. } => "never-listed",
+                        StaleCause::NoContact { .. } => "no-contact",
+                        StaleCause::MissedEvents { .. } => StaleNote::MISSED_EVENTS,
+                    },
+                    text: c.to_string(),
+                })
+                .collect(),
+            relist_mismatches: self.relist_mismatches,
+            watch_ended: self.ended.clone(),
+        }
     }
-    let source = &snap.desired.source;
-    let nodes = snap.desired.nodes.len();
-    let missed = snap
-        .stale_causes
-        .iter()
-        .any(|c| matches!(c, StaleCause::MissedEvents { .. }));
-    let unreachable = snap
-        .stale_causes
-        .iter()
-        .any(|c| !matches!(c, StaleCause::MissedEvents { .. }));
-    let basis = if unreachable {
-        format!("checks run against the last good state ({nodes} nodes) until the API server answers again")
-    } else {
-        format!("checks run against the relisted state ({nodes} nodes); the watch is being re-established")
-    };
-    let causes: Vec<String> = snap.stale_causes.iter().map(|c| c.to_string()).collect();
-    let mut f = Finding::new(
-        CheckId::DatastoreStale,
-        Severity::Warning,
-        device,
-        format!(
-            "datastore {source} is stale: {}; {basis}",
-            causes.join("; ")
-        ),
-    );
-    f.evidence.details.insert("source".into(), source.clone());
-    for c in &snap.stale_causes {
-        let key = format!(
-            "{}.{}",
-            c.resource(),
-            match c {
-                StaleCause::NeverListed { .. } => "never-listed",
-                StaleCause::NoContact { .. } => "no-contact",
-                StaleCause::MissedEvents { .. } => "missed-events",
-            }
-        );
-        f.evidence.details.insert(key, c.to_string());
-    }
-    if snap.relist_mismatches > 0 {
-        f.evidence.details.insert(
-            "relist_mismatches".into(),
-            snap.relist_mismatches.to_string(),
-        );
-    }
-    f.hint = Some(if missed {
-        "the API server's watch stopped delivering changes while lists see them (the k8s03 \
-         incident's cause): compare `kubectl get nodes -o yaml` with `kubectl get nodes --watch`, \
-         and if watches stay silent restart the datastore first, then the API server (MicroK8s: \
-         snap.microk8s.daemon-k8s-dqlite, then snap.microk8s.daemon-kubelite)"
-            .to_string()
-    } else {
-        "check the API server and this node's credentials (`kubectl get nodes` with the agent's \
-         kubeconfig); the agent reconnects by itself"
-            .to_string()
-    });
-    vec![f]
 }
 
-/// The `datastore-stale` finding while the list/watch is gone (its task ended) and being
-/// re-established: the checks keep running against the last good desired state (`nodes`).
-pub fn watch_ended_finding(source: &str, nodes: usize, device: &str, why: &str) -> Finding {
-    let mut f = Finding::new(
-        CheckId::DatastoreStale,
-        Severity::Warning,
-        device,
-        format!(
-            "datastore {source} is stale: {why}; checks run against the last good state \
-             ({nodes} nodes) until the list/watch is re-established"
-        ),
-    );
-    f.evidence
-        .details
-        .insert("source".into(), source.to_string());
-    f.evidence
-        .details
-        .insert("watch-ended".into(), why.to_string());
-    f.hint = Some(
-        "the agent reconnects by itself; if this persists, see the agent's log for why the \
-         watch ended and check the API server (`kubectl get nodes` with the agent's kubeconfig)"
-            .to_string(),
-    );
-    f
+/// The checks' `datastore-stale` verdict on a snapshot alone (none when it is fresh), for
+/// callers without an engine (`scan`, tests). `device` is the first overlay device.
+pub fn stale_findings(snap: &KubeSnapshot, device: &str) -> Vec<Finding> {
+    crate::checks::datastore_findings(None, Some(&snap.health()), &[DeviceSpec::for_name(device)])
 }
 
 fn trunc(d: Duration) -> Duration {

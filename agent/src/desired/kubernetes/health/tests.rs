@@ -1,4 +1,5 @@
 use super::*;
+use crate::model::{CheckId, Severity};
 
 fn health(contact_ago: Option<u64>, mismatch: Option<&str>) -> ResourceHealth {
     ResourceHealth {
