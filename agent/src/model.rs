@@ -286,6 +286,18 @@ pub struct DesiredState {
     /// Networks claimed by entries that failed validation (a rejected node's blocks, a block
     /// two nodes claim). Routes to them are neither expected nor stray: they are not judged.
     pub unverifiable: Vec<IpNet>,
+    /// Nodes without a VTEP (IPIP or no-encap pools only): no VXLAN expectations, but their
+    /// blocks must never be routed over the overlay.
+    pub non_vxlan: BTreeMap<String, NonVxlanNode>,
+}
+
+/// A node the overlay does not reach: it has no VTEP.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct NonVxlanNode {
+    pub name: String,
+    pub node_ip: IpAddr,
+    pub blocks: Vec<IpNet>,
+    pub borrowed: Vec<IpNet>,
 }
 
 impl DesiredState {
@@ -300,14 +312,18 @@ impl DesiredState {
     /// differently), the one node whose `node_ip` is an address of this host is the local
     /// node: it must never be judged as its own peer. Returns the name adopted, if any.
     pub fn adopt_local_by_address(&mut self, local_addresses: &[IpAddr]) -> Option<&str> {
-        if self.nodes.contains_key(&self.local_node) {
+        if self.nodes.contains_key(&self.local_node)
+            || self.non_vxlan.contains_key(&self.local_node)
+        {
             return None;
         }
         let mut mine = self
             .nodes
             .values()
-            .filter(|n| local_addresses.contains(&n.node_ip));
-        let found = mine.next()?.name.clone();
+            .map(|n| (&n.name, n.node_ip))
+            .chain(self.non_vxlan.values().map(|n| (&n.name, n.node_ip)))
+            .filter(|(_, ip)| local_addresses.contains(ip));
+        let found = mine.next()?.0.clone();
         if mine.next().is_some() {
             // Ambiguous (two nodes claim one of our addresses): leave it to datastore-invalid.
             return None;

@@ -67,7 +67,10 @@ fn invalid(desired: &DesiredState, device: &str) -> Vec<Finding> {
             f
         })
         .collect();
-    if !desired.local_node.is_empty() && !desired.nodes.contains_key(&desired.local_node) {
+    if !desired.local_node.is_empty()
+        && !desired.nodes.contains_key(&desired.local_node)
+        && !desired.non_vxlan.contains_key(&desired.local_node)
+    {
         out.push(Finding::new(
             CheckId::DatastoreInvalid,
             Severity::Warning,

@@ -182,8 +182,22 @@ pub fn evaluate(input: &CheckInput<'_>) -> CheckReport {
         input.datastore,
         input.devices,
     ));
+    // A node of an IPIP or no-encap pool has no VXLAN device to miss.
+    let local_without_vtep = input
+        .desired
+        .is_some_and(|d| d.non_vxlan.contains_key(&d.local_node));
     for spec in input.devices {
         let Some(dev) = input.observed.devices.get(&spec.name) else {
+            if local_without_vtep {
+                report.skipped.push(SkippedCheck {
+                    check: CheckId::DeviceMissing,
+                    reason: format!(
+                        "this node has no VTEP in the datastore: {} is not expected",
+                        spec.name
+                    ),
+                });
+                continue;
+            }
             report.findings.push(device::missing(spec, input.desired));
             report.skipped.push(SkippedCheck {
                 check: CheckId::RouteMissing,

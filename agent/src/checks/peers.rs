@@ -499,7 +499,25 @@ fn stray_routes(
                 .find(|b| b.contains(dst) && b != &dst)
                 .map(|b| (*p, *b))
         });
-        let (severity, why, expected_gateway, peer_node) = if let Some(block) = local_overlap {
+        let non_vxlan = desired.non_vxlan.values().find_map(|n| {
+            n.blocks
+                .iter()
+                .chain(&n.borrowed)
+                .find(|b| overlaps(b, dst))
+                .map(|b| (n, *b))
+        });
+        let (severity, why, expected_gateway, peer_node) = if let Some((node, block)) = non_vxlan {
+            (
+                Severity::Critical,
+                format!(
+                    "overlaps {}'s block {block}, but {} has no VTEP (an IPIP or no-encap \
+                     pool): that traffic cannot be delivered over the overlay",
+                    node.name, node.name
+                ),
+                None,
+                Some(node.name.clone()),
+            )
+        } else if let Some(block) = local_overlap {
             (
                 Severity::Critical,
                 format!(

@@ -117,6 +117,7 @@ impl Cluster {
             nodes: nodes.into_iter().map(|n| (n.name.clone(), n)).collect(),
             problems: vec![],
             unverifiable: vec![],
+            non_vxlan: Default::default(),
         };
         let mut observed = ObservedState::default();
         observed.devices.insert(device.into(), dev);
@@ -870,4 +871,42 @@ fn a_host_name_that_is_not_the_node_name_finds_the_node_by_its_address() {
         c.desired.adopt_local_by_address(&[ip("192.168.77.2")]),
         None
     );
+}
+
+#[test]
+fn a_node_without_a_vtep_has_no_vxlan_expectations_but_its_blocks_stay_off_the_overlay() {
+    use crate::model::NonVxlanNode;
+    let mut c = Cluster::calico();
+    c.desired.non_vxlan.insert(
+        "ipip1".into(),
+        NonVxlanNode {
+            name: "ipip1".into(),
+            node_ip: ip("192.168.77.9"),
+            blocks: vec![net("10.1.90.0/26")],
+            borrowed: vec![],
+        },
+    );
+    assert!(c.report().findings.is_empty(), "{:#?}", c.report().findings);
+    // Its block routed over vxlan.calico cannot be delivered.
+    c.dev()
+        .routes
+        .push(route(&net("10.1.90.0/26"), Some(ip("10.1.235.133"))));
+    let f = only(&c.report(), CheckId::RouteStale, Some("ipip1"));
+    assert_eq!(f.severity, Severity::Critical);
+
+    // This node itself without a VTEP: no overlay device is expected.
+    let mut c = Cluster::calico();
+    let me = c.desired.nodes.remove("k8s01").unwrap();
+    c.desired.non_vxlan.insert(
+        "k8s01".into(),
+        NonVxlanNode {
+            name: me.name,
+            node_ip: me.node_ip,
+            blocks: me.blocks,
+            borrowed: vec![],
+        },
+    );
+    c.observed.devices.clear();
+    let r = c.report();
+    assert!(r.findings.is_empty(), "{:#?}", r.findings);
 }

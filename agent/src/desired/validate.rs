@@ -9,7 +9,7 @@ use std::{
 
 use ipnet::IpNet;
 
-use crate::model::{DatastoreProblem, DesiredState, MacAddr, PeerNode};
+use crate::model::{DatastoreProblem, DesiredState, MacAddr, NonVxlanNode, PeerNode};
 
 /// One value as a source found it, with where it came from.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -136,10 +136,25 @@ pub fn build(
     unverifiable.dedup();
 
     let mut nodes = BTreeMap::new();
+    let mut non_vxlan = BTreeMap::new();
     for c in candidates.into_iter().filter(|c| !c.rejected) {
-        let (Some(node_ip), Some(vtep_ip), Some(vtep_mac)) = (c.node_ip, c.vtep_ip, c.vtep_mac)
-        else {
+        let Some(node_ip) = c.node_ip else {
             continue; // Unreachable: a missing value always sets `rejected`.
+        };
+        let Some(vtep_ip) = c.vtep_ip else {
+            non_vxlan.insert(
+                c.name.clone(),
+                NonVxlanNode {
+                    name: c.name,
+                    node_ip,
+                    blocks: dedup(c.blocks),
+                    borrowed: dedup(c.borrowed),
+                },
+            );
+            continue;
+        };
+        let Some(vtep_mac) = c.vtep_mac else {
+            continue; // Unreachable, as above.
         };
         nodes.insert(
             c.name.clone(),
@@ -155,7 +170,10 @@ pub fn build(
         );
     }
     let source = source.into();
-    if !local_node.is_empty() && !nodes.contains_key(local_node) {
+    if !local_node.is_empty()
+        && !nodes.contains_key(local_node)
+        && !non_vxlan.contains_key(local_node)
+    {
         // Without its own entry the agent cannot tell local blocks from remote ones.
         let already = problems
             .iter()
@@ -178,6 +196,7 @@ pub fn build(
         nodes,
         problems,
         unverifiable,
+        non_vxlan,
     }
 }
 
@@ -272,7 +291,13 @@ fn validate_node(
         }
     };
     let node_ip = addr(&raw.node_ip, "node address");
-    let vtep_ip = addr(&raw.vtep_ip, "VTEP address");
+    // No VTEP at all is a node of an IPIP or no-encap pool, not a broken one.
+    let without_vtep = raw.vtep_ip.value.is_none();
+    let vtep_ip = if without_vtep {
+        None
+    } else {
+        addr(&raw.vtep_ip, "VTEP address")
+    };
 
     let (vtep_mac, vtep_mac_derived) = match raw.vtep_mac.value.as_deref().map(str::trim) {
         None => (Some(MacAddr::derive_like_felix(&name)), true),
@@ -366,7 +391,7 @@ fn validate_node(
         vtep_field: raw.vtep_ip.field,
         vtep_mac_field: raw.vtep_mac.field,
         name,
-        rejected: node_ip.is_none() || vtep_ip.is_none() || vtep_mac.is_none(),
+        rejected: node_ip.is_none() || (!without_vtep && (vtep_ip.is_none() || vtep_mac.is_none())),
         node_ip,
         vtep_ip,
         vtep_mac,

@@ -82,6 +82,7 @@ nodes:
         nodes,
         problems: vec![],
         unverifiable: vec![],
+        non_vxlan: Default::default(),
     };
     assert_eq!(got, want);
     assert_eq!(
@@ -185,9 +186,10 @@ fn validation_cases() {
             nodes: &["k8s01", "k8s02"],
         },
         Case {
-            what: "missing vtep_ip",
+            // A node of an IPIP or no-encap pool: valid, with no VXLAN expectations.
+            what: "no vtep_ip",
             extra: "  - {name: k8s03, node_ip: 192.168.77.3, blocks: []}\n",
-            problems: &[(Some("k8s03"), "nodes[2].vtep_ip", "missing VTEP address")],
+            problems: &[],
             nodes: &["k8s01", "k8s02"],
         },
         Case {
