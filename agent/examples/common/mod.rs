@@ -88,9 +88,11 @@ impl SyntheticNode {
             ),
         };
         writeln!(n.setup, "link set lo up")?;
+        // As Felix creates it: the node's VTEP MAC (derived from its name) on the device.
         writeln!(
             n.setup,
-            "link add {DEVICE} type vxlan id 4096 dstport 4789 nolearning"
+            "link add {DEVICE} address {} type vxlan id 4096 dstport 4789 nolearning",
+            MacAddr::derive_like_felix("local")
         )?;
         writeln!(n.setup, "addr add 10.63.255.192/32 dev {DEVICE}")?;
         writeln!(n.setup, "link set {DEVICE} up")?;

@@ -10,6 +10,7 @@ mod device;
 mod drops;
 mod offline;
 mod peers;
+mod stray;
 #[cfg(test)]
 pub(crate) mod tests;
 
