@@ -38,6 +38,7 @@ impl Daemon {
 
     /// Run until `shutdown` completes. Fails only when it cannot start (socket, netns, port).
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), DaemonError> {
+        limit_malloc_arenas();
         let config = &self.config;
         let status = StatusHandle::new(Status::starting(
             &config.node_name,
@@ -192,5 +193,18 @@ impl Daemon {
         };
         state.run(shutdown).await;
         Ok(())
+    }
+}
+
+/// glibc gives every thread that allocates its own malloc arena, and freed memory stays in
+/// it. The loop, the blocking threads and the consumer threads need two: the loop's, where
+/// the long-lived model lives, and one for everything transient (measured: three consumer
+/// arenas cost 8 MiB of RSS at 5,000 peers).
+fn limit_malloc_arenas() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: mallopt only changes allocator tuning; called before the other threads start
+    // allocating, and any value is safe.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 2);
     }
 }

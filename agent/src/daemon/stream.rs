@@ -73,8 +73,10 @@ pub trait Consumer: Send + 'static {
     }
 }
 
-/// Queue depth per consumer: enough for a burst of evaluations, small enough to stay cheap.
-pub const QUEUE: usize = 64;
+/// Queue depth per consumer: a short burst of evaluations. Each delta holds the whole open
+/// set (at 5,000 peers, thousands of findings), and every one carries all a consumer needs,
+/// so a deep queue would only hold memory.
+pub const QUEUE: usize = 8;
 
 #[derive(Default)]
 struct Slot {
