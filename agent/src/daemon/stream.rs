@@ -308,7 +308,8 @@ mod tests {
             },
             4,
         );
-        fanout.spawn(Counter(count.clone()));
+        // Room for the whole burst: it must see every delta while the other one is stuck.
+        fanout.spawn_with_capacity(Counter(count.clone()), 64);
 
         // The recorder takes delta 0 and blocks its thread; the loop goes on publishing.
         fanout.publish(delta(0));
