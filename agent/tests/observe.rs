@@ -545,3 +545,31 @@ async fn netlink_writes_agree_with_the_recording_model() {
     assert!(err.contains("flannel.1 does not exist"), "{err}");
     assert!(apply_to_model(&mut model, &missing).is_err());
 }
+
+/// Calico's eBPF dataplane makes `vxlan.calico` flow-based (`external`): the observer must say
+/// so, since such a device has no VNI of its own and uses no FDB.
+#[tokio::test]
+async fn a_flow_based_vxlan_device_is_observed_as_external() {
+    require_root!();
+    let ns = Netns::new();
+    ns.ip(&format!(
+        "link add {DEV} type vxlan external dstport 4789 nolearning"
+    ));
+    ns.ip(&format!("link set {DEV} up"));
+    let observer = NetlinkObserver::new(Some(&ns.path())).expect("connect in netns");
+    let state = observer.snapshot(&devices()).await.expect("snapshot");
+    let link = &state.devices[DEV].link;
+    assert!(link.external, "{link:?}");
+    assert_eq!(link.port, Some(4789));
+
+    let ns = Netns::calico_node();
+    let state = NetlinkObserver::new(Some(&ns.path()))
+        .unwrap()
+        .snapshot(&devices())
+        .await
+        .unwrap();
+    assert!(
+        !state.devices[DEV].link.external,
+        "a VNI device is not external"
+    );
+}
