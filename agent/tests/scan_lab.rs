@@ -403,3 +403,35 @@ fn real_cluster_shapes_are_healthy_and_their_faults_are_found() {
         s.findings()
     );
 }
+
+/// A Calico cluster migrated from flannel keeps VNI 1 and port 8472: healthy once the agent is
+/// told (`vxlan_vni`, `vxlan_port`), traffic flowing; without it, every node says what differs.
+#[test]
+fn a_flannel_migrated_vni_and_port_are_healthy_when_configured() {
+    let mut lab = Lab::build(LabSpec::calico(3).with_vxlan(1, 8472)).expect("building lab");
+    assert_all_healthy(&mut lab, "VNI 1 / port 8472, configured");
+    for r in lab.traffic_matrix(3).expect("traffic") {
+        for d in &r.per_destination {
+            assert_eq!(d.received, d.sent, "{} -> {} lost packets", r.from, d.dst);
+        }
+    }
+    // The same node judged with the profile's defaults.
+    let datastore = lab.write_datastore().unwrap();
+    let text = lab
+        .agent_config_toml("node1", &datastore)
+        .replace("vxlan_vni = 1\n", "")
+        .replace("vxlan_port = 8472\n", "");
+    let config = datastore.with_file_name("defaults.toml");
+    std::fs::write(&config, text).unwrap();
+    let s = scan_with(&config, &lab.netns_path("node1"), &[]);
+    let _ = std::fs::remove_file(&config);
+    assert_eq!(
+        s.checks(),
+        BTreeSet::from([("device-misconfigured".to_string(), None)]),
+        "{:#?}",
+        s.findings()
+    );
+    let f = &s.findings()[0];
+    assert_eq!(f["evidence"]["details"]["vni"], "1");
+    assert_eq!(f["evidence"]["details"]["expected_port"], "4789");
+}

@@ -79,6 +79,8 @@ pub struct NodeDataplane {
 pub struct Lab {
     id: String,
     profile: Profile,
+    /// VNI and port other than the profile's, if the spec asked for them.
+    vxlan: Option<(u32, u16)>,
     underlay: String,
     nodes: Vec<NodeInfo>,
     /// Namespaces to delete on drop, in creation order.
@@ -125,6 +127,7 @@ impl Lab {
             underlay: format!("{id}-underlay"),
             id,
             profile: spec.profile,
+            vxlan: spec.vxlan,
             nodes,
             created: Vec::new(),
             active_faults: Vec::new(),
@@ -202,8 +205,8 @@ impl Lab {
             format!("addr add {}/24 dev {UNDERLAY_IF}", n.node_ip),
             format!(
                 "link add {dev} type vxlan id {} dstport {} local {} dev {UNDERLAY_IF} nolearning",
-                self.profile.vni(),
-                self.profile.udp_port(),
+                self.vxlan.map_or(self.profile.vni(), |v| v.0),
+                self.vxlan.map_or(self.profile.udp_port(), |v| v.1),
                 n.node_ip
             ),
             format!("link set {dev} mtu {OVERLAY_MTU} address {}", n.vtep_mac),
@@ -439,8 +442,12 @@ impl Lab {
 
     /// An agent config (DESIGN.md §3) for running `watchdog` as `node` against `datastore`.
     pub fn agent_config_toml(&self, node: &str, datastore: &Path) -> String {
+        let vxlan = self
+            .vxlan
+            .map(|(vni, port)| format!("vxlan_vni = {vni}\nvxlan_port = {port}\n"))
+            .unwrap_or_default();
         format!(
-            "node_name = \"{}\"\nprofile = \"{}\"\ndevices = [\"{}\"]\n\n[datastore]\nsource = \"file\"\npath = \"{}\"\n",
+            "node_name = \"{}\"\nprofile = \"{}\"\ndevices = [\"{}\"]\n{vxlan}\n[datastore]\nsource = \"file\"\npath = \"{}\"\n",
             self.node(node).name,
             self.profile,
             self.device(),

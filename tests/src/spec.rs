@@ -155,6 +155,9 @@ impl NodeSpec {
 pub struct LabSpec {
     pub profile: Profile,
     pub nodes: Vec<NodeSpec>,
+    /// VNI and UDP port other than the profile's (a Calico cluster migrated from flannel keeps
+    /// VNI 1 / port 8472); the agent is then configured with `vxlan_vni`/`vxlan_port`.
+    pub vxlan: Option<(u32, u16)>,
 }
 
 impl LabSpec {
@@ -171,6 +174,7 @@ impl LabSpec {
         LabSpec {
             profile: Profile::Calico,
             nodes,
+            vxlan: None,
         }
     }
 
@@ -182,6 +186,7 @@ impl LabSpec {
         LabSpec {
             profile: Profile::Flannel,
             nodes,
+            vxlan: None,
         }
     }
 
@@ -208,7 +213,14 @@ impl LabSpec {
                 NodeSpec::new("k8s02", &["10.1.140.64/26"]),
                 k8s03,
             ],
+            vxlan: None,
         }
+    }
+
+    /// The overlay runs this VNI and UDP port instead of the profile's.
+    pub fn with_vxlan(mut self, vni: u32, port: u16) -> Self {
+        self.vxlan = Some((vni, port));
+        self
     }
 
     /// Let `node` use `ip` from another node's block (a Calico borrowed address).
