@@ -435,3 +435,83 @@ fn a_flannel_migrated_vni_and_port_are_healthy_when_configured() {
     assert_eq!(f["evidence"]["details"]["vni"], "1");
     assert_eq!(f["evidence"]["details"]["expected_port"], "4789");
 }
+
+/// Calico's eBPF dataplane: a flow-based (`external`) `vxlan.calico` with no VNI, ARP entries
+/// and routes as usual, and no FDB at all. Healthy; its ARP entries still matter. (No traffic
+/// here: without Calico's programs nothing sets the tunnel metadata.)
+#[test]
+fn the_ebpf_dataplane_device_is_healthy_without_vni_or_fdb() {
+    let mut lab = Lab::build(LabSpec::calico(3)).expect("building lab");
+    let dev = lab.device();
+    let nodes = lab.nodes().to_vec();
+    let me = &nodes[0];
+    lab.ip(&me.name, &["link", "del", dev]).unwrap();
+    let (mac, local) = (me.vtep_mac.to_string(), me.node_ip.to_string());
+    lab.ip(
+        &me.name,
+        &[
+            "link",
+            "add",
+            dev,
+            "address",
+            &mac,
+            "type",
+            "vxlan",
+            "external",
+            "dstport",
+            "4789",
+            "local",
+            &local,
+            "nolearning",
+        ],
+    )
+    .unwrap();
+    let vtep = format!("{}/32", me.vtep_ip);
+    lab.ip(&me.name, &["addr", "add", &vtep, "dev", dev])
+        .unwrap();
+    lab.ip(&me.name, &["link", "set", dev, "mtu", "1450", "up"])
+        .unwrap();
+    for p in nodes.iter().filter(|p| p.name != me.name) {
+        let via = p.vtep_ip.to_string();
+        for b in &p.blocks {
+            let b = b.to_string();
+            lab.ip(
+                &me.name,
+                &["route", "add", &b, "via", &via, "dev", dev, "onlink"],
+            )
+            .unwrap();
+        }
+        let mac = p.vtep_mac.to_string();
+        lab.ip(
+            &me.name,
+            &[
+                "neigh",
+                "add",
+                &via,
+                "lladdr",
+                &mac,
+                "dev",
+                dev,
+                "nud",
+                "permanent",
+            ],
+        )
+        .unwrap();
+    }
+    let s = scan(&mut lab, &me.name, &[]);
+    assert!(s.findings().is_empty(), "{:#?}", s.findings());
+
+    let peer = &nodes[1];
+    lab.ip(
+        &me.name,
+        &["neigh", "del", &peer.vtep_ip.to_string(), "dev", dev],
+    )
+    .unwrap();
+    let s = scan(&mut lab, &me.name, &[]);
+    assert_eq!(
+        s.checks(),
+        BTreeSet::from([("neighbour-unresolved".to_string(), Some(peer.name.clone()))]),
+        "{:#?}",
+        s.findings()
+    );
+}
