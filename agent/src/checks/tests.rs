@@ -154,7 +154,17 @@ impl Cluster {
         desired: Option<&DesiredState>,
         drops: Option<&DropSummary>,
     ) -> CheckReport {
-        let specs = [DeviceSpec::for_name(self.device)];
+        self.report_for(DeviceSpec::for_name(self.device), desired, drops)
+    }
+
+    /// With device expectations other than the conventional ones (`vxlan_*` overrides).
+    fn report_for(
+        &self,
+        spec: DeviceSpec,
+        desired: Option<&DesiredState>,
+        drops: Option<&DropSummary>,
+    ) -> CheckReport {
+        let specs = [spec];
         evaluate(&CheckInput {
             devices: &specs,
             observed: &self.observed,
@@ -811,15 +821,8 @@ fn device_mac_local_and_configured_mtu_are_checked() {
     let mut c = Cluster::calico();
     c.dev().link.mtu = Some(1400);
     assert!(c.report().findings.is_empty());
-    let specs = [DeviceSpec::for_name("vxlan.calico").with_overrides(None, None, Some(1450))];
-    let r = evaluate(&CheckInput {
-        devices: &specs,
-        observed: &c.observed,
-        desired: Some(&c.desired),
-        drops: None,
-        explained_recently: None,
-        datastore: None,
-    });
+    let spec = DeviceSpec::for_name("vxlan.calico").with_overrides(None, None, Some(1450));
+    let r = c.report_for(spec, Some(&c.desired), None);
     assert_eq!(summary(&r), vec![(CheckId::DeviceMisconfigured, None)]);
 }
 
@@ -829,15 +832,8 @@ fn a_flannel_migrated_vni_and_port_are_healthy_once_configured() {
     c.dev().link.vni = Some(1);
     c.dev().link.port = Some(8472);
     only(&c.report(), CheckId::DeviceMisconfigured, None);
-    let specs = [DeviceSpec::for_name("vxlan.calico").with_overrides(Some(1), Some(8472), None)];
-    let r = evaluate(&CheckInput {
-        devices: &specs,
-        observed: &c.observed,
-        desired: Some(&c.desired),
-        drops: None,
-        explained_recently: None,
-        datastore: None,
-    });
+    let spec = DeviceSpec::for_name("vxlan.calico").with_overrides(Some(1), Some(8472), None);
+    let r = c.report_for(spec, Some(&c.desired), None);
     assert!(r.findings.is_empty(), "{:#?}", r.findings);
 }
 
