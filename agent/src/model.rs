@@ -289,6 +289,29 @@ pub struct DesiredState {
     /// Nodes without a VTEP (IPIP or no-encap pools only): no VXLAN expectations, but their
     /// blocks must never be routed over the overlay.
     pub non_vxlan: BTreeMap<String, NonVxlanNode>,
+    /// Blocks of nodes with a VTEP that the overlay does not carry: their IP pool is IPIP or
+    /// no-encap, or no pool covers them any more (a deleted pool). Felix routes them elsewhere
+    /// or not at all, so they are neither expected on the overlay nor judged there.
+    pub off_overlay: Vec<IpNet>,
+    /// What the cluster's own configuration says about the overlay, where it was read.
+    pub cluster: ClusterSettings,
+}
+
+/// The overlay's settings as the cluster configures them (Calico `FelixConfiguration`, read
+/// with the Kubernetes datastore: `node.<name>` over `default`). `None`: not set there, or
+/// not readable; the config keys and the profile's defaults apply.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct ClusterSettings {
+    pub vxlan_vni: Option<u32>,
+    pub vxlan_port: Option<u16>,
+    pub vxlan_mtu: Option<u32>,
+    pub vxlan_mtu_v6: Option<u32>,
+    /// Calico's eBPF dataplane (`bpfEnabled`): a flow-based `vxlan.calico`, no FDB.
+    pub bpf_enabled: Option<bool>,
+    /// IP pools were read: blocks outside VXLAN pools are [`DesiredState::off_overlay`].
+    pub pools_known: bool,
+    /// What was read from where, and what could not be read and why (status shows these).
+    pub notes: Vec<String>,
 }
 
 /// A node the overlay does not reach: it has no VTEP.

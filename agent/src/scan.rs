@@ -93,6 +93,9 @@ pub struct DatastoreInfo {
     pub source: String,
     pub nodes: usize,
     pub problems: usize,
+    /// Where the overlay's settings and pools were read, or what is assumed without them.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub notes: Vec<String>,
 }
 
 #[derive(Debug, Clone, Copy, Default, Serialize)]
@@ -250,6 +253,7 @@ fn output(
                 .unwrap_or_else(|| "none (offline checks only)".into()),
             nodes: desired.map(|d| d.nodes.len()).unwrap_or(0),
             problems: desired.map(|d| d.problems.len()).unwrap_or(0),
+            notes: desired.map(|d| d.cluster.notes.clone()).unwrap_or_default(),
         },
         routes_checked: report.routes_checked,
         summary: Summary::of(&report.findings),
@@ -278,6 +282,9 @@ pub fn render_text(out: &ScanOutput) -> String {
         out.datastore.source,
         out.datastore.nodes,
     );
+    for note in &out.datastore.notes {
+        let _ = writeln!(s, "  {note}");
+    }
     if !out.peers.is_empty() {
         let _ = writeln!(s);
         let rows: Vec<[String; 5]> = out

@@ -25,7 +25,8 @@ pub use datastore::{findings as datastore_findings, DatastoreHealth, StaleNote};
 pub use drops::{explains_drops, DropSummary, PeerDrops};
 
 use crate::model::{
-    CheckId, DesiredState, Finding, MacAddr, Neighbour, ObservedDevice, ObservedState, Severity,
+    CheckId, ClusterSettings, DesiredState, Finding, MacAddr, Neighbour, ObservedDevice,
+    ObservedState, Severity,
 };
 
 /// Address family routed by an overlay device.
@@ -90,6 +91,23 @@ impl DeviceSpec {
         self.port = port.or(self.port);
         self.mtu = mtu.or(self.mtu);
         self
+    }
+
+    /// What the cluster's own configuration says (Calico's FelixConfiguration) wins over the
+    /// config keys for Calico's devices: it is what Felix programs them with.
+    pub fn with_cluster(&self, cluster: &ClusterSettings) -> DeviceSpec {
+        let mut spec = self.clone();
+        if !matches!(spec.name.as_str(), "vxlan.calico" | "vxlan-v6.calico") {
+            return spec;
+        }
+        spec.vni = cluster.vxlan_vni.or(spec.vni);
+        spec.port = cluster.vxlan_port.or(spec.port);
+        let mtu = match spec.family {
+            Family::V4 => cluster.vxlan_mtu,
+            Family::V6 => cluster.vxlan_mtu_v6,
+        };
+        spec.mtu = mtu.or(spec.mtu);
+        spec
     }
 }
 
@@ -177,6 +195,18 @@ impl CheckReport {
 
 /// Runs every check that the inputs allow.
 pub fn evaluate(input: &CheckInput<'_>) -> CheckReport {
+    let specs: Vec<DeviceSpec> = match input.desired {
+        Some(d) if d.cluster != ClusterSettings::default() => input
+            .devices
+            .iter()
+            .map(|s| s.with_cluster(&d.cluster))
+            .collect(),
+        _ => input.devices.to_vec(),
+    };
+    let input = &CheckInput {
+        devices: &specs,
+        ..*input
+    };
     let mut report = CheckReport::default();
     report.findings.extend(datastore::findings(
         input.desired,

@@ -89,6 +89,9 @@ pub(super) fn stray_routes(
     for (dst, route) in routes {
         if expected.contains_key(dst)
             || desired.unverifiable.iter().any(|u| overlaps(u, dst))
+            // Blocks of IPIP/no-encap pools (or of a deleted pool): Felix does not route them
+            // over VXLAN; a route to one here is not a peer's to judge.
+            || desired.off_overlay.iter().any(|u| overlaps(u, dst))
             || is_vtep_host_route(route, vtep_owner)
         {
             continue;

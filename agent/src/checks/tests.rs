@@ -118,6 +118,7 @@ impl Cluster {
             problems: vec![],
             unverifiable: vec![],
             non_vxlan: Default::default(),
+            ..Default::default()
         };
         let mut observed = ObservedState::default();
         observed.devices.insert(device.into(), dev);
@@ -835,6 +836,44 @@ fn a_flannel_migrated_vni_and_port_are_healthy_once_configured() {
     let spec = DeviceSpec::for_name("vxlan.calico").with_overrides(Some(1), Some(8472), None);
     let r = c.report_for(spec, Some(&c.desired), None);
     assert!(r.findings.is_empty(), "{:#?}", r.findings);
+}
+
+/// With the Kubernetes datastore the cluster's FelixConfiguration says what Felix programs;
+/// it wins over the config keys (and the profile's defaults) for Calico's devices.
+#[test]
+fn the_cluster_felix_configuration_sets_the_device_expectations() {
+    let mut c = Cluster::calico();
+    c.dev().link.vni = Some(1);
+    c.dev().link.port = Some(8472);
+    c.dev().link.mtu = Some(1400);
+    only(&c.report(), CheckId::DeviceMisconfigured, None);
+    c.desired.cluster.vxlan_vni = Some(1);
+    c.desired.cluster.vxlan_port = Some(8472);
+    assert!(c.report().findings.is_empty(), "{:#?}", c.report().findings);
+    // A config key that disagrees with the cluster does not win.
+    let spec = DeviceSpec::for_name("vxlan.calico").with_overrides(Some(4096), Some(4789), None);
+    let r = c.report_for(spec, Some(&c.desired), None);
+    assert!(r.findings.is_empty(), "{:#?}", r.findings);
+    // An MTU Felix was told to program, and the device has another.
+    c.desired.cluster.vxlan_mtu = Some(1450);
+    let f = only(&c.report(), CheckId::DeviceMisconfigured, None);
+    assert_eq!(f.evidence.details["expected_mtu"], "1450");
+}
+
+/// Blocks of IPIP/no-encap pools and of deleted pools (off the overlay) are neither expected
+/// nor stray; the rest of the peer's blocks still are.
+#[test]
+fn off_overlay_blocks_are_not_judged_on_the_overlay() {
+    let mut c = Cluster::calico();
+    let ipip = net("10.9.20.0/26");
+    let k8s03 = c.peer("k8s03");
+    c.dev().routes.push(route(&ipip, Some(k8s03.vtep_ip)));
+    only(&c.report(), CheckId::RouteStale, None);
+    c.desired.off_overlay.push(ipip);
+    assert!(c.report().findings.is_empty(), "{:#?}", c.report().findings);
+    // Not a blanket pass: a wrong gateway on a VXLAN block of the same peer is still found.
+    c.set_gateway("k8s03", "10.1.235.128");
+    assert!(summary(&c.report()).contains(&(CheckId::GatewayWrongVtep, Some("k8s03".into()))));
 }
 
 #[test]

@@ -1,4 +1,5 @@
-//! Kubernetes datastore: Nodes (+ Calico IPAMBlocks and BlockAffinities) → [`DesiredState`].
+//! Kubernetes datastore: Nodes (+ Calico IPAMBlocks, BlockAffinities, IPPools and
+//! FelixConfigurations) → [`DesiredState`].
 //!
 //! Two ways in:
 //! - [`KubeSource::list_once`]: one consistent list of everything, for `watchdog scan`.
@@ -23,6 +24,7 @@
 //! `health` judges; `parse` turns cached objects into the desired state; `publish` writes
 //! conditions and Events back. This file is the public face: [`KubeSource`].
 
+mod calico_config;
 mod client;
 mod config;
 mod error;
@@ -52,7 +54,10 @@ pub use self::{
     config::KubeSourceConfig,
     error::{KubeError, Result},
     health::{stale_findings, KubeSnapshot, ResourceHealth, StaleCause},
-    parse::{build_desired, AffinityInfo, BlockInfo, CacheView, KubeProfile, LiteObject, NodeInfo},
+    parse::{
+        build_desired, AffinityInfo, BlockInfo, CacheView, FelixConfigInfo, KubeProfile,
+        LiteObject, NodeInfo, PoolEncap, PoolInfo,
+    },
     publish::EventOutcome,
     store::{Difference, Entry, Store},
 };
@@ -143,23 +148,50 @@ impl KubeSource {
     /// Like [`connect`](Self::connect) with a client built elsewhere.
     pub async fn with_client(client: Client, cfg: KubeSourceConfig) -> Result<Self> {
         let nodes = ApiResource::erase::<k8s_openapi::api::core::v1::Node>(&());
-        let (blocks, affinities) = match cfg.profile {
+        let apis = match cfg.profile {
             KubeProfile::Calico => {
-                let (b, a) = client::discover_ipam(&client, &cfg).await?;
-                (Some(b), a)
+                let found = client::discover_ipam(&client, &cfg).await?;
+                let mut notes = found.notes;
+                let pools = client::probe_readable(
+                    &client,
+                    &cfg,
+                    found.pools,
+                    client::POOLS_UNREAD,
+                    &mut notes,
+                )
+                .await;
+                let felix = client::probe_readable(
+                    &client,
+                    &cfg,
+                    found.felix,
+                    client::FELIX_UNREAD,
+                    &mut notes,
+                )
+                .await;
+                Apis {
+                    nodes,
+                    blocks: Some(found.blocks),
+                    affinities: found.affinities,
+                    pools,
+                    felix,
+                    notes,
+                }
             }
-            KubeProfile::Flannel => (None, None),
+            KubeProfile::Flannel => Apis {
+                nodes,
+                blocks: None,
+                affinities: None,
+                pools: None,
+                felix: None,
+                notes: Vec::new(),
+            },
         };
         Ok(KubeSource {
             publisher: Arc::new(publish::Publisher::default()),
             client,
             source: "kubernetes".to_string(),
             cfg: Arc::new(cfg),
-            apis: Apis {
-                nodes,
-                blocks,
-                affinities,
-            },
+            apis,
         })
     }
 
@@ -212,10 +244,35 @@ impl KubeSource {
             )
             .await?;
         }
+        let mut pools = None;
+        if let Some(ar) = &self.apis.pools {
+            pools = Some(
+                bounded(
+                    || format!("listing {}", ar.plural),
+                    cfg.request_timeout,
+                    list_all(&self.api(ar), PoolInfo::from_object, cfg.page_size),
+                )
+                .await?,
+            );
+        }
+        let mut felix = None;
+        if let Some(ar) = &self.apis.felix {
+            felix = Some(
+                bounded(
+                    || format!("listing {}", ar.plural),
+                    cfg.request_timeout,
+                    list_all(&self.api(ar), FelixConfigInfo::from_object, cfg.page_size),
+                )
+                .await?,
+            );
+        }
         let shared = Shared {
             nodes,
             blocks,
             affinities,
+            pools,
+            felix,
+            notes: self.apis.notes.clone(),
             health: BTreeMap::new(),
         };
         Ok(shared.build(cfg, &self.source))
@@ -273,6 +330,33 @@ impl KubeSource {
                 },
             ));
         }
+        if let Some(ar) = &self.apis.pools {
+            let key = add("ippools", ar);
+            lock(&rt.shared).pools = Some(Store::default());
+            tasks.spawn(run_resource(
+                rt.clone(),
+                Watched {
+                    key,
+                    api: self.api(ar),
+                    compact: PoolInfo::from_object,
+                    store: |s| s.pools.get_or_insert_with(Store::default),
+                },
+            ));
+        }
+        if let Some(ar) = &self.apis.felix {
+            let key = add("felixconfigurations", ar);
+            lock(&rt.shared).felix = Some(Store::default());
+            tasks.spawn(run_resource(
+                rt.clone(),
+                Watched {
+                    key,
+                    api: self.api(ar),
+                    compact: FelixConfigInfo::from_object,
+                    store: |s| s.felix.get_or_insert_with(Store::default),
+                },
+            ));
+        }
+        lock(&rt.shared).notes = self.apis.notes.clone();
         let first = rt.snapshot(Arc::new(DesiredState {
             source: self.source.clone(),
             local_node: self.cfg.node_name.clone(),

@@ -197,6 +197,7 @@ pub fn build(
         problems,
         unverifiable,
         non_vxlan,
+        ..Default::default()
     }
 }
 

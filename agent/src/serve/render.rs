@@ -198,6 +198,9 @@ pub fn render_status(status: &Status, now: SystemTime) -> String {
     if let Some(e) = &ds.error {
         let _ = writeln!(out, "             last error: {e}");
     }
+    for note in &ds.notes {
+        let _ = writeln!(out, "             {note}");
+    }
     let _ = writeln!(
         out,
         "Resync:      last full resync {} ({} total), netlink overruns {}",

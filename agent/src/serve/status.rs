@@ -293,6 +293,10 @@ pub struct DatastoreStatus {
     pub problems: usize,
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub error: Option<String>,
+    /// Where the overlay's settings and IP pools were read, or why they could not be and
+    /// what is assumed instead (Calico's FelixConfiguration and IPPools).
+    #[serde(skip_serializing_if = "Vec::is_empty", default)]
+    pub notes: Vec<String>,
 }
 
 /// The status API's short view of the eBPF state ([`crate::ebpf::EbpfStatus`]): what is

@@ -83,6 +83,7 @@ nodes:
         problems: vec![],
         unverifiable: vec![],
         non_vxlan: Default::default(),
+        ..Default::default()
     };
     assert_eq!(got, want);
     assert_eq!(

@@ -53,6 +53,21 @@ pub(super) struct Apis {
     pub(super) nodes: ApiResource,
     pub(super) blocks: Option<ApiResource>,
     pub(super) affinities: Option<ApiResource>,
+    /// Calico's configuration, read where served and allowed (see `notes` otherwise).
+    pub(super) pools: Option<ApiResource>,
+    pub(super) felix: Option<ApiResource>,
+    /// Why a resource is not read: it degrades to the config keys, never to a false finding.
+    pub(super) notes: Vec<String>,
+}
+
+/// What discovery found for Calico.
+#[derive(Debug, Clone)]
+pub(super) struct CalicoApis {
+    pub(super) blocks: ApiResource,
+    pub(super) affinities: Option<ApiResource>,
+    pub(super) pools: Option<ApiResource>,
+    pub(super) felix: Option<ApiResource>,
+    pub(super) notes: Vec<String>,
 }
 
 /// The client configuration: an explicit kubeconfig, else what kube infers (KUBECONFIG,
@@ -84,10 +99,7 @@ pub(super) async fn load_config(cfg: &KubeSourceConfig) -> Result<Config> {
 /// Finds which group/version serves Calico's IPAM resources. `pinned_group` costs one request
 /// per candidate and works with or without aggregated discovery; a candidate that errors (an
 /// aggregated Calico API server that is down) is skipped, not fatal.
-pub(super) async fn discover_ipam(
-    client: &Client,
-    cfg: &KubeSourceConfig,
-) -> Result<(ApiResource, Option<ApiResource>)> {
+pub(super) async fn discover_ipam(client: &Client, cfg: &KubeSourceConfig) -> Result<CalicoApis> {
     let candidates: Vec<&str> = match &cfg.ipam_api {
         Some(forced) => vec![forced.as_str()],
         None => IPAM_APIS.to_vec(),
@@ -154,10 +166,78 @@ pub(super) async fn discover_ipam(
         tried: candidates.join(", "),
     })?;
     let affinities = pick("blockaffinities", Some(&blocks.api_version));
+    // Calico's configuration: the aggregated v3 API first (it is what calicoctl and the
+    // operator write through), else the CRDs it is stored in; same fields in both.
+    let mut notes = Vec::new();
+    let mut config = |plural: &str, without: &str| {
+        let found = pick(plural, None);
+        if found.is_none() {
+            notes.push(format!(
+                "{plural}: not served by {}: {without}",
+                candidates.join(" or ")
+            ));
+        }
+        found
+    };
+    let pools = config("ippools", POOLS_UNREAD);
+    let felix = config("felixconfigurations", FELIX_UNREAD);
     tracing::info!(
         ipamblocks = %blocks.api_version,
         blockaffinities = ?affinities.as_ref().map(|a| &a.api_version),
-        "discovered Calico IPAM API"
+        ippools = ?pools.as_ref().map(|a| &a.api_version),
+        felixconfigurations = ?felix.as_ref().map(|a| &a.api_version),
+        "discovered Calico APIs"
     );
-    Ok((blocks, affinities))
+    Ok(CalicoApis {
+        blocks,
+        affinities,
+        pools,
+        felix,
+        notes,
+    })
+}
+
+/// What the checks assume without the IP pools.
+pub(super) const POOLS_UNREAD: &str = "every block is taken as VXLAN";
+/// What the checks assume without the FelixConfigurations.
+pub(super) const FELIX_UNREAD: &str =
+    "VNI, port and MTU from the config keys (vxlan_vni, vxlan_port, vxlan_mtu)";
+
+/// Keeps `ar` only if listing it is allowed: a resource the agent's RBAC does not grant is
+/// noted (and its fallback used) instead of failing the datastore over and over.
+pub(super) async fn probe_readable(
+    client: &Client,
+    cfg: &KubeSourceConfig,
+    ar: Option<ApiResource>,
+    without: &str,
+    notes: &mut Vec<String>,
+) -> Option<ApiResource> {
+    let ar = ar?;
+    let api: kube::Api<LiteObject> = kube::Api::all_with(client.clone(), &ar);
+    let res = bounded(
+        || format!("listing {}", ar.plural),
+        cfg.request_timeout,
+        api.list(&kube::api::ListParams::default().limit(1)),
+    )
+    .await;
+    match res {
+        Err(KubeError::Api {
+            source: kube::Error::Api(s),
+            ..
+        }) if s.code == 403 || s.code == 404 => {
+            let why = if s.code == 403 {
+                "forbidden by RBAC"
+            } else {
+                "not found"
+            };
+            tracing::warn!(resource = %ar.plural, api = %ar.api_version, code = s.code, "cannot read Calico configuration; degrading to the config keys");
+            notes.push(format!(
+                "{}/{}: {why} ({}): {without}",
+                ar.api_version, ar.plural, s.message
+            ));
+            None
+        }
+        // Anything else (a timeout, a 5xx) is the list/watch loop's to retry and report.
+        _ => Some(ar),
+    }
 }

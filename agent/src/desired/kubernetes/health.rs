@@ -105,6 +105,7 @@ impl KubeSnapshot {
             nodes: self.desired.nodes.len(),
             problems: self.desired.problems.len(),
             error: (!errors.is_empty()).then(|| errors.join("; ")),
+            notes: self.desired.cluster.notes.clone(),
         }
     }
 

@@ -15,6 +15,8 @@ use kube::api::ObjectMeta;
 use serde::{Deserialize, Deserializer};
 use serde_json::Value;
 
+use super::calico_config::{cluster_settings, Pools};
+pub use super::calico_config::{FelixConfigInfo, PoolEncap, PoolInfo};
 use crate::{
     desired::{RawField, RawNode},
     model::{DatastoreProblem, DesiredState, MacAddr},
@@ -202,10 +204,35 @@ fn truthy(v: Option<&Value>) -> bool {
 // ---------------------------------------------------------------------------------------------
 
 /// Everything the cache holds, borrowed for one build.
+#[derive(Clone, Copy)]
 pub struct CacheView<'a> {
     pub nodes: &'a BTreeMap<String, NodeInfo>,
     pub blocks: &'a BTreeMap<String, BlockInfo>,
     pub affinities: &'a BTreeMap<String, AffinityInfo>,
+    /// `None`: IPPools are not read (not served, or forbidden): every block is taken as VXLAN.
+    pub pools: Option<&'a BTreeMap<String, PoolInfo>>,
+    /// `None`: FelixConfigurations are not read: the config keys apply.
+    pub felix: Option<&'a BTreeMap<String, FelixConfigInfo>>,
+    /// What could not be read and why, for the status.
+    pub notes: &'a [String],
+}
+
+impl<'a> CacheView<'a> {
+    /// Nodes, blocks and affinities only (flannel, or Calico without its configuration).
+    pub fn new(
+        nodes: &'a BTreeMap<String, NodeInfo>,
+        blocks: &'a BTreeMap<String, BlockInfo>,
+        affinities: &'a BTreeMap<String, AffinityInfo>,
+    ) -> Self {
+        CacheView {
+            nodes,
+            blocks,
+            affinities,
+            pools: None,
+            felix: None,
+            notes: &[],
+        }
+    }
 }
 
 /// Validates the cache into a [`DesiredState`]. Every bad value becomes a [`DatastoreProblem`]
@@ -258,10 +285,20 @@ fn nth_address(net: &IpNet, ordinal: u32) -> Option<IpAddr> {
 }
 
 fn build_calico(view: &CacheView, out: &mut DesiredState) {
+    out.cluster.notes.extend(view.notes.iter().cloned());
+    if let Some(felix) = view.felix {
+        let notes = std::mem::take(&mut out.cluster.notes);
+        out.cluster = cluster_settings(felix, &out.local_node, &mut out.problems);
+        out.cluster.notes.splice(0..0, notes);
+    }
+    let pools = view.pools.map(|p| Pools::build(p, &mut out.problems));
+    out.cluster.pools_known = pools.is_some();
     // Block ownership from IPAMBlocks: what Felix routes by.
     // The CIDR as written (host bits are the shared validation's to reject), and where.
     let mut blocks_of: BTreeMap<String, Vec<RawField>> = BTreeMap::new();
     let mut borrowed_of: BTreeMap<String, Vec<IpNet>> = BTreeMap::new();
+    // Blocks (and borrowed addresses) whose pool is not VXLAN, per node.
+    let mut off_overlay_of: BTreeMap<String, Vec<RawField>> = BTreeMap::new();
     let mut owner_of_cidr: BTreeMap<IpNet, String> = BTreeMap::new();
     for (name, block) in view.blocks {
         let object = format!("IPAMBlock/{name}");
@@ -296,19 +333,35 @@ fn build_calico(view: &CacheView, out: &mut DesiredState) {
                 continue;
             }
         };
+        let off_overlay = pools.as_ref().and_then(|p| p.off_overlay_reason(&cidr));
         if let Some(owner) = owner {
-            blocks_of
-                .entry(owner.to_string())
-                .or_default()
-                .push(RawField {
-                    field: "spec.cidr".to_string(),
-                    value: block.cidr.as_deref().map(|c| c.trim().to_string()),
-                    object: Some(object.clone()),
-                });
+            let field = RawField {
+                field: "spec.cidr".to_string(),
+                value: block.cidr.as_deref().map(|c| c.trim().to_string()),
+                object: Some(object.clone()),
+            };
+            match &off_overlay {
+                None => blocks_of.entry(owner.to_string()).or_default().push(field),
+                Some(why) => {
+                    tracing::debug!(block = %cidr, node = owner, why = %why, "block not carried by VXLAN");
+                    off_overlay_of
+                        .entry(owner.to_string())
+                        .or_default()
+                        .push(field);
+                }
+            }
             owner_of_cidr.insert(cidr, owner.to_string());
         }
         for (ordinal, node) in &block.foreign {
             match nth_address(&cidr, *ordinal) {
+                Some(ip) if off_overlay.is_some() => off_overlay_of
+                    .entry(node.clone())
+                    .or_default()
+                    .push(RawField {
+                        field: "spec.attributes[secondary]".to_string(),
+                        value: Some(IpNet::from(ip).to_string()),
+                        object: Some(object.clone()),
+                    }),
                 Some(ip) => borrowed_of
                     .entry(node.clone())
                     .or_default()
@@ -362,26 +415,74 @@ fn build_calico(view: &CacheView, out: &mut DesiredState) {
     // nodes (duplicate VTEPs, conflicting blocks, host bits), by the validation every source
     // shares.
     let mut records: Vec<RawNode> = Vec::new();
+    let mut off_overlay_nets: Vec<IpNet> = Vec::new();
     for (name, info) in view.nodes {
         let object = format!("Node/{name}");
-        let blocks = blocks_of.remove(name).unwrap_or_default();
+        let mut blocks = blocks_of.remove(name).unwrap_or_default();
         let borrowed = sorted(borrowed_of.remove(name).unwrap_or_default());
+        let off_overlay = off_overlay_of.remove(name).unwrap_or_default();
         let Some(vtep_raw) = info.calico_vtep.as_deref() else {
-            // No VTEP and no blocks: not (yet) a Calico VXLAN node, nothing to check.
-            if !blocks.is_empty() {
+            if pools.is_some() && !blocks.is_empty() {
+                // Its blocks are in VXLAN pools, but without a VTEP no node can reach them.
                 out.problems.push(problem(
                     object,
                     Some(name),
                     &ann_field(ANN_CALICO_VTEP),
                     format!(
-                        "missing, but the node owns {} IPAM block(s): routes to them cannot \
-                         be verified",
+                        "missing, but the node owns {} block(s) of VXLAN pools: Felix cannot \
+                         route to them, and routes to them cannot be verified",
                         blocks.len()
                     ),
                 ));
+                continue;
             }
+            // A node of IPIP or no-encap pools (or pools unknown): no VXLAN expectations,
+            // but its blocks must never be sent over the overlay.
+            if blocks.is_empty() && off_overlay.is_empty() && borrowed.is_empty() {
+                continue; // Not (yet) a Calico node: nothing to check.
+            }
+            let Some(node_ip) = info.calico_address.as_deref().and_then(parse_ip_maybe_cidr) else {
+                out.problems.push(problem(
+                    object,
+                    Some(name),
+                    &ann_field(ANN_CALICO_VTEP),
+                    format!(
+                        "missing, and so is a valid {ANN_CALICO_ADDRESS}, but the node owns {} \
+                         IPAM block(s): routes to them cannot be verified",
+                        blocks.len() + off_overlay.len()
+                    ),
+                ));
+                continue;
+            };
+            let (off_borrowed, off_blocks): (Vec<RawField>, Vec<RawField>) = off_overlay
+                .into_iter()
+                .partition(|f| f.field == "spec.attributes[secondary]");
+            blocks.extend(off_blocks);
+            records.push(RawNode {
+                object,
+                name: RawField::new("metadata.name", Some(name.clone())),
+                node_ip: RawField::new(ann_field(ANN_CALICO_ADDRESS), Some(node_ip.to_string())),
+                vtep_ip: RawField::new(ann_field(ANN_CALICO_VTEP), None),
+                vtep_mac: RawField::new(ann_field(ANN_CALICO_MAC), None),
+                blocks,
+                borrowed: borrowed
+                    .iter()
+                    .map(|b| RawField::new("spec.attributes[secondary]", Some(b.to_string())))
+                    .chain(off_borrowed)
+                    .collect(),
+            });
             continue;
         };
+        if name == &out.local_node {
+            // Local blocks are local whatever their pool: never a peer's, never on the overlay.
+            blocks.extend(off_overlay.into_iter().filter(|f| f.field == "spec.cidr"));
+        } else {
+            off_overlay_nets.extend(
+                off_overlay
+                    .iter()
+                    .filter_map(|f| f.value.as_deref()?.parse::<IpNet>().ok()),
+            );
+        }
         let node_ip = match info.calico_address.as_deref() {
             None => {
                 out.problems.push(problem(
@@ -429,6 +530,7 @@ fn build_calico(view: &CacheView, out: &mut DesiredState) {
         });
     }
     validate(view, records, out);
+    out.off_overlay = sorted(off_overlay_nets);
 }
 
 /// The validation every source shares (`desired::build`), over the records this source's
@@ -439,7 +541,11 @@ fn validate(view: &CacheView, records: Vec<RawNode>, out: &mut DesiredState) {
     out.nodes = built.nodes;
     out.problems = built.problems;
     out.unverifiable = built.unverifiable;
-    if view.nodes.contains_key(&out.local_node) && !out.nodes.contains_key(&out.local_node) {
+    out.non_vxlan = built.non_vxlan;
+    if view.nodes.contains_key(&out.local_node)
+        && !out.nodes.contains_key(&out.local_node)
+        && !out.non_vxlan.contains_key(&out.local_node)
+    {
         // The local Node exists but has no VXLAN tunnel (yet): it is in the datastore, and
         // has no VXLAN blocks to be confused with a peer's.
         let local = out.local_node.clone();

@@ -15,8 +15,8 @@ use tokio::{
 use super::{
     build_desired,
     health::{join_causes, stale_causes},
-    AffinityInfo, BlockInfo, CacheView, KubeSnapshot, KubeSourceConfig, NodeInfo, ResourceHealth,
-    Store,
+    AffinityInfo, BlockInfo, CacheView, FelixConfigInfo, KubeSnapshot, KubeSourceConfig, NodeInfo,
+    PoolInfo, ResourceHealth, Store,
 };
 use crate::model::DesiredState;
 
@@ -25,6 +25,11 @@ pub(super) struct Shared {
     pub(super) nodes: Store<NodeInfo>,
     pub(super) blocks: Store<BlockInfo>,
     pub(super) affinities: Store<AffinityInfo>,
+    /// `None` when the resource is not read (not served, or forbidden): see `notes`.
+    pub(super) pools: Option<Store<PoolInfo>>,
+    pub(super) felix: Option<Store<FelixConfigInfo>>,
+    /// Why a resource is not read, for the status.
+    pub(super) notes: Vec<String>,
     pub(super) health: BTreeMap<String, ResourceHealth>,
 }
 
@@ -42,13 +47,16 @@ impl Shared {
             items(&self.blocks),
             items(&self.affinities),
         );
+        let pools = self.pools.as_ref().map(items);
+        let felix = self.felix.as_ref().map(items);
         let mut desired = build_desired(
             cfg.profile,
             &cfg.node_name,
             &CacheView {
-                nodes: &n,
-                blocks: &b,
-                affinities: &a,
+                pools: pools.as_ref(),
+                felix: felix.as_ref(),
+                notes: &self.notes,
+                ..CacheView::new(&n, &b, &a)
             },
         );
         desired.source = source.to_string();
@@ -82,6 +90,9 @@ impl Runtime {
                 nodes: Store::default(),
                 blocks: Store::default(),
                 affinities: Store::default(),
+                pools: None,
+                felix: None,
+                notes: Vec::new(),
                 health: BTreeMap::new(),
             }),
             dirty: Notify::new(),

@@ -41,11 +41,7 @@ fn build_calico_k8s01(
     build_desired(
         KubeProfile::Calico,
         "k8s01",
-        &CacheView {
-            nodes: &nodes,
-            blocks: &blocks,
-            affinities: &affinities,
-        },
+        &CacheView::new(&nodes, &blocks, &affinities),
     )
 }
 
@@ -246,6 +242,162 @@ fn node_without_calico_is_skipped_quietly_unless_it_owns_blocks() {
     assert_eq!(d.problems[0].object, "Node/owner");
 }
 
+fn cidr(s: &str) -> IpNet {
+    s.parse().unwrap()
+}
+
+fn pool(name: &str, spec: Value) -> (String, PoolInfo) {
+    let obj = lite(json!({"metadata": {"name": name}, "spec": spec}));
+    (name.to_string(), PoolInfo::from_object(&obj))
+}
+
+fn build_with_pools(
+    nodes: Vec<(String, NodeInfo)>,
+    blocks: Vec<(String, BlockInfo)>,
+    pools: Option<Vec<(String, PoolInfo)>>,
+) -> DesiredState {
+    let (nodes, blocks, affs): (BTreeMap<_, _>, BTreeMap<_, _>, BTreeMap<_, _>) = (
+        nodes.into_iter().collect(),
+        blocks.into_iter().collect(),
+        BTreeMap::new(),
+    );
+    let pools: Option<BTreeMap<String, PoolInfo>> = pools.map(|p| p.into_iter().collect());
+    build_desired(
+        KubeProfile::Calico,
+        "k8s01",
+        &CacheView {
+            pools: pools.as_ref(),
+            ..CacheView::new(&nodes, &blocks, &affs)
+        },
+    )
+}
+
+fn addressed(name: &str, addr: &str) -> (String, NodeInfo) {
+    let obj = lite(json!({"metadata": {"name": name, "annotations": {ANN_CALICO_ADDRESS: addr}}}));
+    (name.to_string(), NodeInfo::from_object(&obj))
+}
+
+/// A node without a VTEP that owns only blocks of IPIP pools is an IPIP node, not a broken
+/// VXLAN one; only with the pools known can a missing VTEP on a VXLAN block be called out.
+#[test]
+fn a_node_without_a_vtep_is_judged_by_its_pools() {
+    let nodes = || {
+        vec![
+            calico_node("k8s01", "10.1.10.0", "192.168.77.1/24"),
+            addressed("ipip1", "192.168.77.9/24"),
+        ]
+    };
+    let blocks = || {
+        vec![
+            block(
+                "l",
+                json!({"cidr": "10.1.10.0/26", "affinity": "host:k8s01"}),
+            ),
+            block(
+                "i",
+                json!({"cidr": "10.9.0.0/26", "affinity": "host:ipip1"}),
+            ),
+        ]
+    };
+    let pools = |ipip_mode: &str| {
+        Some(vec![
+            pool("vx", json!({"cidr": "10.1.0.0/16", "vxlanMode": "Always"})),
+            pool("ip", json!({"cidr": "10.9.0.0/16", "vxlanMode": ipip_mode})),
+        ])
+    };
+    for d in [
+        build_with_pools(nodes(), blocks(), None),
+        build_with_pools(nodes(), blocks(), pools("Never")),
+    ] {
+        assert!(d.problems.is_empty(), "{:?}", d.problems);
+        assert_eq!(d.non_vxlan["ipip1"].blocks, [cidr("10.9.0.0/26")]);
+        assert_eq!(d.non_vxlan["ipip1"].node_ip.to_string(), "192.168.77.9");
+    }
+    // Its block is in a VXLAN pool: without a VTEP no node can reach it.
+    let d = build_with_pools(nodes(), blocks(), pools("Always"));
+    assert!(d.non_vxlan.is_empty());
+    assert_eq!(d.problems.len(), 1, "{:?}", d.problems);
+    assert_eq!(d.problems[0].object, "Node/ipip1");
+    assert!(
+        d.problems[0].message.contains("VXLAN pools"),
+        "{:?}",
+        d.problems
+    );
+}
+
+/// Mixed pools: a VTEP node's IPIP and no-encap blocks, and blocks of a deleted pool, are not
+/// expected on the overlay; its VXLAN and CrossSubnet blocks are. Local blocks stay local.
+#[test]
+fn blocks_outside_vxlan_pools_are_off_the_overlay() {
+    let nodes = vec![
+        calico_node("k8s01", "10.1.10.0", "192.168.77.1/24"),
+        calico_node("k8s02", "10.1.20.0", "192.168.77.2/24"),
+    ];
+    let blocks = vec![
+        block(
+            "l1",
+            json!({"cidr": "10.1.10.0/26", "affinity": "host:k8s01"}),
+        ),
+        block(
+            "l2",
+            json!({"cidr": "10.9.10.0/26", "affinity": "host:k8s01"}),
+        ),
+        block(
+            "a",
+            json!({"cidr": "10.1.20.0/26", "affinity": "host:k8s02"}),
+        ),
+        block(
+            "b",
+            json!({"cidr": "10.2.20.0/26", "affinity": "host:k8s02"}),
+        ),
+        block(
+            "c",
+            json!({"cidr": "10.9.20.0/26", "affinity": "host:k8s02"}),
+        ),
+        block(
+            "d",
+            json!({"cidr": "10.7.20.0/26", "affinity": "host:k8s02"}),
+        ),
+        block(
+            "e",
+            json!({"cidr": "172.16.0.0/26", "affinity": "host:k8s02"}),
+        ),
+    ];
+    let pools = vec![
+        pool("vx", json!({"cidr": "10.1.0.0/16", "vxlanMode": "Always"})),
+        pool(
+            "cross",
+            json!({"cidr": "10.2.0.0/16", "vxlanMode": "CrossSubnet"}),
+        ),
+        pool("ip", json!({"cidr": "10.9.0.0/16", "ipipMode": "Always"})),
+        pool("plain", json!({"cidr": "10.7.0.0/16"})),
+    ];
+    let d = build_with_pools(nodes.clone(), blocks.clone(), Some(pools));
+    assert!(d.problems.is_empty(), "{:?}", d.problems);
+    assert!(d.cluster.pools_known);
+    assert_eq!(
+        d.nodes["k8s02"].blocks,
+        [cidr("10.1.20.0/26"), cidr("10.2.20.0/26")]
+    );
+    assert_eq!(
+        d.off_overlay,
+        [
+            cidr("10.7.20.0/26"),
+            cidr("10.9.20.0/26"),
+            cidr("172.16.0.0/26")
+        ]
+    );
+    assert_eq!(
+        d.nodes["k8s01"].blocks,
+        [cidr("10.1.10.0/26"), cidr("10.9.10.0/26")]
+    );
+    // Without pools every block is VXLAN, as before.
+    let d = build_with_pools(nodes, blocks, None);
+    assert!(!d.cluster.pools_known);
+    assert_eq!(d.nodes["k8s02"].blocks.len(), 5);
+    assert!(d.off_overlay.is_empty());
+}
+
 #[test]
 fn affinity_deleted_is_a_string_and_conflicts_are_reported() {
     let obj = lite(json!({"metadata": {"name": "k8s02-10-1-9-0-26"}, "spec": {
@@ -302,11 +454,7 @@ fn flannel_profile_from_annotations() {
     let d = build_desired(
         KubeProfile::Flannel,
         "f1",
-        &CacheView {
-            nodes: &nodes,
-            blocks: &empty_b,
-            affinities: &empty_a,
-        },
+        &CacheView::new(&nodes, &empty_b, &empty_a),
     );
     let f2 = &d.nodes["f2"];
     assert_eq!(f2.vtep_ip, v4(10, 244, 2, 0));
@@ -329,15 +477,7 @@ fn flannel_pod_cidr_with_host_bits_is_rejected_like_the_file_does() {
         .into_iter()
         .collect();
     let (b, a) = (BTreeMap::new(), BTreeMap::new());
-    let d = build_desired(
-        KubeProfile::Flannel,
-        "f2",
-        &CacheView {
-            nodes: &nodes,
-            blocks: &b,
-            affinities: &a,
-        },
-    );
+    let d = build_desired(KubeProfile::Flannel, "f2", &CacheView::new(&nodes, &b, &a));
     assert!(
         d.problems.iter().any(|p| p.field == "spec.podCIDR"),
         "{:?}",
