@@ -411,3 +411,205 @@ async fn silent_watch_caught_by_relist_flips_the_checks() {
         stale[0].message
     );
 }
+
+/// `watchdog scan --json` with `config` (a file written here) against `kubeconfig`.
+fn scan_config(lab: &mut Lab, node: &str, kubeconfig: &Path, strip: &[&str]) -> Scan {
+    let mut text = kube_fixture::agent_config_toml_kubernetes(lab, node, kubeconfig);
+    for s in strip {
+        text = text.replace(s, "");
+    }
+    let path = std::env::temp_dir().join(format!("{}-{node}-shape.toml", lab.id()));
+    std::fs::write(&path, text).unwrap();
+    let (code, stdout, stderr) = run(&[], &path, Some(&lab.netns_path(node)));
+    let _ = std::fs::remove_file(&path);
+    let json = serde_json::from_str(&stdout).unwrap_or_else(|e| {
+        panic!("scan printed no JSON ({e}), exit {code}\nstdout: {stdout}\nstderr: {stderr}")
+    });
+    Scan { code, json, stderr }
+}
+
+fn notes(s: &Scan) -> String {
+    s.json["datastore"]["notes"].to_string()
+}
+
+/// What the cluster itself says, read through both Calico API groups: a cluster migrated from
+/// flannel (VNI 1, port 8472 in FelixConfiguration, none in the agent's config) with a VXLAN
+/// pool, a no-encap pool and an IPIP pool, and a node without a VTEP that owns only IPIP
+/// blocks. Healthy on every node with real traffic over VXLAN and natively; a block of a
+/// deleted pool is not `route-missing`; RBAC that forbids the configuration degrades to the
+/// config keys and says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calico_pools_and_felix_configuration_are_read_from_the_api() {
+    use ipnet::Ipv4Net;
+    use watchdog_lab::UNDERLAY_IF;
+
+    let mut lab = Lab::build(LabSpec::calico(3).with_vxlan(1, 8472)).expect("building lab");
+    let server = FakeApiServer::start(FakeConfig {
+        calico_apis: vec![
+            "projectcalico.org/v3".to_string(),
+            "crd.projectcalico.org/v1".to_string(),
+        ],
+        ..FakeConfig::default()
+    })
+    .await;
+    kube_fixture::populate_fake_apiserver(&lab, &server);
+    let kubeconfig = server.write_kubeconfig();
+    let nodes = lab.nodes().to_vec();
+    let (n1, n2, n3) = (&nodes[0], &nodes[1], &nodes[2]);
+
+    // node2 also owns a block of a no-encap pool: routed natively to its node IP.
+    let plain: Ipv4Net = "10.200.2.0/26".parse().unwrap();
+    let plain_pod = Ipv4Addr::new(10, 200, 2, 1);
+    server.put(
+        Res::IpPools,
+        kube_fixture::ip_pool(
+            "no-encap",
+            "10.200.0.0/16".parse().unwrap(),
+            "Never",
+            "Never",
+        ),
+    );
+    kube_fixture::put_block(&server, &n2.name, plain);
+    lab.ip(
+        &n2.name,
+        &["addr", "add", &format!("{plain_pod}/32"), "dev", "lo"],
+    )
+    .unwrap();
+    // node3 owns a block of an IPIP pool; "ipip-only" is a node of that pool without a VTEP.
+    // This kernel has no IPIP, so a veth named like Felix's device carries the route.
+    let ipip: Ipv4Net = "10.201.3.0/26".parse().unwrap();
+    server.put(
+        Res::IpPools,
+        kube_fixture::ip_pool("ipip", "10.201.0.0/16".parse().unwrap(), "Never", "Always"),
+    );
+    kube_fixture::put_block(&server, &n3.name, ipip);
+    kube_fixture::put_node_without_vtep(
+        &server,
+        "ipip-only",
+        Ipv4Addr::new(192, 168, 99, 4),
+        &["10.201.9.0/26".parse().unwrap()],
+    );
+    for n in [n1, n3] {
+        lab.ip(
+            &n.name,
+            &[
+                "link", "add", "tunl0", "type", "veth", "peer", "name", "tunl0p",
+            ],
+        )
+        .unwrap();
+        lab.ip(&n.name, &["link", "set", "tunl0", "up"]).unwrap();
+    }
+    for (n, peer) in [(n1, n2), (n3, n2)] {
+        let via = peer.node_ip.to_string();
+        lab.ip(
+            &n.name,
+            &[
+                "route",
+                "add",
+                &plain.to_string(),
+                "via",
+                &via,
+                "dev",
+                UNDERLAY_IF,
+                "proto",
+                "80",
+            ],
+        )
+        .unwrap();
+    }
+    let via3 = n3.node_ip.to_string();
+    lab.ip(
+        &n1.name,
+        &[
+            "route",
+            "add",
+            &ipip.to_string(),
+            "via",
+            &via3,
+            "dev",
+            "tunl0",
+            "onlink",
+            "proto",
+            "80",
+        ],
+    )
+    .unwrap();
+
+    // The agent's config says nothing about VNI and port: FelixConfiguration does.
+    let strip = ["vxlan_vni = 1\n", "vxlan_port = 8472\n"];
+    for n in &nodes {
+        let s = scan_config(&mut lab, &n.name, &kubeconfig, &strip);
+        assert!(
+            s.findings().is_empty() && s.code == 0,
+            "{}: {:#?}\nnotes: {}\nstderr: {}",
+            n.name,
+            s.findings(),
+            notes(&s),
+            s.stderr
+        );
+        assert!(
+            notes(&s).contains("FelixConfiguration/default"),
+            "{}",
+            notes(&s)
+        );
+    }
+    for r in lab.traffic_matrix(3).unwrap() {
+        assert!(r.all_delivered(), "over VXLAN: {r}");
+    }
+    let src = n1.pods[0];
+    let t = lab
+        .traffic_flows(&n1.name, src, &n2.name, &[plain_pod], 3)
+        .unwrap();
+    assert!(t.all_delivered(), "no-encap pool, natively: {t}");
+
+    // The IPIP pool is deleted while its blocks remain: Felix no longer routes them, and
+    // neither the leftover route nor the missing VXLAN route is the agent's to judge.
+    server.delete(Res::IpPools, "ipip");
+    let s = scan_config(&mut lab, &n1.name, &kubeconfig, &strip);
+    assert!(s.findings().is_empty(), "deleted pool: {:#?}", s.findings());
+
+    // A VXLAN block left on tunl0 (an IPIP→VXLAN migration gone wrong) is still found.
+    let first = n2.blocks[0].to_string();
+    let via2 = n2.node_ip.to_string();
+    lab.ip(
+        &n1.name,
+        &[
+            "route", "replace", &first, "via", &via2, "dev", "tunl0", "onlink", "proto", "80",
+        ],
+    )
+    .unwrap();
+    let s = scan_config(&mut lab, &n1.name, &kubeconfig, &strip);
+    assert_eq!(
+        s.checks(),
+        set(&[("route-wrong-device", &n2.name)]),
+        "{:#?}",
+        s.findings()
+    );
+    lab.ip(
+        &n1.name,
+        &[
+            "route",
+            "replace",
+            &first,
+            "via",
+            &n2.vtep_ip.to_string(),
+            "dev",
+            lab.device(),
+            "onlink",
+        ],
+    )
+    .unwrap();
+
+    // RBAC without felixconfigurations: the config keys apply, and the output says why.
+    server.set_forbidden(Res::FelixConfigurations, true);
+    let s = scan_config(&mut lab, &n1.name, &kubeconfig, &strip);
+    assert!(notes(&s).contains("forbidden by RBAC"), "{}", notes(&s));
+    assert_eq!(
+        s.checks(),
+        BTreeSet::from([("device-misconfigured".to_string(), None)]),
+        "{:#?}",
+        s.findings()
+    );
+    let s = scan_config(&mut lab, &n1.name, &kubeconfig, &[]);
+    assert!(s.findings().is_empty(), "config keys: {:#?}", s.findings());
+}

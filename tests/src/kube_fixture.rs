@@ -131,7 +131,8 @@ fn block_affinity(owner: &str, cidr: Ipv4Net) -> Value {
 }
 
 /// Puts the lab's healthy cluster into `server`: every Node and, for Calico, every IPAMBlock
-/// and BlockAffinity. Safe to call again (objects are replaced).
+/// and BlockAffinity, the VXLAN IPPool they come from and the `default` FelixConfiguration
+/// with the lab's VNI and port. Safe to call again (objects are replaced).
 pub fn populate_fake_apiserver(lab: &Lab, server: &FakeApiServer) {
     for node in lab.nodes() {
         server.put(Res::Nodes, node_object(lab.profile(), node, None));
@@ -143,7 +144,68 @@ pub fn populate_fake_apiserver(lab: &Lab, server: &FakeApiServer) {
                 server.put(Res::BlockAffinities, block_affinity(&node.name, cidr));
             }
         }
+        let blocks: Vec<Ipv4Net> = lab.nodes().iter().flat_map(|n| n.blocks.clone()).collect();
+        server.put(
+            Res::IpPools,
+            ip_pool("default-ipv4-ippool", covering(&blocks), "Always", "Never"),
+        );
+        let (vni, port) = lab.vxlan();
+        server.put(
+            Res::FelixConfigurations,
+            json!({"metadata": {"name": "default"},
+                   "spec": {"vxlanVNI": vni, "vxlanPort": port, "bpfLogLevel": "",
+                            "logSeverityScreen": "Info", "reportingInterval": "0s"}}),
+        );
     }
+}
+
+/// An IPPool as Calico writes it (`vxlanMode`/`ipipMode`: `Always`, `CrossSubnet`, `Never`).
+pub fn ip_pool(name: &str, cidr: Ipv4Net, vxlan_mode: &str, ipip_mode: &str) -> Value {
+    json!({
+        "metadata": {"name": name},
+        "spec": {"cidr": cidr.to_string(), "vxlanMode": vxlan_mode, "ipipMode": ipip_mode,
+                 "natOutgoing": true, "blockSize": 26, "nodeSelector": "all()"}
+    })
+}
+
+/// A node outside the lab's kernels: a Node object and the IPAMBlocks it owns, as Calico
+/// writes them for a node of an IPIP or no-encap pool (an address, no VTEP).
+pub fn put_node_without_vtep(
+    server: &FakeApiServer,
+    name: &str,
+    node_ip: Ipv4Addr,
+    blocks: &[Ipv4Net],
+) {
+    server.put(
+        Res::Nodes,
+        json!({"metadata": {"name": name, "annotations": {
+            ANN_CALICO_ADDRESS: format!("{node_ip}/24")}}}),
+    );
+    for &cidr in blocks {
+        put_block(server, name, cidr);
+    }
+}
+
+/// An IPAMBlock (and its confirmed affinity) owned by `owner`, with nothing allocated.
+pub fn put_block(server: &FakeApiServer, owner: &str, cidr: Ipv4Net) {
+    server.put(
+        Res::IpamBlocks,
+        json!({"metadata": {"name": block_name(cidr)},
+               "spec": {"cidr": cidr.to_string(), "affinity": format!("host:{owner}"),
+                        "deleted": false, "allocations": [], "attributes": []}}),
+    );
+    server.put(Res::BlockAffinities, block_affinity(owner, cidr));
+}
+
+/// The smallest network containing every one of `nets`.
+fn covering(nets: &[Ipv4Net]) -> Ipv4Net {
+    let mut net = nets.first().copied().unwrap_or_default();
+    while !nets.iter().all(|n| net.contains(n)) && net.prefix_len() > 0 {
+        net = Ipv4Net::new(net.network(), net.prefix_len() - 1)
+            .unwrap()
+            .trunc();
+    }
+    net
 }
 
 /// What calico-node does when `node` re-registers with a new VTEP address: its Node's
@@ -166,10 +228,17 @@ pub fn restore_node(lab: &Lab, server: &FakeApiServer, node: &str) -> u64 {
 
 /// An agent config for running `watchdog` as `node` against the API server in `kubeconfig`.
 pub fn agent_config_toml_kubernetes(lab: &Lab, node: &str, kubeconfig: &Path) -> String {
+    let (vni, port) = lab.vxlan();
+    let profile = lab.profile();
+    let vxlan = if (vni, port) == (profile.vni(), profile.udp_port()) {
+        String::new()
+    } else {
+        format!("vxlan_vni = {vni}\nvxlan_port = {port}\n")
+    };
     format!(
-        "node_name = \"{}\"\nprofile = \"{}\"\ndevices = [\"{}\"]\n\n[datastore]\nsource = \"kubernetes\"\nkubeconfig = \"{}\"\n",
+        "node_name = \"{}\"\nprofile = \"{}\"\ndevices = [\"{}\"]\n{vxlan}\n[datastore]\nsource = \"kubernetes\"\nkubeconfig = \"{}\"\n",
         lab.node(node).name,
-        lab.profile(),
+        profile,
         lab.device(),
         kubeconfig.display()
     )

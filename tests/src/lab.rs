@@ -274,6 +274,12 @@ impl Lab {
         self.profile
     }
 
+    /// The VNI and UDP port the overlay devices run.
+    pub fn vxlan(&self) -> (u32, u16) {
+        self.vxlan
+            .unwrap_or((self.profile.vni(), self.profile.udp_port()))
+    }
+
     /// Overlay device name (`vxlan.calico` or `flannel.1`).
     pub fn device(&self) -> &'static str {
         self.profile.device()

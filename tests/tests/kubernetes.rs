@@ -100,6 +100,7 @@ async fn start(apis: &[&str]) -> (FakeApiServer, KubeSourceConfig) {
     let server = FakeApiServer::start(FakeConfig {
         calico_apis: apis.iter().map(|s| s.to_string()).collect(),
         bookmark_interval: Duration::from_millis(300),
+        ..FakeConfig::default()
     })
     .await;
     let cfg = KubeSourceConfig {
@@ -192,8 +193,83 @@ async fn initial_list_builds_the_desired_state() {
     .await;
     assert_eq!(*snap.desired, d);
     assert!(!snap.stale, "{:?}", snap.stale_reason);
-    assert_eq!(snap.resources.len(), 3);
+    // Nodes, IPAMBlocks, BlockAffinities, IPPools, FelixConfigurations.
+    assert_eq!(snap.resources.len(), 5, "{:?}", snap.resources.keys());
     assert_eq!(snap.ipam_api.as_deref(), Some("crd.projectcalico.org/v1"));
+}
+
+/// IPPools and FelixConfigurations are watched like the rest: a pool that takes a block off
+/// VXLAN, and a node-level VNI override, reach the desired state within a second; an install
+/// that does not serve them says so and assumes what the config keys say.
+#[tokio::test]
+async fn pools_and_felix_configuration_are_watched() {
+    let (server, cfg) = start(&["crd.projectcalico.org/v1"]).await;
+    seed_calico(&server);
+    server.put(
+        Res::IpPools,
+        json!({"metadata": {"name": "default-ipv4-ippool"},
+               "spec": {"cidr": "10.1.0.0/16", "vxlanMode": "Always", "ipipMode": "Never"}}),
+    );
+    server.put(
+        Res::FelixConfigurations,
+        json!({"metadata": {"name": "default"}, "spec": {"vxlanVNI": 1, "vxlanPort": 8472}}),
+    );
+    let src = KubeSource::connect(cfg.clone()).await.unwrap();
+    let mut rx = src.spawn();
+    let snap = wait_for(&mut rx, Duration::from_secs(5), "initial sync", |s| {
+        s.synced
+    })
+    .await;
+    let c = &snap.desired.cluster;
+    assert!(c.pools_known);
+    assert_eq!((c.vxlan_vni, c.vxlan_port), (Some(1), Some(8472)));
+    assert_eq!(snap.desired.nodes["k8s03"].blocks.len(), 2);
+
+    let ipip: ipnet::IpNet = "10.1.235.192/26".parse().unwrap();
+    server.put(
+        Res::IpPools,
+        json!({"metadata": {"name": "ipip"},
+               "spec": {"cidr": ipip.to_string(), "vxlanMode": "Never", "ipipMode": "Always"}}),
+    );
+    server.put(
+        Res::FelixConfigurations,
+        json!({"metadata": {"name": "node.k8s01"}, "spec": {"vxlanVNI": 7}}),
+    );
+    let snap = wait_for(
+        &mut rx,
+        Duration::from_secs(1),
+        "the pool and the override",
+        |s| s.desired.off_overlay == [ipip] && s.desired.cluster.vxlan_vni == Some(7),
+    )
+    .await;
+    assert_eq!(snap.desired.nodes["k8s03"].blocks.len(), 1);
+    assert_eq!(snap.desired.cluster.vxlan_port, Some(8472));
+
+    // An install without Calico's configuration CRDs.
+    let server = FakeApiServer::start(FakeConfig {
+        calico_config: false,
+        ..FakeConfig::default()
+    })
+    .await;
+    seed_calico(&server);
+    let cfg = KubeSourceConfig {
+        kubeconfig: Some(server.write_kubeconfig()),
+        ..cfg
+    };
+    let d = KubeSource::connect(cfg)
+        .await
+        .unwrap()
+        .list_once()
+        .await
+        .unwrap();
+    assert!(!d.cluster.pools_known);
+    assert!(d.problems.is_empty(), "{:?}", d.problems);
+    let notes = d.cluster.notes.join("\n");
+    assert!(
+        notes.contains("ippools: not served") && notes.contains("every block is taken as VXLAN"),
+        "{notes}"
+    );
+    assert!(notes.contains("felixconfigurations: not served"), "{notes}");
 }
 
 #[tokio::test]

@@ -153,16 +153,15 @@ async fn handle(st: Arc<State>, req: Request<Incoming>) -> Response<Body> {
                 let verbs = &[
                     "get", "list", "watch", "create", "update", "patch", "delete",
                 ][..];
-                full(
-                    StatusCode::OK,
-                    resource_list(
-                        &gv,
-                        &[
-                            ("ipamblocks", "IPAMBlock", false, verbs),
-                            ("blockaffinities", "BlockAffinity", false, verbs),
-                        ],
-                    ),
-                )
+                let mut resources = vec![
+                    ("ipamblocks", "IPAMBlock", false, verbs),
+                    ("blockaffinities", "BlockAffinity", false, verbs),
+                ];
+                if st.cfg.calico_config {
+                    resources.push(("ippools", "IPPool", false, verbs));
+                    resources.push(("felixconfigurations", "FelixConfiguration", false, verbs));
+                }
+                full(StatusCode::OK, resource_list(&gv, &resources))
             } else {
                 status(
                     StatusCode::NOT_FOUND,
@@ -178,6 +177,11 @@ async fn handle(st: Arc<State>, req: Request<Incoming>) -> Response<Body> {
             match Res::from_plural(plural) {
                 Some(res @ (Res::IpamBlocks | Res::BlockAffinities))
                     if st.cfg.calico_apis.contains(&gv) =>
+                {
+                    list_or_watch(&st, res, &q, &gv)
+                }
+                Some(res @ (Res::IpPools | Res::FelixConfigurations))
+                    if st.cfg.calico_apis.contains(&gv) && st.cfg.calico_config =>
                 {
                     list_or_watch(&st, res, &q, &gv)
                 }

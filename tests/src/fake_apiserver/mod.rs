@@ -34,6 +34,8 @@ pub enum Res {
     Nodes,
     IpamBlocks,
     BlockAffinities,
+    IpPools,
+    FelixConfigurations,
     Events,
 }
 
@@ -43,6 +45,8 @@ impl Res {
             Res::Nodes => "nodes",
             Res::IpamBlocks => "ipamblocks",
             Res::BlockAffinities => "blockaffinities",
+            Res::IpPools => "ippools",
+            Res::FelixConfigurations => "felixconfigurations",
             Res::Events => "events",
         }
     }
@@ -51,6 +55,8 @@ impl Res {
             Res::Nodes => "Node",
             Res::IpamBlocks => "IPAMBlock",
             Res::BlockAffinities => "BlockAffinity",
+            Res::IpPools => "IPPool",
+            Res::FelixConfigurations => "FelixConfiguration",
             Res::Events => "Event",
         }
     }
@@ -59,6 +65,8 @@ impl Res {
             Res::Nodes,
             Res::IpamBlocks,
             Res::BlockAffinities,
+            Res::IpPools,
+            Res::FelixConfigurations,
             Res::Events,
         ]
         .into_iter()
@@ -72,6 +80,9 @@ pub struct FakeConfig {
     /// Group/versions serving the Calico IPAM resources: `crd.projectcalico.org/v1`,
     /// `projectcalico.org/v3`, both, or none.
     pub calico_apis: Vec<String>,
+    /// Whether those group/versions also serve `ippools` and `felixconfigurations` (Calico's
+    /// CRDs always do; `false` plays an install without them).
+    pub calico_config: bool,
     /// How often open watches that asked for bookmarks get one.
     pub bookmark_interval: Duration,
 }
@@ -80,6 +91,7 @@ impl Default for FakeConfig {
     fn default() -> Self {
         FakeConfig {
             calico_apis: vec!["crd.projectcalico.org/v1".to_string()],
+            calico_config: true,
             bookmark_interval: Duration::from_millis(500),
         }
     }

@@ -220,24 +220,19 @@ pub(super) async fn probe_readable(
         api.list(&kube::api::ListParams::default().limit(1)),
     )
     .await;
-    match res {
+    let (why, message) = match res {
+        Err(KubeError::Forbidden { message, .. }) => ("forbidden by RBAC", message),
         Err(KubeError::Api {
             source: kube::Error::Api(s),
             ..
-        }) if s.code == 403 || s.code == 404 => {
-            let why = if s.code == 403 {
-                "forbidden by RBAC"
-            } else {
-                "not found"
-            };
-            tracing::warn!(resource = %ar.plural, api = %ar.api_version, code = s.code, "cannot read Calico configuration; degrading to the config keys");
-            notes.push(format!(
-                "{}/{}: {why} ({}): {without}",
-                ar.api_version, ar.plural, s.message
-            ));
-            None
-        }
+        }) if s.code == 404 => ("not found", s.message.clone()),
         // Anything else (a timeout, a 5xx) is the list/watch loop's to retry and report.
-        _ => Some(ar),
-    }
+        _ => return Some(ar),
+    };
+    tracing::warn!(resource = %ar.plural, api = %ar.api_version, why, "cannot read Calico configuration; degrading to the config keys");
+    notes.push(format!(
+        "{}/{}: {why} ({message}): {without}",
+        ar.api_version, ar.plural
+    ));
+    None
 }

@@ -291,7 +291,18 @@ fn build_calico(view: &CacheView, out: &mut DesiredState) {
         out.cluster = cluster_settings(felix, &out.local_node, &mut out.problems);
         out.cluster.notes.splice(0..0, notes);
     }
-    let pools = view.pools.map(|p| Pools::build(p, &mut out.problems));
+    // No pool at all cannot be a working Calico cluster: more likely a partial install or a
+    // read that saw nothing. Judging every block as off the overlay would hide every fault.
+    let pools = match view.pools {
+        Some(p) if p.is_empty() => {
+            out.cluster
+                .notes
+                .push("no IPPools listed: every block is taken as VXLAN".to_string());
+            None
+        }
+        Some(p) => Some(Pools::build(p, &mut out.problems)),
+        None => None,
+    };
     out.cluster.pools_known = pools.is_some();
     // Block ownership from IPAMBlocks: what Felix routes by.
     // The CIDR as written (host bits are the shared validation's to reject), and where.

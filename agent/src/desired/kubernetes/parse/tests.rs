@@ -391,11 +391,20 @@ fn blocks_outside_vxlan_pools_are_off_the_overlay() {
         d.nodes["k8s01"].blocks,
         [cidr("10.1.10.0/26"), cidr("10.9.10.0/26")]
     );
-    // Without pools every block is VXLAN, as before.
-    let d = build_with_pools(nodes, blocks, None);
-    assert!(!d.cluster.pools_known);
-    assert_eq!(d.nodes["k8s02"].blocks.len(), 5);
-    assert!(d.off_overlay.is_empty());
+    // Without pools every block is VXLAN, as before; so with an empty pool list, which no
+    // working cluster has (taking every block off the overlay would hide every fault).
+    for pools in [None, Some(vec![])] {
+        let d = build_with_pools(nodes.clone(), blocks.clone(), pools.clone());
+        assert!(!d.cluster.pools_known);
+        assert_eq!(d.nodes["k8s02"].blocks.len(), 5);
+        assert!(d.off_overlay.is_empty());
+        assert_eq!(
+            d.cluster.notes.is_empty(),
+            pools.is_none(),
+            "{:?}",
+            d.cluster
+        );
+    }
 }
 
 #[test]
