@@ -351,7 +351,10 @@ impl DesiredState {
             // Ambiguous (two nodes claim one of our addresses): leave it to datastore-invalid.
             return None;
         }
-        self.local_node = found;
+        // The validation could not find the host name among the nodes; now it is found.
+        let old = std::mem::replace(&mut self.local_node, found);
+        self.problems
+            .retain(|p| !(p.field == "nodes" && p.node.as_deref() == Some(old.as_str())));
         Some(&self.local_node)
     }
 }

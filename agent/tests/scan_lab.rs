@@ -515,3 +515,49 @@ fn the_ebpf_dataplane_device_is_healthy_without_vni_or_fdb() {
         s.findings()
     );
 }
+
+/// Node name ≠ host name (clouds name nodes `ip-10-0-1-5…` or by instance id): with no
+/// `node_name` configured, and a host name that is no node's, the agent finds its node by
+/// the overlay device's local address. It never judges its own blocks as a peer's: every node
+/// is healthy, and a fault is found on the faulted node only, naming the right peer.
+#[test]
+fn a_node_name_other_than_the_host_name_is_found_by_address() {
+    let mut lab = Lab::build(LabSpec::calico(3)).expect("building lab");
+    let datastore = lab.write_datastore().unwrap();
+    let names: Vec<String> = lab.nodes().iter().map(|n| n.name.clone()).collect();
+    let scan_unnamed = |lab: &Lab, node: &str| {
+        let text = lab.agent_config_toml(node, &datastore);
+        let text: String = text
+            .lines()
+            .filter(|l| !l.starts_with("node_name"))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        let config = datastore.with_file_name(format!("{node}-unnamed.toml"));
+        std::fs::write(&config, text).unwrap();
+        let s = scan_with(&config, &lab.netns_path(node), &[]);
+        let _ = std::fs::remove_file(&config);
+        s
+    };
+    for node in &names {
+        let s = scan_unnamed(&lab, node);
+        assert!(
+            s.findings().is_empty() && s.code == 0,
+            "{node} (found by address) must be healthy: {:#?}",
+            s.findings()
+        );
+        assert_eq!(s.json["peers"].as_array().unwrap().len(), names.len() - 1);
+        assert!(s.json["peers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|p| p["node"] != node.as_str()));
+    }
+    let fault = Fault::route_removed("node1", "node2");
+    let want = expected(&fault);
+    lab.inject(fault).unwrap();
+    assert_eq!(scan_unnamed(&lab, "node1").checks(), want);
+    for other in ["node2", "node3"] {
+        let s = scan_unnamed(&lab, other);
+        assert!(s.findings().is_empty(), "{other}: {:#?}", s.findings());
+    }
+}
