@@ -300,18 +300,53 @@ pub struct DesiredState {
 /// The overlay's settings as the cluster configures them (Calico `FelixConfiguration`, read
 /// with the Kubernetes datastore: `node.<name>` over `default`). `None`: not set there, or
 /// not readable; the config keys and the profile's defaults apply.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
-pub struct ClusterSettings {
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct FelixVxlan {
     pub vxlan_vni: Option<u32>,
     pub vxlan_port: Option<u16>,
     pub vxlan_mtu: Option<u32>,
     pub vxlan_mtu_v6: Option<u32>,
     /// Calico's eBPF dataplane (`bpfEnabled`): a flow-based `vxlan.calico`, no FDB.
     pub bpf_enabled: Option<bool>,
+}
+
+impl FelixVxlan {
+    /// Each field of `self`, else `base`'s.
+    pub fn over(self, base: &FelixVxlan) -> FelixVxlan {
+        FelixVxlan {
+            vxlan_vni: self.vxlan_vni.or(base.vxlan_vni),
+            vxlan_port: self.vxlan_port.or(base.vxlan_port),
+            vxlan_mtu: self.vxlan_mtu.or(base.vxlan_mtu),
+            vxlan_mtu_v6: self.vxlan_mtu_v6.or(base.vxlan_mtu_v6),
+            bpf_enabled: self.bpf_enabled.or(base.bpf_enabled),
+        }
+    }
+}
+
+/// What the cluster's own configuration says about the overlay, and what could not be read.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct ClusterSettings {
+    /// In effect for the local node: its `node.<name>` FelixConfiguration over `default`.
+    pub felix: FelixVxlan,
+    /// `FelixConfiguration/default`.
+    pub felix_default: FelixVxlan,
+    /// `FelixConfiguration/node.<name>`, per node: the local node may be known only later
+    /// (found by address).
+    pub felix_nodes: BTreeMap<String, FelixVxlan>,
     /// IP pools were read: blocks outside VXLAN pools are [`DesiredState::off_overlay`].
     pub pools_known: bool,
     /// What was read from where, and what could not be read and why (status shows these).
     pub notes: Vec<String>,
+}
+
+impl ClusterSettings {
+    /// The settings in effect for `node`.
+    pub fn resolve_for(&mut self, node: &str) {
+        self.felix = self
+            .felix_nodes
+            .get(node)
+            .map_or(self.felix_default, |n| n.over(&self.felix_default));
+    }
 }
 
 /// A node the overlay does not reach: it has no VTEP.
@@ -353,6 +388,7 @@ impl DesiredState {
         }
         // The validation could not find the host name among the nodes; now it is found.
         let old = std::mem::replace(&mut self.local_node, found);
+        self.cluster.resolve_for(&self.local_node);
         self.problems
             .retain(|p| !(p.field == "nodes" && p.node.as_deref() == Some(old.as_str())));
         Some(&self.local_node)

@@ -40,17 +40,22 @@ struct Agent {
 
 impl Agent {
     fn start(lab: &mut Lab, kubeconfig: &std::path::Path, datastore_extra: &str) -> Agent {
+        let base = kube_fixture::agent_config_toml_kubernetes(lab, NODE, kubeconfig);
+        Agent::start_with(lab, &format!("{base}{datastore_extra}"))
+    }
+
+    /// `config` is the agent's config up to and including its `[datastore]` table.
+    fn start_with(lab: &mut Lab, config: &str) -> Agent {
         let dir = tempfile::tempdir().expect("temp dir");
         let socket = dir.path().join("run/status.sock");
         let metrics: SocketAddr = TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
             .unwrap();
-        let config = dir.path().join("config.toml");
         let text = format!(
-            "{}{datastore_extra}\n[status]\nsocket = \"{}\"\n\n[metrics]\nlisten = \"{metrics}\"\n\n[ebpf]\nenabled = false\n",
-            kube_fixture::agent_config_toml_kubernetes(lab, NODE, kubeconfig),
+            "{config}\n[status]\nsocket = \"{}\"\n\n[metrics]\nlisten = \"{metrics}\"\n\n[ebpf]\nenabled = false\n",
             socket.display(),
         );
+        let config = dir.path().join("config.toml");
         std::fs::write(&config, text).expect("write config");
         let log = std::fs::File::create(dir.path().join("agent.log")).expect("log file");
         let child = Command::new(BIN)
@@ -453,5 +458,91 @@ fn a_watch_that_ends_keeps_the_last_state_and_recovers() {
         !saw_stale_route.get(),
         "a route-stale appeared while the watch was gone:\n{}",
         agent.log()
+    );
+}
+
+/// What the cluster's own configuration says reaches the daemon through the watch: a
+/// FelixConfiguration for this node changes the VNI the device must have; an IPIP pool takes
+/// a peer's blocks off the overlay, so a route to them that Felix no longer programs is not
+/// `route-missing`. The agent runs without `node_name`, as on a cloud whose host names are not
+/// the node names: it finds its node by address.
+#[test]
+fn cluster_configuration_changes_reach_the_daemon() {
+    use watchdog_lab::fake_apiserver::Res;
+    let Cluster {
+        _server_rt,
+        mut lab,
+        server,
+        kubeconfig,
+    } = Cluster::start();
+    let config: String = kube_fixture::agent_config_toml_kubernetes(&lab, NODE, &kubeconfig)
+        .lines()
+        .filter(|l| !l.starts_with("node_name"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    let mut agent = Agent::start_with(
+        &mut lab,
+        &format!("{config}publish_node_condition = true\n"),
+    );
+    let nodes = lab.nodes().len();
+    agent.wait(
+        "in sync, found by address",
+        Duration::from_secs(10),
+        |s, f| s.in_sync && s.datastore.nodes == nodes && s.node == NODE && f.is_empty(),
+    );
+    // The condition goes to the node it found, not to the host name.
+    let started = Instant::now();
+    while !condition_patches(&server).iter().any(|(s, _)| s == "True") {
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "no condition patch on {NODE}: {:?}",
+            server
+                .requests()
+                .iter()
+                .map(|r| format!("{} {}", r.method, r.path))
+                .collect::<Vec<_>>()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+
+    server.put(
+        Res::FelixConfigurations,
+        serde_json::json!({"metadata": {"name": format!("node.{NODE}")}, "spec": {"vxlanVNI": 7}}),
+    );
+    let (found, _) = agent.wait(
+        "the node's VNI from Felix",
+        Duration::from_secs(3),
+        |_, f| has(f, "device-misconfigured", None),
+    );
+    let f = found
+        .iter()
+        .find(|f| f.check.as_str() == "device-misconfigured")
+        .unwrap();
+    assert_eq!(f.evidence.details["expected_vni"], "7", "{f:?}");
+    server.delete(Res::FelixConfigurations, &format!("node.{NODE}"));
+    agent.wait("back to the default VNI", Duration::from_secs(3), |_, f| {
+        f.is_empty()
+    });
+
+    // k8s03's 10.1.236.0/24 blocks move to an IPIP pool; Felix would drop their VXLAN routes.
+    server.put(
+        Res::IpPools,
+        kube_fixture::ip_pool("ipip", "10.1.236.0/24".parse().unwrap(), "Never", "Always"),
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    lab.ip(NODE, &["route", "del", "10.1.236.0/26"]).unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    let f = agent.findings().unwrap();
+    assert!(
+        f.is_empty(),
+        "an IPIP block is not route-missing: {:?}",
+        names(&f)
+    );
+    // Without that pool it is a VXLAN block again, and its missing route is found.
+    server.delete(Res::IpPools, "ipip");
+    agent.wait(
+        "route-missing once VXLAN again",
+        Duration::from_secs(3),
+        |_, f| has(f, "route-missing", Some("k8s03")),
     );
 }

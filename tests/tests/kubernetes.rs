@@ -222,7 +222,10 @@ async fn pools_and_felix_configuration_are_watched() {
     .await;
     let c = &snap.desired.cluster;
     assert!(c.pools_known);
-    assert_eq!((c.vxlan_vni, c.vxlan_port), (Some(1), Some(8472)));
+    assert_eq!(
+        (c.felix.vxlan_vni, c.felix.vxlan_port),
+        (Some(1), Some(8472))
+    );
     assert_eq!(snap.desired.nodes["k8s03"].blocks.len(), 2);
 
     let ipip: ipnet::IpNet = "10.1.235.192/26".parse().unwrap();
@@ -239,11 +242,11 @@ async fn pools_and_felix_configuration_are_watched() {
         &mut rx,
         Duration::from_secs(1),
         "the pool and the override",
-        |s| s.desired.off_overlay == [ipip] && s.desired.cluster.vxlan_vni == Some(7),
+        |s| s.desired.off_overlay == [ipip] && s.desired.cluster.felix.vxlan_vni == Some(7),
     )
     .await;
     assert_eq!(snap.desired.nodes["k8s03"].blocks.len(), 1);
-    assert_eq!(snap.desired.cluster.vxlan_port, Some(8472));
+    assert_eq!(snap.desired.cluster.felix.vxlan_port, Some(8472));
 
     // An install without Calico's configuration CRDs.
     let server = FakeApiServer::start(FakeConfig {

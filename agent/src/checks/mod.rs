@@ -100,11 +100,12 @@ impl DeviceSpec {
         if !matches!(spec.name.as_str(), "vxlan.calico" | "vxlan-v6.calico") {
             return spec;
         }
-        spec.vni = cluster.vxlan_vni.or(spec.vni);
-        spec.port = cluster.vxlan_port.or(spec.port);
+        let felix = &cluster.felix;
+        spec.vni = felix.vxlan_vni.or(spec.vni);
+        spec.port = felix.vxlan_port.or(spec.port);
         let mtu = match spec.family {
-            Family::V4 => cluster.vxlan_mtu,
-            Family::V6 => cluster.vxlan_mtu_v6,
+            Family::V4 => felix.vxlan_mtu,
+            Family::V6 => felix.vxlan_mtu_v6,
         };
         spec.mtu = mtu.or(spec.mtu);
         spec

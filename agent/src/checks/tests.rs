@@ -847,15 +847,15 @@ fn the_cluster_felix_configuration_sets_the_device_expectations() {
     c.dev().link.port = Some(8472);
     c.dev().link.mtu = Some(1400);
     only(&c.report(), CheckId::DeviceMisconfigured, None);
-    c.desired.cluster.vxlan_vni = Some(1);
-    c.desired.cluster.vxlan_port = Some(8472);
+    c.desired.cluster.felix.vxlan_vni = Some(1);
+    c.desired.cluster.felix.vxlan_port = Some(8472);
     assert!(c.report().findings.is_empty(), "{:#?}", c.report().findings);
     // A config key that disagrees with the cluster does not win.
     let spec = DeviceSpec::for_name("vxlan.calico").with_overrides(Some(4096), Some(4789), None);
     let r = c.report_for(spec, Some(&c.desired), None);
     assert!(r.findings.is_empty(), "{:#?}", r.findings);
     // An MTU Felix was told to program, and the device has another.
-    c.desired.cluster.vxlan_mtu = Some(1450);
+    c.desired.cluster.felix.vxlan_mtu = Some(1450);
     let f = only(&c.report(), CheckId::DeviceMisconfigured, None);
     assert_eq!(f.evidence.details["expected_mtu"], "1450");
 }

@@ -21,6 +21,9 @@ impl Consumer for StatusConsumer {
                 if let Some(ds) = &delta.datastore {
                     s.datastore = ds.clone();
                 }
+                if let Some(node) = delta.local_node.as_ref().filter(|n| !n.is_empty()) {
+                    s.node.clone_from(node);
+                }
                 s.set_findings(delta.open.to_vec(), &delta.peers);
                 s.devices = delta.devices.clone();
                 s.checks.routes_checked = delta.routes_checked as u64;

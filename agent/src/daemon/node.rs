@@ -66,6 +66,9 @@ pub(super) struct NodeConsumer {
     last_condition: Option<Instant>,
     /// The one condition publisher's input (for the current source).
     condition: Option<watch::Sender<Option<ConditionUpdate>>>,
+    /// The local node as the loop resolved it (found by address when the host name is not a
+    /// node's).
+    local_node: Option<String>,
 }
 
 impl NodeConsumer {
@@ -76,6 +79,7 @@ impl NodeConsumer {
             last_healthy: None,
             last_condition: None,
             condition: None,
+            local_node: None,
         }
     }
 
@@ -91,6 +95,9 @@ impl NodeConsumer {
         let Some(src) = self.sources.borrow().clone() else {
             return;
         };
+        if let Some(node) = &self.local_node {
+            src.adopt_local_node(node);
+        }
         let critical: Vec<&Finding> = open
             .iter()
             .filter(|f| f.severity == Severity::Critical)
@@ -149,6 +156,9 @@ impl Consumer for NodeConsumer {
             delta.opened.clone()
         };
         self.open = delta.open.clone();
+        if let Some(node) = delta.local_node.as_ref().filter(|n| !n.is_empty()) {
+            self.local_node = Some(node.clone());
+        }
         self.publish(&delta.open.clone(), &opened, false);
     }
 

@@ -53,6 +53,7 @@ impl LoopState {
             duration,
             devices,
             datastore,
+            local_node: self.engine.desired().map(|d| d.local_node.clone()),
         });
         let counts = (summary.critical, summary.warning, summary.info);
         if synced && self.last_summary != Some(counts) {

@@ -44,6 +44,8 @@ pub struct FindingsDelta {
     /// What the evaluation looked at, for views: the watched devices and the datastore.
     pub devices: Vec<DeviceStatus>,
     pub datastore: Option<DatastoreStatus>,
+    /// The node this agent judges from: the configured name, or the one found by address.
+    pub local_node: Option<String>,
 }
 
 impl FindingsDelta {
@@ -281,6 +283,7 @@ mod tests {
             duration: Duration::ZERO,
             devices: vec![],
             datastore: None,
+            local_node: None,
         }
     }
 

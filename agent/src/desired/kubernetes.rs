@@ -75,6 +75,9 @@ pub struct KubeSource {
     cfg: Arc<KubeSourceConfig>,
     apis: Apis,
     publisher: Arc<publish::Publisher>,
+    /// The local node's name when it was found by address instead of configured: the Node
+    /// whose condition and Events are written.
+    adopted_node: Arc<std::sync::RwLock<Option<String>>>,
 }
 
 /// `load` is one consistent list ([`KubeSource::list_once`]); the daemon prefers
@@ -187,6 +190,7 @@ impl KubeSource {
             },
         };
         Ok(KubeSource {
+            adopted_node: Arc::default(),
             publisher: Arc::new(publish::Publisher::default()),
             client,
             source: "kubernetes".to_string(),
@@ -202,6 +206,29 @@ impl KubeSource {
 
     pub fn config(&self) -> &KubeSourceConfig {
         &self.cfg
+    }
+
+    /// The daemon found this host's node by address (its host name is no node's): conditions
+    /// and Events go to that Node from now on.
+    pub fn adopt_local_node(&self, name: &str) {
+        if name != self.cfg.node_name {
+            let mut adopted = self
+                .adopted_node
+                .write()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if adopted.as_deref() != Some(name) {
+                *adopted = Some(name.to_string());
+            }
+        }
+    }
+
+    /// The Node this agent writes to: the adopted name, else the configured one.
+    pub fn local_node(&self) -> String {
+        self.adopted_node
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+            .unwrap_or_else(|| self.cfg.node_name.clone())
     }
 
     /// `kubernetes:https://10.0.0.1:16443`: names the source in logs, status and findings.

@@ -12,7 +12,7 @@ use ipnet::IpNet;
 use serde_json::Value;
 
 use super::LiteObject;
-use crate::model::{ClusterSettings, DatastoreProblem};
+use crate::model::{ClusterSettings, DatastoreProblem, FelixVxlan};
 
 /// How a pool's blocks travel between nodes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -176,67 +176,85 @@ impl Pools {
     }
 }
 
-/// FelixConfiguration `default`, overridden field by field by `node.<local>`.
+/// FelixConfiguration `default`, overridden field by field by `node.<name>`; resolved for
+/// `local_node` (again later if the local node is found by address).
 pub fn cluster_settings(
     felix: &BTreeMap<String, FelixConfigInfo>,
     local_node: &str,
     problems: &mut Vec<DatastoreProblem>,
 ) -> ClusterSettings {
     let mut out = ClusterSettings::default();
-    let node_key = format!("node.{local_node}");
-    let mut read_from = Vec::new();
-    for name in ["default", node_key.as_str()] {
-        let Some(fc) = felix.get(name) else { continue };
-        read_from.push(format!("FelixConfiguration/{name}"));
-        let object = format!("FelixConfiguration/{name}");
-        let mut num = |v: &Option<Value>, field: &str, min: u64, max: u64| -> Option<u64> {
-            let v = v.as_ref()?;
-            match v
-                .as_u64()
-                .or_else(|| v.as_str().and_then(|s| s.trim().parse().ok()))
-            {
-                Some(0) if min > 0 && field.contains("MTU") => None, // 0: auto-detected
-                Some(n) if (min..=max).contains(&n) => Some(n),
-                _ => {
-                    problems.push(DatastoreProblem {
-                        object: object.clone(),
-                        node: None,
-                        field: format!("spec.{field}"),
-                        message: format!("{v} is not a number in {min}..={max}; ignored"),
-                    });
-                    None
-                }
+    for (name, fc) in felix {
+        let node = name.strip_prefix("node.");
+        if name != "default" && node.is_none() {
+            continue; // Other names are not Felix's to apply.
+        }
+        let settings = felix_vxlan(&format!("FelixConfiguration/{name}"), fc, problems);
+        match node {
+            Some(node) => {
+                out.felix_nodes.insert(node.to_string(), settings);
             }
-        };
-        if let Some(n) = num(&fc.vxlan_vni, "vxlanVNI", 1, (1 << 24) - 1) {
-            out.vxlan_vni = Some(n as u32);
-        }
-        if let Some(n) = num(&fc.vxlan_port, "vxlanPort", 1, 65535) {
-            out.vxlan_port = Some(n as u16);
-        }
-        if let Some(n) = num(&fc.vxlan_mtu, "vxlanMTU", 68, 65535) {
-            out.vxlan_mtu = Some(n as u32);
-        }
-        if let Some(n) = num(&fc.vxlan_mtu_v6, "vxlanMTUV6", 1280, 65535) {
-            out.vxlan_mtu_v6 = Some(n as u32);
-        }
-        match &fc.bpf_enabled {
-            Some(Value::Bool(b)) => out.bpf_enabled = Some(*b),
-            Some(other) => problems.push(DatastoreProblem {
-                object,
-                node: None,
-                field: "spec.bpfEnabled".to_string(),
-                message: format!("{other} is not a boolean; ignored"),
-            }),
-            None => {}
+            None => out.felix_default = settings,
         }
     }
-    if !read_from.is_empty() {
+    out.resolve_for(local_node);
+    if felix.contains_key("default") || !out.felix_nodes.is_empty() {
         out.notes.push(format!(
-            "VXLAN settings from {} (they override the config keys)",
-            read_from.join(" and ")
+            "VXLAN settings from FelixConfiguration/default{} (they override the config keys)",
+            if out.felix_nodes.is_empty() {
+                String::new()
+            } else {
+                format!(" and {} node override(s)", out.felix_nodes.len())
+            }
         ));
     }
+    out
+}
+
+fn felix_vxlan(
+    object: &str,
+    fc: &FelixConfigInfo,
+    problems: &mut Vec<DatastoreProblem>,
+) -> FelixVxlan {
+    let mut bad = |field: &str, message: String| {
+        problems.push(DatastoreProblem {
+            object: object.to_string(),
+            node: None,
+            field: format!("spec.{field}"),
+            message,
+        })
+    };
+    let mut num = |v: &Option<Value>, field: &str, min: u64, max: u64| -> Option<u64> {
+        let v = v.as_ref()?;
+        match v
+            .as_u64()
+            .or_else(|| v.as_str().and_then(|s| s.trim().parse().ok()))
+        {
+            Some(0) if field.contains("MTU") => None, // 0: auto-detected
+            Some(n) if (min..=max).contains(&n) => Some(n),
+            _ => {
+                bad(
+                    field,
+                    format!("{v} is not a number in {min}..={max}; ignored"),
+                );
+                None
+            }
+        }
+    };
+    let out = FelixVxlan {
+        vxlan_vni: num(&fc.vxlan_vni, "vxlanVNI", 1, (1 << 24) - 1).map(|n| n as u32),
+        vxlan_port: num(&fc.vxlan_port, "vxlanPort", 1, 65535).map(|n| n as u16),
+        vxlan_mtu: num(&fc.vxlan_mtu, "vxlanMTU", 68, 65535).map(|n| n as u32),
+        vxlan_mtu_v6: num(&fc.vxlan_mtu_v6, "vxlanMTUV6", 1280, 65535).map(|n| n as u32),
+        bpf_enabled: match &fc.bpf_enabled {
+            Some(Value::Bool(b)) => Some(*b),
+            Some(other) => {
+                bad("bpfEnabled", format!("{other} is not a boolean; ignored"));
+                None
+            }
+            None => None,
+        },
+    };
     out
 }
 
@@ -333,14 +351,16 @@ mod tests {
         let mut problems = Vec::new();
         let s = cluster_settings(&felix, "k8s01", &mut problems);
         assert!(problems.is_empty(), "{problems:?}");
-        assert_eq!(s.vxlan_vni, Some(1));
-        assert_eq!(s.vxlan_port, Some(8472));
-        assert_eq!(s.vxlan_mtu, Some(1400));
-        assert_eq!(s.bpf_enabled, Some(true));
-        assert!(
-            s.notes[0].contains("FelixConfiguration/node.k8s01"),
-            "{s:?}"
-        );
+        let f = s.felix;
+        assert_eq!(f.vxlan_vni, Some(1));
+        assert_eq!(f.vxlan_port, Some(8472));
+        assert_eq!(f.vxlan_mtu, Some(1400));
+        assert_eq!(f.bpf_enabled, Some(true));
+        assert!(s.notes[0].contains("2 node override(s)"), "{s:?}");
+        // Resolved again for another node (the local node found by address).
+        let mut s = s;
+        s.resolve_for("k8s02");
+        assert_eq!((s.felix.vxlan_vni, s.felix.vxlan_mtu), (Some(7), None));
     }
 
     #[test]
@@ -356,7 +376,7 @@ mod tests {
         let mut problems = Vec::new();
         let s = cluster_settings(&felix, "k8s01", &mut problems);
         assert_eq!(
-            (s.vxlan_vni, s.vxlan_port, s.bpf_enabled),
+            (s.felix.vxlan_vni, s.felix.vxlan_port, s.felix.bpf_enabled),
             (None, None, None)
         );
         let fields: Vec<&str> = problems.iter().map(|p| p.field.as_str()).collect();

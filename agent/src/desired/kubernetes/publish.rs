@@ -95,7 +95,7 @@ pub(super) async fn publish_condition(
     message: &str,
 ) -> Result<bool> {
     let now = SystemTime::now();
-    let node = &src.cfg.node_name;
+    let node = &src.local_node();
     let transition = {
         let st = src.publisher.state.lock().unwrap();
         match &st.condition {
@@ -147,7 +147,7 @@ pub(super) async fn publish_event(src: &KubeSource, finding: &Finding) -> Result
         return Ok(EventOutcome::NotCritical);
     }
     let key = format!("{:?}", finding.key());
-    let node = &cfg.node_name;
+    let node = &src.local_node();
     let ns = &cfg.event_namespace;
     let ar = ApiResource::erase::<k8s_openapi::api::core::v1::Event>(&());
     let api: Api<DynamicObject> = Api::namespaced_with(src.client.clone(), ns, &ar);
