@@ -443,7 +443,12 @@ async fn calico_pools_and_felix_configuration_are_read_from_the_api() {
     use ipnet::Ipv4Net;
     use watchdog_lab::UNDERLAY_IF;
 
-    let mut lab = Lab::build(LabSpec::calico(3).with_vxlan(1, 8472)).expect("building lab");
+    // Migrated from flannel: VNI 1, port 8472, and flannel's VTEP MACs kept as annotations.
+    let mut spec = LabSpec::calico(3).with_vxlan(1, 8472);
+    for n in &mut spec.nodes {
+        n.mac = Some(watchdog_lab::Mac::flannel(&n.name));
+    }
+    let mut lab = Lab::build(spec).expect("building lab");
     let server = FakeApiServer::start(FakeConfig {
         calico_apis: vec![
             "projectcalico.org/v3".to_string(),
@@ -556,6 +561,21 @@ async fn calico_pools_and_felix_configuration_are_read_from_the_api() {
     for r in lab.traffic_matrix(3).unwrap() {
         assert!(r.all_delivered(), "over VXLAN: {r}");
     }
+    // A neighbour entry with another MAC than the annotated one is found, on that node only.
+    let injected = lab
+        .inject(Fault::neighbour_wrong_mac(&n1.name, &n2.name))
+        .unwrap();
+    let s = scan_config(&mut lab, &n1.name, &kubeconfig, &strip);
+    assert_eq!(
+        s.checks(),
+        set(&[("neighbour-mac-mismatch", &n2.name)]),
+        "{:#?}",
+        s.findings()
+    );
+    assert!(scan_config(&mut lab, &n3.name, &kubeconfig, &strip)
+        .findings()
+        .is_empty());
+    lab.restore(&injected).unwrap();
     let src = n1.pods[0];
     let t = lab
         .traffic_flows(&n1.name, src, &n2.name, &[plain_pod], 3)
