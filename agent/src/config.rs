@@ -56,6 +56,7 @@ pub struct Config {
     pub ebpf: EbpfConfig,
     pub repair: RepairConfig,
     pub netlink: NetlinkConfig,
+    pub kubelet: KubeletConfig,
 }
 
 /// Overlay flavour; decides the default devices and how the datastore is read.
@@ -267,6 +268,32 @@ pub struct RepairConfig {
     pub contested_backoff: Duration,
 }
 
+/// `[kubelet]` — the watch-stall check (DESIGN §9): the pods the API server bound to this node
+/// against the pods its kubelet knows. Needs the Kubernetes datastore.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct KubeletConfig {
+    /// Default: false (it needs `pods` list and the powerful `nodes/proxy` get).
+    pub enabled: bool,
+    /// How often both lists are read. Default: 30s.
+    #[serde(deserialize_with = "de_duration")]
+    pub interval: Duration,
+    /// A pod bound (or deleted) longer than this that the kubelet does not know (or still
+    /// runs) is a finding. Default: 120s.
+    #[serde(deserialize_with = "de_duration")]
+    pub threshold: Duration,
+}
+
+impl Default for KubeletConfig {
+    fn default() -> Self {
+        KubeletConfig {
+            enabled: false,
+            interval: Duration::from_secs(30),
+            threshold: Duration::from_secs(120),
+        }
+    }
+}
+
 impl Default for RepairConfig {
     fn default() -> Self {
         RepairConfig {
@@ -306,6 +333,7 @@ impl Config {
             ebpf: EbpfConfig::default(),
             repair: RepairConfig::default(),
             netlink: NetlinkConfig::default(),
+            kubelet: KubeletConfig::default(),
         }
     }
 
@@ -469,6 +497,16 @@ impl Config {
         if self.repair.contested_after == 0 {
             return bad("repair.contested_after", "must be at least 1".into());
         }
+        if self.kubelet.enabled && self.datastore.source != DatastoreSource::Kubernetes {
+            return bad(
+                "kubelet.enabled",
+                "needs [datastore] source = \"kubernetes\" (the pods come from the API server)"
+                    .into(),
+            );
+        }
+        if self.kubelet.enabled && self.kubelet.interval < Duration::from_secs(1) {
+            return bad("kubelet.interval", "must be at least 1s".into());
+        }
         if self.netlink.receive_buffer < 1024 {
             return bad(
                 "netlink.receive_buffer",
@@ -502,6 +540,7 @@ struct RawConfig {
     ebpf: EbpfConfig,
     repair: RepairConfig,
     netlink: NetlinkConfig,
+    kubelet: KubeletConfig,
 }
 
 impl RawConfig {
@@ -532,6 +571,7 @@ impl RawConfig {
             ebpf: self.ebpf,
             repair: self.repair,
             netlink: self.netlink,
+            kubelet: self.kubelet,
             node_name: defaults.node_name,
             node_name_configured: configured,
         }

@@ -117,6 +117,12 @@ struct ScanArgs {
     /// judge them per peer (`traffic-blackholed`, `drops-unexplained`); shown under `drops`.
     #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
     drops: Option<std::time::Duration>,
+    /// Also run the kubelet watch-stall check once (Kubernetes datastore only): pods the API
+    /// server bound to this node longer than `[kubelet] threshold` that the kubelet does not
+    /// list (`kubelet-watch-stalled`), and deleted pods it still runs (`pod-stuck-terminating`).
+    /// Needs `pods` list and `nodes/proxy` get (systemd/rbac.yaml).
+    #[arg(long)]
+    kubelet: bool,
 }
 
 fn main() -> ExitCode {
@@ -312,12 +318,21 @@ fn scan_command(args: ScanArgs) -> ExitCode {
         .as_deref()
         .map(DatastoreChoice::parse)
         .unwrap_or_else(|| DatastoreChoice::from_config(&config));
-    let result = runtime().block_on(scan::scan_with_drops(
-        &config,
-        args.common.netns.as_deref(),
-        &choice,
-        args.drops,
-    ));
+    if args.kubelet && choice != DatastoreChoice::Kubernetes {
+        eprintln!(
+            "watchdog scan: --kubelet needs the Kubernetes datastore (--datastore kubernetes)"
+        );
+        return ExitCode::from(3);
+    }
+    let result = runtime().block_on(async {
+        let mut out =
+            scan::scan_with_drops(&config, args.common.netns.as_deref(), &choice, args.drops)
+                .await?;
+        if args.kubelet {
+            scan::add_kubelet_check(&mut out, &config).await?;
+        }
+        Ok::<_, scan::ScanError>(out)
+    });
     match result {
         Ok(out) => {
             if args.json {

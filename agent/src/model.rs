@@ -458,6 +458,8 @@ pub enum CheckId {
     DatastoreInvalid,
     DatastoreStale,
     KubeletWatchStalled,
+    PodStuckTerminating,
+    KubeletUnverifiable,
     RouteWrongDevice,
 }
 
@@ -480,6 +482,8 @@ impl CheckId {
             CheckId::DatastoreInvalid => "datastore-invalid",
             CheckId::DatastoreStale => "datastore-stale",
             CheckId::KubeletWatchStalled => "kubelet-watch-stalled",
+            CheckId::PodStuckTerminating => "pod-stuck-terminating",
+            CheckId::KubeletUnverifiable => "kubelet-unverifiable",
             CheckId::RouteWrongDevice => "route-wrong-device",
         }
     }

@@ -152,6 +152,27 @@ pub async fn load_desired(
     }
 }
 
+/// `scan --kubelet`: the kubelet watch-stall check once (DESIGN §9) against the API server,
+/// its findings added to `out` (the Kubernetes datastore only).
+pub async fn add_kubelet_check(out: &mut ScanOutput, config: &Config) -> Result<(), ScanError> {
+    let mut config = config.clone();
+    config.datastore.source = DatastoreSource::Kubernetes;
+    let src = crate::desired::kubernetes::KubeSource::connect(
+        crate::desired::KubeSourceConfig::from_config(&config),
+    )
+    .await
+    .map_err(|e| DatastoreError::Backend {
+        source: "kubernetes".into(),
+        error: Box::new(e),
+    })?;
+    // The node the scan judged from (found by address when the host name is no node's).
+    src.adopt_local_node(&out.node);
+    out.findings
+        .extend(src.kubelet_check(config.kubelet.threshold).await);
+    out.summary = Summary::of(&out.findings);
+    Ok(())
+}
+
 /// Snapshot the kernel of `netns` and run every check.
 pub async fn scan(
     config: &Config,
@@ -244,7 +265,11 @@ fn output(
     duration_ms: f64,
 ) -> ScanOutput {
     ScanOutput {
-        node: config.node_name.clone(),
+        // The node judged from: found by address when the host name is no node's.
+        node: desired
+            .map(|d| d.local_node.clone())
+            .filter(|n| !n.is_empty())
+            .unwrap_or_else(|| config.node_name.clone()),
         netns,
         devices: config.devices.clone(),
         datastore: DatastoreInfo {

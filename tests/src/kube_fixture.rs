@@ -258,3 +258,31 @@ impl Lab {
         Ok(path)
     }
 }
+
+/// A running pod bound to `node` `bound_secs_ago` seconds ago, as the API server has it.
+pub fn pod(namespace: &str, name: &str, node: &str, bound_secs_ago: u64) -> Value {
+    let at = |ago: u64| {
+        humantime::format_rfc3339_seconds(
+            std::time::SystemTime::now() - std::time::Duration::from_secs(ago),
+        )
+        .to_string()
+    };
+    json!({
+        "metadata": {"name": name, "namespace": namespace, "uid": format!("uid-{namespace}-{name}"),
+                     "creationTimestamp": at(bound_secs_ago + 1)},
+        "spec": {"nodeName": node, "containers": [{"name": "main", "image": "busybox"}]},
+        "status": {"phase": "Running",
+                   "conditions": [{"type": "PodScheduled", "status": "True",
+                                   "lastTransitionTime": at(bound_secs_ago)}]}
+    })
+}
+
+/// `pod` after a graceful delete whose grace period ended `secs_ago` seconds ago.
+pub fn deleted(mut pod: Value, secs_ago: u64) -> Value {
+    pod["metadata"]["deletionTimestamp"] = json!(humantime::format_rfc3339_seconds(
+        std::time::SystemTime::now() - std::time::Duration::from_secs(secs_ago)
+    )
+    .to_string());
+    pod["metadata"]["deletionGracePeriodSeconds"] = json!(30);
+    pod
+}

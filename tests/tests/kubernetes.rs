@@ -860,3 +860,110 @@ async fn five_thousand_nodes() {
     .await;
     eprintln!("one change visible after {:?}", t.elapsed());
 }
+
+/// The kubelet watch-stall check against the fake API server's pods list (field selector)
+/// and node proxy: healthy → nothing; the incident's dead kubelet watch → the new pod is
+/// `kubelet-watch-stalled` past the threshold and the deleted one `pod-stuck-terminating`,
+/// both cleared when the kubelet catches up; a proxy that answers 403, 503 or not at all →
+/// `kubelet-unverifiable` and never a `kubelet-*` verdict; hundreds of pods are fine.
+#[tokio::test]
+async fn kubelet_watch_stall_is_caught_and_proxy_errors_are_not_verdicts() {
+    use dataplane_watchdog::model::CheckId;
+    use watchdog_lab::kube_fixture::{deleted, pod};
+
+    let (server, cfg) = start(&["crd.projectcalico.org/v1"]).await;
+    seed_calico(&server);
+    let node = "k8s03";
+    let threshold = Duration::from_secs(120);
+    server.put(Res::Pods, pod("kube-system", "calico-node-old", node, 3600));
+    server.put(
+        Res::Pods,
+        pod("argocd", "argocd-redis-ha-server-2", node, 3600),
+    );
+    server.put(Res::Pods, pod("default", "elsewhere", "k8s02", 3600));
+    let src = KubeSource::connect(KubeSourceConfig {
+        node_name: node.into(),
+        ..cfg.clone()
+    })
+    .await
+    .unwrap();
+    let checks = |f: &[Finding]| f.iter().map(|f| f.check).collect::<Vec<_>>();
+    assert!(src.kubelet_check(threshold).await.is_empty());
+    // Only this node's pods were asked for.
+    assert_eq!(src.node_pods(node).await.unwrap().len(), 2);
+
+    // The kubelet's watch dies; the scheduler binds a new pod and a pod is deleted.
+    server.set_kubelet_stalled(node, true);
+    server.put(
+        Res::Pods,
+        pod("kube-system", "calico-node-sqfcs", node, 2100),
+    );
+    server.put(Res::Pods, pod("kube-system", "just-bound", node, 5));
+    server.put(
+        Res::Pods,
+        deleted(pod("argocd", "argocd-redis-ha-server-2", node, 3600), 2640),
+    );
+    let found = src.kubelet_check(threshold).await;
+    assert_eq!(
+        checks(&found),
+        [CheckId::KubeletWatchStalled, CheckId::PodStuckTerminating],
+        "{found:#?}"
+    );
+    assert!(
+        found[0].message.contains("kube-system/calico-node-sqfcs"),
+        "{}",
+        found[0].message
+    );
+    assert!(
+        !found[0].message.contains("just-bound"),
+        "{}",
+        found[0].message
+    );
+    assert!(found[1].message.contains("argocd/argocd-redis-ha-server-2"));
+    // Restarting the kubelet (after the datastore): it knows everything again. The deleted
+    // pod is then finished by the kubelet and gone from the API.
+    server.set_kubelet_stalled(node, false);
+    server.delete(Res::Pods, "argocd/argocd-redis-ha-server-2");
+    assert!(src.kubelet_check(threshold).await.is_empty());
+
+    for code in [403, 503] {
+        server.set_kubelet_stalled(node, true);
+        server.put(Res::Pods, pod("default", "new", node, 600));
+        server.set_kubelet_proxy_error(node, Some(code));
+        let found = src.kubelet_check(threshold).await;
+        assert_eq!(
+            checks(&found),
+            [CheckId::KubeletUnverifiable],
+            "{code}: {found:#?}"
+        );
+        assert!(
+            found[0].message.contains("nodes/proxy"),
+            "{}",
+            found[0].message
+        );
+        server.set_kubelet_proxy_error(node, None);
+        server.set_kubelet_stalled(node, false);
+    }
+    // An API server that does not answer in time.
+    server.set_delay(cfg.request_timeout + Duration::from_millis(500));
+    let found = src.kubelet_check(threshold).await;
+    assert_eq!(checks(&found), [CheckId::KubeletUnverifiable], "{found:#?}");
+    assert!(
+        found[0].message.contains("timed out"),
+        "{}",
+        found[0].message
+    );
+    server.set_delay(Duration::ZERO);
+
+    // A busy node: 400 pods, every one known.
+    for i in 0..400 {
+        server.put(Res::Pods, pod("load", &format!("p{i}"), node, 900));
+    }
+    let started = Instant::now();
+    assert!(src.kubelet_check(threshold).await.is_empty());
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "400 pods took {:?}, past the default interval",
+        started.elapsed()
+    );
+}

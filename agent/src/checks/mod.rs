@@ -8,6 +8,7 @@
 mod datastore;
 mod device;
 mod drops;
+pub mod kubelet;
 mod offline;
 mod peers;
 mod stray;

@@ -276,3 +276,19 @@ fn an_unset_node_name_is_derived_and_says_so() {
     std::fs::write(&file, "  \n").unwrap();
     assert_eq!(calico_nodename(&file), None);
 }
+
+#[test]
+fn the_kubelet_check_needs_the_kubernetes_datastore() {
+    let path = Path::new("/etc/dataplane-watchdog/config.toml");
+    let c = Config::from_toml(
+        "[datastore]\nsource = \"kubernetes\"\n[kubelet]\nenabled = true\nthreshold = \"5m\"\n",
+        path,
+    )
+    .unwrap();
+    assert!(c.kubelet.enabled);
+    assert_eq!(c.kubelet.threshold, Duration::from_secs(300));
+    assert_eq!(c.kubelet.interval, Duration::from_secs(30));
+    let e = Config::from_toml("[kubelet]\nenabled = true\n", path).unwrap_err();
+    assert!(e.to_string().contains("kubelet.enabled"), "{e}");
+    assert!(e.to_string().contains("kubernetes"), "{e}");
+}

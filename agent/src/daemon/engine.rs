@@ -47,6 +47,8 @@ pub struct Engine {
     /// `node_name` was not configured: a local node missing from the datastore is looked up
     /// by address.
     local_by_address: bool,
+    /// The kubelet watch-stall check's latest findings.
+    kubelet: Vec<Finding>,
     dirty: bool,
 }
 
@@ -67,6 +69,7 @@ impl Engine {
             datastore: None,
             explained_at: BTreeMap::new(),
             local_by_address: false,
+            kubelet: Vec::new(),
             dirty: true,
         }
     }
@@ -163,6 +166,14 @@ impl Engine {
         }
     }
 
+    /// The kubelet watch-stall check's latest findings (they join every evaluation).
+    pub fn set_kubelet_findings(&mut self, findings: Vec<Finding>) {
+        if findings != self.kubelet {
+            self.kubelet = findings;
+            self.dirty = true;
+        }
+    }
+
     /// Drops toward peers in the recent window (eBPF).
     pub fn set_drops(&mut self, drops: DropSummary) {
         if drops != self.drops {
@@ -203,6 +214,7 @@ impl Engine {
                 self.explained_at.insert(peer.clone(), now);
             }
         }
+        report.findings.extend(self.kubelet.iter().cloned());
         let transitions = self
             .tracker
             .update(std::mem::take(&mut report.findings), now);

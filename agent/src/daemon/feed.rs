@@ -188,6 +188,17 @@ pub(super) async fn feed_changed(feed: &mut Option<watch::Receiver<DesiredState>
     }
 }
 
+/// The kubelet check published new findings (pending forever when it is off or ended).
+pub(super) async fn kubelet_changed(rx: &mut Option<watch::Receiver<Vec<Finding>>>) {
+    let Some(r) = rx else {
+        return std::future::pending().await;
+    };
+    if r.changed().await.is_err() {
+        *rx = None;
+        std::future::pending::<()>().await
+    }
+}
+
 pub(super) async fn kube_next(kube: &mut Option<kube::KubeLink>) -> kube::KubeUpdate {
     match kube {
         Some(k) => k.next().await,

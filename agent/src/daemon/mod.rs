@@ -25,6 +25,7 @@ mod engine;
 mod feed;
 mod findings;
 mod kube;
+mod kubelet;
 mod node;
 mod publish;
 mod startup;
@@ -46,7 +47,7 @@ pub use feed::datastore_from_config;
 
 use counters::{disabled_ebpf, lock_counters, open_ebpf};
 pub use engine::{Engine, Evaluation};
-use feed::{feed_changed, file_stamp, kube_next};
+use feed::{feed_changed, file_stamp, kube_next, kubelet_changed};
 pub use findings::{FindingTracker, Transitions};
 pub use startup::Daemon;
 pub use stream::{Consumer, Fanout, FindingsDelta};
@@ -137,6 +138,8 @@ struct LoopState {
     feed: Option<watch::Receiver<DesiredState>>,
     /// The Kubernetes source: desired state, staleness, condition/event publishing.
     kube: Option<kube::KubeLink>,
+    /// The kubelet watch-stall check's latest findings (`[kubelet] enabled`).
+    kubelet: Option<watch::Receiver<Vec<Finding>>>,
     /// The list/watch ended (why) and is being started again: `datastore-stale` until its
     /// first complete snapshot.
     watch_ended: Option<String>,
@@ -230,6 +233,12 @@ impl LoopState {
                     }
                 }
                 update = kube_next(&mut self.kube) => self.on_kube(update).await,
+                _ = kubelet_changed(&mut self.kubelet) => {
+                    if let Some(rx) = &mut self.kubelet {
+                        let found = rx.borrow_and_update().clone();
+                        self.engine.set_kubelet_findings(found);
+                    }
+                }
                 _ = housekeeping.tick() => self.housekeeping().await,
                 _ = sleep_until_opt(eval_at) => {}
             }

@@ -155,6 +155,10 @@ impl Daemon {
         if let Some(link) = &kube {
             fanout.spawn(node::NodeConsumer::new(link.sources()));
         }
+        let kubelet = kube
+            .as_ref()
+            .filter(|_| config.kubelet.enabled)
+            .map(|link| super::kubelet::spawn(config.kubelet.clone(), link.sources()));
         let mut state = LoopState {
             fanout,
             engine: {
@@ -173,6 +177,7 @@ impl Daemon {
             offline,
             feed,
             kube,
+            kubelet,
             watch_ended: None,
             ebpf,
             status,

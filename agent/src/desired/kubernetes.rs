@@ -29,6 +29,7 @@ mod client;
 mod config;
 mod error;
 mod health;
+mod kubelet;
 mod list_watch;
 mod parse;
 mod publish;

@@ -67,9 +67,33 @@ fn query(req: &Request<Incoming>) -> HashMap<String, String> {
         .filter(|kv| !kv.is_empty())
         .map(|kv| {
             let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
-            (k.to_string(), v.replace("%2F", "/").replace("%3A", ":"))
+            (percent_decode(k), percent_decode(v))
         })
         .collect()
+}
+
+/// `a%3Db+c` → `a=b c`, as a query string is encoded.
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = (bytes[i] == b'%' && i + 2 < bytes.len())
+            .then(|| std::str::from_utf8(&bytes[i + 1..i + 3]).ok())
+            .flatten()
+            .and_then(|h| u8::from_str_radix(h, 16).ok());
+        match (hex, bytes[i]) {
+            (Some(b), _) => {
+                out.push(b);
+                i += 3;
+                continue;
+            }
+            (None, b'+') => out.push(b' '),
+            (None, b) => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 async fn handle(st: Arc<State>, req: Request<Incoming>) -> Response<Body> {
@@ -138,6 +162,8 @@ async fn handle(st: Arc<State>, req: Request<Incoming>) -> Response<Body> {
                         &["get", "list", "watch", "patch"][..],
                     ),
                     ("nodes/status", "Node", false, &["get", "patch"][..]),
+                    ("nodes/proxy", "NodeProxyOptions", false, &["get"][..]),
+                    ("pods", "Pod", true, &["get", "list", "watch"][..]),
                     (
                         "events",
                         "Event",
@@ -171,6 +197,8 @@ async fn handle(st: Arc<State>, req: Request<Incoming>) -> Response<Body> {
             }
         }
         (&Method::GET, ["api", "v1", "nodes"]) => list_or_watch(&st, Res::Nodes, &q, "v1"),
+        (&Method::GET, ["api", "v1", "pods"]) => list_or_watch(&st, Res::Pods, &q, "v1"),
+        (&Method::GET, ["api", "v1", "nodes", node, "proxy", "pods"]) => kubelet_pods(&st, node),
         (&Method::GET, ["api", "v1", "nodes", name]) => get(&st, Res::Nodes, name),
         (&Method::GET, ["apis", g, v, plural]) => {
             let gv = format!("{g}/{v}");
@@ -279,6 +307,58 @@ fn get(st: &State, res: Res, key: &str) -> Response<Body> {
     }
 }
 
+/// `a.b=c,d!=e` against the object's JSON (what the API server supports for pods).
+fn matches_fields(obj: &Value, selector: &str) -> bool {
+    selector.split(',').filter(|t| !t.is_empty()).all(|term| {
+        let (path, want, equal) = match term.split_once("!=") {
+            Some((p, v)) => (p, v, false),
+            None => match term.split_once("==").or_else(|| term.split_once('=')) {
+                Some((p, v)) => (p, v, true),
+                None => return false,
+            },
+        };
+        let got = path
+            .split('.')
+            .try_fold(obj, |v, k| v.get(k))
+            .and_then(Value::as_str)
+            .unwrap_or("");
+        (got == want) == equal
+    })
+}
+
+/// What the kubelet on `node` answers through the node proxy: the pods bound to it (a
+/// healthy kubelet), the list frozen when its watch died, or an error.
+fn kubelet_pods(st: &State, node: &str) -> Response<Body> {
+    let inner = st.inner.lock().unwrap();
+    let kubelet = inner.kubelets.get(node).cloned().unwrap_or_default();
+    if let Some(code) = kubelet.error {
+        let code = StatusCode::from_u16(code).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
+        drop(inner);
+        return status(
+            code,
+            code.canonical_reason().unwrap_or("Error"),
+            &format!("fake: the node proxy to {node} answers {code}"),
+        );
+    }
+    let items: Vec<Value> = match kubelet.frozen {
+        Some(items) => items,
+        None => inner
+            .objects
+            .get(&Res::Pods)
+            .map(|m| {
+                m.values()
+                    .filter(|p| p["spec"]["nodeName"] == node)
+                    .cloned()
+                    .collect()
+            })
+            .unwrap_or_default(),
+    };
+    full(
+        StatusCode::OK,
+        json!({"kind": "PodList", "apiVersion": "v1", "metadata": {}, "items": items}),
+    )
+}
+
 fn gone(message: &str) -> Value {
     json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
            "message": message, "reason": "Expired", "code": 410})
@@ -315,10 +395,16 @@ fn list_or_watch(
             }
         }
         inner.lists_served += 1;
+        let selector = q.get("fieldSelector").cloned().unwrap_or_default();
         let items: Vec<Value> = inner
             .objects
             .get(&res)
-            .map(|m| m.values().cloned().collect())
+            .map(|m| {
+                m.values()
+                    .filter(|o| matches_fields(o, &selector))
+                    .cloned()
+                    .collect()
+            })
             .unwrap_or_default();
         return full(
             StatusCode::OK,

@@ -36,7 +36,17 @@ pub enum Res {
     BlockAffinities,
     IpPools,
     FelixConfigurations,
+    Pods,
     Events,
+}
+
+/// How a node's kubelet answers `GET /api/v1/nodes/<node>/proxy/pods`.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct KubeletState {
+    /// Its list as of when its watch died (`None`: live, it knows every bound pod).
+    pub(crate) frozen: Option<Vec<Value>>,
+    /// The proxy answers this status instead (403, 503, …).
+    pub(crate) error: Option<u16>,
 }
 
 impl Res {
@@ -47,6 +57,7 @@ impl Res {
             Res::BlockAffinities => "blockaffinities",
             Res::IpPools => "ippools",
             Res::FelixConfigurations => "felixconfigurations",
+            Res::Pods => "pods",
             Res::Events => "events",
         }
     }
@@ -57,6 +68,7 @@ impl Res {
             Res::BlockAffinities => "BlockAffinity",
             Res::IpPools => "IPPool",
             Res::FelixConfigurations => "FelixConfiguration",
+            Res::Pods => "Pod",
             Res::Events => "Event",
         }
     }
@@ -67,6 +79,7 @@ impl Res {
             Res::BlockAffinities,
             Res::IpPools,
             Res::FelixConfigurations,
+            Res::Pods,
             Res::Events,
         ]
         .into_iter()
@@ -133,6 +146,8 @@ struct Inner {
     unauthorized: bool,
     /// Resources whose list and watch are answered 403 Forbidden (missing RBAC).
     forbidden: Vec<Res>,
+    /// Per node, how its kubelet answers the node proxy.
+    kubelets: BTreeMap<String, KubeletState>,
     delay: Duration,
     requests: Vec<Recorded>,
     watches_started: usize,
@@ -192,6 +207,7 @@ impl FakeApiServer {
                 unavailable: false,
                 unauthorized: false,
                 forbidden: Vec::new(),
+                kubelets: BTreeMap::new(),
                 delay: Duration::ZERO,
                 requests: Vec::new(),
                 watches_started: 0,
@@ -317,6 +333,32 @@ impl FakeApiServer {
         }
     }
 
+    /// The incident's kubelet: its watch dies now, so it keeps listing the pods bound to
+    /// `node` at this moment and learns of no new ones or deletions (`false`: alive again).
+    pub fn set_kubelet_stalled(&self, node: &str, on: bool) {
+        let mut inner = self.state.inner.lock().unwrap();
+        let frozen = on.then(|| {
+            inner
+                .objects
+                .get(&Res::Pods)
+                .map(|m| {
+                    m.values()
+                        .filter(|p| p["spec"]["nodeName"] == node)
+                        .cloned()
+                        .collect()
+                })
+                .unwrap_or_default()
+        });
+        inner.kubelets.entry(node.to_string()).or_default().frozen = frozen;
+    }
+
+    /// The node proxy to `node`'s kubelet answers `code` (403 without `nodes/proxy`, 503 when
+    /// the kubelet is unreachable); `None`: answers again.
+    pub fn set_kubelet_proxy_error(&self, node: &str, code: Option<u16>) {
+        let mut inner = self.state.inner.lock().unwrap();
+        inner.kubelets.entry(node.to_string()).or_default().error = code;
+    }
+
     /// Delay before every response.
     pub fn set_delay(&self, d: Duration) {
         self.state.inner.lock().unwrap().delay = d;
@@ -353,7 +395,7 @@ impl FakeApiServer {
 fn object_key(res: Res, obj: &Value) -> String {
     let name = obj["metadata"]["name"].as_str().unwrap_or_default();
     match (res, obj["metadata"]["namespace"].as_str()) {
-        (Res::Events, Some(ns)) => format!("{ns}/{name}"),
+        (Res::Events | Res::Pods, Some(ns)) => format!("{ns}/{name}"),
         _ => name.to_string(),
     }
 }
@@ -361,7 +403,7 @@ fn object_key(res: Res, obj: &Value) -> String {
 impl State {
     fn api_version_of(&self, res: Res) -> String {
         match res {
-            Res::Nodes | Res::Events => "v1".to_string(),
+            Res::Nodes | Res::Events | Res::Pods => "v1".to_string(),
             _ => self
                 .cfg
                 .calico_apis

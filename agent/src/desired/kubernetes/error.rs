@@ -49,6 +49,9 @@ pub enum KubeError {
     },
     #[error("{what} timed out after {after:?}")]
     Timeout { what: String, after: Duration },
+    /// A request that could not even be built (a node name that is no valid URL path).
+    #[error("{what}: {message}")]
+    Request { what: String, message: String },
     /// Any of the above while connecting to `server` (the kubeconfig's URL): displayed as the
     /// inner error; [`KubeError::server`] lets callers name the source.
     #[error("{error}")]
