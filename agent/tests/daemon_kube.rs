@@ -546,3 +546,77 @@ fn cluster_configuration_changes_reach_the_daemon() {
         |_, f| has(f, "route-missing", Some("k8s03")),
     );
 }
+
+/// The daemon with `[kubelet] enabled`: the incident's dead kubelet watch (a pod bound after
+/// the watch died never reaches the kubelet) becomes a critical `kubelet-watch-stalled` in
+/// /findings and on the Node condition, clears when the kubelet lists the pod again, and a
+/// node proxy that answers 403 is `kubelet-unverifiable` only.
+#[test]
+fn kubelet_watch_stall_flows_like_every_finding() {
+    use watchdog_lab::fake_apiserver::Res;
+    let Cluster {
+        _server_rt,
+        mut lab,
+        server,
+        kubeconfig,
+    } = Cluster::start();
+    server.put(
+        Res::Pods,
+        kube_fixture::pod("kube-system", "calico-node-abcde", NODE, 600),
+    );
+    let base = kube_fixture::agent_config_toml_kubernetes(&lab, NODE, &kubeconfig);
+    let mut agent = Agent::start_with(
+        &mut lab,
+        &format!(
+            "{base}publish_node_condition = true\n\n[kubelet]\nenabled = true\ninterval = \"1s\"\nthreshold = \"2s\"\n"
+        ),
+    );
+    agent.wait(
+        "healthy with the kubelet check on",
+        Duration::from_secs(10),
+        |s, f| s.in_sync && f.is_empty(),
+    );
+
+    server.set_kubelet_stalled(NODE, true);
+    server.put(
+        Res::Pods,
+        kube_fixture::pod("kube-system", "calico-node-sqfcs", NODE, 0),
+    );
+    let (found, took) = agent.wait("kubelet-watch-stalled", Duration::from_secs(6), |_, f| {
+        has(f, "kubelet-watch-stalled", None)
+    });
+    eprintln!("stalled kubelet found {took:?} after the pod was bound (threshold 2s)");
+    let f = found
+        .iter()
+        .find(|f| f.check.as_str() == "kubelet-watch-stalled")
+        .unwrap();
+    assert!(
+        f.message.contains("kube-system/calico-node-sqfcs"),
+        "{}",
+        f.message
+    );
+    let started = Instant::now();
+    while !condition_patches(&server).iter().any(|(s, _)| s == "False") {
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "the Node condition did not turn False: {:?}",
+            condition_patches(&server)
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+
+    server.set_kubelet_stalled(NODE, false);
+    agent.wait(
+        "cleared once the kubelet knows it",
+        Duration::from_secs(3),
+        |_, f| f.is_empty(),
+    );
+
+    server.set_kubelet_proxy_error(NODE, Some(403));
+    server.set_kubelet_stalled(NODE, true);
+    server.put(Res::Pods, kube_fixture::pod("default", "unseen", NODE, 60));
+    let (found, _) = agent.wait("kubelet-unverifiable", Duration::from_secs(3), |_, f| {
+        has(f, "kubelet-unverifiable", None)
+    });
+    assert_eq!(names(&found), ["kubelet-unverifiable/-"], "{found:#?}");
+}
