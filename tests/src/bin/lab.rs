@@ -11,7 +11,9 @@
 //! `--datastore kubernetes`: the agent reads the cluster from a fake API server (in this
 //! process, on 127.0.0.1) serving the lab as Nodes + Calico IPAMBlocks, and the demo also shows
 //! the incident's other half: the API server's watch goes silent while k8s03's VTEP changes —
-//! what Felix missed — and a consistent list (the agent's relist) still sees the change.
+//! what Felix missed — and a consistent list (the agent's relist) still sees the change; then
+//! the kubelet on k8s03 with a dead watch (calico-node Pending, a deleted pod still running),
+//! caught by `watchdog scan --kubelet`.
 
 use std::{
     fs,
@@ -64,7 +66,8 @@ the time from the bad route to the finding, `watchdog status`, and the finding c
 the repair.
   --datastore file         the agent reads a nodes.yaml written from the lab (default)
   --datastore kubernetes   the agent reads Nodes + IPAMBlocks from a fake API server in this
-                           process; also replays the silent watch that hid k8s03's VTEP change";
+                           process; also replays the silent watch that hid k8s03's VTEP change
+                           and the kubelet whose dead watch left calico-node Pending";
 
 fn parse_args() -> Result<Datastore, String> {
     let mut args = std::env::args().skip(1);
@@ -195,6 +198,7 @@ fn run(mode: Datastore) -> Result<()> {
 
     if let Some(api) = &api {
         silent_watch(&lab, api, &configs)?;
+        stalled_kubelet(&lab, api, &configs)?;
     }
 
     let base_config = &configs
@@ -362,6 +366,88 @@ fn silent_watch(lab: &Lab, api: &Api, configs: &[(String, PathBuf)]) -> Result<(
     kube_fixture::restore_node(lab, &api.server, "k8s03");
     api.server.set_silent_watch(false);
     println!("k8s03's registration put back to {old}; watch delivering again");
+    Ok(())
+}
+
+/// The incident's chain 1: the kubelet on k8s03 keeps a dead watch. calico-node-sqfcs, bound
+/// 35 minutes ago, never reaches it; a pod deleted 44 minutes ago still runs there; k8s03 is
+/// Ready throughout. `watchdog scan --kubelet` compares the API's pods with the kubelet's.
+fn stalled_kubelet(lab: &Lab, api: &Api, configs: &[(String, PathBuf)]) -> Result<()> {
+    use watchdog_lab::fake_apiserver::Res;
+    const NODE: &str = "k8s03";
+    section("The kubelet on k8s03 watches a dead stream (incident chain 1)");
+    let server = &api.server;
+    server.put(
+        Res::Pods,
+        kube_fixture::pod("kube-system", "coredns-7d8f", NODE, 7200),
+    );
+    let redis = kube_fixture::pod("argocd", "argocd-redis-ha-server-2", NODE, 7200);
+    server.put(Res::Pods, redis.clone());
+    server.set_kubelet_stalled(NODE, true);
+    server.put(
+        Res::Pods,
+        kube_fixture::pod("kube-system", "calico-node-sqfcs", NODE, 2100),
+    );
+    server.put(Res::Pods, kube_fixture::deleted(redis, 2640));
+    println!("scheduler bound kube-system/calico-node-sqfcs to {NODE} 35 min ago; argocd/argocd-redis-ha-server-2 deleted 44 min ago");
+    let kubelet_scan = |when: &str| -> Result<()> {
+        let config = &configs
+            .iter()
+            .find(|(n, _)| n == NODE)
+            .context("no config for k8s03")?
+            .1;
+        let out = Command::new(watchdog_bin())
+            .args([
+                "scan",
+                "--json",
+                "--kubelet",
+                "--datastore",
+                "kubernetes",
+                "--config",
+            ])
+            .arg(config)
+            .arg("--netns")
+            .arg(lab.netns_path(NODE))
+            .output()?;
+        let json: serde_json::Value = serde_json::from_slice(&out.stdout).with_context(|| {
+            format!(
+                "watchdog scan --kubelet: {}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        })?;
+        let kubelet: Vec<&serde_json::Value> = json["findings"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|f| f["device"] == "kubelet")
+            .collect();
+        println!(
+            "[{when}] {NODE}$ watchdog scan --kubelet  ->  exit {}",
+            out.status.code().unwrap_or(-1)
+        );
+        if kubelet.is_empty() {
+            println!("  kubelet knows every pod bound to {NODE}");
+        }
+        for f in kubelet {
+            println!(
+                "  {} {}: {}",
+                f["severity"].as_str().unwrap_or("").to_uppercase(),
+                f["check"].as_str().unwrap_or(""),
+                f["message"].as_str().unwrap_or("")
+            );
+            if let Some(h) = f["hint"].as_str() {
+                println!("    fix: {h}");
+            }
+        }
+        Ok(())
+    };
+    kubelet_scan("dead watch")?;
+    server.set_kubelet_stalled(NODE, false);
+    server.delete(Res::Pods, "argocd/argocd-redis-ha-server-2");
+    println!(
+        "k8s-dqlite restarted, then kubelite: the kubelet lists again and finishes the deleted pod"
+    );
+    kubelet_scan("restarted")?;
     Ok(())
 }
 
