@@ -397,6 +397,8 @@ pub enum CheckId {
     DatastoreStale,
     KubeletWatchStalled,
     RouteWrongDevice,
+    /// Raised by repair, not by a check: something keeps undoing a repair (DESIGN §8).
+    RepairContested,
 }
 
 impl CheckId {
@@ -419,6 +421,7 @@ impl CheckId {
             CheckId::DatastoreStale => "datastore-stale",
             CheckId::KubeletWatchStalled => "kubelet-watch-stalled",
             CheckId::RouteWrongDevice => "route-wrong-device",
+            CheckId::RepairContested => "repair-contested",
         }
     }
 }
@@ -555,8 +558,13 @@ impl Finding {
     /// they are repaired one by one, and that must not make it a new problem.
     pub fn key(&self) -> (CheckId, String, Option<String>, Option<String>) {
         let detail = match (&self.peer_node, self.check) {
-            // A stale route is a problem of its own, even when it shadows a peer's block.
-            (Some(_), check) if check != CheckId::RouteStale => self.gateway.map(|g| g.to_string()),
+            // A stale route is a problem of its own, even when it shadows a peer's block; a
+            // contested repair is one per object.
+            (Some(_), check)
+                if check != CheckId::RouteStale && check != CheckId::RepairContested =>
+            {
+                self.gateway.map(|g| g.to_string())
+            }
             _ => self.route.clone(),
         };
         (
