@@ -117,6 +117,17 @@ struct ScanArgs {
     /// judge them per peer (`traffic-blackholed`, `drops-unexplained`); shown under `drops`.
     #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
     drops: Option<std::time::Duration>,
+    /// Print the repair plan for the findings as the equivalent `ip route replace …` /
+    /// `ip neigh replace …` / `bridge fdb replace …` commands (refused ones commented out, with
+    /// the guard rail that refused them), and write nothing.
+    #[arg(long, conflicts_with_all = ["repair", "drops"])]
+    dry_run: bool,
+    /// Apply that plan once, through the same guard rails as `mode = "repair"` except the
+    /// finding's age ([repair] actions, delete_stale_routes, max_repairs_per_minute, overlay
+    /// devices, datastore validity); report what was done, scan again, and exit with the
+    /// verdict after the repair.
+    #[arg(long, conflicts_with = "drops")]
+    repair: bool,
 }
 
 fn main() -> ExitCode {
@@ -312,12 +323,12 @@ fn scan_command(args: ScanArgs) -> ExitCode {
         .as_deref()
         .map(DatastoreChoice::parse)
         .unwrap_or_else(|| DatastoreChoice::from_config(&config));
-    let result = runtime().block_on(scan::scan_with_drops(
-        &config,
-        args.common.netns.as_deref(),
-        &choice,
-        args.drops,
-    ));
+    let netns = args.common.netns.as_deref();
+    let result = if args.dry_run || args.repair {
+        runtime().block_on(scan::scan_and_repair(&config, netns, &choice, args.dry_run))
+    } else {
+        runtime().block_on(scan::scan_with_drops(&config, netns, &choice, args.drops))
+    };
     match result {
         Ok(out) => {
             if args.json {
@@ -330,6 +341,9 @@ fn scan_command(args: ScanArgs) -> ExitCode {
                 }
             } else {
                 print!("{}", scan::render_text(&out));
+                if let Some(repair) = &out.repair {
+                    print!("{}", scan::render_repair(repair));
+                }
             }
             ExitCode::from(out.summary.exit_code as u8)
         }
