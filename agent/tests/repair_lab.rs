@@ -207,3 +207,404 @@ fn scan_repair_refuses_a_peer_with_an_invalid_datastore_entry_and_writes_nothing
     assert_eq!(offline.json()["repair"]["writes"], 0);
     assert_eq!(routes(&lab, NODE), before);
 }
+
+// ---------------------------------------------------------------------------------------------
+// The daemon in repair mode
+// ---------------------------------------------------------------------------------------------
+
+use std::{
+    path::PathBuf,
+    process::{Child, Stdio},
+    time::{Duration, Instant},
+};
+
+use dataplane_watchdog::serve::{client, Status};
+
+/// A `watchdog run` child process, killed when dropped (even on panic).
+struct Agent {
+    child: Option<Child>,
+    dir: tempfile::TempDir,
+    socket: PathBuf,
+}
+
+/// Short windows so a contest plays out in seconds.
+const REPAIR: &str = "[repair]\nmin_finding_age = \"0s\"\nmax_repairs_per_minute = 1000\n\
+                      contested_after = 3\ncontested_window = \"1m\"\ncontested_backoff = \"1m\"\n";
+
+impl Agent {
+    fn start(lab: &mut Lab, mode: &str, datastore: Option<&Path>) -> Agent {
+        let datastore = match datastore {
+            Some(p) => p.to_path_buf(),
+            None => lab.write_datastore().expect("write datastore"),
+        };
+        let dir = tempfile::tempdir().expect("temp dir");
+        let socket = dir.path().join("status.sock");
+        let config = dir.path().join("config.toml");
+        let text = format!(
+            "mode = \"{mode}\"\n{}\n[status]\nsocket = \"{}\"\n[metrics]\nlisten = \"off\"\n\
+             [ebpf]\nenabled = false\n{REPAIR}",
+            lab.agent_config_toml(NODE, &datastore),
+            socket.display(),
+        );
+        std::fs::write(&config, text).expect("write config");
+        let log = std::fs::File::create(dir.path().join("agent.log")).expect("log file");
+        let child = Command::new(WATCHDOG)
+            .args(["run", "--config"])
+            .arg(&config)
+            .arg("--netns")
+            .arg(lab.netns_path(NODE))
+            .env(
+                "WATCHDOG_LOG",
+                "info,dataplane_watchdog=debug,netlink_packet_route=error",
+            )
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start watchdog run");
+        let agent = Agent {
+            child: Some(child),
+            dir,
+            socket,
+        };
+        agent.wait("in sync", Duration::from_secs(15), |s| s.in_sync);
+        agent
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("agent.log")).unwrap_or_default()
+    }
+
+    fn try_status(&self) -> Option<Status> {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(client::fetch_status(&self.socket, Duration::from_secs(2)))
+            .ok()
+    }
+
+    fn wait(&self, what: &str, deadline: Duration, cond: impl Fn(&Status) -> bool) -> Status {
+        let started = Instant::now();
+        loop {
+            if let Some(s) = self.try_status().filter(|s| cond(s)) {
+                return s;
+            }
+            assert!(
+                started.elapsed() < deadline,
+                "{what}: not within {deadline:?}\nstatus: {:#?}\nlog:\n{}",
+                self.try_status().map(|s| (s.findings, s.repairs)),
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn check(&self) -> (i32, String) {
+        let out = Command::new(WATCHDOG)
+            .args(["check", "--socket"])
+            .arg(&self.socket)
+            .output()
+            .expect("watchdog check");
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Polls the kernel until `cond` holds; returns how long it took.
+fn until(what: &str, deadline: Duration, mut cond: impl FnMut() -> bool) -> Duration {
+    let started = Instant::now();
+    while !cond() {
+        assert!(
+            started.elapsed() < deadline,
+            "{what}: not within {deadline:?}"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    started.elapsed()
+}
+
+fn healthy(lab: &Lab) -> bool {
+    lab.diff_from_healthy().expect("snapshot").is_empty()
+}
+
+#[test]
+fn the_daemon_repairs_the_incident_a_wrong_neighbour_and_a_missing_fdb_entry_within_a_second() {
+    let mut lab = build_lab();
+    let agent = Agent::start(&mut lab, "repair", None);
+    for (fault, action) in [
+        (Fault::incident(NODE), "route-replace"),
+        (Fault::neighbour_wrong_mac(NODE, "k8s03"), "neigh-replace"),
+        (Fault::fdb_removed(NODE, "k8s02"), "fdb-replace"),
+    ] {
+        let kind = fault.kind();
+        let injected = lab.inject(fault).expect("inject");
+        // (The agent may be done before a first look: the status records below prove it wrote.)
+        let took = until(&format!("{kind} repaired"), Duration::from_secs(5), || {
+            healthy(&lab)
+        });
+        assert!(
+            took < Duration::from_secs(1),
+            "{kind}: repaired only after {took:?}"
+        );
+        eprintln!("{kind}: kernel healthy again {took:?} after the injection");
+        let t = lab.traffic(NODE, "k8s03", 3).unwrap();
+        assert!(t.all_delivered(), "{kind}: after the repair: {t}");
+        let t = lab.traffic(NODE, "k8s02", 3).unwrap();
+        assert!(t.all_delivered(), "{kind}: after the repair: {t}");
+        let s = agent.wait(
+            &format!("{kind}: applied in status"),
+            Duration::from_secs(5),
+            |s| {
+                s.findings.is_empty()
+                    && s.repairs
+                        .iter()
+                        .any(|r| r.action == action && r.result == "applied")
+            },
+        );
+        let r = s.repairs.iter().find(|r| r.action == action).unwrap();
+        assert!(r.command.as_deref().unwrap().contains(DEV), "{r:?}");
+        assert!(r.peer_node.is_some(), "{r:?}");
+        // Already healthy: the undo rewrites the same objects (bookkeeping only).
+        lab.restore(&injected).expect("restore");
+        assert!(healthy(&lab));
+    }
+    let s = agent.try_status().unwrap();
+    assert!(
+        s.repairs.iter().all(|r| r.result == "applied"),
+        "only applied: {:#?}",
+        s.repairs
+    );
+    // Six route writes for the incident, one neighbour, one FDB entry: nothing else.
+    assert_eq!(s.repairs.len(), 8, "{:#?}", s.repairs);
+    assert!(agent.log().contains("repair applied"), "{}", agent.log());
+}
+
+/// A stale Felix: every time k8s03's first block is routed right, puts the bad route back
+/// (polling, as fast as Felix's own event handling). Counts its writes.
+struct Fighter {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<u32>>,
+}
+
+const FOUGHT: &str = "10.1.235.128/26";
+
+impl Fighter {
+    fn start(lab: &Lab) -> Fighter {
+        let netns = lab
+            .netns_path(NODE)
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .into_owned();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stopped = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let ip = |args: &[&str]| {
+                let out = Command::new("ip")
+                    .arg("-n")
+                    .arg(&netns)
+                    .args(args)
+                    .output()
+                    .unwrap();
+                String::from_utf8_lossy(&out.stdout).into_owned()
+            };
+            let mut writes = 0;
+            while !stopped.load(std::sync::atomic::Ordering::SeqCst) {
+                if ip(&["route", "show", "exact", FOUGHT]).contains(K8S03_VTEP) {
+                    ip(&[
+                        "route",
+                        "replace",
+                        FOUGHT,
+                        "via",
+                        "10.1.235.128",
+                        "dev",
+                        DEV,
+                        "onlink",
+                    ]);
+                    writes += 1;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            writes
+        });
+        Fighter {
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    fn stop(&mut self) -> u32 {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.thread.take().unwrap().join().unwrap()
+    }
+}
+
+impl Drop for Fighter {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+#[test]
+fn a_stale_felix_rewriting_the_route_makes_it_contested_and_the_agent_stops() {
+    let mut lab = build_lab();
+    let agent = Agent::start(&mut lab, "repair", None);
+    let mut fighter = Fighter::start(&lab);
+    lab.ip(
+        NODE,
+        &[
+            "route",
+            "replace",
+            FOUGHT,
+            "via",
+            "10.1.235.128",
+            "dev",
+            DEV,
+            "onlink",
+        ],
+    )
+    .unwrap();
+    let s = agent.wait("repair-contested", Duration::from_secs(15), |s| {
+        s.findings
+            .iter()
+            .any(|f| f.check.as_str() == "repair-contested")
+    });
+    let contested = s
+        .findings
+        .iter()
+        .find(|f| f.check.as_str() == "repair-contested")
+        .unwrap();
+    assert_eq!(contested.severity.to_string(), "critical");
+    assert_eq!(contested.peer_node.as_deref(), Some("k8s03"));
+    assert!(contested.message.contains(FOUGHT), "{}", contested.message);
+    assert!(contested.message.contains("Felix"), "{}", contested.message);
+    assert!(
+        contested.hint.as_deref().unwrap().contains("calico-node"),
+        "{contested:?}"
+    );
+    // The fought finding itself says contested.
+    let s = agent.wait(
+        "gateway-wrong-vtep contested",
+        Duration::from_secs(5),
+        |s| {
+            s.findings.iter().any(|f| {
+                f.check.as_str() == "gateway-wrong-vtep"
+                    && f.repair.as_ref().is_some_and(|r| r.status == "contested")
+            })
+        },
+    );
+    let (code, line) = agent.check();
+    assert_eq!(code, 2, "{line}");
+    assert!(line.starts_with("WATCHDOG CRITICAL"), "{line}");
+
+    // The agent has given up: the fighter keeps the route, and the agent writes no more.
+    let applied = |s: &Status| {
+        s.repairs
+            .iter()
+            .filter(|r| {
+                r.result == "applied" && r.command.as_deref().unwrap_or("").contains(FOUGHT)
+            })
+            .count()
+    };
+    let writes = applied(&s);
+    std::thread::sleep(Duration::from_secs(2));
+    let later = agent.try_status().unwrap();
+    assert_eq!(applied(&later), writes, "the agent wrote after the contest");
+    let fights = fighter.stop();
+    assert!(
+        writes <= 3 + 1,
+        "agent writes: {writes} (contested_after + 1 at most)"
+    );
+    assert!(fights >= 3, "the fighter wrote {fights} times");
+    assert!(lab
+        .ip(NODE, &["route", "show", "exact", FOUGHT])
+        .unwrap()
+        .contains("via 10.1.235.128 "));
+    assert!(
+        later.repairs.iter().any(|r| r.result == "contested"),
+        "{:#?}",
+        later.repairs
+    );
+}
+
+#[test]
+fn observe_and_alert_modes_never_write_and_repair_mode_refuses_an_invalid_peer() {
+    let mut lab = build_lab();
+    lab.inject(Fault::incident(NODE)).expect("inject");
+    let before = lab.snapshot().unwrap();
+    // A datastore where k8s02 also claims one of k8s03's blocks.
+    let yaml = lab.datastore_yaml().replace(
+        "blocks: [10.1.140.64/26]",
+        "blocks: [10.1.140.64/26, 10.1.238.0/26]",
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let invalid = dir.path().join("nodes.yaml");
+    std::fs::write(&invalid, yaml).unwrap();
+
+    // `ip monitor` sees every write to routes, neighbours and the FDB in the namespace.
+    let netns = lab.netns_path(NODE);
+    let mut monitor = Command::new("nsenter")
+        .arg(format!("--net={}", netns.display()))
+        .args(["ip", "monitor", "route", "neigh"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("ip monitor");
+    std::thread::sleep(Duration::from_millis(200));
+    for (mode, datastore) in [
+        ("observe", None),
+        ("alert", None),
+        ("repair", Some(invalid.as_path())),
+    ] {
+        let agent = Agent::start(&mut lab, mode, datastore);
+        let s = agent.wait(
+            &format!("{mode}: the incident"),
+            Duration::from_secs(5),
+            |s| {
+                s.findings
+                    .iter()
+                    .any(|f| f.check.as_str() == "gateway-wrong-vtep")
+            },
+        );
+        if mode == "repair" {
+            let s = agent.wait("refused", Duration::from_secs(5), |s| {
+                s.findings.iter().any(|f| {
+                    f.check.as_str() == "gateway-wrong-vtep"
+                        && f.repair.as_ref().is_some_and(|r| r.status == "refused")
+                })
+            });
+            assert!(
+                s.repairs.iter().all(|r| r.result == "refused"),
+                "{:#?}",
+                s.repairs
+            );
+            assert!(s.repairs[0]
+                .message
+                .as_deref()
+                .unwrap()
+                .contains("datastore entry of k8s03"));
+        } else {
+            std::thread::sleep(Duration::from_millis(500));
+            assert!(s.repairs.is_empty(), "{mode}: {:#?}", s.repairs);
+        }
+        drop(agent);
+    }
+    let _ = monitor.kill();
+    let out = monitor.wait_with_output().unwrap();
+    let seen = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        seen.trim().is_empty(),
+        "the agent wrote to the kernel:\n{seen}"
+    );
+    assert_eq!(lab.snapshot().unwrap(), before);
+}

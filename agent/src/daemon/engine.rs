@@ -47,6 +47,8 @@ pub struct Engine {
     /// `node_name` was not configured: a local node missing from the datastore is looked up
     /// by address.
     local_by_address: bool,
+    /// Findings raised outside the checks (repair's `repair-contested`), tracked like theirs.
+    extra: Vec<Finding>,
     dirty: bool,
 }
 
@@ -67,6 +69,7 @@ impl Engine {
             datastore: None,
             explained_at: BTreeMap::new(),
             local_by_address: false,
+            extra: Vec::new(),
             dirty: true,
         }
     }
@@ -163,6 +166,20 @@ impl Engine {
         }
     }
 
+    /// Findings raised outside the checks (repair's `repair-contested`): part of every
+    /// evaluation until replaced.
+    pub fn set_extra_findings(&mut self, extra: Vec<Finding>) {
+        if extra != self.extra {
+            self.extra = extra;
+            self.dirty = true;
+        }
+    }
+
+    /// Evaluate again even though the model did not change (what annotates findings did).
+    pub fn mark_dirty(&mut self) {
+        self.dirty = true;
+    }
+
     /// Drops toward peers in the recent window (eBPF).
     pub fn set_drops(&mut self, drops: DropSummary) {
         if drops != self.drops {
@@ -203,6 +220,7 @@ impl Engine {
                 self.explained_at.insert(peer.clone(), now);
             }
         }
+        report.findings.extend(self.extra.iter().cloned());
         let transitions = self
             .tracker
             .update(std::mem::take(&mut report.findings), now);

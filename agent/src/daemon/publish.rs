@@ -6,11 +6,27 @@ use super::*;
 impl LoopState {
     pub(super) async fn evaluate_and_publish(&mut self) {
         let now = SystemTime::now();
+        if let Some(link) = &self.repair {
+            link.offer_desired(self.engine.desired());
+            self.engine.set_extra_findings(link.contested());
+        }
         let Evaluation {
-            report,
-            transitions,
+            mut report,
+            mut transitions,
             duration,
         } = self.engine.evaluate(now);
+        if let Some(link) = &self.repair {
+            // What repair did travels with each finding (cleared ones too: "fixed by repair").
+            link.annotate(
+                report
+                    .findings
+                    .iter_mut()
+                    .chain(&mut transitions.opened)
+                    .chain(&mut transitions.changed),
+            );
+            let cleared = std::mem::take(&mut transitions.cleared);
+            transitions.cleared = link.settle_cleared(cleared, &report.findings);
+        }
         self.heap_dirty = true;
         for peer in self.engine.peers_with_explained_drops() {
             self.window.acknowledge(peer);

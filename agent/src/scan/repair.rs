@@ -52,6 +52,7 @@ pub async fn scan_and_repair(
                 dry_run,
                 now: SystemTime::now(),
                 clock: Instant::now(),
+                ledger: None,
             },
         )
         .await;

@@ -4,8 +4,9 @@
 //! findings.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     sync::{Arc, Mutex, MutexGuard, PoisonError},
+    time::{Duration, Instant},
 };
 
 use super::{ObjectKey, Outcome, RepairResult};
@@ -19,8 +20,11 @@ const MAX_FINDINGS: usize = 4096;
 
 #[derive(Debug, Default)]
 struct Shared {
-    /// Per finding, the latest result per object.
-    by_finding: BTreeMap<FindingKey, BTreeMap<ObjectKey, RepairInfo>>,
+    /// Per finding, the latest result per object, and whether a write of it is in flight.
+    by_finding: BTreeMap<FindingKey, BTreeMap<ObjectKey, (RepairInfo, bool)>>,
+    /// Cleared findings held back while a write for them is in flight (the loop sees the
+    /// kernel change before the repairer has read it back): released with the result.
+    held: Vec<(Finding, Instant)>,
     /// `repair-contested` findings of the contests running now.
     contested: Vec<Finding>,
     /// The desired state the findings were derived from, for re-deriving them.
@@ -43,18 +47,30 @@ impl RepairLink {
 
     /// Records an outcome against its finding.
     pub fn record(&self, o: &Outcome) {
+        self.put(o, false);
+    }
+
+    /// A write for `o` is about to be sent (`o` is its `planned` outcome).
+    pub fn begin(&self, o: &Outcome) {
+        self.put(o, true);
+    }
+
+    fn put(&self, o: &Outcome, in_flight: bool) {
         let mut s = self.lock();
         if s.by_finding.len() >= MAX_FINDINGS && !s.by_finding.contains_key(&o.finding) {
             return;
         }
         s.by_finding.entry(o.finding.clone()).or_default().insert(
             o.object.clone(),
-            RepairInfo {
-                action: o.remedy.action().to_string(),
-                status: o.result.as_str().to_string(),
-                command: Some(o.remedy.to_string()),
-                reason: Some(o.message.clone()),
-            },
+            (
+                RepairInfo {
+                    action: o.remedy.action().to_string(),
+                    status: o.result.as_str().to_string(),
+                    command: Some(o.remedy.to_string()),
+                    reason: Some(o.message.clone()),
+                },
+                in_flight,
+            ),
         );
         s.generation += 1;
     }
@@ -97,18 +113,62 @@ impl RepairLink {
     pub fn annotate<'a>(&self, findings: impl IntoIterator<Item = &'a mut Finding>) {
         let s = self.lock();
         for f in findings {
-            if let Some(objects) = s.by_finding.get(&f.key()) {
-                f.repair = objects.values().max_by_key(|i| rank(&i.status)).cloned();
-            }
+            annotate_one(&s, f);
         }
     }
 
-    /// Cleared findings are annotated one last time, then forgotten.
-    pub fn forget(&self, cleared: &[Finding]) {
+    /// The cleared findings to publish now: those just cleared whose repair is settled, and
+    /// held ones whose write has since been read back (or that waited [`HOLD_AT_MOST`]), each
+    /// annotated one last time and then forgotten. A held finding open again is dropped: it
+    /// never cleared as far as anyone downstream can tell.
+    pub fn settle_cleared(&self, cleared: Vec<Finding>, open: &[Finding]) -> Vec<Finding> {
         let mut s = self.lock();
-        for f in cleared {
-            s.by_finding.remove(&f.key());
+        let now = Instant::now();
+        s.held.extend(cleared.into_iter().map(|f| (f, now)));
+        let open: BTreeSet<FindingKey> = open.iter().map(Finding::key).collect();
+        let held = std::mem::take(&mut s.held);
+        let mut out = Vec::new();
+        for (mut f, since) in held {
+            let key = f.key();
+            if open.contains(&key) {
+                continue;
+            }
+            let in_flight = s
+                .by_finding
+                .get(&key)
+                .is_some_and(|objects| objects.values().any(|(_, busy)| *busy));
+            if in_flight && now.duration_since(since) < HOLD_AT_MOST {
+                s.held.push((f, since));
+                continue;
+            }
+            annotate_one(&s, &mut f);
+            s.by_finding.remove(&key);
+            out.push(f);
         }
+        // Results for findings neither open nor held have nobody left to annotate.
+        let held_keys: BTreeSet<FindingKey> = s.held.iter().map(|(f, _)| f.key()).collect();
+        s.by_finding.retain(|k, objects| {
+            open.contains(k) || held_keys.contains(k) || objects.values().any(|(_, busy)| *busy)
+        });
+        out
+    }
+
+    /// Cleared findings are held back while one of their writes is in flight.
+    pub fn holding(&self) -> bool {
+        !self.lock().held.is_empty()
+    }
+}
+
+/// A cleared finding is held at most this long for its write's result.
+pub const HOLD_AT_MOST: Duration = Duration::from_secs(2);
+
+fn annotate_one(s: &Shared, f: &mut Finding) {
+    if let Some(objects) = s.by_finding.get(&f.key()) {
+        f.repair = objects
+            .values()
+            .map(|(info, _)| info)
+            .max_by_key(|i| rank(&i.status))
+            .cloned();
     }
 }
 

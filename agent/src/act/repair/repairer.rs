@@ -91,6 +91,9 @@ pub struct Pass<'a> {
     pub dry_run: bool,
     pub now: SystemTime,
     pub clock: Instant,
+    /// Told of each write just before it is sent, so a finding that clears meanwhile waits
+    /// for the result.
+    pub ledger: Option<&'a super::RepairLink>,
 }
 
 /// One action and how it ended.
@@ -334,6 +337,17 @@ impl Repairer {
                 "repair planned{note}"
             );
             report.writes += 1;
+            if let Some(ledger) = pass.ledger {
+                let writing = "writing".to_string();
+                ledger.begin(&outcome(
+                    &pass,
+                    c.finding,
+                    &now_remedy,
+                    c.object.clone(),
+                    RepairResult::Planned,
+                    writing,
+                ));
+            }
             match kernel.write(&now_remedy).await {
                 Ok(()) => written.push((c, now_remedy, note)),
                 Err(e) => {
@@ -387,6 +401,11 @@ impl Repairer {
         refusal: Refusal,
     ) {
         report.retry |= refusal.is_transient();
+        if refusal == Refusal::ObjectRateLimited {
+            // The per-object gap only paces a retry (a write just undone); not worth a record.
+            debug!(object = %object, "repair paced: {refusal}");
+            return;
+        }
         let code = refusal.code();
         let first = self.reported.insert((finding.key(), object.clone()), code) != Some(code);
         if !first {

@@ -43,6 +43,7 @@ fn pass<'a>(open: &'a [Finding], c: &'a Cluster, clock: Instant) -> Pass<'a> {
         dry_run: false,
         now: SystemTime::now(),
         clock,
+        ledger: None,
     }
 }
 
@@ -369,13 +370,38 @@ async fn the_ledger_annotates_open_and_cleared_findings_with_the_worst_result() 
         link.record(o);
     }
     let mut cleared = open.clone();
-    link.annotate(cleared.iter_mut());
-    assert_eq!(cleared[0].repair.as_ref().unwrap().status, "applied");
-    link.forget(&cleared);
-    let mut fresh = open.clone();
-    fresh[0].repair = None;
+    cleared[0].repair = None;
+    let released = link.settle_cleared(cleared.clone(), &[]);
+    assert_eq!(released[0].repair.as_ref().unwrap().status, "applied");
+    // Forgotten once released.
+    let mut fresh = cleared.clone();
     link.annotate(fresh.iter_mut());
     assert_eq!(fresh[0].repair, None);
+
+    // A write in flight holds the cleared finding back until its result is recorded.
+    let link = RepairLink::default();
+    let o = report
+        .outcomes
+        .iter()
+        .find(|o| o.result == RepairResult::Applied)
+        .unwrap();
+    let planned = Outcome {
+        result: RepairResult::Planned,
+        ..o.clone()
+    };
+    link.begin(&planned);
+    assert!(link.settle_cleared(cleared.clone(), &[]).is_empty());
+    assert!(link.holding());
+    link.record(o);
+    let released = link.settle_cleared(vec![], &[]);
+    assert_eq!(released.len(), 1);
+    assert_eq!(released[0].repair.as_ref().unwrap().status, "applied");
+    assert!(!link.holding());
+    // Held, then open again: never published as cleared.
+    link.begin(&planned);
+    assert!(link.settle_cleared(cleared.clone(), &[]).is_empty());
+    assert!(link.settle_cleared(vec![], &cleared).is_empty());
+    assert!(!link.holding());
 
     // The desired state is kept once per change.
     link.offer_desired(Some(&c.desired));

@@ -1,0 +1,146 @@
+//! The repair consumer (`mode = "repair"` only): each delta's open findings through one
+//! [`Repairer`] pass, on the consumer's own thread, so a slow kernel or API never holds up the
+//! loop. What it did goes to the shared [`RepairLink`] (the loop annotates findings with it and
+//! raises `repair-contested`), the status API's `repairs`, metrics and the log.
+
+use std::{
+    path::PathBuf,
+    sync::Arc,
+    time::{Duration, Instant, SystemTime},
+};
+
+use tracing::warn;
+
+use super::stream::{Consumer, FindingsDelta};
+use crate::{
+    act::repair::{report, NetlinkKernel, Pass, RepairLink, Repairer},
+    config::{Config, Profile},
+    serve::{Metrics, StatusHandle},
+};
+
+/// How soon a held-back repair (young finding, budget) is looked at again, and how often a
+/// contest's backoff is checked for its end.
+const RETRY_EVERY: Duration = Duration::from_millis(100);
+
+pub(super) struct RepairConsumer {
+    link: RepairLink,
+    repairer: Repairer,
+    /// Opened on the consumer's own runtime at the first pass.
+    kernel: Option<NetlinkKernel>,
+    netns: Option<PathBuf>,
+    status: StatusHandle,
+    metrics: Arc<Metrics>,
+    profile: Profile,
+    node: String,
+    last: Option<Arc<FindingsDelta>>,
+    /// The last pass held something back that passes by itself.
+    retry: bool,
+    connect_failed: bool,
+}
+
+impl RepairConsumer {
+    pub(super) fn new(
+        config: &Config,
+        netns: Option<PathBuf>,
+        link: RepairLink,
+        status: StatusHandle,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        RepairConsumer {
+            link,
+            repairer: Repairer::new(config.repair.clone(), config.device_specs()),
+            kernel: None,
+            netns,
+            status,
+            metrics,
+            profile: config.profile,
+            node: config.node_name.clone(),
+            last: None,
+            retry: false,
+            connect_failed: false,
+        }
+    }
+
+    async fn pass(&mut self) {
+        let Some(delta) = self.last.clone() else {
+            return;
+        };
+        if self.kernel.is_none() {
+            match NetlinkKernel::new(self.netns.as_deref()) {
+                Ok(k) => self.kernel = Some(k),
+                Err(e) => {
+                    if !std::mem::replace(&mut self.connect_failed, true) {
+                        warn!(error = %e, "repair cannot reach the kernel; retrying");
+                    }
+                    self.retry = true;
+                    return;
+                }
+            }
+        }
+        let Some(kernel) = self.kernel.as_mut() else {
+            return;
+        };
+        let desired = self.link.desired();
+        let now = SystemTime::now();
+        let clock = Instant::now();
+        let done = self
+            .repairer
+            .run(
+                kernel,
+                Pass {
+                    open: &delta.open,
+                    desired: desired.as_deref(),
+                    in_sync: delta.in_sync,
+                    ignore_age: false,
+                    dry_run: false,
+                    now,
+                    clock,
+                    ledger: Some(&self.link),
+                },
+            )
+            .await;
+        self.retry = done.retry;
+        for o in &done.outcomes {
+            report::log(o);
+            self.metrics
+                .inc_repair(o.remedy.action(), o.result.as_str());
+            self.link.record(o);
+        }
+        if !done.outcomes.is_empty() {
+            let outcomes = done.outcomes;
+            self.status
+                .update(|s| report::push_records(&mut s.repairs, &outcomes))
+                .await;
+        }
+        self.publish_contests(clock);
+    }
+
+    fn publish_contests(&mut self, clock: Instant) {
+        let findings = self
+            .repairer
+            .active_contests(clock)
+            .iter()
+            .map(|c| report::contested_finding(c, self.profile, &self.node))
+            .collect();
+        self.link.set_contested(findings);
+    }
+}
+
+impl Consumer for RepairConsumer {
+    const NAME: &'static str = "repair";
+    const TICK: Option<Duration> = Some(RETRY_EVERY);
+
+    async fn consume(&mut self, delta: Arc<FindingsDelta>, _missed: u64) {
+        // Every delta carries the whole open set: the latest is all a pass needs.
+        self.last = Some(delta);
+        self.pass().await;
+    }
+
+    async fn tick(&mut self) {
+        if self.retry {
+            self.pass().await;
+        } else {
+            self.publish_contests(Instant::now());
+        }
+    }
+}
