@@ -9,12 +9,16 @@ use std::{
     time::{Duration, Instant, SystemTime},
 };
 
-use tracing::warn;
+use tokio::sync::watch;
+use tracing::{debug, warn};
 
 use super::stream::{Consumer, FindingsDelta};
 use crate::{
-    act::repair::{report, NetlinkKernel, Pass, RepairLink, Repairer},
-    config::{Config, Profile},
+    act::repair::{
+        report, Contest, NetlinkKernel, Outcome, Pass, RepairLink, RepairResult, Repairer,
+    },
+    config::{Config, Escalate, Profile},
+    desired::KubeSource,
     serve::{Metrics, StatusHandle},
 };
 
@@ -36,6 +40,11 @@ pub(super) struct RepairConsumer {
     /// The last pass held something back that passes by itself.
     retry: bool,
     connect_failed: bool,
+    /// The Kubernetes source, for Events (`publish_events`) and the escalation.
+    kube: Option<watch::Receiver<Option<KubeSource>>>,
+    escalate: Escalate,
+    backoff: Duration,
+    last_escalation: Option<Instant>,
 }
 
 impl RepairConsumer {
@@ -45,6 +54,7 @@ impl RepairConsumer {
         link: RepairLink,
         status: StatusHandle,
         metrics: Arc<Metrics>,
+        kube: Option<watch::Receiver<Option<KubeSource>>>,
     ) -> Self {
         RepairConsumer {
             link,
@@ -58,6 +68,89 @@ impl RepairConsumer {
             last: None,
             retry: false,
             connect_failed: false,
+            kube,
+            escalate: config.repair.escalate,
+            backoff: config.repair.contested_backoff,
+            last_escalation: None,
+        }
+    }
+
+    fn source(&self) -> Option<KubeSource> {
+        self.kube.as_ref().and_then(|rx| rx.borrow().clone())
+    }
+
+    /// A Node Event per outcome that is news (`publish_events`); spawned, never awaited.
+    fn events(&self, outcomes: &[Outcome]) {
+        let Some(src) = self.source() else {
+            return;
+        };
+        for o in outcomes
+            .iter()
+            .filter(|o| o.result != RepairResult::Planned)
+        {
+            let (reason, kind) = match o.result {
+                RepairResult::Applied => ("RepairApplied", "Normal"),
+                RepairResult::Failed => ("RepairFailed", "Warning"),
+                RepairResult::Refused => ("RepairRefused", "Warning"),
+                RepairResult::Contested => ("RepairContested", "Warning"),
+                RepairResult::Planned => continue,
+            };
+            let key = format!("{} {}", o.object, o.result);
+            let message = format!("{}: {}", o.remedy, o.message);
+            let src = src.clone();
+            tokio::spawn(async move {
+                match src.publish_action_event(&key, reason, kind, &message).await {
+                    Ok(outcome) => debug!(?outcome, reason, "repair event"),
+                    Err(e) => warn!(error = %e, reason, "cannot publish a repair event"),
+                }
+            });
+        }
+    }
+
+    /// `escalate = "restart-calico-node"`: at most once per `contested_backoff`.
+    async fn escalate(&mut self, contests: &[Contest]) {
+        if self.escalate != Escalate::RestartCalicoNode || contests.is_empty() {
+            return;
+        }
+        if self
+            .last_escalation
+            .is_some_and(|t| t.elapsed() < self.backoff)
+        {
+            debug!("calico-node was restarted within contested_backoff; not again");
+            return;
+        }
+        let Some(src) = self.source() else {
+            warn!("escalate = restart-calico-node, but the API server is not connected");
+            return;
+        };
+        self.last_escalation = Some(Instant::now());
+        let objects: Vec<String> = contests.iter().map(|c| c.object.to_string()).collect();
+        match src.restart_calico_node().await {
+            Ok(Some(pod)) => {
+                warn!(pod = %pod, objects = ?objects, "contested repair: deleted this node's calico-node pod so Felix resyncs");
+                self.metrics.inc_repair("restart-calico-node", "applied");
+                let message = format!(
+                    "deleted {pod} so its DaemonSet recreates it and Felix resyncs: repairs of {} were undone {} times",
+                    objects.join(", "),
+                    contests[0].reverts
+                );
+                if let Err(e) = src
+                    .publish_action_event(
+                        "restart-calico-node",
+                        "CalicoNodeRestarted",
+                        "Warning",
+                        &message,
+                    )
+                    .await
+                {
+                    warn!(error = %e, "cannot publish the calico-node restart event");
+                }
+            }
+            Ok(None) => warn!("contested repair: no calico-node pod on this node to restart"),
+            Err(e) => {
+                self.metrics.inc_repair("restart-calico-node", "failed");
+                warn!(error = %e, "contested repair: cannot restart calico-node")
+            }
         }
     }
 
@@ -106,6 +199,8 @@ impl RepairConsumer {
                 .inc_repair(o.remedy.action(), o.result.as_str());
             self.link.record(o);
         }
+        self.events(&done.outcomes);
+        self.escalate(&done.contested).await;
         if !done.outcomes.is_empty() {
             let outcomes = done.outcomes;
             self.status

@@ -163,6 +163,7 @@ impl Daemon {
                 link.clone(),
                 status.clone(),
                 metrics.clone(),
+                kube.as_ref().map(|k| k.sources()),
             ));
             info!(
                 max_repairs_per_minute = config.repair.max_repairs_per_minute,
