@@ -237,13 +237,25 @@ impl Agent {
             Some(p) => p.to_path_buf(),
             None => lab.write_datastore().expect("write datastore"),
         };
+        let agent = Self::spawn(
+            lab,
+            &format!(
+                "mode = \"{mode}\"\n{}",
+                lab.agent_config_toml(NODE, &datastore)
+            ),
+        );
+        agent.wait("in sync", Duration::from_secs(15), |s| s.in_sync);
+        agent
+    }
+
+    /// `body`: the top-level keys and `[datastore]`; status, metrics, eBPF and repair added.
+    fn spawn(lab: &Lab, body: &str) -> Agent {
         let dir = tempfile::tempdir().expect("temp dir");
         let socket = dir.path().join("status.sock");
         let config = dir.path().join("config.toml");
         let text = format!(
-            "mode = \"{mode}\"\n{}\n[status]\nsocket = \"{}\"\n[metrics]\nlisten = \"off\"\n\
+            "{body}\n[status]\nsocket = \"{}\"\n[metrics]\nlisten = \"off\"\n\
              [ebpf]\nenabled = false\n{REPAIR}",
-            lab.agent_config_toml(NODE, &datastore),
             socket.display(),
         );
         std::fs::write(&config, text).expect("write config");
@@ -261,13 +273,11 @@ impl Agent {
             .stderr(log)
             .spawn()
             .expect("start watchdog run");
-        let agent = Agent {
+        Agent {
             child: Some(child),
             dir,
             socket,
-        };
-        agent.wait("in sync", Duration::from_secs(15), |s| s.in_sync);
-        agent
+        }
     }
 
     fn log(&self) -> String {
@@ -607,4 +617,75 @@ fn observe_and_alert_modes_never_write_and_repair_mode_refuses_an_invalid_peer()
         "the agent wrote to the kernel:\n{seen}"
     );
     assert_eq!(lab.snapshot().unwrap(), before);
+}
+
+#[test]
+fn nothing_is_repaired_while_the_datastore_is_stale_and_it_is_once_fresh_again() {
+    use watchdog_lab::{
+        fake_apiserver::{FakeApiServer, FakeConfig},
+        kube_fixture,
+    };
+    let server_rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let mut lab = build_lab();
+    let server = server_rt.block_on(FakeApiServer::start(FakeConfig::default()));
+    kube_fixture::populate_fake_apiserver(&lab, &server);
+    let kubeconfig = server.write_kubeconfig();
+    let body = format!(
+        "mode = \"repair\"\n{}relist_interval = \"1s\"\nstale_after = \"2s\"\n",
+        kube_fixture::agent_config_toml_kubernetes(&lab, NODE, &kubeconfig)
+    );
+    let agent = Agent::spawn(&lab, &body);
+    let nodes = lab.nodes().len();
+    agent.wait("in sync with the cluster", Duration::from_secs(15), |s| {
+        s.in_sync && s.datastore.nodes == nodes && s.findings.is_empty()
+    });
+
+    // The API server goes away: after stale_after the datastore is stale.
+    server.set_down(true);
+    agent.wait("datastore-stale", Duration::from_secs(10), |s| {
+        s.findings
+            .iter()
+            .any(|f| f.check.as_str() == "datastore-stale")
+    });
+    lab.inject(Fault::incident(NODE)).expect("inject");
+    let s = agent.wait("refused: stale", Duration::from_secs(5), |s| {
+        s.findings.iter().any(|f| {
+            f.check.as_str() == "gateway-wrong-vtep"
+                && f.repair.as_ref().is_some_and(|r| {
+                    r.status == "refused"
+                        && r.reason
+                            .as_deref()
+                            .unwrap_or("")
+                            .starts_with("the datastore is stale")
+                })
+        })
+    });
+    assert!(
+        s.repairs.iter().all(|r| r.result == "refused"),
+        "{:#?}",
+        s.repairs
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        routes(&lab, NODE)
+            .iter()
+            .any(|l| l.starts_with("10.1.235.128/26 via 10.1.235.128 ")),
+        "repaired while the datastore was stale: {:?}",
+        routes(&lab, NODE)
+    );
+
+    // Back: the relist succeeds, the datastore is fresh, the incident is repaired.
+    server.set_down(false);
+    let took = until("repaired once fresh", Duration::from_secs(15), || {
+        healthy(&lab)
+    });
+    eprintln!("repaired {took:?} after the API server came back");
+    let t = lab.traffic(NODE, "k8s03", 3).unwrap();
+    assert!(t.all_delivered(), "{t}");
+    drop(agent);
+    drop(server_rt);
 }
