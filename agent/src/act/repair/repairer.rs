@@ -286,6 +286,9 @@ impl Repairer {
                         note = format!(" (undone {n} time(s) since the agent wrote it)");
                     }
                     Revert::Contested(contest) => {
+                        // Reported here; the refusals of the backoff that follow are not news.
+                        self.reported
+                            .insert((key.clone(), c.object.clone()), "contested");
                         let message = format!(
                             "undone {} times within contested_window after the agent wrote it; \
                              left alone until {}",

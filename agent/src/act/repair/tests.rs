@@ -298,6 +298,7 @@ async fn a_fighter_makes_the_route_contested_after_three_reverts_and_three_write
     let mut r = repairer(&c, config());
     let t = Instant::now();
     let mut contested = None;
+    let mut contested_records = 0;
     for round in 0..6u64 {
         // The fighter puts its state back; the agent sees the finding again.
         kernel.state = broken.clone();
@@ -305,11 +306,23 @@ async fn a_fighter_makes_the_route_contested_after_three_reverts_and_three_write
         let report = r
             .run(&mut kernel, pass(&open, &c, t + Duration::from_secs(round)))
             .await;
+        contested_records += report
+            .outcomes
+            .iter()
+            .filter(|o| o.result == RepairResult::Contested)
+            .count();
         if let Some(ct) = report.contested.first() {
             contested.get_or_insert((round, ct.clone()));
         }
     }
     let (round, ct) = contested.expect("never contested");
+    // The contest is one record, not one per pass of the backoff.
+    assert_eq!(contested_records, 1);
+    let open = findings(&c, &kernel.state);
+    let quiet = r
+        .run(&mut kernel, pass(&open, &c, t + Duration::from_secs(7)))
+        .await;
+    assert!(quiet.outcomes.is_empty(), "{:?}", quiet.outcomes);
     assert_eq!(round, 3, "the third revert contests it");
     assert_eq!(
         kernel.written.len(),
