@@ -8,6 +8,22 @@ impl LoopState {
         let now = SystemTime::now();
         if let Some(link) = &self.repair {
             link.offer_desired(self.engine.desired());
+            // The Kubernetes source reports staleness as a finding; a file is stale when its
+            // last successful load is older than stale_after (it keeps failing to load).
+            let stale_after = self.config.datastore.stale_after;
+            let file_stale = (self.kube.is_none() && !self.offline)
+                .then_some(self.last_desired_ok)
+                .flatten()
+                .map(|ok| ok.elapsed())
+                .filter(|age| *age > stale_after)
+                .map(|age| {
+                    format!(
+                        "its last successful load was {} ago (stale_after {})",
+                        humantime::format_duration(Duration::from_secs(age.as_secs())),
+                        humantime::format_duration(stale_after)
+                    )
+                });
+            link.set_datastore_down(file_stale);
             self.engine.set_extra_findings(link.contested());
         }
         let Evaluation {

@@ -174,6 +174,7 @@ impl RepairConsumer {
             return;
         };
         let desired = self.link.desired();
+        let down = self.link.datastore_down();
         let now = SystemTime::now();
         let clock = Instant::now();
         let done = self
@@ -189,6 +190,7 @@ impl RepairConsumer {
                     now,
                     clock,
                     ledger: Some(&self.link),
+                    datastore_down: down.as_deref(),
                 },
             )
             .await;

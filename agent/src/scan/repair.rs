@@ -53,6 +53,7 @@ pub async fn scan_and_repair(
                 now: SystemTime::now(),
                 clock: Instant::now(),
                 ledger: None,
+                datastore_down: None,
             },
         )
         .await;

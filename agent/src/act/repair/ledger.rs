@@ -29,6 +29,8 @@ struct Shared {
     contested: Vec<Finding>,
     /// The desired state the findings were derived from, for re-deriving them.
     desired: Option<Arc<DesiredState>>,
+    /// Why the datastore is stale or down, as the loop judges it (file source).
+    datastore_down: Option<String>,
     /// Bumped on every change the loop should publish.
     generation: u64,
     published: u64,
@@ -106,6 +108,15 @@ impl RepairLink {
 
     pub fn desired(&self) -> Option<Arc<DesiredState>> {
         self.lock().desired.clone()
+    }
+
+    /// The loop says whether the datastore is stale or down (`None`: fresh).
+    pub fn set_datastore_down(&self, why: Option<String>) {
+        self.lock().datastore_down = why;
+    }
+
+    pub fn datastore_down(&self) -> Option<String> {
+        self.lock().datastore_down.clone()
     }
 
     /// Sets each finding's `repair` from the ledger: the worst result over its objects (one

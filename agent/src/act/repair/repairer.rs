@@ -94,6 +94,9 @@ pub struct Pass<'a> {
     /// Told of each write just before it is sent, so a finding that clears meanwhile waits
     /// for the result.
     pub ledger: Option<&'a super::RepairLink>,
+    /// Why the datastore is stale or down when no `datastore-stale` finding says so (the file
+    /// source's last successful load older than `stale_after`).
+    pub datastore_down: Option<&'a str>,
 }
 
 /// One action and how it ended.
@@ -165,6 +168,7 @@ impl Repairer {
     pub async fn run<K: Kernel>(&mut self, kernel: &mut K, pass: Pass<'_>) -> PassReport {
         let mut report = PassReport::default();
         let (stale, invalid) = Situation::datastore_from(pass.open);
+        let stale = stale.or(pass.datastore_down);
         let situation = Situation {
             in_sync: pass.in_sync,
             offline: pass.desired.is_none(),

@@ -44,6 +44,7 @@ fn pass<'a>(open: &'a [Finding], c: &'a Cluster, clock: Instant) -> Pass<'a> {
         now: SystemTime::now(),
         clock,
         ledger: None,
+        datastore_down: None,
     }
 }
 
@@ -174,6 +175,20 @@ async fn an_invalid_peer_or_a_stale_datastore_is_refused_with_the_reason_and_not
         .iter()
         .all(|o| o.result == RepairResult::Refused
             && o.message == "the datastore is stale: no contact with the API server for 11m"));
+    // A file source that keeps failing to load: the loop says so.
+    let mut r = repairer(&c, config());
+    let down = r
+        .run(
+            &mut kernel,
+            Pass {
+                datastore_down: Some("its last successful load was 11m ago (stale_after 10m)"),
+                ..pass(&open[..1], &c, Instant::now())
+            },
+        )
+        .await;
+    assert!(!down.outcomes.is_empty());
+    assert!(down.outcomes.iter().all(|o| o.result == RepairResult::Refused
+        && o.message == "the datastore is stale: its last successful load was 11m ago (stale_after 10m)"));
     // Offline and before the first sync: nothing either.
     let mut r = repairer(&c, config());
     let offline = r
