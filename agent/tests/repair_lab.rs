@@ -250,12 +250,17 @@ impl Agent {
 
     /// `body`: the top-level keys and `[datastore]`; status, metrics, eBPF and repair added.
     fn spawn(lab: &Lab, body: &str) -> Agent {
+        Self::spawn_with(lab, body, "")
+    }
+
+    /// [`Agent::spawn`] with more `[repair]` keys.
+    fn spawn_with(lab: &Lab, body: &str, repair_extra: &str) -> Agent {
         let dir = tempfile::tempdir().expect("temp dir");
         let socket = dir.path().join("status.sock");
         let config = dir.path().join("config.toml");
         let text = format!(
             "{body}\n[status]\nsocket = \"{}\"\n[metrics]\nlisten = \"off\"\n\
-             [ebpf]\nenabled = false\n{REPAIR}",
+             [ebpf]\nenabled = false\n{REPAIR}{repair_extra}",
             socket.display(),
         );
         std::fs::write(&config, text).expect("write config");
@@ -686,6 +691,97 @@ fn nothing_is_repaired_while_the_datastore_is_stale_and_it_is_once_fresh_again()
     eprintln!("repaired {took:?} after the API server came back");
     let t = lab.traffic(NODE, "k8s03", 3).unwrap();
     assert!(t.all_delivered(), "{t}");
+    drop(agent);
+    drop(server_rt);
+}
+
+#[test]
+fn escalation_deletes_this_nodes_calico_node_pod_once_with_events() {
+    use watchdog_lab::{
+        fake_apiserver::{FakeApiServer, FakeConfig, Res},
+        kube_fixture,
+    };
+    let server_rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let lab = build_lab();
+    let server = server_rt.block_on(FakeApiServer::start(FakeConfig::default()));
+    kube_fixture::populate_fake_apiserver(&lab, &server);
+    for node in ["k8s01", "k8s02"] {
+        server.put(
+            Res::Pods,
+            serde_json::json!({
+                "metadata": {"name": format!("calico-node-{node}"), "namespace": "calico-system",
+                             "labels": {"k8s-app": "calico-node"}},
+                "spec": {"nodeName": node, "containers": []},
+            }),
+        );
+    }
+    let kubeconfig = server.write_kubeconfig();
+    let body = format!(
+        "mode = \"repair\"\n{}publish_events = true\n",
+        kube_fixture::agent_config_toml_kubernetes(&lab, NODE, &kubeconfig)
+    );
+    let agent = Agent::spawn_with(&lab, &body, "escalate = \"restart-calico-node\"\n");
+    let nodes = lab.nodes().len();
+    agent.wait("in sync with the cluster", Duration::from_secs(15), |s| {
+        s.in_sync && s.datastore.nodes == nodes && s.findings.is_empty()
+    });
+    let mut fighter = Fighter::start(&lab);
+    lab.ip(
+        NODE,
+        &[
+            "route",
+            "replace",
+            FOUGHT,
+            "via",
+            "10.1.235.128",
+            "dev",
+            DEV,
+            "onlink",
+        ],
+    )
+    .unwrap();
+    agent.wait("repair-contested", Duration::from_secs(15), |s| {
+        s.findings
+            .iter()
+            .any(|f| f.check.as_str() == "repair-contested")
+    });
+    let deleted = || {
+        server
+            .requests()
+            .into_iter()
+            .filter(|r| r.method == "DELETE")
+            .map(|r| r.path)
+            .collect::<Vec<_>>()
+    };
+    until("calico-node deleted", Duration::from_secs(5), || {
+        !deleted().is_empty()
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    fighter.stop();
+    assert_eq!(
+        deleted(),
+        vec!["/api/v1/namespaces/calico-system/pods/calico-node-k8s01".to_string()],
+        "only this node's calico-node pod, once"
+    );
+    assert!(server
+        .get(Res::Pods, "calico-system/calico-node-k8s02")
+        .is_some());
+    let reasons: Vec<String> = server
+        .requests()
+        .into_iter()
+        .filter(|r| r.method == "POST" && r.path.ends_with("/events"))
+        .filter_map(|r| r.body["reason"].as_str().map(String::from))
+        .collect();
+    for want in ["RepairApplied", "RepairContested", "CalicoNodeRestarted"] {
+        assert!(
+            reasons.iter().any(|r| r == want),
+            "no {want} Event: {reasons:?}"
+        );
+    }
     drop(agent);
     drop(server_rt);
 }

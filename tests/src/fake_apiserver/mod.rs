@@ -35,6 +35,9 @@ pub enum Res {
     IpamBlocks,
     BlockAffinities,
     Events,
+    /// Namespaced (`namespace/name`); listed with label and field selectors, deletable
+    /// (the repair escalation deletes calico-node pods).
+    Pods,
 }
 
 impl Res {
@@ -44,6 +47,7 @@ impl Res {
             Res::IpamBlocks => "ipamblocks",
             Res::BlockAffinities => "blockaffinities",
             Res::Events => "events",
+            Res::Pods => "pods",
         }
     }
     pub fn kind(self) -> &'static str {
@@ -52,6 +56,7 @@ impl Res {
             Res::IpamBlocks => "IPAMBlock",
             Res::BlockAffinities => "BlockAffinity",
             Res::Events => "Event",
+            Res::Pods => "Pod",
         }
     }
     fn from_plural(p: &str) -> Option<Res> {
@@ -60,6 +65,7 @@ impl Res {
             Res::IpamBlocks,
             Res::BlockAffinities,
             Res::Events,
+            Res::Pods,
         ]
         .into_iter()
         .find(|r| r.plural() == p)
@@ -225,7 +231,7 @@ impl FakeApiServer {
     }
 
     /// Creates or replaces an object (keyed by `metadata.name`, or `namespace/name` for
-    /// events), stamping a new resourceVersion and emitting ADDED or MODIFIED.
+    /// events and pods), stamping a new resourceVersion and emitting ADDED or MODIFIED.
     /// Returns the new resourceVersion.
     pub fn put(&self, res: Res, obj: Value) -> u64 {
         self.state.put(res, obj)
@@ -341,7 +347,7 @@ impl FakeApiServer {
 fn object_key(res: Res, obj: &Value) -> String {
     let name = obj["metadata"]["name"].as_str().unwrap_or_default();
     match (res, obj["metadata"]["namespace"].as_str()) {
-        (Res::Events, Some(ns)) => format!("{ns}/{name}"),
+        (Res::Events | Res::Pods, Some(ns)) => format!("{ns}/{name}"),
         _ => name.to_string(),
     }
 }
@@ -349,7 +355,7 @@ fn object_key(res: Res, obj: &Value) -> String {
 impl State {
     fn api_version_of(&self, res: Res) -> String {
         match res {
-            Res::Nodes | Res::Events => "v1".to_string(),
+            Res::Nodes | Res::Events | Res::Pods => "v1".to_string(),
             _ => self
                 .cfg
                 .calico_apis

@@ -302,7 +302,7 @@ pub(super) async fn restart_calico_node(src: &KubeSource) -> Result<Option<Strin
         let pods = bounded(
             || format!("listing calico-node pods of {node} in {ns}"),
             src.cfg.request_timeout,
-            api.list_metadata(&params),
+            api.list(&params),
         )
         .await?;
         let Some(name) = pods.items.into_iter().find_map(|p| p.metadata.name) else {
