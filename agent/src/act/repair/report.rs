@@ -1,7 +1,7 @@
 //! Repair outcomes for people: the status record, the structured log line, and the critical
 //! `repair-contested` finding that says who is probably fighting and what to do.
 
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use tracing::{error, info, warn};
 
@@ -113,9 +113,4 @@ pub fn contested_finding(c: &Contest, profile: Profile, node: &str) -> Finding {
     );
     f.since = Some(c.since);
     f
-}
-
-/// `SystemTime` for messages, to the second.
-pub fn at(t: SystemTime) -> String {
-    humantime::format_rfc3339_seconds(t).to_string()
 }
