@@ -250,22 +250,66 @@ impl Default for NetlinkConfig {
     }
 }
 
-/// `[repair]` — guard rails; repair itself is switched on only by `mode = "repair"`.
+/// `[repair]` — guard rails; repair itself is switched on only by `mode = "repair"` (DESIGN §8).
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RepairConfig {
-    /// Node-wide budget; further repairs in the same minute are refused. Default: 6.
+    /// Which kinds of kernel object the agent may write. Default: all three.
+    pub actions: Vec<RepairKind>,
+    /// Allow `route-delete` of routes nothing in the datastore accounts for. Default: false.
+    pub delete_stale_routes: bool,
+    /// Node-wide budget of kernel writes; further ones in the same minute are refused.
+    /// Default: 6.
     pub max_repairs_per_minute: u32,
     /// A finding must persist this long before it is repaired, so a transient state during
-    /// Felix's own programming is left alone. Default: 10s.
+    /// Felix's own programming is left alone. Default: 1s.
     #[serde(deserialize_with = "de_duration")]
     pub min_finding_age: Duration,
-    /// A repair undone this many times in a row (someone, usually a stale Felix, keeps putting
-    /// the old state back) is marked `contested` and not retried. Default: 2.
+    /// An object whose repair is undone this many times within `contested_window` (someone,
+    /// usually a stale Felix, keeps putting the old state back) is `contested`. Default: 3.
     pub contested_after: u32,
-    /// How long a contested repair is left alone before it may be tried again. Default: 10m.
+    /// The window those reverts are counted in. Default: 10m.
+    #[serde(deserialize_with = "de_duration")]
+    pub contested_window: Duration,
+    /// How long a contested object is left alone before it may be repaired again. Default: 10m.
     #[serde(deserialize_with = "de_duration")]
     pub contested_backoff: Duration,
+    /// What to do about a contested repair besides reporting it. Default: none.
+    pub escalate: Escalate,
+}
+
+/// The object kinds of `[repair] actions`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RepairKind {
+    /// `route-replace`, `route-add` (and `route-delete` with `delete_stale_routes`).
+    Route,
+    /// `neigh-replace`.
+    Neighbour,
+    /// `fdb-replace`.
+    Fdb,
+}
+
+impl RepairKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RepairKind::Route => "route",
+            RepairKind::Neighbour => "neighbour",
+            RepairKind::Fdb => "fdb",
+        }
+    }
+}
+
+/// `[repair] escalate`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Escalate {
+    /// Report the contested repair (`repair-contested`), nothing more.
+    #[default]
+    None,
+    /// Also delete this node's calico-node pod (its DaemonSet recreates it and Felix resyncs),
+    /// at most once per `contested_backoff`.
+    RestartCalicoNode,
 }
 
 /// `[kubelet]` — the watch-stall check (DESIGN §9): the pods the API server bound to this node
@@ -297,10 +341,14 @@ impl Default for KubeletConfig {
 impl Default for RepairConfig {
     fn default() -> Self {
         RepairConfig {
+            actions: vec![RepairKind::Route, RepairKind::Neighbour, RepairKind::Fdb],
+            delete_stale_routes: false,
             max_repairs_per_minute: 6,
-            min_finding_age: Duration::from_secs(10),
-            contested_after: 2,
+            min_finding_age: Duration::from_secs(1),
+            contested_after: 3,
+            contested_window: Duration::from_secs(10 * 60),
             contested_backoff: Duration::from_secs(10 * 60),
+            escalate: Escalate::None,
         }
     }
 }
@@ -506,6 +554,28 @@ impl Config {
         }
         if self.kubelet.enabled && self.kubelet.interval < Duration::from_secs(1) {
             return bad("kubelet.interval", "must be at least 1s".into());
+        }
+        for (key, d) in [
+            ("repair.contested_window", self.repair.contested_window),
+            ("repair.contested_backoff", self.repair.contested_backoff),
+        ] {
+            if d.is_zero() {
+                return bad(key, "must be longer than 0s".into());
+            }
+        }
+        if self.repair.escalate == Escalate::RestartCalicoNode {
+            if self.profile != Profile::Calico {
+                return bad(
+                    "repair.escalate",
+                    "\"restart-calico-node\" needs profile = \"calico\"".into(),
+                );
+            }
+            if self.datastore.source != DatastoreSource::Kubernetes {
+                return bad(
+                    "repair.escalate",
+                    "\"restart-calico-node\" needs datastore.source = \"kubernetes\" (it deletes the pod through the API)".into(),
+                );
+            }
         }
         if self.netlink.receive_buffer < 1024 {
             return bad(

@@ -123,6 +123,17 @@ struct ScanArgs {
     /// Needs `pods` list and `nodes/proxy` get (systemd/rbac.yaml).
     #[arg(long)]
     kubelet: bool,
+    /// Print the repair plan for the findings as the equivalent `ip route replace …` /
+    /// `ip neigh replace …` / `bridge fdb replace …` commands (refused ones commented out, with
+    /// the guard rail that refused them), and write nothing.
+    #[arg(long, conflicts_with_all = ["repair", "drops"])]
+    dry_run: bool,
+    /// Apply that plan once, through the same guard rails as `mode = "repair"` except the
+    /// finding's age ([repair] actions, delete_stale_routes, max_repairs_per_minute, overlay
+    /// devices, datastore validity); report what was done, scan again, and exit with the
+    /// verdict after the repair.
+    #[arg(long, conflicts_with = "drops")]
+    repair: bool,
 }
 
 fn main() -> ExitCode {
@@ -324,10 +335,13 @@ fn scan_command(args: ScanArgs) -> ExitCode {
         );
         return ExitCode::from(3);
     }
+    let netns = args.common.netns.as_deref();
     let result = runtime().block_on(async {
-        let mut out =
-            scan::scan_with_drops(&config, args.common.netns.as_deref(), &choice, args.drops)
-                .await?;
+        let mut out = if args.dry_run || args.repair {
+            scan::scan_and_repair(&config, netns, &choice, args.dry_run).await?
+        } else {
+            scan::scan_with_drops(&config, netns, &choice, args.drops).await?
+        };
         if args.kubelet {
             scan::add_kubelet_check(&mut out, &config).await?;
         }
@@ -345,6 +359,9 @@ fn scan_command(args: ScanArgs) -> ExitCode {
                 }
             } else {
                 print!("{}", scan::render_text(&out));
+                if let Some(repair) = &out.repair {
+                    print!("{}", scan::render_repair(repair));
+                }
             }
             ExitCode::from(out.summary.exit_code as u8)
         }

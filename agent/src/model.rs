@@ -461,6 +461,8 @@ pub enum CheckId {
     PodStuckTerminating,
     KubeletUnverifiable,
     RouteWrongDevice,
+    /// Raised by repair, not by a check: something keeps undoing a repair (DESIGN §8).
+    RepairContested,
 }
 
 impl CheckId {
@@ -485,6 +487,7 @@ impl CheckId {
             CheckId::PodStuckTerminating => "pod-stuck-terminating",
             CheckId::KubeletUnverifiable => "kubelet-unverifiable",
             CheckId::RouteWrongDevice => "route-wrong-device",
+            CheckId::RepairContested => "repair-contested",
         }
     }
 }
@@ -621,8 +624,13 @@ impl Finding {
     /// they are repaired one by one, and that must not make it a new problem.
     pub fn key(&self) -> (CheckId, String, Option<String>, Option<String>) {
         let detail = match (&self.peer_node, self.check) {
-            // A stale route is a problem of its own, even when it shadows a peer's block.
-            (Some(_), check) if check != CheckId::RouteStale => self.gateway.map(|g| g.to_string()),
+            // A stale route is a problem of its own, even when it shadows a peer's block; a
+            // contested repair is one per object.
+            (Some(_), check)
+                if check != CheckId::RouteStale && check != CheckId::RepairContested =>
+            {
+                self.gateway.map(|g| g.to_string())
+            }
             _ => self.route.clone(),
         };
         (

@@ -20,6 +20,9 @@ use crate::{
     observe::{self, KernelObserver, NetlinkObserver},
 };
 
+mod repair;
+pub use repair::{render_repair, scan_and_repair, ScanRepair};
+
 /// Why a scan could not produce a verdict at all (exit 3: UNKNOWN).
 #[derive(Debug, thiserror::Error)]
 pub enum ScanError {
@@ -29,6 +32,8 @@ pub enum ScanError {
     Datastore(#[from] DatastoreError),
     #[error("drop counters: {0}")]
     Drops(#[from] EbpfError),
+    #[error("repair: {0}")]
+    Repair(#[from] crate::act::repair::RepairError),
 }
 
 /// Where desired state comes from for this scan (`--datastore` overrides the config).
@@ -76,6 +81,9 @@ pub struct ScanOutput {
     /// Kernel drops counted while the scan watched (`--drops DURATION`); absent otherwise.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub drops: Option<ScanDrops>,
+    /// What `--repair` did or `--dry-run` would do; absent otherwise.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub repair: Option<ScanRepair>,
 }
 
 /// What `scan --drops` counted: data drops per peer (these fed `traffic-blackholed` /
@@ -192,6 +200,16 @@ pub async fn scan_with_drops(
     datastore: &DatastoreChoice,
     drops: Option<Duration>,
 ) -> Result<ScanOutput, ScanError> {
+    Ok(scan_inner(config, netns, datastore, drops).await?.0)
+}
+
+/// [`scan_with_drops`], also returning the desired state the checks ran against.
+async fn scan_inner(
+    config: &Config,
+    netns: Option<&std::path::Path>,
+    datastore: &DatastoreChoice,
+    drops: Option<Duration>,
+) -> Result<(ScanOutput, Option<DesiredState>), ScanError> {
     let started = Instant::now();
     let observer = NetlinkObserver::new(netns)?;
     let mut desired = load_desired(datastore, config).await?;
@@ -230,7 +248,7 @@ pub async fn scan_with_drops(
         started.elapsed().as_secs_f64() * 1e3,
     );
     out.drops = counted.map(|(_, drops)| drops);
-    Ok(out)
+    Ok((out, desired))
 }
 
 async fn count_drops(
@@ -287,6 +305,7 @@ fn output(
         skipped: report.skipped,
         duration_ms,
         drops: None,
+        repair: None,
     }
 }
 

@@ -1,5 +1,6 @@
 //! Acting on findings: alert sinks and guarded repair.
 
 mod plan;
+pub mod repair;
 
 pub use plan::{apply_plan, repair_plan, Applied};

@@ -56,9 +56,12 @@ listen = "[::1]:9000"
 [ebpf]
 enabled = false
 [repair]
+actions = ["route", "fdb"]
+delete_stale_routes = true
 max_repairs_per_minute = 3
 min_finding_age = "5s"
 contested_after = 4
+contested_window = "2m"
 contested_backoff = "1h"
 "#,
     )
@@ -88,10 +91,14 @@ contested_backoff = "1h"
     assert_eq!(
         c.repair,
         RepairConfig {
+            actions: vec![RepairKind::Route, RepairKind::Fdb],
+            delete_stale_routes: true,
             max_repairs_per_minute: 3,
             min_finding_age: Duration::from_secs(5),
             contested_after: 4,
+            contested_window: Duration::from_secs(120),
             contested_backoff: Duration::from_secs(3600),
+            escalate: Escalate::None,
         }
     );
 }
@@ -141,6 +148,11 @@ fn bad_configs_name_file_and_key() {
             ("[repair]\nmax_repairs_per_minute = 0", "config /x/config.toml: repair.max_repairs_per_minute: must be at least 1"),
             ("[repair]\nmax_repairs_per_minute = -1", "config /x/config.toml: repair.max_repairs_per_minute:"),
             ("[repair]\ncontested_after = 0", "config /x/config.toml: repair.contested_after: must be at least 1"),
+            ("[repair]\ncontested_window = \"0s\"", "config /x/config.toml: repair.contested_window: must be longer than 0s"),
+            ("[repair]\nactions = [\"routes\"]", "config /x/config.toml: repair.actions[0]: unknown variant `routes`"),
+            ("[repair]\nescalate = \"reboot\"", "config /x/config.toml: repair.escalate: unknown variant `reboot`"),
+            ("[repair]\nescalate = \"restart-calico-node\"", "config /x/config.toml: repair.escalate: \"restart-calico-node\" needs datastore.source = \"kubernetes\""),
+            ("profile = \"flannel\"\n[datastore]\nsource = \"kubernetes\"\n[repair]\nescalate = \"restart-calico-node\"", "config /x/config.toml: repair.escalate: \"restart-calico-node\" needs profile = \"calico\""),
             ("[repair]\nenabled = true", "config /x/config.toml: repair.enabled: unknown field `enabled`"),
             ("mode = ", "config /x/config.toml: line 1: invalid TOML (a value is missing"),
             ("\n\n[status\n", "config /x/config.toml: line 3: invalid table header; expected"),

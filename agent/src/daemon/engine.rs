@@ -49,6 +49,8 @@ pub struct Engine {
     local_by_address: bool,
     /// The kubelet watch-stall check's latest findings.
     kubelet: Vec<Finding>,
+    /// Findings raised outside the checks (repair's `repair-contested`), tracked like theirs.
+    extra: Vec<Finding>,
     dirty: bool,
 }
 
@@ -70,6 +72,7 @@ impl Engine {
             explained_at: BTreeMap::new(),
             local_by_address: false,
             kubelet: Vec::new(),
+            extra: Vec::new(),
             dirty: true,
         }
     }
@@ -174,6 +177,20 @@ impl Engine {
         }
     }
 
+    /// Findings raised outside the checks (repair's `repair-contested`): part of every
+    /// evaluation until replaced.
+    pub fn set_extra_findings(&mut self, extra: Vec<Finding>) {
+        if extra != self.extra {
+            self.extra = extra;
+            self.dirty = true;
+        }
+    }
+
+    /// Evaluate again even though the model did not change (what annotates findings did).
+    pub fn mark_dirty(&mut self) {
+        self.dirty = true;
+    }
+
     /// Drops toward peers in the recent window (eBPF).
     pub fn set_drops(&mut self, drops: DropSummary) {
         if drops != self.drops {
@@ -215,6 +232,7 @@ impl Engine {
             }
         }
         report.findings.extend(self.kubelet.iter().cloned());
+        report.findings.extend(self.extra.iter().cloned());
         let transitions = self
             .tracker
             .update(std::mem::take(&mut report.findings), now);

@@ -28,6 +28,7 @@ mod kube;
 mod kubelet;
 mod node;
 mod publish;
+mod repair;
 mod startup;
 mod stream;
 
@@ -125,6 +126,8 @@ impl ResyncReason {
 struct LoopState {
     /// Where each evaluation's [`FindingsDelta`] goes.
     fanout: Fanout,
+    /// `mode = "repair"`: what repair did, to annotate findings with.
+    repair: Option<crate::act::repair::RepairLink>,
     config: Config,
     netns: Option<PathBuf>,
     engine: Engine,
@@ -399,6 +402,15 @@ impl LoopState {
             trim_heap();
         }
         self.poll_drops().await;
+        if let Some(link) = self
+            .repair
+            .as_ref()
+            .filter(|l| l.take_changed() || l.holding())
+        {
+            // Repair recorded something: publish it (annotations, repair-contested).
+            self.engine.set_extra_findings(link.contested());
+            self.engine.mark_dirty();
+        }
         if let AnyDatastore::File(_) = &self.datastore {
             let stamp = file_stamp(&self.datastore);
             if stamp != self.file_stamp {

@@ -6,11 +6,43 @@ use super::*;
 impl LoopState {
     pub(super) async fn evaluate_and_publish(&mut self) {
         let now = SystemTime::now();
+        if let Some(link) = &self.repair {
+            link.offer_desired(self.engine.desired());
+            // The Kubernetes source reports staleness as a finding; a file is stale when its
+            // last successful load is older than stale_after (it keeps failing to load).
+            let stale_after = self.config.datastore.stale_after;
+            let file_stale = (self.kube.is_none() && !self.offline)
+                .then_some(self.last_desired_ok)
+                .flatten()
+                .map(|ok| ok.elapsed())
+                .filter(|age| *age > stale_after)
+                .map(|age| {
+                    format!(
+                        "its last successful load was {} ago (stale_after {})",
+                        humantime::format_duration(Duration::from_secs(age.as_secs())),
+                        humantime::format_duration(stale_after)
+                    )
+                });
+            link.set_datastore_down(file_stale);
+            self.engine.set_extra_findings(link.contested());
+        }
         let Evaluation {
-            report,
-            transitions,
+            mut report,
+            mut transitions,
             duration,
         } = self.engine.evaluate(now);
+        if let Some(link) = &self.repair {
+            // What repair did travels with each finding (cleared ones too: "fixed by repair").
+            link.annotate(
+                report
+                    .findings
+                    .iter_mut()
+                    .chain(&mut transitions.opened)
+                    .chain(&mut transitions.changed),
+            );
+            let cleared = std::mem::take(&mut transitions.cleared);
+            transitions.cleared = link.settle_cleared(cleared, &report.findings);
+        }
         self.heap_dirty = true;
         for peer in self.engine.peers_with_explained_drops() {
             self.window.acknowledge(peer);

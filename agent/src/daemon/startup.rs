@@ -159,8 +159,26 @@ impl Daemon {
             .as_ref()
             .filter(|_| config.kubelet.enabled)
             .map(|link| super::kubelet::spawn(config.kubelet.clone(), link.sources()));
+        let repair_link = config.repair_enabled().then(|| {
+            let link = crate::act::repair::RepairLink::default();
+            fanout.spawn(repair::RepairConsumer::new(
+                &config,
+                netns.map(Path::to_path_buf),
+                link.clone(),
+                status.clone(),
+                metrics.clone(),
+                kube.as_ref().map(|k| k.sources()),
+            ));
+            info!(
+                max_repairs_per_minute = config.repair.max_repairs_per_minute,
+                min_finding_age = %humantime::format_duration(config.repair.min_finding_age),
+                "repair mode: findings are repaired within the guard rails"
+            );
+            link
+        });
         let mut state = LoopState {
             fanout,
+            repair: repair_link,
             engine: {
                 let mut e = Engine::with_specs(config.device_specs());
                 e.resolve_local_by_address(!config.node_name_configured);

@@ -420,4 +420,22 @@ impl KubeSource {
     pub async fn publish_event(&self, finding: &crate::model::Finding) -> Result<EventOutcome> {
         publish::publish_event(self, finding).await
     }
+
+    /// Records an Event on the local Node about an action of the agent (a repair: reason
+    /// `RepairApplied`, …; `kind` `Normal` or `Warning`), aggregated per `key`.
+    pub async fn publish_action_event(
+        &self,
+        key: &str,
+        reason: &str,
+        kind: &str,
+        message: &str,
+    ) -> Result<EventOutcome> {
+        publish::publish_action_event(self, key, reason, kind, message).await
+    }
+
+    /// `[repair] escalate = "restart-calico-node"`: deletes this node's calico-node pod so its
+    /// DaemonSet recreates it and Felix resyncs. `namespace/name` of the pod, `None` if none.
+    pub async fn restart_calico_node(&self) -> Result<Option<String>> {
+        publish::restart_calico_node(self).await
+    }
 }

@@ -365,10 +365,11 @@ pub fn render_status(status: &Status, now: SystemTime) -> String {
                     r.action.clone(),
                     r.result.clone(),
                     r.peer_node.clone().unwrap_or_else(|| "-".into()),
-                    r.command
-                        .clone()
-                        .or_else(|| r.message.clone())
-                        .unwrap_or_default(),
+                    match (&r.command, &r.message) {
+                        // Why it was not applied matters as much as what it was.
+                        (Some(c), Some(m)) if r.result != "applied" => format!("{c} ({m})"),
+                        (c, m) => c.clone().or_else(|| m.clone()).unwrap_or_default(),
+                    },
                 ]
             })
             .collect();

@@ -8,6 +8,10 @@
 //! and the daemon (`watchdog run`) on k8s01, whose finding appears — with its detection latency —
 //! in `watchdog status` the moment the bad route is written, and clears when it is repaired.
 //!
+//! It ends with the daemon in `mode = "repair"` fixing the incident itself (traffic restored,
+//! the audit trail in `watchdog status`), and a "stale Felix" that puts one bad route back after
+//! every repair, which the agent recognises as a contested repair and stops.
+//!
 //! `--datastore kubernetes`: the agent reads the cluster from a fake API server (in this
 //! process, on 127.0.0.1) serving the lab as Nodes + Calico IPAMBlocks, and the demo also shows
 //! the incident's other half: the API server's watch goes silent while k8s03's VTEP changes —
@@ -300,6 +304,128 @@ fn run(mode: Datastore) -> Result<()> {
     agent_view(&lab, &configs, Phase::Restored)?;
     daemon.show_check()?;
     daemon.stop()?;
+    drop(daemon);
+
+    repair_mode(&mut lab, base_config)?;
+    Ok(())
+}
+
+/// The block a "stale Felix" keeps routing via 10.1.235.128 in the contested variant.
+const FOUGHT: &str = "10.1.235.128/26";
+
+/// The same incident with the daemon in `mode = "repair"`: it fixes the routes itself, with the
+/// audit trail; then a stale Felix re-writes one bad route after every repair, and the agent
+/// recognises the fight, stops, and says what to do.
+fn repair_mode(lab: &mut Lab, base_config: &Path) -> Result<()> {
+    section(&format!(
+        "Repair mode: the daemon on {DAEMON_NODE} repairs the incident itself"
+    ));
+    let base = fs::read_to_string(base_config)?;
+    let config = std::env::temp_dir().join(format!("{}-repair.toml", lab.id()));
+    fs::write(
+        &config,
+        format!(
+            "mode = \"repair\"\n{base}\n[repair]\n# the defaults but a short contest, for the demo\n\
+             min_finding_age = \"1s\"\ncontested_after = 3\ncontested_window = \"1m\"\n\
+             contested_backoff = \"2m\"\nmax_repairs_per_minute = 30\n"
+        ),
+    )?;
+    let mut daemon = Daemon::start(lab, DAEMON_NODE, &config)?;
+    println!("  mode = \"repair\", min_finding_age = 1s (a finding must persist 1 s before it is repaired)");
+    let injected = Instant::now();
+    let f = lab.inject(Fault::incident(DAEMON_NODE))?;
+    println!("{}", f.description);
+    let repaired = loop {
+        let routes = lab.ip(DAEMON_NODE, &["route", "show", "dev", lab.device()])?;
+        if !routes.contains("via 10.1.235.128 ") {
+            break injected.elapsed();
+        }
+        if injected.elapsed() > DAEMON_DEADLINE {
+            bail!(
+                "not repaired within {DAEMON_DEADLINE:?}:\n{}",
+                daemon.log_tail()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    println!(
+        "  daemon on {DAEMON_NODE}: routes repaired {} ms after the bad routes were written (min_finding_age 1 s + the writes, read back)",
+        repaired.as_millis()
+    );
+    daemon.wait_until_clear()?;
+    show_routes(lab, DAEMON_NODE)?;
+    show_traffic(lab)?;
+    daemon.show_status()?;
+    daemon.show_check()?;
+
+    section("Stale Felix: one route is put back after every repair");
+    let netns = lab
+        .netns_path(DAEMON_NODE)
+        .file_name()
+        .context("netns name")?
+        .to_string_lossy()
+        .into_owned();
+    let dev = lab.device().to_string();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stopped = stop.clone();
+    let fighter = std::thread::spawn(move || {
+        let mut writes = 0u32;
+        while !stopped.load(std::sync::atomic::Ordering::SeqCst) {
+            let now = Command::new("ip")
+                .args(["-n", &netns, "route", "show", "exact", FOUGHT])
+                .output()
+                .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+                .unwrap_or_default();
+            if !now.contains("via 10.1.235.128 ") {
+                let _ = Command::new("ip")
+                    .args([
+                        "-n",
+                        &netns,
+                        "route",
+                        "replace",
+                        FOUGHT,
+                        "via",
+                        "10.1.235.128",
+                        "dev",
+                        &dev,
+                        "onlink",
+                    ])
+                    .output();
+                writes += 1;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        writes
+    });
+    let started = Instant::now();
+    let contested = daemon.wait("a repair-contested finding", |s| {
+        s["findings"]
+            .as_array()
+            .is_some_and(|f| f.iter().any(|f| f["check"] == "repair-contested"))
+    });
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let writes = fighter.join().unwrap_or(0);
+    contested?;
+    println!(
+        "  the agent gave up on {FOUGHT} after {:.1} s; the fighter wrote {writes} times",
+        started.elapsed().as_secs_f64()
+    );
+    let status = daemon.status_json()?;
+    if let Some(f) = status["findings"]
+        .as_array()
+        .and_then(|f| f.iter().find(|f| f["check"] == "repair-contested"))
+    {
+        println!(
+            "  CRITICAL repair-contested: {}",
+            f["message"].as_str().unwrap_or("")
+        );
+        println!("    fix: {}", f["hint"].as_str().unwrap_or(""));
+    }
+    daemon.show_status()?;
+    daemon.show_check()?;
+    daemon.stop()?;
+    lab.restore_all()?;
+    let _ = fs::remove_file(&config);
     Ok(())
 }
 

@@ -226,6 +226,15 @@ async fn handle(st: Arc<State>, req: Request<Incoming>) -> Response<Body> {
             st.put(Res::Events, obj);
             get(&st, Res::Events, &key).map_status(StatusCode::CREATED)
         }
+        (&Method::GET, ["api", "v1", "namespaces", ns, "pods"]) => list_pods(&st, ns, &q),
+        (&Method::DELETE, ["api", "v1", "namespaces", ns, "pods", name]) => {
+            let key = format!("{ns}/{name}");
+            let found = get(&st, Res::Pods, &key);
+            if found.status().is_success() {
+                st.delete(Res::Pods, &key);
+            }
+            found
+        }
         (&Method::PATCH, ["api", "v1", "namespaces", ns, "events", name]) => {
             let key = format!("{ns}/{name}");
             let Some(mut obj) = st
@@ -249,6 +258,47 @@ async fn handle(st: Arc<State>, req: Request<Incoming>) -> Response<Body> {
             &format!("fake: no route for {method} {path}"),
         ),
     }
+}
+
+/// `GET /api/v1/namespaces/<ns>/pods` with `labelSelector` (`k=v[,k=v]`) and
+/// `fieldSelector` (`spec.nodeName=<node>`, the only field the fake knows).
+fn list_pods(st: &State, ns: &str, q: &HashMap<String, String>) -> Response<Body> {
+    let pairs = |s: Option<&String>| -> Vec<(String, String)> {
+        s.map(|s| {
+            s.split(',')
+                .filter_map(|kv| kv.split_once('='))
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        })
+        .unwrap_or_default()
+    };
+    let labels = pairs(q.get("labelSelector"));
+    let fields = pairs(q.get("fieldSelector"));
+    let inner = st.inner.lock().unwrap();
+    let items: Vec<Value> = inner
+        .objects
+        .get(&Res::Pods)
+        .map(|m| {
+            m.iter()
+                .filter(|(k, _)| k.split_once('/').is_some_and(|(n, _)| n == ns))
+                .map(|(_, v)| v)
+                .filter(|p| {
+                    labels
+                        .iter()
+                        .all(|(k, v)| p["metadata"]["labels"][k].as_str() == Some(v))
+                        && fields.iter().all(|(k, v)| {
+                            k == "spec.nodeName" && p["spec"]["nodeName"].as_str() == Some(v)
+                        })
+                })
+                .cloned()
+                .collect()
+        })
+        .unwrap_or_default();
+    full(
+        StatusCode::OK,
+        json!({"kind": "PodList", "apiVersion": "v1",
+               "metadata": {"resourceVersion": inner.rv.to_string()}, "items": items}),
+    )
 }
 
 trait MapStatus {

@@ -36,6 +36,8 @@ pub enum Res {
     BlockAffinities,
     IpPools,
     FelixConfigurations,
+    /// Namespaced (`namespace/name`); listed with label and field selectors, deletable
+    /// (the repair escalation deletes calico-node pods; the kubelet check lists them).
     Pods,
     Events,
 }
@@ -253,7 +255,7 @@ impl FakeApiServer {
     }
 
     /// Creates or replaces an object (keyed by `metadata.name`, or `namespace/name` for
-    /// events), stamping a new resourceVersion and emitting ADDED or MODIFIED.
+    /// events and pods), stamping a new resourceVersion and emitting ADDED or MODIFIED.
     /// Returns the new resourceVersion.
     pub fn put(&self, res: Res, obj: Value) -> u64 {
         self.state.put(res, obj)

@@ -147,6 +147,33 @@ pub(super) async fn publish_event(src: &KubeSource, finding: &Finding) -> Result
         return Ok(EventOutcome::NotCritical);
     }
     let key = format!("{:?}", finding.key());
+    let reason = camel(finding.check.as_str());
+    publish_node_event(src, key, &reason, "Warning", &finding.message).await
+}
+
+/// An Event on the local Node about something the agent did (`kind`: `Normal` or `Warning`),
+/// aggregated per `key` and rate-limited like the finding Events.
+pub(super) async fn publish_action_event(
+    src: &KubeSource,
+    key: &str,
+    reason: &str,
+    kind: &str,
+    message: &str,
+) -> Result<EventOutcome> {
+    if !src.cfg.publish_events {
+        return Ok(EventOutcome::Disabled);
+    }
+    publish_node_event(src, format!("action:{key}"), reason, kind, message).await
+}
+
+async fn publish_node_event(
+    src: &KubeSource,
+    key: String,
+    reason: &str,
+    kind: &str,
+    message: &str,
+) -> Result<EventOutcome> {
+    let cfg = &src.cfg;
     let node = &src.local_node();
     let ns = &cfg.event_namespace;
     let ar = ApiResource::erase::<k8s_openapi::api::core::v1::Event>(&());
@@ -207,7 +234,7 @@ pub(super) async fn publish_event(src: &KubeSource, finding: &Finding) -> Result
             }
         }
     };
-    let message = truncate(&finding.message, 1024);
+    let message = truncate(message, 1024);
     match plan {
         Plan::Create(name) => {
             let mut obj = DynamicObject::new(&name, &ar).within(ns);
@@ -215,9 +242,9 @@ pub(super) async fn publish_event(src: &KubeSource, finding: &Finding) -> Result
             // `kubectl describe node` searches for.
             obj.data = json!({
                 "involvedObject": {"apiVersion": "v1", "kind": "Node", "name": node, "uid": node},
-                "reason": camel(finding.check.as_str()),
+                "reason": reason,
                 "message": message,
-                "type": "Warning",
+                "type": kind,
                 "source": {"component": "dataplane-watchdog", "host": node},
                 "reportingComponent": "dataplane-watchdog",
                 "reportingInstance": node,
@@ -254,6 +281,42 @@ pub(super) async fn publish_event(src: &KubeSource, finding: &Finding) -> Result
             Ok(EventOutcome::Updated { name, count })
         }
     }
+}
+
+/// Namespaces calico-node runs in: the operator's, then the manifest install's.
+pub const CALICO_NODE_NAMESPACES: [&str; 2] = ["calico-system", "kube-system"];
+
+/// Deletes this node's calico-node pod (label `k8s-app=calico-node`, field
+/// `spec.nodeName=<node>`, in [`CALICO_NODE_NAMESPACES`]); its DaemonSet recreates it and
+/// Felix resyncs from the datastore. Returns `namespace/name` of the pod deleted, `None` when
+/// there is none.
+pub(super) async fn restart_calico_node(src: &KubeSource) -> Result<Option<String>> {
+    use k8s_openapi::api::core::v1::Pod;
+    use kube::api::{DeleteParams, ListParams};
+    let node = &src.local_node();
+    let params = ListParams::default()
+        .labels("k8s-app=calico-node")
+        .fields(&format!("spec.nodeName={node}"));
+    for ns in CALICO_NODE_NAMESPACES {
+        let api: Api<Pod> = Api::namespaced(src.client.clone(), ns);
+        let pods = bounded(
+            || format!("listing calico-node pods of {node} in {ns}"),
+            src.cfg.request_timeout,
+            api.list(&params),
+        )
+        .await?;
+        let Some(name) = pods.items.into_iter().find_map(|p| p.metadata.name) else {
+            continue;
+        };
+        bounded(
+            || format!("deleting pod {ns}/{name}"),
+            src.cfg.request_timeout,
+            api.delete(&name, &DeleteParams::default()),
+        )
+        .await?;
+        return Ok(Some(format!("{ns}/{name}")));
+    }
+    Ok(None)
 }
 
 #[cfg(test)]

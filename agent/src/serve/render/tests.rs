@@ -239,3 +239,35 @@ fn pipe_in_summary_cannot_break_perfdata() {
     let o = classify(&s, t(1001), Duration::from_secs(60));
     assert_eq!(o.line.matches('|').count(), 1);
 }
+
+#[test]
+fn recent_repairs_show_why_one_was_not_applied() {
+    let mut s = incident();
+    s.repairs.insert(
+        0,
+        RepairRecord {
+            at: t(1000),
+            action: "neigh-replace".into(),
+            result: "refused".into(),
+            peer_node: Some("k8s02".into()),
+            command: Some(
+                "ip neigh replace 10.1.2.0 lladdr 66:00:00:00:00:02 dev vxlan.calico nud permanent"
+                    .into(),
+            ),
+            message: Some("the datastore is stale: no contact for 11m".into()),
+        },
+    );
+    let out = render_status(&s, t(1002));
+    assert!(out.contains("RECENT REPAIRS (2)"), "{out}");
+    let refused = out.lines().find(|l| l.contains("refused")).expect(&out);
+    assert!(refused.contains("k8s02"), "{refused}");
+    assert!(
+        refused.ends_with("nud permanent (the datastore is stale: no contact for 11m)"),
+        "{refused}"
+    );
+    let applied = out.lines().find(|l| l.contains("applied")).unwrap();
+    assert!(
+        applied.ends_with("ip route replace 10.1.3.0/26 via 10.1.3.5"),
+        "{applied}"
+    );
+}
