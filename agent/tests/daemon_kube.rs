@@ -169,6 +169,25 @@ fn condition_patches(server: &FakeApiServer) -> Vec<(String, String)> {
         .collect()
 }
 
+/// Waits (5 s at most) until the fake server received a `VXLANDataplaneHealthy` patch on
+/// NODE with this status.
+fn wait_for_condition(server: &FakeApiServer, status: &str) {
+    let started = Instant::now();
+    while !condition_patches(server).iter().any(|(s, _)| s == status) {
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "no {status} condition patch on {NODE}: {:?}\nrequests: {:?}",
+            condition_patches(server),
+            server
+                .requests()
+                .iter()
+                .map(|r| format!("{} {}", r.method, r.path))
+                .collect::<Vec<_>>()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// The incident lab and a fake API server serving it.
 struct Cluster {
     /// The fake server runs on this runtime's worker while the test blocks.
@@ -230,16 +249,7 @@ fn watch_relist_stale_and_node_condition() {
         status.datastore
     );
     assert!(!status.datastore.stale, "{:?}", status.datastore);
-    let started = Instant::now();
-    while !condition_patches(&server).iter().any(|(s, _)| s == "True") {
-        assert!(
-            started.elapsed() < Duration::from_secs(5),
-            "no healthy Node condition patch: {:?}\n{}",
-            server.requests(),
-            agent.log()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_for_condition(&server, "True");
 
     // calico-node on the peer re-registers with a new VTEP: the watch delivers it.
     kube_fixture::move_vtep(&lab, &server, PEER, Ipv4Addr::new(10, 1, 99, 5)).unwrap();
@@ -249,15 +259,7 @@ fn watch_relist_stale_and_node_condition() {
         |_, f| has(f, "gateway-wrong-vtep", Some(PEER)),
     );
     eprintln!("watch: VTEP move seen after {took:?}");
-    let started = Instant::now();
-    while !condition_patches(&server).iter().any(|(s, _)| s == "False") {
-        assert!(
-            started.elapsed() < Duration::from_secs(5),
-            "no unhealthy Node condition patch: {:?}",
-            condition_patches(&server)
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_for_condition(&server, "False");
     // …and a Warning Event on the Node, as `kubectl describe node` shows it.
     let started = Instant::now();
     let event = loop {
@@ -491,19 +493,7 @@ fn cluster_configuration_changes_reach_the_daemon() {
         |s, f| s.in_sync && s.datastore.nodes == nodes && s.node == NODE && f.is_empty(),
     );
     // The condition goes to the node it found, not to the host name.
-    let started = Instant::now();
-    while !condition_patches(&server).iter().any(|(s, _)| s == "True") {
-        assert!(
-            started.elapsed() < Duration::from_secs(5),
-            "no condition patch on {NODE}: {:?}",
-            server
-                .requests()
-                .iter()
-                .map(|r| format!("{} {}", r.method, r.path))
-                .collect::<Vec<_>>()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_for_condition(&server, "True");
 
     server.put(
         Res::FelixConfigurations,
@@ -595,15 +585,7 @@ fn kubelet_watch_stall_flows_like_every_finding() {
         "{}",
         f.message
     );
-    let started = Instant::now();
-    while !condition_patches(&server).iter().any(|(s, _)| s == "False") {
-        assert!(
-            started.elapsed() < Duration::from_secs(5),
-            "the Node condition did not turn False: {:?}",
-            condition_patches(&server)
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_for_condition(&server, "False");
 
     server.set_kubelet_stalled(NODE, false);
     agent.wait(

@@ -390,19 +390,7 @@ fn kubelet_pods(st: &State, node: &str) -> Response<Body> {
             &format!("fake: the node proxy to {node} answers {code}"),
         );
     }
-    let items: Vec<Value> = match kubelet.frozen {
-        Some(items) => items,
-        None => inner
-            .objects
-            .get(&Res::Pods)
-            .map(|m| {
-                m.values()
-                    .filter(|p| p["spec"]["nodeName"] == node)
-                    .cloned()
-                    .collect()
-            })
-            .unwrap_or_default(),
-    };
+    let items = kubelet.frozen.unwrap_or_else(|| inner.pods_on(node));
     full(
         StatusCode::OK,
         json!({"kind": "PodList", "apiVersion": "v1", "metadata": {}, "items": items}),

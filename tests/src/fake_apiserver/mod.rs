@@ -339,18 +339,7 @@ impl FakeApiServer {
     /// `node` at this moment and learns of no new ones or deletions (`false`: alive again).
     pub fn set_kubelet_stalled(&self, node: &str, on: bool) {
         let mut inner = self.state.inner.lock().unwrap();
-        let frozen = on.then(|| {
-            inner
-                .objects
-                .get(&Res::Pods)
-                .map(|m| {
-                    m.values()
-                        .filter(|p| p["spec"]["nodeName"] == node)
-                        .cloned()
-                        .collect()
-                })
-                .unwrap_or_default()
-        });
+        let frozen = on.then(|| inner.pods_on(node));
         inner.kubelets.entry(node.to_string()).or_default().frozen = frozen;
     }
 
@@ -391,6 +380,21 @@ impl FakeApiServer {
 
     pub fn lists_served(&self) -> usize {
         self.state.inner.lock().unwrap().lists_served
+    }
+}
+
+impl Inner {
+    /// The pods bound to `node`.
+    pub(crate) fn pods_on(&self, node: &str) -> Vec<Value> {
+        self.objects
+            .get(&Res::Pods)
+            .map(|m| {
+                m.values()
+                    .filter(|p| p["spec"]["nodeName"] == node)
+                    .cloned()
+                    .collect()
+            })
+            .unwrap_or_default()
     }
 }
 
