@@ -633,3 +633,58 @@ async fn calico_pools_and_felix_configuration_are_read_from_the_api() {
     let s = scan_config(&mut lab, &n1.name, &kubeconfig, &[]);
     assert!(s.findings().is_empty(), "config keys: {:#?}", s.findings());
 }
+
+/// The real-cluster shapes of `scan_lab`, through the Kubernetes datastore: Calico 3.30's
+/// VTEP host routes on every node, DirectRouting/CrossSubnet toward a same-subnet peer, and a
+/// host name that is no node's (the node found by address). Zero findings, traffic flowing;
+/// and the direct route moved off-link is still found.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_cluster_shapes_are_healthy_through_the_api_too() {
+    let mut lab = Lab::build(LabSpec::calico(3)).expect("building lab");
+    let (_server, kubeconfig) = serve(&lab).await;
+    lab.add_vtep_host_routes().unwrap();
+    lab.route_directly("node1", "node2").unwrap();
+    assert_all_healthy(&mut lab, &kubeconfig, "VTEP host routes + DirectRouting");
+    for r in lab.traffic_matrix(3).unwrap() {
+        assert!(r.all_delivered(), "{r}");
+    }
+    let names: Vec<String> = lab.nodes().iter().map(|n| n.name.clone()).collect();
+    for node in &names {
+        let s = scan_config(
+            &mut lab,
+            node,
+            &kubeconfig,
+            &[&format!("node_name = \"{node}\"\n")],
+        );
+        assert!(
+            s.findings().is_empty() && s.json["node"] == node.as_str(),
+            "{node} found by address: node {} {:#?}",
+            s.json["node"],
+            s.findings()
+        );
+    }
+    // The direct route now points at an address that is not on the underlay's subnet.
+    let block = lab.node("node2").blocks[0].to_string();
+    lab.ip(
+        "node1",
+        &[
+            "route",
+            "replace",
+            &block,
+            "via",
+            "10.99.0.2",
+            "dev",
+            "eth0",
+            "onlink",
+        ],
+    )
+    .unwrap();
+    let s = scan(&mut lab, "node1", &kubeconfig);
+    assert!(
+        s.checks()
+            .iter()
+            .any(|(_, p)| p.as_deref() == Some("node2")),
+        "{:#?}",
+        s.findings()
+    );
+}

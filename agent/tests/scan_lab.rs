@@ -298,9 +298,7 @@ fn calico_cross_subnet_routes_via_the_underlay_are_healthy() {
 /// every node, every flow delivered), and the field's ways of breaking them are found.
 #[test]
 fn real_cluster_shapes_are_healthy_and_their_faults_are_found() {
-    use watchdog_lab::UNDERLAY_IF;
     let mut lab = Lab::build(LabSpec::calico(3)).expect("building lab");
-    let dev = lab.device();
     let nodes = lab.nodes().to_vec();
     let assert_delivered = |lab: &Lab, context: &str| {
         for r in lab.traffic_matrix(3).expect("traffic") {
@@ -315,16 +313,7 @@ fn real_cluster_shapes_are_healthy_and_their_faults_are_found() {
     };
 
     // Calico 3.30-3.31: a gateway-less host route to every remote VTEP.
-    for n in &nodes {
-        for p in nodes.iter().filter(|p| p.name != n.name) {
-            let vtep = format!("{}/32", p.vtep_ip);
-            lab.ip(
-                &n.name,
-                &["route", "add", &vtep, "dev", dev, "scope", "link"],
-            )
-            .unwrap();
-        }
-    }
+    lab.add_vtep_host_routes().unwrap();
     assert_all_healthy(&mut lab, "Calico 3.30 VTEP host routes");
     assert_delivered(&lab, "Calico 3.30 VTEP host routes");
 
@@ -332,29 +321,7 @@ fn real_cluster_shapes_are_healthy_and_their_faults_are_found() {
     // underlay subnet, with no ARP or FDB entry for node2's VTEP.
     let (n1, n2) = (&nodes[0], &nodes[1]);
     let via = n2.node_ip.to_string();
-    for b in &n2.blocks {
-        let b = b.to_string();
-        lab.ip(
-            &n1.name,
-            &["route", "replace", &b, "via", &via, "dev", UNDERLAY_IF],
-        )
-        .unwrap();
-    }
-    lab.ip(
-        &n1.name,
-        &["route", "del", &format!("{}/32", n2.vtep_ip), "dev", dev],
-    )
-    .unwrap();
-    lab.ip(
-        &n1.name,
-        &["neigh", "del", &n2.vtep_ip.to_string(), "dev", dev],
-    )
-    .unwrap();
-    lab.bridge(
-        &n1.name,
-        &["fdb", "del", &n2.vtep_mac.to_string(), "dev", dev],
-    )
-    .unwrap();
+    lab.route_directly(&n1.name, &n2.name).unwrap();
     let s = scan(&mut lab, &n1.name, &[]);
     assert!(
         s.findings().is_empty(),
