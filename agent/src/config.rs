@@ -258,8 +258,8 @@ pub struct RepairConfig {
     pub actions: Vec<RepairKind>,
     /// Allow `route-delete` of routes nothing in the datastore accounts for. Default: false.
     pub delete_stale_routes: bool,
-    /// Node-wide budget of kernel writes; further ones in the same minute are refused.
-    /// Default: 6.
+    /// Node-wide budget of repairs (findings fixed, however many writes each takes); further
+    /// ones in the same minute are refused. Default: 6.
     pub max_repairs_per_minute: u32,
     /// A finding must persist this long before it is repaired, so a transient state during
     /// Felix's own programming is left alone. Default: 1s.

@@ -189,7 +189,9 @@ fn heuristic_only(check: CheckId) -> bool {
 pub struct Guard {
     config: RepairConfig,
     /// Writes in the last [`RATE_WINDOW`], oldest first.
-    recent: VecDeque<Instant>,
+    /// Repairs in the last minute: when, and of which finding (a finding whose remedy takes
+    /// several writes, six block routes of one peer, is one repair).
+    recent: VecDeque<(Instant, String)>,
     /// Last write per object.
     last_write: BTreeMap<ObjectKey, Instant>,
 }
@@ -265,12 +267,19 @@ impl Guard {
         Ok(())
     }
 
-    /// Takes one write of `object` from the budgets, or says which one is exhausted.
-    pub fn admit(&mut self, object: &ObjectKey, now: Instant) -> Result<(), Refusal> {
+    /// Takes one write of `object`, for `finding`, from the budgets, or says which one is
+    /// exhausted. The node-wide budget counts repairs (findings), not writes: fixing the
+    /// incident's six routes to one peer is one repair.
+    pub fn admit(
+        &mut self,
+        object: &ObjectKey,
+        finding: &str,
+        now: Instant,
+    ) -> Result<(), Refusal> {
         while self
             .recent
             .front()
-            .is_some_and(|t| now.saturating_duration_since(*t) >= RATE_WINDOW)
+            .is_some_and(|(t, _)| now.saturating_duration_since(*t) >= RATE_WINDOW)
         {
             self.recent.pop_front();
         }
@@ -279,11 +288,13 @@ impl Guard {
                 return Err(Refusal::ObjectRateLimited);
             }
         }
-        let cap = self.config.max_repairs_per_minute;
-        if self.recent.len() >= cap as usize {
-            return Err(Refusal::NodeRateLimited(cap));
+        if !self.recent.iter().any(|(_, f)| f == finding) {
+            let cap = self.config.max_repairs_per_minute;
+            if self.recent.len() >= cap as usize {
+                return Err(Refusal::NodeRateLimited(cap));
+            }
+            self.recent.push_back((now, finding.to_string()));
         }
-        self.recent.push_back(now);
         self.last_write.insert(object.clone(), now);
         self.last_write
             .retain(|_, t| now.saturating_duration_since(*t) < RATE_WINDOW);
@@ -520,23 +531,27 @@ mod tests {
         });
         let t = Instant::now();
         let obj = |n: u8| ObjectKey(format!("route 10.1.{n}.0/26 dev {DEV}"));
-        assert_eq!(g.admit(&obj(1), t), Ok(()));
+        assert_eq!(g.admit(&obj(1), "f1", t), Ok(()));
         // The same object again at once: per-object gap.
         assert_eq!(
-            g.admit(&obj(1), t + Duration::from_millis(100)),
+            g.admit(&obj(1), "f1", t + Duration::from_millis(100)),
             Err(Refusal::ObjectRateLimited)
         );
-        assert_eq!(g.admit(&obj(1), t + PER_OBJECT_GAP), Ok(()));
-        assert_eq!(g.admit(&obj(2), t + Duration::from_secs(1)), Ok(()));
-        // The node-wide cap: three in the minute.
+        assert_eq!(g.admit(&obj(1), "f1", t + PER_OBJECT_GAP), Ok(()));
+        // Another route of the same finding (the incident's six blocks of one peer) is the
+        // same repair: no new unit of the node-wide budget.
+        assert_eq!(g.admit(&obj(2), "f1", t + Duration::from_secs(1)), Ok(()));
+        assert_eq!(g.admit(&obj(3), "f2", t + Duration::from_secs(1)), Ok(()));
+        assert_eq!(g.admit(&obj(4), "f3", t + Duration::from_secs(2)), Ok(()));
+        // The node-wide cap: three repairs in the minute.
         assert_eq!(
-            g.admit(&obj(3), t + Duration::from_secs(2)),
+            g.admit(&obj(5), "f4", t + Duration::from_secs(3)),
             Err(Refusal::NodeRateLimited(3))
         );
-        // The first write leaves the window a minute after it was made.
-        assert_eq!(g.admit(&obj(3), t + Duration::from_secs(60)), Ok(()));
+        // The first repair leaves the window a minute after it was made.
+        assert_eq!(g.admit(&obj(5), "f4", t + Duration::from_secs(60)), Ok(()));
         assert_eq!(
-            g.admit(&obj(4), t + Duration::from_secs(60)),
+            g.admit(&obj(6), "f5", t + Duration::from_secs(60)),
             Err(Refusal::NodeRateLimited(3))
         );
         assert!(Refusal::NodeRateLimited(3).is_transient());

@@ -312,7 +312,7 @@ impl Repairer {
                     }
                 }
             }
-            if let Err(refusal) = self.guard.admit(&c.object, pass.clock) {
+            if let Err(refusal) = self.guard.admit(&c.object, &format!("{key:?}"), pass.clock) {
                 self.refuse(
                     &mut report,
                     &pass,

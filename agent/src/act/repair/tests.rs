@@ -249,25 +249,54 @@ async fn a_young_finding_waits_and_is_retried() {
 
 #[tokio::test]
 async fn the_node_cap_stops_a_burst_and_says_so() {
-    let c = incident();
+    // The incident (six writes for k8s03) and a second broken peer, k8s02, with a cap of one
+    // repair a minute: the incident is one repair and is fixed whole; k8s02 waits.
+    let mut c = incident();
+    let k8s03 = c.peer("k8s03");
+    c.set_gateway("k8s02", &k8s03.vtep_ip.to_string());
     let open = findings(&c, &c.observed);
+    assert_eq!(
+        open.iter().filter(|f| f.peer_node.is_some()).count(),
+        2,
+        "{open:#?}"
+    );
     let mut kernel = RecordingWriter::new(c.observed.clone());
     let mut r = repairer(
         &c,
         RepairConfig {
-            max_repairs_per_minute: 4,
+            max_repairs_per_minute: 1,
             ..config()
         },
     );
     let report = r.run(&mut kernel, pass(&open, &c, Instant::now())).await;
-    assert_eq!(report.writes, 4);
     let refused: Vec<_> = report
         .outcomes
         .iter()
         .filter(|o| o.result == RepairResult::Refused)
         .collect();
-    assert_eq!(refused.len(), 2);
-    assert!(refused[0].message.contains("max_repairs_per_minute (4)"));
+    assert!(!refused.is_empty(), "{:#?}", report.outcomes);
+    assert!(refused
+        .iter()
+        .all(|o| o.message.contains("max_repairs_per_minute (1)")));
+    let applied: Vec<_> = report
+        .outcomes
+        .iter()
+        .filter(|o| o.result == RepairResult::Applied)
+        .collect();
+    let peers: std::collections::BTreeSet<_> =
+        applied.iter().map(|o| o.peer_node.clone()).collect();
+    assert_eq!(
+        peers.len(),
+        1,
+        "one finding's writes, all of them: {applied:#?}"
+    );
+    let fixed = open
+        .iter()
+        .find(|f| Some(&f.peer_node) == peers.iter().next())
+        .unwrap();
+    assert!(fixed.remedies.len() > 1, "{fixed:#?}");
+    assert_eq!(applied.len(), fixed.remedies.len(), "{applied:#?}");
+    assert_eq!(report.writes, fixed.remedies.len());
     assert!(report.retry);
 }
 
@@ -369,16 +398,15 @@ async fn the_ledger_annotates_open_and_cleared_findings_with_the_worst_result() 
     let c = incident();
     let mut open = findings(&c, &c.observed);
     let mut kernel = RecordingWriter::new(c.observed.clone());
-    let mut r = repairer(
-        &c,
-        RepairConfig {
-            max_repairs_per_minute: 5,
-            ..config()
-        },
-    );
+    let mut r = repairer(&c, config());
     let report = r.run(&mut kernel, pass(&open, &c, Instant::now())).await;
     let link = RepairLink::default();
-    for o in &report.outcomes {
+    // One of the six writes refused (say, the per-object gap).
+    let refused = Outcome {
+        result: RepairResult::Refused,
+        ..report.outcomes[5].clone()
+    };
+    for o in report.outcomes[..5].iter().chain([&refused]) {
         link.record(o);
     }
     assert!(link.take_changed());
