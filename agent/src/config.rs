@@ -14,7 +14,9 @@ use std::{
 
 use serde::{Deserialize, Deserializer};
 
+mod alerts;
 mod error;
+pub use alerts::{AlertsConfig, SinkConfig, SinkKind, PAGERDUTY_EVENTS_URL};
 use error::parse_error;
 pub use error::ConfigError;
 
@@ -56,6 +58,7 @@ pub struct Config {
     pub ebpf: EbpfConfig,
     pub repair: RepairConfig,
     pub netlink: NetlinkConfig,
+    pub alerts: AlertsConfig,
 }
 
 /// Overlay flavour; decides the default devices and how the datastore is read.
@@ -306,6 +309,7 @@ impl Config {
             ebpf: EbpfConfig::default(),
             repair: RepairConfig::default(),
             netlink: NetlinkConfig::default(),
+            alerts: AlertsConfig::default(),
         }
     }
 
@@ -478,6 +482,9 @@ impl Config {
                 ),
             );
         }
+        if let Err((key, message)) = self.alerts.validate() {
+            return bad(&key, message);
+        }
         Ok(())
     }
 }
@@ -502,6 +509,7 @@ struct RawConfig {
     ebpf: EbpfConfig,
     repair: RepairConfig,
     netlink: NetlinkConfig,
+    alerts: AlertsConfig,
 }
 
 impl RawConfig {
@@ -532,6 +540,7 @@ impl RawConfig {
             ebpf: self.ebpf,
             repair: self.repair,
             netlink: self.netlink,
+            alerts: self.alerts,
             node_name: defaults.node_name,
             node_name_configured: configured,
         }
