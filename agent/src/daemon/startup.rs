@@ -155,6 +155,18 @@ impl Daemon {
         if let Some(link) = &kube {
             fanout.spawn(node::NodeConsumer::new(link.sources()));
         }
+        // Alerts only in alert/repair mode, and only with a sink to send to (DESIGN.md §7).
+        if config.mode != crate::config::Mode::Observe && !config.alerts.sinks.is_empty() {
+            match crate::act::alerts::AlertConsumer::new(
+                &config.alerts,
+                &config.node_name,
+                status.clone(),
+                metrics.clone(),
+            ) {
+                Ok(consumer) => fanout.spawn(consumer),
+                Err(e) => error!(error = %e, "alerts off: cannot start alert delivery"),
+            }
+        }
         let mut state = LoopState {
             fanout,
             engine: {
