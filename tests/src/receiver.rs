@@ -52,7 +52,7 @@ impl Reply {
 }
 
 /// One request as received.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Received {
     pub path: String,
     /// Lower-case names.
@@ -61,6 +61,19 @@ pub struct Received {
     pub at: Instant,
     /// The status it was answered with.
     pub answered: u16,
+}
+
+impl std::fmt::Debug for Received {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let body = String::from_utf8_lossy(&self.body);
+        let body: String = body.chars().take(300).collect();
+        f.debug_struct("Received")
+            .field("path", &self.path)
+            .field("answered", &self.answered)
+            .field("webhook-id", &self.header("webhook-id"))
+            .field("body", &body)
+            .finish()
+    }
 }
 
 impl Received {
