@@ -340,4 +340,19 @@ url = "http://127.0.0.1:9093"
         let c = parse("[[alerts.sinks]]\nname = \"s\"\nkind = \"slack\"\nurl = \"https://hooks.slack.com/services/T0/B0/SECRET\"").unwrap();
         assert!(!format!("{c:?}").contains("SECRET"));
     }
+
+    #[test]
+    fn the_example_sinks_parse_when_uncommented() {
+        let text = include_str!("../../../systemd/config.example.toml");
+        let start = text.find("# [[alerts.sinks]]").expect("example sinks");
+        let end = text[start..].find("\n[").map_or(text.len(), |e| start + e);
+        let sinks: String = text[start..end]
+            .lines()
+            .map(|l| l.trim_start_matches('#').trim_start())
+            .collect::<Vec<_>>()
+            .join("\n");
+        let c = parse(&sinks).unwrap_or_else(|e| panic!("{e}\n{sinks}"));
+        let kinds: Vec<_> = c.alerts.sinks.iter().map(|s| s.kind.as_str()).collect();
+        assert_eq!(kinds, ["pagerduty", "slack", "webhook", "alertmanager"]);
+    }
 }
