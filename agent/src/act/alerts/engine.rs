@@ -177,26 +177,26 @@ impl<T: Transport> Alerter<T> {
 
     /// Spools the notifications the lifecycle has due, and persists what was sent.
     pub fn advance(&mut self, now: SystemTime) {
-        let due = self.lifecycle.due(now);
-        for n in due {
-            for i in 0..self.slots.len() {
-                let Some(sink) = &self.slots[i].sink else {
+        let mut entries = Vec::new();
+        for n in self.lifecycle.due(now) {
+            for slot in &self.slots {
+                let Some(sink) = slot.sink.as_ref().filter(|s| s.wants(&n)) else {
                     continue;
                 };
-                if !sink.wants(&n) {
-                    continue;
-                }
-                let entry = Entry {
+                debug!(sink = %sink.name, dedup_key = %n.dedup_key, status = n.status.as_str(), "alert spooled");
+                entries.push(Entry {
                     id: new_id(),
                     sink: sink.name.clone(),
                     notification: n.clone(),
                     created_at: now,
-                };
-                debug!(sink = %entry.sink, dedup_key = %n.dedup_key, status = n.status.as_str(), "alert spooled");
-                match self.spool.push(entry) {
-                    Ok((_, dropped)) => self.count_dropped(dropped.len()),
-                    Err(e) => error!(error = %e, "alert notification could not be spooled"),
-                }
+                });
+            }
+        }
+        if !entries.is_empty() {
+            // One fsync for the whole evaluation, before any attempt.
+            match self.spool.push_all(entries) {
+                Ok(dropped) => self.count_dropped(dropped.len()),
+                Err(e) => error!(error = %e, "alert notifications could not be spooled"),
             }
         }
         if self.lifecycle.take_dirty() {

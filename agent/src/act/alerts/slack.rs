@@ -67,7 +67,8 @@ pub fn body(n: &Notification) -> Value {
         json!({"type": "section", "text": {"type": "mrkdwn", "text": truncate(&f.message, SECTION_MAX)}}),
         json!({"type": "section", "fields": fields}),
     ];
-    if let Some(fix) = n.fix_command() {
+    // A resolve needs no fix.
+    if let Some(fix) = n.fix_command().filter(|_| n.status == AlertState::Firing) {
         // The code fence must survive truncation.
         let fix = truncate(fix, SECTION_MAX - 20);
         blocks.push(json!({"type": "section", "text": {"type": "mrkdwn", "text": format!("*Fix*\n```{fix}```")}}));
@@ -129,7 +130,12 @@ mod tests {
         let mut n = firing(incident());
         n.status = AlertState::Resolved;
         n.reason = Reason::Resolved;
-        assert!(body(&n)["text"].as_str().unwrap().starts_with("RESOLVED"));
+        let b = body(&n);
+        assert!(b["text"].as_str().unwrap().starts_with("RESOLVED"));
+        assert!(
+            !b.to_string().contains("*Fix*"),
+            "a resolve carries the fix: {b}"
+        );
         let t = Notification::test(
             "k8s01",
             AlertState::Firing,
