@@ -53,11 +53,13 @@ enum Command {
 
 #[derive(Subcommand)]
 enum AlertCmd {
-    /// Send a marked test notification and its resolve through each configured sink (webhook
-    /// `"test": true`, Slack/PagerDuty summary `[TEST] …`, Alertmanager label `test="true"`)
-    /// and print one line per sink. Exit 0 only if every sink answered 2xx to both, 1 if any
-    /// did not, 2 for a bad config. Sent directly (one attempt, the sink's timeout), not
-    /// spooled; secrets are read from their `*_file`/`*_env` and never printed.
+    /// Send a marked test notification and its resolve through each sink; exit 0 if all got 2xx.
+    ///
+    /// The test is marked: webhook `"test": true`, Slack and PagerDuty summary `[TEST] …`,
+    /// Alertmanager label `test="true"`. One line per sink; exit 0 only if every sink answered
+    /// 2xx to both, 1 if any did not, 2 for a bad config or an unknown --sink. Sent directly (one
+    /// attempt within the sink's timeout), not spooled. Secrets are read from their
+    /// `*_file`/`*_env` and never printed; URLs show as scheme://host/….
     Test(AlertTestArgs),
 }
 

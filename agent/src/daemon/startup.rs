@@ -164,7 +164,11 @@ impl Daemon {
                 metrics.clone(),
             ) {
                 Ok(consumer) => fanout.spawn(consumer),
-                Err(e) => error!(error = %e, "alerts off: cannot start alert delivery"),
+                Err(e) => {
+                    error!(error = %e, "alerts off: cannot start alert delivery");
+                    let sinks = crate::act::alerts::disabled_sinks(&config.alerts, &e);
+                    status.update(|s| s.alerts.sinks = sinks).await;
+                }
             }
         }
         let mut state = LoopState {

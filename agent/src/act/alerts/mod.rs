@@ -85,6 +85,27 @@ impl AlertConsumer {
     }
 }
 
+/// Status rows for sinks that cannot run because delivery could not start (the spool
+/// directory is unusable): each says why, so alerts are never off silently.
+pub fn disabled_sinks(
+    config: &AlertsConfig,
+    why: &AlertSetupError,
+) -> Vec<crate::serve::status::AlertSinkStatus> {
+    config
+        .sinks
+        .iter()
+        .map(|s| crate::serve::status::AlertSinkStatus {
+            name: s.name.clone(),
+            kind: s.kind.to_string(),
+            pending: 0,
+            sent: 0,
+            failed: 0,
+            last_error: Some(format!("disabled: {why}")),
+            last_success: None,
+        })
+        .collect()
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum AlertSetupError {
     #[error("{0}")]

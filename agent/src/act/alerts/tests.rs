@@ -400,3 +400,23 @@ async fn alert_test_marks_and_reports_each_sink() {
     assert_eq!(only.len(), 1);
     assert_eq!(only[0].sink, "am");
 }
+
+#[test]
+fn an_unusable_spool_dir_disables_the_sinks_visibly() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("not-a-dir");
+    std::fs::write(&file, b"x").unwrap();
+    let cfg = config(&file.join("spool"), hook());
+    let err = match Alerter::open(&cfg, "k8s01", Fake::default(), None) {
+        Ok(_) => panic!("opened a spool under a file"),
+        Err(e) => AlertSetupError::from(e),
+    };
+    let rows = disabled_sinks(&cfg, &err);
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0].name, "hook");
+    let e = rows[0].last_error.as_deref().unwrap();
+    assert!(
+        e.starts_with("disabled: alert spool") && e.contains("not-a-dir"),
+        "{e}"
+    );
+}
