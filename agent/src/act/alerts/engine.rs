@@ -195,7 +195,12 @@ impl<T: Transport> Alerter<T> {
         if !entries.is_empty() {
             // One fsync for the whole evaluation, before any attempt.
             match self.spool.push_all(entries) {
-                Ok(dropped) => self.count_dropped(dropped.len()),
+                Ok(dropped) => {
+                    for (seq, _) in &dropped {
+                        self.attempts.remove(seq);
+                    }
+                    self.count_dropped(dropped.len());
+                }
                 Err(e) => error!(error = %e, "alert notifications could not be spooled"),
             }
         }
@@ -264,7 +269,14 @@ impl<T: Transport> Alerter<T> {
         let results = join_all(per_sink.into_iter().map(|(idx, reqs)| async move {
             let mut out = Vec::with_capacity(reqs.len());
             for (seq, req) in reqs {
-                out.push((seq, transport.post(req).await));
+                let result = transport.post(req).await;
+                // Unreachable (refused, timed out): the rest of this batch would wait the same
+                // timeout each; they are tried at the next pass.
+                let unreachable = result.is_err();
+                out.push((seq, result));
+                if unreachable {
+                    break;
+                }
             }
             (idx, out)
         }))
@@ -397,6 +409,11 @@ impl<T: Transport> Alerter<T> {
 
     /// Re-posts what each Alertmanager holds, every [`alertmanager::REFRESH`].
     pub async fn refresh_alertmanager(&mut self, now: SystemTime) {
+        // Restored alerts are re-posted only once the first in-sync evaluation has confirmed
+        // which of them are still open.
+        if !self.lifecycle.synced() {
+            return;
+        }
         let mut posts = Vec::new();
         for (idx, slot) in self.slots.iter_mut().enumerate() {
             let Some(sink) = &slot.sink else { continue };

@@ -289,6 +289,11 @@ impl Lifecycle {
         })
     }
 
+    /// The daemon has had a complete picture at least once.
+    pub fn synced(&self) -> bool {
+        self.synced
+    }
+
     /// True once since the alerted set last changed.
     pub fn take_dirty(&mut self) -> bool {
         std::mem::take(&mut self.dirty)

@@ -420,3 +420,31 @@ fn an_unusable_spool_dir_disables_the_sinks_visibly() {
         "{e}"
     );
 }
+
+#[tokio::test]
+async fn an_unreachable_sink_is_not_hammered_within_one_pass() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = Fake::default();
+    let mut cfg = config(dir.path(), hook());
+    cfg.pending_for = Duration::ZERO;
+    let mut a = Alerter::open(&cfg, "k8s01", fake.clone(), None).unwrap();
+    fake.down(100);
+    let open: Vec<_> = (0..5)
+        .map(|i| {
+            let mut f = incident();
+            f.peer_node = Some(format!("peer{i}"));
+            f
+        })
+        .collect();
+    a.observe(&open, true, t(0));
+    a.step(t(0)).await;
+    assert_eq!(
+        fake.sent().len(),
+        1,
+        "kept trying an unreachable sink in one pass"
+    );
+    assert_eq!(a.pending(), 5);
+    fake.script.lock().unwrap().clear();
+    a.step(t(1)).await;
+    assert_eq!(a.pending(), 1, "the others go at the next pass");
+}
