@@ -197,3 +197,47 @@ fn daemon_pages_once_through_kill_9_and_resolves_after_restore() {
     std::thread::sleep(Duration::from_secs(1));
     assert_eq!(rx.received().len(), 2, "{:?}", rx.received());
 }
+
+#[test]
+fn observe_mode_sends_nothing() {
+    let mut lab = Lab::build(LabSpec::incident())
+        .unwrap_or_else(|e| panic!("cannot build lab (these tests need root): {e:#}"));
+    let dir = tempfile::tempdir().expect("temp dir");
+    let datastore = lab.write_datastore().expect("write datastore");
+    let rx = Receiver::start();
+    let socket = dir.path().join("status.sock");
+    let config = dir.path().join("config.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "mode = \"observe\"\n{}\n[status]\nsocket = \"{}\"\n[metrics]\nlisten = \"off\"\n\
+             [ebpf]\nenabled = false\n[alerts]\npending_for = \"0s\"\nspool_dir = \"{}\"\n\
+             [[alerts.sinks]]\nname = \"hook\"\nkind = \"webhook\"\nurl = \"{}\"\n",
+            lab.agent_config_toml(NODE, &datastore),
+            socket.display(),
+            dir.path().join("spool").display(),
+            rx.url("/hook"),
+        ),
+    )
+    .expect("write config");
+    let mut agent = Agent::start(
+        &config,
+        &lab.netns_path(NODE),
+        &socket,
+        &dir.path().join("log"),
+    );
+    let _fault = lab.inject(Fault::incident(NODE)).expect("inject incident");
+    agent.wait(Duration::from_secs(5), "finding open", |s| {
+        !s.findings.is_empty()
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(
+        rx.received().is_empty(),
+        "observe mode paged: {:?}",
+        rx.received()
+    );
+    assert!(
+        !dir.path().join("spool").exists(),
+        "observe mode opened a spool"
+    );
+}
