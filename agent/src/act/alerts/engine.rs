@@ -2,9 +2,10 @@
 //!
 //! Each notification is spooled (fsynced) once per sink that wants it, before any attempt,
 //! and removed only after a 2xx or a permanent failure. Per sink and finding only the oldest
-//! spooled notification is eligible, so a resolve never overtakes its trigger; different
-//! findings and different sinks never wait for each other. Sinks are tried concurrently,
-//! each request bounded by the sink's timeout.
+//! spooled notification is eligible, so a resolve never overtakes its trigger; a finding
+//! waiting for its retry delay does not hold up the others. Each sink has at most one request
+//! in flight (a spawned task bounded by the sink's timeout), sinks run in parallel, and a pass
+//! waits at most `PASS` (200 ms) for answers: a hanging receiver delays only its own sink.
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap, VecDeque},
@@ -36,8 +37,8 @@ use crate::{
 
 /// Recent deliveries kept for status.
 const RECENT: usize = 32;
-/// Attempts per sink per pass (the rest wait for the next pass, a tick later).
-const PER_PASS: usize = 16;
+/// How long one pass waits for answers; a request still running then is settled later.
+const PASS: Duration = Duration::from_millis(200);
 
 /// One spooled notification for one sink.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -54,6 +55,11 @@ impl Spooled for Entry {
     fn rank(&self) -> u8 {
         self.notification.finding.severity as u8
     }
+}
+
+struct InFlight {
+    idx: usize,
+    handle: tokio::task::JoinHandle<Result<HttpResponse, TransportError>>,
 }
 
 #[derive(Debug, Default)]
@@ -82,8 +88,9 @@ pub struct Alerter<T: Transport> {
     lifecycle: Lifecycle,
     spool: Spool<Entry>,
     slots: Vec<Slot>,
-    transport: T,
+    transport: Arc<T>,
     attempts: HashMap<u64, Attempt>,
+    in_flight: HashMap<u64, InFlight>,
     sent: u64,
     failed: u64,
     dropped: u64,
@@ -123,8 +130,9 @@ impl<T: Transport> Alerter<T> {
             lifecycle,
             spool,
             slots,
-            transport,
+            transport: Arc::new(transport),
             attempts: HashMap::new(),
+            in_flight: HashMap::new(),
             sent: 0,
             failed: 0,
             dropped: 0,
@@ -226,12 +234,46 @@ impl<T: Transport> Alerter<T> {
         }
     }
 
-    /// Attempts every due, eligible notification once.
+    /// Attempts the due, eligible notifications: one request in flight per sink, sinks in
+    /// parallel, for up to `PASS` (200 ms). A request still running then (a slow or hanging
+    /// receiver) keeps running and is settled at a later pass, so a stuck sink never delays
+    /// the others or the next evaluation.
     pub async fn pump(&mut self, now: SystemTime) {
-        let mut per_sink: BTreeMap<usize, Vec<(u64, super::delivery::HttpRequest)>> =
-            BTreeMap::new();
+        let deadline = tokio::time::Instant::now() + PASS;
+        let mut unreachable = BTreeSet::new();
+        loop {
+            self.start_due(now, &unreachable);
+            if self.in_flight.is_empty() {
+                break;
+            }
+            // Same map, no change in between: keys and values iterate in the same order.
+            let seqs: Vec<u64> = self.in_flight.keys().copied().collect();
+            let any =
+                futures::future::select_all(self.in_flight.values_mut().map(|f| &mut f.handle));
+            let Ok((joined, i, _)) = tokio::time::timeout_at(deadline, any).await else {
+                break;
+            };
+            let seq = seqs[i];
+            let f = self.in_flight.remove(&seq).expect("listed above");
+            let result = joined.unwrap_or_else(|e| {
+                Err(TransportError::Other(format!("delivery task failed: {e}")))
+            });
+            // Refused or timed out: the sink's other notifications wait for the next pass.
+            if result.is_err() {
+                unreachable.insert(f.idx);
+            }
+            self.settle(f.idx, seq, result, now);
+        }
+        self.publish_gauges();
+    }
+
+    /// Starts a request for each sink with none in flight: its oldest due, eligible entry.
+    fn start_due(&mut self, now: SystemTime, skip: &BTreeSet<usize>) {
+        let busy: BTreeSet<usize> = self.in_flight.values().map(|f| f.idx).collect();
+        let mut started: BTreeSet<usize> = BTreeSet::new();
         let mut heads = BTreeSet::new();
         let mut orphans = Vec::new();
+        let mut to_start = Vec::new();
         for (seq, e) in self.spool.entries() {
             // Only the oldest per sink and finding: a resolve never overtakes its trigger.
             if !heads.insert((e.sink.clone(), e.notification.dedup_key.clone())) {
@@ -241,6 +283,9 @@ impl<T: Transport> Alerter<T> {
                 orphans.push(seq);
                 continue;
             };
+            if busy.contains(&idx) || skip.contains(&idx) || started.contains(&idx) {
+                continue;
+            }
             let Some(sink) = &self.slots[idx].sink else {
                 continue;
             };
@@ -252,41 +297,19 @@ impl<T: Transport> Alerter<T> {
             {
                 continue;
             }
-            let batch = per_sink.entry(idx).or_default();
-            if batch.len() < PER_PASS {
-                batch.push((seq, sink.request(&e.notification, &e.id, now)));
-            }
+            started.insert(idx);
+            to_start.push((seq, idx, sink.request(&e.notification, &e.id, now)));
         }
         for seq in orphans {
             if let Ok(Some(e)) = self.spool.remove(seq) {
                 warn!(sink = %e.sink, dedup_key = %e.notification.dedup_key, "alert for a sink no longer configured dropped");
             }
         }
-        if per_sink.is_empty() {
-            return;
+        for (seq, idx, req) in to_start {
+            let transport = self.transport.clone();
+            let handle = tokio::spawn(async move { transport.post(req).await });
+            self.in_flight.insert(seq, InFlight { idx, handle });
         }
-        let transport = &self.transport;
-        let results = join_all(per_sink.into_iter().map(|(idx, reqs)| async move {
-            let mut out = Vec::with_capacity(reqs.len());
-            for (seq, req) in reqs {
-                let result = transport.post(req).await;
-                // Unreachable (refused, timed out): the rest of this batch would wait the same
-                // timeout each; they are tried at the next pass.
-                let unreachable = result.is_err();
-                out.push((seq, result));
-                if unreachable {
-                    break;
-                }
-            }
-            (idx, out)
-        }))
-        .await;
-        for (idx, outs) in results {
-            for (seq, result) in outs {
-                self.settle(idx, seq, result, now);
-            }
-        }
-        self.publish_gauges();
     }
 
     fn settle(
@@ -440,7 +463,7 @@ impl<T: Transport> Alerter<T> {
         if posts.is_empty() {
             return;
         }
-        let transport = &self.transport;
+        let transport = &*self.transport;
         let results = join_all(
             posts
                 .into_iter()

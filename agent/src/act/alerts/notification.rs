@@ -25,7 +25,7 @@ impl AlertState {
     }
 }
 
-/// Why it is sent; decides which sinks get it ([`Reason::for_pager`]).
+/// Why it is sent; decides which sinks get it (`Sink::wants`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Reason {

@@ -31,6 +31,8 @@ impl Sent {
 struct Fake {
     script: Arc<Mutex<VecDeque<Result<HttpResponse, TransportError>>>>,
     sent: Arc<Mutex<Vec<Sent>>>,
+    /// Requests to a URL containing this hang this long before the answer.
+    slow: Arc<Mutex<Option<(String, Duration)>>>,
 }
 
 impl Fake {
@@ -56,6 +58,10 @@ impl Fake {
 
 impl Transport for Fake {
     async fn post(&self, req: HttpRequest) -> Result<HttpResponse, TransportError> {
+        let slow = self.slow.lock().unwrap().clone();
+        if let Some((_, delay)) = slow.filter(|(p, _)| req.url.contains(p.as_str())) {
+            tokio::time::sleep(delay).await;
+        }
         let answer = self.script.lock().unwrap().pop_front();
         self.sent.lock().unwrap().push(Sent {
             url: req.url.clone(),
@@ -447,4 +453,59 @@ async fn an_unreachable_sink_is_not_hammered_within_one_pass() {
     fake.script.lock().unwrap().clear();
     a.step(t(1)).await;
     assert_eq!(a.pending(), 1, "the others go at the next pass");
+}
+
+#[tokio::test]
+async fn a_hanging_sink_delays_neither_the_others_nor_the_pass() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = Fake::default();
+    *fake.slow.lock().unwrap() = Some(("/stuck".into(), Duration::from_secs(3)));
+    let sinks = vec![
+        sink("stuck", SinkKind::Webhook, "http://127.0.0.1:1/stuck"),
+        sink("chat", SinkKind::Slack, "http://127.0.0.1:2/chat"),
+    ];
+    let mut cfg = config(dir.path(), sinks);
+    cfg.pending_for = Duration::ZERO;
+    let mut a = Alerter::open(&cfg, "k8s01", fake.clone(), None).unwrap();
+    let started = std::time::Instant::now();
+    a.observe(&[incident()], true, t(0));
+    a.step(t(0)).await;
+    a.observe(&[], true, t(100));
+    a.step(t(100)).await;
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        started.elapsed()
+    );
+    let chat: Vec<_> = fake
+        .sent()
+        .iter()
+        .filter(|s| s.url.ends_with("/chat"))
+        .map(|s| s.body["text"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(
+        chat.len(),
+        2,
+        "the healthy sink waited for the stuck one: {chat:?}"
+    );
+    assert!(chat[1].starts_with("RESOLVED"));
+    let st = a.status(t(100));
+    assert_eq!(
+        st.sinks[0].pending, 2,
+        "the stuck sink keeps its trigger and resolve"
+    );
+    // Once it answers, it gets both, in order.
+    *fake.slow.lock().unwrap() = None;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    for i in 0..4 {
+        a.step(t(200 + i)).await;
+    }
+    let stuck: Vec<_> = fake
+        .sent()
+        .iter()
+        .filter(|s| s.url.ends_with("/stuck"))
+        .map(|s| s.body["status"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(stuck, ["firing", "resolved"]);
+    assert_eq!(a.pending(), 0);
 }
