@@ -14,7 +14,9 @@ use std::{
 
 use serde::{Deserialize, Deserializer};
 
+mod alerts;
 mod error;
+pub use alerts::{AlertsConfig, SinkConfig, SinkKind, PAGERDUTY_EVENTS_URL};
 use error::parse_error;
 pub use error::ConfigError;
 
@@ -57,6 +59,7 @@ pub struct Config {
     pub repair: RepairConfig,
     pub netlink: NetlinkConfig,
     pub kubelet: KubeletConfig,
+    pub alerts: AlertsConfig,
 }
 
 /// Overlay flavour; decides the default devices and how the datastore is read.
@@ -382,6 +385,7 @@ impl Config {
             repair: RepairConfig::default(),
             netlink: NetlinkConfig::default(),
             kubelet: KubeletConfig::default(),
+            alerts: AlertsConfig::default(),
         }
     }
 
@@ -586,6 +590,9 @@ impl Config {
                 ),
             );
         }
+        if let Err((key, message)) = self.alerts.validate() {
+            return bad(&key, message);
+        }
         Ok(())
     }
 }
@@ -611,6 +618,7 @@ struct RawConfig {
     repair: RepairConfig,
     netlink: NetlinkConfig,
     kubelet: KubeletConfig,
+    alerts: AlertsConfig,
 }
 
 impl RawConfig {
@@ -642,6 +650,7 @@ impl RawConfig {
             repair: self.repair,
             netlink: self.netlink,
             kubelet: self.kubelet,
+            alerts: self.alerts,
             node_name: defaults.node_name,
             node_name_configured: configured,
         }

@@ -46,6 +46,34 @@ enum Command {
     Status(StatusCmd),
     /// Nagios/NRPE plugin: one line `WATCHDOG OK|WARNING|CRITICAL|UNKNOWN - …`, exit 0/1/2/3.
     Check(CheckCmd),
+    /// Alert sinks: `watchdog alert test` after editing `[[alerts.sinks]]`.
+    #[command(subcommand)]
+    Alert(AlertCmd),
+}
+
+#[derive(Subcommand)]
+enum AlertCmd {
+    /// Send a marked test notification and its resolve through each sink; exit 0 if all got 2xx.
+    ///
+    /// The test is marked: webhook `"test": true`, Slack and PagerDuty summary `[TEST] …`,
+    /// Alertmanager label `test="true"`. One line per sink; exit 0 only if every sink answered
+    /// 2xx to both, 1 if any did not, 2 for a bad config or an unknown --sink. Sent directly (one
+    /// attempt within the sink's timeout), not spooled. Secrets are read from their
+    /// `*_file`/`*_env` and never printed; URLs show as scheme://host/….
+    Test(AlertTestArgs),
+}
+
+#[derive(Args, Debug)]
+struct AlertTestArgs {
+    /// Configuration file holding `[[alerts.sinks]]`.
+    #[arg(long, value_name = "PATH", default_value = DEFAULT_CONFIG)]
+    config: PathBuf,
+    /// Only this sink (its `name`).
+    #[arg(long, value_name = "NAME")]
+    sink: Option<String>,
+    /// Print the results as JSON.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args, Debug)]
@@ -172,6 +200,79 @@ fn main() -> ExitCode {
             }
             exit(runtime().block_on(serve::run_check(cmd.args)))
         }
+        Command::Alert(AlertCmd::Test(args)) => alert_test_command(args),
+    }
+}
+
+fn alert_test_command(args: AlertTestArgs) -> ExitCode {
+    use dataplane_watchdog::act::alerts::{self, ReqwestTransport};
+    let explicit = args.config != Path::new(DEFAULT_CONFIG);
+    let config = match Config::load(&args.config, explicit) {
+        Ok(c) => c,
+        Err(err) => {
+            eprintln!("watchdog alert test: {err}");
+            return ExitCode::from(2);
+        }
+    };
+    let sinks = &config.alerts.sinks;
+    if sinks.is_empty() {
+        eprintln!(
+            "watchdog alert test: no [[alerts.sinks]] in {}",
+            args.config.display()
+        );
+        return ExitCode::from(2);
+    }
+    if let Some(name) = &args.sink {
+        if !sinks.iter().any(|s| &s.name == name) {
+            let names: Vec<&str> = sinks.iter().map(|s| s.name.as_str()).collect();
+            eprintln!(
+                "watchdog alert test: --sink: no sink named {name:?} (configured: {})",
+                names.join(", ")
+            );
+            return ExitCode::from(2);
+        }
+    }
+    let connect = sinks.iter().map(|s| s.timeout).min().unwrap_or_default();
+    let transport = match ReqwestTransport::new(connect) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("watchdog alert test: HTTP client: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let results = runtime().block_on(alerts::send_test(
+        &config.alerts,
+        &config.node_name,
+        args.sink.as_deref(),
+        &transport,
+    ));
+    if args.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&results).unwrap_or_default()
+        );
+    } else {
+        let code = |c: Option<u16>| c.map_or("-".to_string(), |c| c.to_string());
+        for r in &results {
+            println!(
+                "{} {} ({}, {}): firing {}, resolve {}{}",
+                if r.ok { "ok    " } else { "FAILED" },
+                r.sink,
+                r.kind,
+                if r.url.is_empty() { "-" } else { &r.url },
+                code(r.firing),
+                code(r.resolved),
+                r.error
+                    .as_deref()
+                    .map(|e| format!(" — {e}"))
+                    .unwrap_or_default(),
+            );
+        }
+    }
+    if results.iter().all(|r| r.ok) {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
     }
 }
 

@@ -19,6 +19,7 @@ pub mod fake_apiserver;
 mod fault;
 pub mod kube_fixture;
 mod lab;
+pub mod receiver;
 mod shapes;
 mod spec;
 mod sys;

@@ -3,7 +3,8 @@
 //! - nightly `rust-src` (the BPF target builds `core` from source),
 //! - bpf-linker 0.13.0 built against rustc's own LLVM 22 with an rpath to rustc's sysroot,
 //!   installed in a per-user cache shared by every clone (rebuilding takes ~1 minute),
-//! - iproute2 (`ip`, `bridge`) for the lab.
+//! - iproute2 (`ip`, `bridge`) for the lab,
+//! - Prometheus Alertmanager (Debian's `prometheus-alertmanager`) for the alert tests.
 
 use std::{
     env,
@@ -83,6 +84,7 @@ pub fn run() -> Result<Toolchain> {
     ensure_nightly_rust_src()?;
     let tools_bin = ensure_bpf_linker()?;
     ensure_iproute2()?;
+    ensure_alertmanager()?;
     let mut paths = vec![tools_bin];
     paths.extend(env::split_paths(&env::var_os("PATH").unwrap_or_default()));
     Ok(Toolchain {
@@ -220,6 +222,32 @@ fn ensure_iproute2() -> Result<()> {
     for args in [
         &["update", "-qq"][..],
         &["install", "-y", "-qq", "iproute2"][..],
+    ] {
+        let status = Command::new("apt-get")
+            .args(args)
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .status()
+            .context("running apt-get")?;
+        if !status.success() {
+            bail!("apt-get {} failed", args.join(" "));
+        }
+    }
+    Ok(())
+}
+
+/// The alert integration tests run the real Alertmanager (`tests/tests/alerts.rs`).
+fn ensure_alertmanager() -> Result<()> {
+    const BIN: &str = "/usr/bin/prometheus-alertmanager";
+    if Path::new(BIN).exists() {
+        return Ok(());
+    }
+    if !crate::is_root() {
+        bail!("{BIN} is missing: apt-get install prometheus-alertmanager");
+    }
+    step("installing prometheus-alertmanager with apt-get (alert integration tests)");
+    for args in [
+        &["update", "-qq"][..],
+        &["install", "-y", "-qq", "prometheus-alertmanager"][..],
     ] {
         let status = Command::new("apt-get")
             .args(args)

@@ -1,5 +1,6 @@
 //! Acting on findings: alert sinks and guarded repair.
 
+pub mod alerts;
 mod plan;
 pub mod repair;
 

@@ -176,6 +176,22 @@ impl Daemon {
             );
             link
         });
+        // Alerts only in alert/repair mode, and only with a sink to send to (DESIGN.md §7).
+        if config.mode != crate::config::Mode::Observe && !config.alerts.sinks.is_empty() {
+            match crate::act::alerts::AlertConsumer::new(
+                &config.alerts,
+                &config.node_name,
+                status.clone(),
+                metrics.clone(),
+            ) {
+                Ok(consumer) => fanout.spawn(consumer),
+                Err(e) => {
+                    error!(error = %e, "alerts off: cannot start alert delivery");
+                    let sinks = crate::act::alerts::disabled_sinks(&config.alerts, &e);
+                    status.update(|s| s.alerts.sinks = sinks).await;
+                }
+            }
+        }
         let mut state = LoopState {
             fanout,
             repair: repair_link,

@@ -82,6 +82,16 @@ struct AlertLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct SinkLabels {
+    sink: String,
+}
+
+fn delivery_histogram() -> Histogram {
+    // 10 ms … ~44 min: a first-try delivery up to a long outage's retries.
+    Histogram::new(exponential_buckets(0.01, 4.0, 10))
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ReasonLabels {
     reason: String,
 }
@@ -173,6 +183,9 @@ pub struct Metrics {
     neighbour_unresolved: Family<DeviceLabels, Counter>,
     repairs: Family<RepairLabels, Counter>,
     alerts: Family<AlertLabels, Counter>,
+    alerts_pending: Family<SinkLabels, Gauge>,
+    alert_delivery: Family<SinkLabels, Histogram, fn() -> Histogram>,
+    alerts_dropped: Counter,
     datastore_last_event_age: Gauge<f64, AtomicU64>,
     check_duration: Histogram,
     routes_checked: Gauge,
@@ -213,6 +226,9 @@ impl Metrics {
             neighbour_unresolved: Family::default(),
             repairs: Family::default(),
             alerts: Family::default(),
+            alerts_pending: Family::default(),
+            alert_delivery: Family::new_with_constructor(delivery_histogram),
+            alerts_dropped: Counter::default(),
             datastore_last_event_age: Gauge::default(),
             check_duration: Histogram::new(exponential_buckets(0.0001, 4.0, 10)),
             routes_checked: Gauge::default(),
@@ -257,8 +273,24 @@ impl Metrics {
         );
         r.register(
             "alerts",
-            "Alert deliveries by sink and result (sent, failed)",
+            "Alert delivery attempts by sink and result (sent, failed, retried)",
             m.alerts.clone(),
+        );
+        r.register(
+            "alerts_pending",
+            "Alert notifications spooled and not yet delivered, by sink",
+            m.alerts_pending.clone(),
+        );
+        r.register_with_unit(
+            "alert_delivery",
+            "Time from spooling a notification to the sink's 2xx, retries included",
+            Unit::Seconds,
+            m.alert_delivery.clone(),
+        );
+        r.register(
+            "alerts_dropped",
+            "Alert notifications dropped unsent because the spool was full",
+            m.alerts_dropped.clone(),
         );
         r.register_with_unit(
             "datastore_last_event_age",
@@ -413,6 +445,26 @@ impl Metrics {
                 result: self.result_cap.admit(result),
             })
             .inc();
+    }
+
+    pub fn set_alerts_pending(&self, sink: &str, pending: u64) {
+        self.alerts_pending
+            .get_or_create(&SinkLabels {
+                sink: self.sink_cap.admit(sink),
+            })
+            .set(pending as i64);
+    }
+
+    pub fn observe_alert_delivery(&self, sink: &str, seconds: f64) {
+        self.alert_delivery
+            .get_or_create(&SinkLabels {
+                sink: self.sink_cap.admit(sink),
+            })
+            .observe(seconds);
+    }
+
+    pub fn inc_alerts_dropped(&self, n: u64) {
+        self.alerts_dropped.inc_by(n);
     }
 
     pub fn set_datastore_last_event_age(&self, age: Duration) {

@@ -383,9 +383,50 @@ pub fn render_status(status: &Status, now: SystemTime) -> String {
     let a = &status.alerts;
     let _ = writeln!(
         out,
-        "\nALERTS (pending {}, sent {}, failed {})",
-        a.pending, a.sent, a.failed
+        "\nALERTS (pending {}, sent {}, failed {}, dropped {})",
+        a.pending, a.sent, a.failed, a.dropped
     );
+    if !a.sinks.is_empty() {
+        let rows: Vec<Vec<String>> = a
+            .sinks
+            .iter()
+            .map(|s| {
+                vec![
+                    s.name.clone(),
+                    s.kind.clone(),
+                    s.pending.to_string(),
+                    s.sent.to_string(),
+                    s.failed.to_string(),
+                    s.last_success
+                        .map(|t| format_age(age(now, t)))
+                        .unwrap_or_else(|| "-".into()),
+                    s.last_error.clone().unwrap_or_else(|| "-".into()),
+                ]
+            })
+            .collect();
+        table(
+            &mut out,
+            &[
+                "SINK",
+                "KIND",
+                "PENDING",
+                "SENT",
+                "FAILED",
+                "LAST OK",
+                "LAST ERROR",
+            ],
+            &rows,
+        );
+    }
+    for d in &a.damped {
+        let _ = writeln!(
+            out,
+            "  flapping, held open: {} {} (resolve in {} unless it reopens)",
+            d.check,
+            d.peer_node.as_deref().unwrap_or("-"),
+            format_age(d.until.duration_since(now).unwrap_or_default()),
+        );
+    }
     if a.recent.is_empty() {
         out.push_str("  none\n");
     } else {

@@ -255,8 +255,49 @@ pub struct AlertsStatus {
     pub pending: u64,
     pub sent: u64,
     pub failed: u64,
+    /// Dropped unsent because the spool was full (oldest, lowest severity first).
+    #[serde(default)]
+    pub dropped: u64,
+    /// Per configured sink (DESIGN.md §7).
+    #[serde(default)]
+    pub sinks: Vec<AlertSinkStatus>,
+    /// Flapping findings held open instead of resolved.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub damped: Vec<DampedAlert>,
     /// Most recent first.
     pub recent: Vec<AlertRecord>,
+}
+
+/// One sink's delivery figures. Never holds its URL or any secret.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AlertSinkStatus {
+    pub name: String,
+    /// `webhook`, `slack`, `pagerduty`, `alertmanager`.
+    pub kind: String,
+    pub pending: u64,
+    pub sent: u64,
+    pub failed: u64,
+    /// Last failure (URLs redacted to scheme://host/…), or why the sink is disabled.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub last_error: Option<String>,
+    #[serde(
+        with = "humantime_serde",
+        skip_serializing_if = "Option::is_none",
+        default
+    )]
+    pub last_success: Option<SystemTime>,
+}
+
+/// A flapping finding whose resolve is held back.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DampedAlert {
+    pub dedup_key: String,
+    pub check: String,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub peer_node: Option<String>,
+    /// Resolved then unless it reopens.
+    #[serde(with = "humantime_serde")]
+    pub until: SystemTime,
 }
 
 /// One alert delivery attempt.

@@ -7,6 +7,8 @@
 //! The agent is shown both ways an SRE meets it: `watchdog scan` on every node at each phase,
 //! and the daemon (`watchdog run`) on k8s01, whose finding appears — with its detection latency —
 //! in `watchdog status` the moment the bad route is written, and clears when it is repaired.
+//! Its alerts go to a loopback receiver standing in for Slack and a webhook: the demo prints the
+//! page that would have gone out seconds after the corruption, and its resolve after the repair.
 //!
 //! It ends with the daemon in `mode = "repair"` fixing the incident itself (traffic restored,
 //! the audit trail in `watchdog status`), and a "stale Felix" that puts one bad route back after
@@ -211,7 +213,16 @@ fn run(mode: Datastore) -> Result<()> {
         .context("no config for the daemon's node")?
         .1;
     section(&format!("The daemon on {DAEMON_NODE}: watchdog run"));
-    let mut daemon = Daemon::start(&lab, DAEMON_NODE, base_config)?;
+    // Slack and a webhook, as a loopback receiver: the page the incident never got.
+    let pager = watchdog_lab::receiver::Receiver::start();
+    let alerts = format!(
+        "[alerts]\npending_for = \"2s\"\nspool_dir = \"{{dir}}/alerts\"\n\
+         [[alerts.sinks]]\nname = \"chat\"\nkind = \"slack\"\nurl = \"{}\"\n\
+         [[alerts.sinks]]\nname = \"hook\"\nkind = \"webhook\"\nurl = \"{}\"\n",
+        pager.url("/services/T0/B0/slack"),
+        pager.url("/hook"),
+    );
+    let mut daemon = Daemon::start(&lab, DAEMON_NODE, base_config, &alerts)?;
     println!(
         "{DAEMON_NODE}$ watchdog run --config {} --netns {}",
         daemon.config.display(),
@@ -247,6 +258,7 @@ fn run(mode: Datastore) -> Result<()> {
         injection_took.as_millis(),
         seen_after.as_millis()
     );
+    let paged = show_pages(&pager, 0, "firing", started, "corruption")?;
     let f = lab.inject(Fault::incident("k8s02"))?;
     println!("{}", f.description);
     show_routes(&lab, "k8s01")?;
@@ -290,6 +302,7 @@ fn run(mode: Datastore) -> Result<()> {
         "  daemon on {DAEMON_NODE}: every finding cleared {} ms after the repair started",
         started.elapsed().as_millis()
     );
+    show_pages(&pager, paged, "resolved", started, "repair")?;
     show_routes(&lab, "k8s01")?;
     show_traffic(&lab)?;
     let diff = lab.diff_from_healthy()?;
@@ -330,7 +343,7 @@ fn repair_mode(lab: &mut Lab, base_config: &Path) -> Result<()> {
              contested_backoff = \"2m\"\nmax_repairs_per_minute = 30\n"
         ),
     )?;
-    let mut daemon = Daemon::start(lab, DAEMON_NODE, &config)?;
+    let mut daemon = Daemon::start(lab, DAEMON_NODE, &config, "")?;
     println!("  mode = \"repair\", min_finding_age = 1s (a finding must persist 1 s before it is repaired)");
     let injected = Instant::now();
     let f = lab.inject(Fault::incident(DAEMON_NODE))?;
@@ -427,6 +440,80 @@ fn repair_mode(lab: &mut Lab, base_config: &Path) -> Result<()> {
     lab.restore_all()?;
     let _ = fs::remove_file(&config);
     Ok(())
+}
+
+/// `firing` or `resolved`, for either sink's body.
+fn page_status(r: &watchdog_lab::receiver::Received) -> String {
+    let body = r.json();
+    if r.path.starts_with("/services/") {
+        let text = body["text"].as_str().unwrap_or("");
+        if text.starts_with("RESOLVED") {
+            "resolved"
+        } else {
+            "firing"
+        }
+        .to_string()
+    } else {
+        body["status"].as_str().unwrap_or("").to_string()
+    }
+}
+
+/// Waits until both sinks got a `status` page after the first `skip` requests, prints the
+/// Slack message and the webhook body, and returns how many requests have arrived.
+fn show_pages(
+    pager: &watchdog_lab::receiver::Receiver,
+    skip: usize,
+    status: &str,
+    since: Instant,
+    what: &str,
+) -> Result<usize> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let (slack, hook, total) = loop {
+        let got = pager.received();
+        let new = &got[skip.min(got.len())..];
+        let find = |slack: bool| {
+            new.iter()
+                .find(|r| r.path.starts_with("/services/") == slack && page_status(r) == status)
+                .cloned()
+        };
+        if let (Some(s), Some(h)) = (find(true), find(false)) {
+            break (s, h, got.len());
+        }
+        if Instant::now() > deadline {
+            bail!("no {status} page from both sinks within 10 s of the {what}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let body = slack.json();
+    println!(
+        "  Slack (loopback receiver), {} ms after the {what}:",
+        (slack.at - since).as_millis()
+    );
+    println!("    {}", body["text"].as_str().unwrap_or(""));
+    for b in body["blocks"].as_array().into_iter().flatten() {
+        for f in b["fields"].as_array().into_iter().flatten() {
+            println!(
+                "      {}",
+                f["text"].as_str().unwrap_or("").replace('\n', ": ")
+            );
+        }
+        if let Some(t) = b["text"]["text"]
+            .as_str()
+            .filter(|t| t.starts_with("*Fix*"))
+        {
+            println!("      {}", t.replace('\n', " "));
+        }
+    }
+    let body = hook.json();
+    println!(
+        "  webhook (loopback receiver), {} ms after the {what}: {} \"{}\" dedup_key {} webhook-id {}",
+        (hook.at - since).as_millis(),
+        body["status"].as_str().unwrap_or(""),
+        body["summary"].as_str().unwrap_or(""),
+        body["dedup_key"].as_str().unwrap_or(""),
+        hook.header("webhook-id").unwrap_or("-"),
+    );
+    Ok(total)
 }
 
 fn section(title: &str) {
@@ -691,7 +778,8 @@ struct Daemon {
 }
 
 impl Daemon {
-    fn start(lab: &Lab, node: &str, base_config: &Path) -> Result<Daemon> {
+    /// `alerts` is appended to the config, `{dir}` replaced by the daemon's directory.
+    fn start(lab: &Lab, node: &str, base_config: &Path, alerts: &str) -> Result<Daemon> {
         let dir = std::env::temp_dir().join(format!("{}-daemon-{node}", lab.id()));
         fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         let config = dir.join("config.toml");
@@ -700,8 +788,9 @@ impl Daemon {
         fs::write(
             &config,
             format!(
-                "{base}\n[status]\nsocket = \"{}\"\n\n[metrics]\nlisten = \"off\"\n",
-                dir.join("status.sock").display()
+                "{base}\n[status]\nsocket = \"{}\"\n\n[metrics]\nlisten = \"off\"\n\n{}",
+                dir.join("status.sock").display(),
+                alerts.replace("{dir}", &dir.display().to_string()),
             ),
         )
         .with_context(|| format!("writing {}", config.display()))?;

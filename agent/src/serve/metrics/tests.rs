@@ -203,3 +203,26 @@ fn peer_churn_keeps_the_tracker_flat_and_the_counters_exact() {
         "a re-joined node adds its new counts"
     );
 }
+
+#[test]
+fn alert_metrics_have_the_contract_names() {
+    let m = Metrics::new();
+    m.inc_alert("oncall", "sent");
+    m.inc_alert("oncall", "failed");
+    m.set_alerts_pending("oncall", 3);
+    m.observe_alert_delivery("oncall", 0.25);
+    m.inc_alerts_dropped(2);
+    let out = m.encode();
+    for line in [
+        "# TYPE dataplane_watchdog_alert_delivery_seconds histogram\n",
+        "# TYPE dataplane_watchdog_alerts_pending gauge\n",
+        "# TYPE dataplane_watchdog_alerts_dropped counter\n",
+        "dataplane_watchdog_alerts_total{sink=\"oncall\",result=\"sent\"} 1\n",
+        "dataplane_watchdog_alerts_total{sink=\"oncall\",result=\"failed\"} 1\n",
+        "dataplane_watchdog_alerts_pending{sink=\"oncall\"} 3\n",
+        "dataplane_watchdog_alert_delivery_seconds_count{sink=\"oncall\"} 1\n",
+        "dataplane_watchdog_alerts_dropped_total 2\n",
+    ] {
+        assert!(out.contains(line), "{line:?} missing:\n{out}");
+    }
+}

@@ -129,7 +129,7 @@ fn human_view_shows_the_incident() {
         .unwrap();
     assert!(peer_line.contains("critical"), "{peer_line}");
     assert!(out.contains("k8s03  NEIGH_FAILED  1234"));
-    assert!(out.contains("ALERTS (pending 0, sent 1, failed 0)"));
+    assert!(out.contains("ALERTS (pending 0, sent 1, failed 0, dropped 0)"));
     assert!(out.contains("eBPF:        attached: kfree_skb"));
     assert!(!out.contains("WARNING: this status was generated"));
 }
@@ -269,5 +269,51 @@ fn recent_repairs_show_why_one_was_not_applied() {
     assert!(
         applied.ends_with("ip route replace 10.1.3.0/26 via 10.1.3.5"),
         "{applied}"
+    );
+}
+
+#[test]
+fn human_view_shows_alert_sinks_and_damped_findings() {
+    use crate::serve::status::{AlertSinkStatus, DampedAlert};
+    let mut s = incident();
+    s.alerts.pending = 2;
+    s.alerts.dropped = 3;
+    s.alerts.sinks.push(AlertSinkStatus {
+        name: "oncall".into(),
+        kind: "pagerduty".into(),
+        pending: 2,
+        sent: 5,
+        failed: 1,
+        last_error: Some("HTTP 400: invalid routing key".into()),
+        last_success: Some(t(940)),
+    });
+    s.alerts.damped.push(DampedAlert {
+        dedup_key: "dpw-x".into(),
+        check: "fdb-missing".into(),
+        peer_node: Some("k8s04".into()),
+        until: t(1062),
+    });
+    let out = render_status(&s, t(1002));
+    assert!(
+        out.contains("ALERTS (pending 2, sent 1, failed 0, dropped 3)"),
+        "{out}"
+    );
+    let row = out
+        .lines()
+        .find(|l| l.trim_start().starts_with("oncall"))
+        .unwrap_or_else(|| panic!("no sink row in {out}"));
+    for cell in [
+        "pagerduty",
+        "2",
+        "5",
+        "1",
+        "1m",
+        "HTTP 400: invalid routing key",
+    ] {
+        assert!(row.contains(cell), "{cell:?} missing from {row:?}");
+    }
+    assert!(
+        out.contains("flapping, held open: fdb-missing k8s04 (resolve in 1m"),
+        "{out}"
     );
 }
