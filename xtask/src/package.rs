@@ -79,7 +79,9 @@ fn build_deb(cargo_deb: &Path, deb_version: Option<&str>, variant: Option<&str>)
     let out_dir = workspace_root().join("target/debian");
     fs::create_dir_all(&out_dir)?;
     let mut cmd = Command::new(cargo_deb);
-    cmd.args(["-p", NAME, "--no-build", "--output"])
+    // --strip: the release profile keeps line tables for backtraces (debug = 1); the package
+    // ships the stripped binary, target/release keeps the full one.
+    cmd.args(["-p", NAME, "--no-build", "--strip", "--output"])
         .arg(&out_dir);
     if let Some(v) = deb_version {
         cmd.args(["--deb-version", v]);
@@ -221,7 +223,7 @@ fn version_le(a: &str, b: &str) -> bool {
 /// packaging/deb/lintian-overrides).
 fn lintian(deb: &Path) -> Result<()> {
     let out = Command::new("lintian")
-        .args(["--fail-on", "error", "--no-tag-display-limit"])
+        .args(["--fail-on", "error", "--tag-display-limit", "0"])
         .arg(deb)
         .output()
         .context("running lintian")?;
