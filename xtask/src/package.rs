@@ -246,11 +246,17 @@ fn lintian(deb: &Path) -> Result<()> {
 /// The acceptance test of issue 17, as a step of `cargo xtask test` (root): one release build,
 /// two packages (the second a later version whose conffile default changed), then the
 /// privileged test `tests/tests/deb_package.rs` installs, upgrades and purges them.
-pub fn acceptance(env: &setup::Toolchain, filter: Option<&str>) -> Result<()> {
+pub fn acceptance(env: &setup::Toolchain) -> Result<()> {
     let cargo_deb = setup::packaging()?;
     build_release(env)?;
-    let v1 = build_deb(&cargo_deb, None, None)?;
+    let mut v1 = build_deb(&cargo_deb, None, None)?;
     lintian(&v1.path)?;
+    // cargo-deb deletes the package's other versions from target/debian when it writes one.
+    let dir = workspace_root().join("target/deb-upgrade-test");
+    fs::create_dir_all(&dir)?;
+    let kept = dir.join(v1.path.file_name().context("a .deb file name")?);
+    fs::copy(&v1.path, &kept).with_context(|| format!("copying {}", v1.path.display()))?;
+    v1.path = kept;
     // The second version's conffile default: the example with a changed resync_interval.
     let example = fs::read_to_string(workspace_root().join("systemd/config.example.toml"))?;
     let changed = example.replace("resync_interval = \"60s\"", "resync_interval = \"30s\"");
@@ -258,8 +264,6 @@ pub fn acceptance(env: &setup::Toolchain, filter: Option<&str>) -> Result<()> {
         changed != example,
         "the example config has no resync_interval = \"60s\""
     );
-    let dir = workspace_root().join("target/deb-upgrade-test");
-    fs::create_dir_all(&dir)?;
     fs::write(dir.join("config.toml"), changed)?;
     let v2_version = format!("{}+upgradetest1", v1.version);
     let v2 = build_deb(&cargo_deb, Some(&v2_version), Some("upgrade-test"))?;
@@ -270,11 +274,17 @@ pub fn acceptance(env: &setup::Toolchain, filter: Option<&str>) -> Result<()> {
         v1.glibc_needed,
         v1.libc6_depends
     );
-    let mut args = vec!["test", "-p", "watchdog-lab", "--test", "deb_package", "--"];
-    if let Some(f) = filter {
-        args.push(f);
-    }
-    args.push("--test-threads=1");
+    // The workspace selection of the integration-test step, so nothing is rebuilt.
+    let args = [
+        "test",
+        "--workspace",
+        "--exclude",
+        "agent-ebpf",
+        "--test",
+        "deb_package",
+        "--",
+        "--test-threads=1",
+    ];
     let mut cmd = cargo(env, &args);
     cmd.env("WATCHDOG_DEB_V1", &v1.path)
         .env("WATCHDOG_DEB_V2", &v2.path);
