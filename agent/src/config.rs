@@ -19,6 +19,8 @@ mod error;
 pub use alerts::{AlertsConfig, SinkConfig, SinkKind, PAGERDUTY_EVENTS_URL};
 use error::parse_error;
 pub use error::ConfigError;
+mod renamed;
+pub use renamed::{Deprecation, RenamedKey, RENAMED_KEYS};
 
 /// Where `watchdog run` looks when `--config` is not given.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/dataplane-watchdog/config.toml";
@@ -437,7 +439,25 @@ impl Config {
 
     /// Parse and validate TOML text; `path` is used for messages and to resolve a relative
     /// `datastore.path`.
+    /// A key renamed in [`RENAMED_KEYS`] is accepted under its old name with a deprecation
+    /// warning on stderr (the journal, under systemd).
     pub fn from_toml(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let (config, deprecations) = Config::from_toml_renamed(text, path, RENAMED_KEYS)?;
+        for d in &deprecations {
+            tracing::warn!(path = %path.display(), "{d}");
+            eprintln!("watchdog: config {}: {d}", path.display());
+        }
+        Ok(config)
+    }
+
+    /// [`Config::from_toml`] with the given renames, returning the deprecations found.
+    pub fn from_toml_renamed(
+        text: &str,
+        path: &Path,
+        renames: &[RenamedKey],
+    ) -> Result<(Config, Vec<Deprecation>), ConfigError> {
+        let (rewritten, deprecations) = renamed::apply(text, path, renames)?;
+        let text = rewritten.as_deref().unwrap_or(text);
         let raw: RawConfig = serde_path_to_error::deserialize(toml::Deserializer::new(text))
             .map_err(|e| parse_error(path, text, e))?;
         let mut config = raw.resolve();
@@ -447,7 +467,7 @@ impl Config {
             }
         }
         config.validate(path)?;
-        Ok(config)
+        Ok((config, deprecations))
     }
 
     /// Checks that need more than one key or more than a type.

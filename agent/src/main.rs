@@ -1,4 +1,6 @@
-//! `watchdog`: parse the command line, set up logging, dispatch.
+//! `dataplane-watchdog` (the cargo binary and the development name: `watchdog`): parse the
+//! command line, set up logging, dispatch. The program behaves the same under either name;
+//! usage lines show the name it was invoked as, `--version` the package's name.
 //!
 //! Exit codes: `scan` 0 healthy, 1 warnings, 2 critical, 3 could not check (kernel or datastore
 //! unreadable); `status` 3 when the daemon cannot be reached; `check` 0/1/2/3 per the Nagios
@@ -23,7 +25,7 @@ const DEFAULT_CONFIG: &str = "/etc/dataplane-watchdog/config.toml";
 
 #[derive(Parser)]
 #[command(
-    name = "watchdog",
+    name = "dataplane-watchdog",
     version,
     about = "Proves this node's VXLAN overlay (routes, ARP neighbours, FDB) matches the cluster \
              datastore; counts the packets dropped when it doesn't; alerts or repairs.",
@@ -470,5 +472,42 @@ fn scan_command(args: ScanArgs) -> ExitCode {
             eprintln!("watchdog scan: {err}");
             ExitCode::from(3)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::*;
+
+    #[test]
+    fn either_name_parses_the_same_and_usage_names_the_invoked_one() {
+        for (argv0, shown) in [
+            ("/usr/bin/dataplane-watchdog", "dataplane-watchdog"),
+            ("target/release/watchdog", "watchdog"),
+        ] {
+            let cli = Cli::try_parse_from([argv0, "scan", "--datastore", "none"]).unwrap();
+            assert!(
+                matches!(cli.command, Command::Scan(ref a) if a.datastore.as_deref() == Some("none"))
+            );
+            let help = Cli::try_parse_from([argv0, "--help"])
+                .err()
+                .unwrap()
+                .to_string();
+            assert!(
+                help.contains(&format!("Usage: {shown} <COMMAND>")),
+                "{help}"
+            );
+            let sub = Cli::try_parse_from([argv0, "status", "--help"])
+                .err()
+                .unwrap()
+                .to_string();
+            assert!(sub.contains(&format!("Usage: {shown} status")), "{sub}");
+        }
+        assert_eq!(
+            Cli::command().render_version().trim(),
+            format!("dataplane-watchdog {}", env!("CARGO_PKG_VERSION"))
+        );
     }
 }

@@ -1,6 +1,11 @@
 //! `cargo xtask install`: binary, systemd unit, example config (never over an existing one),
 //! README; then `systemd-analyze verify` on the installed unit when systemd-analyze exists.
 //!
+//! The layout is the .deb's (`cargo xtask package`) moved to /usr/local, as a from-source
+//! install should be: `/usr/local/bin/dataplane-watchdog` (never `watchdog`: Debian's
+//! `watchdog` package owns `/usr/sbin/watchdog`), the unit in /etc/systemd/system with its
+//! `/usr/bin/dataplane-watchdog` rewritten to that path, docs in /usr/local/share/doc.
+//!
 //! Files are written to a temporary name and renamed into place, so replacing the binary of a
 //! running agent neither fails (ETXTBSY) nor leaves a half-written file.
 
@@ -23,10 +28,16 @@ struct Item {
     mode: u32,
     /// Replace an existing file (false: the admin's copy wins).
     replace: bool,
+    /// Rewrite the package's /usr paths to /usr/local (unit and drop-in).
+    relocate: bool,
 }
 
 const UNIT: &str = "/etc/systemd/system/dataplane-watchdog.service";
-const BIN: &str = "/usr/local/bin/watchdog";
+const BIN: &str = "/usr/local/bin/dataplane-watchdog";
+/// Where the .deb puts the binary; the unit in the repository names this path.
+const PACKAGE_BIN: &str = "/usr/bin/dataplane-watchdog";
+/// What earlier versions of this task installed.
+const OLD_BIN: &str = "/usr/local/bin/watchdog";
 
 fn items(ws: &Path) -> Vec<Item> {
     let mut items = vec![
@@ -35,18 +46,21 @@ fn items(ws: &Path) -> Vec<Item> {
             dst: BIN,
             mode: 0o755,
             replace: true,
+            relocate: false,
         },
         Item {
             src: ws.join("systemd/dataplane-watchdog.service"),
             dst: UNIT,
             mode: 0o644,
             replace: true,
+            relocate: true,
         },
         Item {
             src: ws.join("systemd/config.example.toml"),
             dst: "/etc/dataplane-watchdog/config.toml",
             mode: 0o644,
             replace: false,
+            relocate: false,
         },
     ];
     items.push(Item {
@@ -54,6 +68,7 @@ fn items(ws: &Path) -> Vec<Item> {
         dst: "/usr/local/share/doc/dataplane-watchdog/netns.conf",
         mode: 0o644,
         replace: true,
+        relocate: true,
     });
     let readme = ws.join("README.md");
     if readme.exists() {
@@ -62,6 +77,7 @@ fn items(ws: &Path) -> Vec<Item> {
             dst: "/usr/local/share/doc/dataplane-watchdog/README.md",
             mode: 0o644,
             replace: true,
+            relocate: false,
         });
     }
     items
@@ -123,8 +139,20 @@ pub fn run(root: &Path, dry_run: bool) -> Result<()> {
             );
             continue;
         }
-        install_file(&item.src, &dst, item.mode)?;
+        if item.relocate {
+            let text = fs::read_to_string(&item.src)
+                .with_context(|| format!("reading {}", item.src.display()))?;
+            install_bytes(relocate(&text).as_bytes(), &dst, item.mode)?;
+        } else {
+            install_file(&item.src, &dst, item.mode)?;
+        }
         println!("installed {}", dst.display());
+    }
+    if target(root, OLD_BIN).exists() {
+        println!(
+            "note      {} is left from an earlier install (the command is now {BIN}): remove it",
+            target(root, OLD_BIN).display()
+        );
     }
     verify_unit(root)?;
     if root == Path::new("/") {
@@ -133,6 +161,21 @@ pub fn run(root: &Path, dry_run: bool) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// The package's paths (`/usr/bin/dataplane-watchdog`, `/usr/share/doc/…`) as a from-source
+/// install has them, under /usr/local.
+fn relocate(text: &str) -> String {
+    text.replace(PACKAGE_BIN, BIN)
+        .replace("file:///usr/share/doc/", "file:///usr/local/share/doc/")
+}
+
+fn install_bytes(bytes: &[u8], dst: &Path, mode: u32) -> Result<()> {
+    let tmp = std::env::temp_dir().join(format!("xtask-install-{}", std::process::id()));
+    fs::write(&tmp, bytes).with_context(|| format!("writing {}", tmp.display()))?;
+    let result = install_file(&tmp, dst, mode);
+    let _ = fs::remove_file(&tmp);
+    result
 }
 
 fn install_file(src: &Path, dst: &Path, mode: u32) -> Result<()> {
@@ -246,7 +289,11 @@ mod tests {
         String::from_utf8_lossy(&out.stderr)
             .lines()
             .map(str::trim)
-            .filter(|l| !l.is_empty() && !l.contains(&format!("Command {BIN} is not executable")))
+            .filter(|l| {
+                !l.is_empty()
+                    && !l.contains(&format!("Command {BIN} is not executable"))
+                    && !l.contains(&format!("Command {PACKAGE_BIN} is not executable"))
+            })
             .map(str::to_string)
             .collect()
     }
@@ -286,5 +333,27 @@ mod tests {
         let text = fs::read_to_string(ws.join("systemd/netns.conf")).unwrap();
         assert!(text.contains("--netns ${WATCHDOG_NETNS}"));
         let _ = fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_from_source_install_names_the_usr_local_binary_never_watchdog() {
+        let ws = workspace_root();
+        for file in ["systemd/dataplane-watchdog.service", "systemd/netns.conf"] {
+            let text = fs::read_to_string(ws.join(file)).unwrap();
+            assert!(
+                text.contains(&format!("ExecStart={PACKAGE_BIN} run")),
+                "{file}"
+            );
+            let moved = relocate(&text);
+            assert!(moved.contains(&format!("ExecStart={BIN} run")), "{file}");
+            assert!(!moved.contains(PACKAGE_BIN), "{file}");
+            assert!(!moved.contains("bin/watchdog "), "{file}");
+        }
+        let unit =
+            relocate(&fs::read_to_string(ws.join("systemd/dataplane-watchdog.service")).unwrap());
+        assert!(
+            unit.contains("Documentation=file:///usr/local/share/doc/dataplane-watchdog/README.md")
+        );
+        assert!(items(&ws).iter().all(|i| !i.dst.ends_with("/watchdog")));
     }
 }

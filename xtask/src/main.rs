@@ -1,10 +1,11 @@
-//! Developer tasks: `cargo xtask setup | test | lab | bench | install`.
+//! Developer tasks: `cargo xtask setup | test | lab | bench | install | package`.
 //!
 //! Every task bootstraps what it needs first (idempotent, seconds on the second run), so a fresh
 //! machine needs nothing but this repository and the Rust toolchains.
 
 mod bench;
 mod install;
+mod package;
 mod setup;
 
 use std::{
@@ -29,7 +30,7 @@ enum Task {
     /// rustc's own LLVM, iproute2. Idempotent.
     Setup,
     /// The one test command: fmt, clippy (host and BPF), unit tests, privileged integration
-    /// tests in network namespaces (needs root).
+    /// tests in network namespaces, the Debian package install/upgrade/purge test (needs root).
     Test {
         /// Skip the privileged integration tests (for non-root development).
         #[arg(long)]
@@ -48,7 +49,18 @@ enum Task {
         /// Which benchmark to run; all when omitted.
         which: Option<String>,
     },
-    /// Install the binary, the systemd unit and the example config.
+    /// Build the Debian package (cargo-deb) into target/debian/ and check it: eBPF embedded,
+    /// libc6 dependency against the binary's GLIBC_ symbols, lintian without errors.
+    Package {
+        /// Package version instead of the crate's (including the Debian revision).
+        #[arg(long)]
+        deb_version: Option<String>,
+        /// Package the existing target/release build instead of building first.
+        #[arg(long)]
+        no_build: bool,
+    },
+    /// Install the binary (as /usr/local/bin/dataplane-watchdog), the systemd unit and the
+    /// example config.
     Install {
         /// Only list what would be written.
         #[arg(long)]
@@ -70,6 +82,10 @@ fn main() -> ExitCode {
         Task::Lab { args } => lab(&args),
         Task::Bench { which } => bench::run_bench(which.as_deref()),
         Task::Install { dry_run, root } => install::run(&root, dry_run),
+        Task::Package {
+            deb_version,
+            no_build,
+        } => package::run(deb_version.as_deref(), no_build),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -181,6 +197,10 @@ fn test(unprivileged: bool, filter: Option<&str>) -> Result<()> {
             "privileged integration tests (network namespaces, eBPF)",
             &mut cargo(&env, &it),
         )?;
+        // A release build and dpkg on this machine: only when asked for or with no filter.
+        if filter.is_none_or(|f| f.contains("deb") || f.contains("package")) {
+            package::acceptance(&env)?;
+        }
     }
     println!(
         "all checks passed in {:.0}s",

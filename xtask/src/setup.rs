@@ -3,8 +3,10 @@
 //! - nightly `rust-src` (the BPF target builds `core` from source),
 //! - bpf-linker 0.13.0 built against rustc's own LLVM 22 with an rpath to rustc's sysroot,
 //!   installed in a per-user cache shared by every clone (rebuilding takes ~1 minute),
-//! - iproute2 (`ip`, `bridge`) for the lab,
-//! - Prometheus Alertmanager (Debian's `prometheus-alertmanager`) for the alert tests.
+//! - iproute2 (`ip`, `bridge`) for the lab;
+//! - Prometheus Alertmanager (Debian's `prometheus-alertmanager`) for the alert tests;
+//! - for `cargo xtask package` only ([`packaging`]): cargo-deb 3.8.0 in the same cache, and
+//!   Debian's dpkg-dev (dpkg-shlibdeps) and lintian.
 
 use std::{
     env,
@@ -17,6 +19,7 @@ use std::{
 use anyhow::{bail, Context as _, Result};
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
+const CARGO_DEB_VERSION: &str = "3.8.0";
 
 /// Environment every cargo invocation of the xtask gets.
 pub struct Toolchain {
@@ -205,6 +208,53 @@ fn find_libllvm(lib: &Path) -> Option<PathBuf> {
     found.pop()
 }
 
+/// What `cargo xtask package` needs besides the build toolchain: the `cargo-deb` binary
+/// (returned), dpkg-shlibdeps (dpkg-dev, for `Depends: $auto`) and lintian.
+pub fn packaging() -> Result<PathBuf> {
+    let root = cache_dir().join(format!("cargo-deb-{CARGO_DEB_VERSION}"));
+    let bin = root.join("bin/cargo-deb");
+    let works = |bin: &Path| {
+        Command::new(bin)
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    if !works(&bin) {
+        step(&format!(
+            "building cargo-deb {CARGO_DEB_VERSION} (cargo install --locked); a few minutes"
+        ));
+        let status = Command::new("cargo")
+            .args([
+                "install",
+                &format!("cargo-deb@{CARGO_DEB_VERSION}"),
+                "--locked",
+                "--root",
+            ])
+            .arg(&root)
+            .status()
+            .context("running cargo install cargo-deb")?;
+        if !status.success() || !works(&bin) {
+            bail!("building cargo-deb {CARGO_DEB_VERSION} failed (it needs crates.io access)");
+        }
+    }
+    let have = |tool: &str| which(tool).is_some();
+    let missing: Vec<&str> = [("dpkg-shlibdeps", "dpkg-dev"), ("lintian", "lintian")]
+        .into_iter()
+        .filter(|(tool, _)| !have(tool))
+        .map(|(_, package)| package)
+        .collect();
+    if !missing.is_empty() {
+        apt_install(&missing)?;
+    }
+    Ok(bin)
+}
+
+fn which(program: &str) -> Option<PathBuf> {
+    env::split_paths(&env::var_os("PATH")?)
+        .map(|dir| dir.join(program))
+        .find(|p| p.is_file())
+}
+
 fn ensure_iproute2() -> Result<()> {
     let have = |tool: &str| {
         Command::new(tool)
@@ -215,14 +265,20 @@ fn ensure_iproute2() -> Result<()> {
     if have("ip") && have("bridge") {
         return Ok(());
     }
+    apt_install(&["iproute2"])
+}
+
+fn apt_install(packages: &[&str]) -> Result<()> {
     if !crate::is_root() {
-        bail!("iproute2 (`ip`, `bridge`) is missing: apt-get install iproute2");
+        bail!(
+            "missing Debian packages: apt-get install {}",
+            packages.join(" ")
+        );
     }
-    step("installing iproute2 (ip, bridge) with apt-get");
-    for args in [
-        &["update", "-qq"][..],
-        &["install", "-y", "-qq", "iproute2"][..],
-    ] {
+    step(&format!("installing {} with apt-get", packages.join(" ")));
+    let mut install = vec!["install", "-y", "-qq"];
+    install.extend_from_slice(packages);
+    for args in [&["update", "-qq"][..], &install[..]] {
         let status = Command::new("apt-get")
             .args(args)
             .env("DEBIAN_FRONTEND", "noninteractive")
