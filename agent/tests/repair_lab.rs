@@ -413,6 +413,17 @@ struct Fighter {
 }
 
 const FOUGHT: &str = "10.1.235.128/26";
+/// The route a stale Felix puts back: the incident's block via its network address.
+const STALE_FELIX_ROUTE: [&str; 8] = [
+    "route",
+    "replace",
+    FOUGHT,
+    "via",
+    "10.1.235.128",
+    "dev",
+    DEV,
+    "onlink",
+];
 
 impl Fighter {
     fn start(lab: &Lab) -> Fighter {
@@ -437,16 +448,7 @@ impl Fighter {
             let mut writes = 0;
             while !stopped.load(std::sync::atomic::Ordering::SeqCst) {
                 if ip(&["route", "show", "exact", FOUGHT]).contains(K8S03_VTEP) {
-                    ip(&[
-                        "route",
-                        "replace",
-                        FOUGHT,
-                        "via",
-                        "10.1.235.128",
-                        "dev",
-                        DEV,
-                        "onlink",
-                    ]);
+                    ip(&STALE_FELIX_ROUTE);
                     writes += 1;
                 }
                 std::thread::sleep(Duration::from_millis(20));
@@ -476,20 +478,7 @@ fn a_stale_felix_rewriting_the_route_makes_it_contested_and_the_agent_stops() {
     let mut lab = build_lab();
     let agent = Agent::start(&mut lab, "repair", None);
     let mut fighter = Fighter::start(&lab);
-    lab.ip(
-        NODE,
-        &[
-            "route",
-            "replace",
-            FOUGHT,
-            "via",
-            "10.1.235.128",
-            "dev",
-            DEV,
-            "onlink",
-        ],
-    )
-    .unwrap();
+    lab.ip(NODE, &STALE_FELIX_ROUTE).unwrap();
     let s = agent.wait("repair-contested", Duration::from_secs(15), |s| {
         s.findings
             .iter()
@@ -730,20 +719,7 @@ fn escalation_deletes_this_nodes_calico_node_pod_once_with_events() {
         s.in_sync && s.datastore.nodes == nodes && s.findings.is_empty()
     });
     let mut fighter = Fighter::start(&lab);
-    lab.ip(
-        NODE,
-        &[
-            "route",
-            "replace",
-            FOUGHT,
-            "via",
-            "10.1.235.128",
-            "dev",
-            DEV,
-            "onlink",
-        ],
-    )
-    .unwrap();
+    lab.ip(NODE, &STALE_FELIX_ROUTE).unwrap();
     agent.wait("repair-contested", Duration::from_secs(15), |s| {
         s.findings
             .iter()

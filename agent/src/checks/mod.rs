@@ -197,13 +197,14 @@ impl CheckReport {
 
 /// Runs every check that the inputs allow.
 pub fn evaluate(input: &CheckInput<'_>) -> CheckReport {
-    let specs: Vec<DeviceSpec> = match input.desired {
-        Some(d) if d.cluster != ClusterSettings::default() => input
+    // Only a cluster that says something about the overlay costs a copy of the specs.
+    let specs: std::borrow::Cow<[DeviceSpec]> = match input.desired {
+        Some(d) if d.cluster.felix != Default::default() => input
             .devices
             .iter()
             .map(|s| s.with_cluster(&d.cluster))
             .collect(),
-        _ => input.devices.to_vec(),
+        _ => std::borrow::Cow::Borrowed(input.devices),
     };
     let input = &CheckInput {
         devices: &specs,
