@@ -244,7 +244,8 @@ impl<T: Transport> Alerter<T> {
     /// receiver) keeps running and is settled at a later pass, so a stuck sink never delays
     /// the others or the next evaluation.
     pub async fn pump(&mut self, now: SystemTime) {
-        let deadline = tokio::time::Instant::now() + PASS;
+        let started = tokio::time::Instant::now();
+        let deadline = started + PASS;
         let mut unreachable = BTreeSet::new();
         loop {
             self.start_due(now, &unreachable);
@@ -267,7 +268,8 @@ impl<T: Transport> Alerter<T> {
             if result.is_err() {
                 unreachable.insert(f.idx);
             }
-            self.settle(f.idx, seq, result, now);
+            // A Retry-After or backoff counts from the answer, not from the start of the pass.
+            self.settle(f.idx, seq, result, now + started.elapsed());
         }
         self.publish_gauges();
     }

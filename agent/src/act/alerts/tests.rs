@@ -172,7 +172,7 @@ async fn a_400_is_permanent_counted_and_shown() {
     assert_eq!(st.recent[0].result, "failed");
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn a_429_retry_after_is_honoured() {
     let dir = tempfile::tempdir().unwrap();
     let fake = Fake::default();
@@ -186,6 +186,26 @@ async fn a_429_retry_after_is_honoured() {
     a.step(t(9000)).await;
     assert_eq!(fake.sent().len(), 2);
     assert_eq!(a.pending(), 0);
+}
+
+// Retry-After counts from the answer, not from when the request was sent (CI saw a retry
+// 1.91 s after a `Retry-After: 2` answer that took ~90 ms to arrive).
+#[tokio::test(start_paused = true)]
+async fn retry_after_counts_from_the_answer_of_a_slow_receiver() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = Fake::default();
+    *fake.slow.lock().unwrap() = Some(("/hook".into(), Duration::from_millis(150)));
+    let mut a = Alerter::open(&config(dir.path(), hook()), "k8s01", fake.clone(), None).unwrap();
+    fake.answer(429, Some("2"));
+    a.observe(&[incident()], true, t(0));
+    a.step(t(2000)).await;
+    assert_eq!(fake.sent().len(), 1);
+    let next = a.next_attempt().unwrap();
+    assert!(
+        next >= t(4150),
+        "retry due at {:?} after t(2000), before the answer at +150 ms plus 2 s",
+        next.duration_since(t(2000)).unwrap()
+    );
 }
 
 #[tokio::test]
