@@ -295,6 +295,20 @@ pub struct DesiredState {
     pub off_overlay: Vec<IpNet>,
     /// What the cluster's own configuration says about the overlay, where it was read.
     pub cluster: ClusterSettings,
+    /// The IPv6 overlay seen as its own desired state, built on first use ([`Self::ipv6`]).
+    /// A state is built, then only read: whoever changes `nodes` afterwards resets this.
+    #[serde(skip)]
+    pub ipv6_view: Ipv6View,
+}
+
+/// A cache of [`DesiredState::ipv6`]: derived data, so it never makes two states differ.
+#[derive(Debug, Clone, Default)]
+pub struct Ipv6View(std::sync::OnceLock<Box<DesiredState>>);
+
+impl PartialEq for Ipv6View {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
 }
 
 /// The overlay's settings as the cluster configures them (Calico `FelixConfiguration`, read
@@ -354,6 +368,9 @@ impl ClusterSettings {
 pub struct NonVxlanNode {
     pub name: String,
     pub node_ip: IpAddr,
+    /// IPv6 underlay address on a dual-stack node, where known.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub node_ipv6: Option<IpAddr>,
     pub blocks: Vec<IpNet>,
     pub borrowed: Vec<IpNet>,
 }
@@ -364,6 +381,86 @@ impl DesiredState {
         self.nodes
             .values()
             .filter(move |n| n.name != self.local_node)
+    }
+
+    /// The IPv6 overlay (`vxlan-v6.calico`, `flannel-v6.<VNI>`) as a desired state of its own:
+    /// each dual-stack node with its IPv6 node address, VTEP and VTEP MAC, and only its IPv6
+    /// blocks; a node without an IPv6 VTEP is a non-VXLAN node there. The checks then judge
+    /// the v6 device exactly as the v4 one. Without any dual-stack node this is `self` (an
+    /// IPv6-only cluster publishes its VTEP as the node's only one).
+    pub fn ipv6(&self) -> &DesiredState {
+        if !self.nodes.values().any(|n| n.ipv6.is_some()) {
+            return self;
+        }
+        self.ipv6_view
+            .0
+            .get_or_init(|| Box::new(self.build_ipv6_view()))
+    }
+
+    fn build_ipv6_view(&self) -> DesiredState {
+        let v6 = |nets: &[IpNet]| -> Vec<IpNet> {
+            nets.iter()
+                .filter(|n| n.addr().is_ipv6())
+                .copied()
+                .collect()
+        };
+        let mut nodes = BTreeMap::new();
+        let mut non_vxlan = BTreeMap::new();
+        for n in self.nodes.values() {
+            match &n.ipv6 {
+                Some(side) => {
+                    nodes.insert(
+                        n.name.clone(),
+                        PeerNode {
+                            name: n.name.clone(),
+                            node_ip: side.node_ip,
+                            vtep_ip: side.vtep_ip,
+                            vtep_mac: side.vtep_mac,
+                            vtep_mac_derived: side.vtep_mac_derived,
+                            blocks: v6(&n.blocks),
+                            borrowed: v6(&n.borrowed),
+                            ipv6: None,
+                        },
+                    );
+                }
+                None => {
+                    non_vxlan.insert(
+                        n.name.clone(),
+                        NonVxlanNode {
+                            name: n.name.clone(),
+                            node_ip: n.node_ip,
+                            node_ipv6: None,
+                            blocks: v6(&n.blocks),
+                            borrowed: v6(&n.borrowed),
+                        },
+                    );
+                }
+            }
+        }
+        for n in self.non_vxlan.values() {
+            non_vxlan.insert(
+                n.name.clone(),
+                NonVxlanNode {
+                    name: n.name.clone(),
+                    node_ip: n.node_ipv6.unwrap_or(n.node_ip),
+                    node_ipv6: None,
+                    blocks: v6(&n.blocks),
+                    borrowed: v6(&n.borrowed),
+                },
+            );
+        }
+        DesiredState {
+            source: self.source.clone(),
+            local_node: self.local_node.clone(),
+            nodes,
+            // Reported once, with the whole state.
+            problems: Vec::new(),
+            unverifiable: v6(&self.unverifiable),
+            non_vxlan,
+            off_overlay: v6(&self.off_overlay),
+            cluster: self.cluster.clone(),
+            ipv6_view: Ipv6View::default(),
+        }
     }
 
     /// When the local node's name (host name) is not in the datastore (clouds name nodes
@@ -388,6 +485,7 @@ impl DesiredState {
         }
         // The validation could not find the host name among the nodes; now it is found.
         let old = std::mem::replace(&mut self.local_node, found);
+        self.ipv6_view = Ipv6View::default();
         self.cluster.resolve_for(&self.local_node);
         self.problems
             .retain(|p| !(p.field == "nodes" && p.node.as_deref() == Some(old.as_str())));
@@ -410,6 +508,21 @@ pub struct PeerNode {
     pub blocks: Vec<IpNet>,
     /// Single addresses this node uses from other nodes' blocks (routed as /32).
     pub borrowed: Vec<IpNet>,
+    /// The node's IPv6 overlay endpoint, on a dual-stack node.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ipv6: Option<Ipv6Side>,
+}
+
+/// A dual-stack node's IPv6 overlay endpoint (Calico `IPv6Address`, `IPv6VXLANTunnelAddr`,
+/// `VXLANTunnelMACAddrV6`; file `node_ipv6`, `vtep_ipv6`, `vtep_mac_v6`).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Ipv6Side {
+    /// IPv6 underlay address: the FDB destination of the IPv6 VTEP MAC.
+    pub node_ip: IpAddr,
+    pub vtep_ip: IpAddr,
+    pub vtep_mac: MacAddr,
+    /// Derived like Felix from `name + "-v6"` rather than published.
+    pub vtep_mac_derived: bool,
 }
 
 /// A datastore entry that could not be used, with enough context to find and fix it.

@@ -14,6 +14,8 @@ mod peers;
 mod stray;
 #[cfg(test)]
 pub(crate) mod tests;
+#[cfg(test)]
+mod tests_dual_stack;
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
@@ -216,11 +218,14 @@ pub fn evaluate(input: &CheckInput<'_>) -> CheckReport {
         input.datastore,
         input.devices,
     ));
-    // A node of an IPIP or no-encap pool has no VXLAN device to miss.
-    let local_without_vtep = input
-        .desired
-        .is_some_and(|d| d.non_vxlan.contains_key(&d.local_node));
     for spec in input.devices {
+        // The IPv6 overlay is judged against the IPv6 side of every node.
+        let desired = input.desired.map(|d| match spec.family {
+            Family::V4 => d,
+            Family::V6 => d.ipv6(),
+        });
+        // A node of an IPIP or no-encap pool has no VXLAN device to miss.
+        let local_without_vtep = desired.is_some_and(|d| d.non_vxlan.contains_key(&d.local_node));
         let Some(dev) = input.observed.devices.get(&spec.name) else {
             if local_without_vtep {
                 report.skipped.push(SkippedCheck {
@@ -232,7 +237,7 @@ pub fn evaluate(input: &CheckInput<'_>) -> CheckReport {
                 });
                 continue;
             }
-            report.findings.push(device::missing(spec, input.desired));
+            report.findings.push(device::missing(spec, desired));
             report.skipped.push(SkippedCheck {
                 check: CheckId::RouteMissing,
                 reason: format!("device {} does not exist", spec.name),
@@ -246,8 +251,8 @@ pub fn evaluate(input: &CheckInput<'_>) -> CheckReport {
             .count();
         report
             .findings
-            .extend(device::misconfigured(spec, dev, input.desired));
-        match input.desired {
+            .extend(device::misconfigured(spec, dev, desired));
+        match desired {
             Some(desired) => report.findings.extend(peers::check(
                 spec,
                 &Indexed::new(dev),

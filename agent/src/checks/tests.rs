@@ -26,7 +26,7 @@ pub(crate) struct Cluster {
     pub(crate) observed: ObservedState,
 }
 
-fn node(name: &str, node_ip: &str, vtep: &str, blocks: &[&str]) -> PeerNode {
+pub(crate) fn node(name: &str, node_ip: &str, vtep: &str, blocks: &[&str]) -> PeerNode {
     PeerNode {
         name: name.into(),
         node_ip: ip(node_ip),
@@ -35,6 +35,7 @@ fn node(name: &str, node_ip: &str, vtep: &str, blocks: &[&str]) -> PeerNode {
         vtep_mac_derived: true,
         blocks: blocks.iter().map(|b| net(b)).collect(),
         borrowed: vec![],
+        ipv6: None,
     }
 }
 
@@ -77,7 +78,12 @@ impl Cluster {
     }
 
     /// The dataplane exactly as the CNI programs it for `nodes[0]`.
-    fn programmed(device: &'static str, vni: u32, port: u16, nodes: Vec<PeerNode>) -> Cluster {
+    pub(crate) fn programmed(
+        device: &'static str,
+        vni: u32,
+        port: u16,
+        nodes: Vec<PeerNode>,
+    ) -> Cluster {
         let local = nodes[0].clone();
         let mut dev = ObservedDevice {
             link: LinkInfo {
@@ -146,7 +152,7 @@ impl Cluster {
         }
     }
 
-    fn report(&self) -> CheckReport {
+    pub(crate) fn report(&self) -> CheckReport {
         self.report_with(Some(&self.desired), None)
     }
 
@@ -159,7 +165,7 @@ impl Cluster {
     }
 
     /// With device expectations other than the conventional ones (`vxlan_*` overrides).
-    fn report_for(
+    pub(crate) fn report_for(
         &self,
         spec: DeviceSpec,
         desired: Option<&DesiredState>,
@@ -190,7 +196,7 @@ pub(crate) fn route(dst: &IpNet, gateway: Option<IpAddr>) -> Route {
 }
 
 /// (check, peer) pairs, sorted: what a test asserts exactly.
-fn summary(r: &CheckReport) -> Vec<(CheckId, Option<String>)> {
+pub(crate) fn summary(r: &CheckReport) -> Vec<(CheckId, Option<String>)> {
     let mut v: Vec<_> = r
         .findings
         .iter()
@@ -200,7 +206,7 @@ fn summary(r: &CheckReport) -> Vec<(CheckId, Option<String>)> {
     v
 }
 
-fn only(r: &CheckReport, check: CheckId, peer: Option<&str>) -> Finding {
+pub(crate) fn only(r: &CheckReport, check: CheckId, peer: Option<&str>) -> Finding {
     assert_eq!(
         summary(r),
         vec![(check, peer.map(String::from))],
@@ -919,6 +925,7 @@ fn a_node_without_a_vtep_has_no_vxlan_expectations_but_its_blocks_stay_off_the_o
             node_ip: ip("192.168.77.9"),
             blocks: vec![net("10.1.90.0/26")],
             borrowed: vec![],
+            node_ipv6: None,
         },
     );
     assert!(c.report().findings.is_empty(), "{:#?}", c.report().findings);
@@ -939,6 +946,7 @@ fn a_node_without_a_vtep_has_no_vxlan_expectations_but_its_blocks_stay_off_the_o
             node_ip: me.node_ip,
             blocks: me.blocks,
             borrowed: vec![],
+            node_ipv6: None,
         },
     );
     c.observed.devices.clear();

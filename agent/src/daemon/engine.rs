@@ -283,6 +283,7 @@ mod tests {
             vtep_mac_derived: true,
             blocks: vec![format!("10.1.{last}.0/26").parse().unwrap()],
             borrowed: vec![],
+            ipv6: None,
         }
     }
 

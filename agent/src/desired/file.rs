@@ -9,6 +9,10 @@
 //!     vtep_mac: 66:aa:bb:cc:dd:ee    # optional; derived like Felix when absent
 //!     blocks: [10.1.235.128/26, 10.1.235.192/26]
 //!     borrowed: [10.1.240.7/32]      # optional
+//!     # dual stack (optional): the IPv6 overlay, vxlan-v6.calico; IPv6 CIDRs go in blocks/borrowed
+//!     node_ipv6: fd00:77::3          # Calico IPv6Address without the prefix
+//!     vtep_ipv6: fd10:1:235::133     # Calico IPv6VXLANTunnelAddr
+//!     vtep_mac_v6: 66:11:22:33:44:55 # optional; derived like Felix from name + "-v6"
 //! ```
 //!
 //! TOML uses the same keys as `[[nodes]]` tables. The format is chosen by extension (`.toml`;
@@ -34,8 +38,16 @@ use super::{build, Datastore, DatastoreError, RawField, RawNode};
 use crate::model::{DatastoreProblem, DesiredState};
 
 /// Keys a node entry may have.
-const NODE_KEYS: [&str; 6] = [
-    "name", "node_ip", "vtep_ip", "vtep_mac", "blocks", "borrowed",
+const NODE_KEYS: [&str; 9] = [
+    "name",
+    "node_ip",
+    "vtep_ip",
+    "vtep_mac",
+    "blocks",
+    "borrowed",
+    "node_ipv6",
+    "vtep_ipv6",
+    "vtep_mac_v6",
 ];
 
 /// Syntax of a node file.
@@ -351,6 +363,9 @@ fn raw_node(
     let node_ip = field("node_ip", &mut report);
     let vtep_ip = field("vtep_ip", &mut report);
     let vtep_mac = field("vtep_mac", &mut report);
+    let node_ipv6 = field("node_ipv6", &mut report);
+    let vtep_ipv6 = field("vtep_ipv6", &mut report);
+    let vtep_mac_v6 = field("vtep_mac_v6", &mut report);
 
     let mut list = |key: &str, required: bool| -> Vec<RawField> {
         match map.get(key) {
@@ -409,6 +424,9 @@ fn raw_node(
         vtep_mac,
         blocks,
         borrowed,
+        node_ipv6,
+        vtep_ipv6,
+        vtep_mac_v6,
     })
 }
 

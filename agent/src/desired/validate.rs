@@ -9,7 +9,7 @@ use std::{
 
 use ipnet::IpNet;
 
-use crate::model::{DatastoreProblem, DesiredState, MacAddr, NonVxlanNode, PeerNode};
+use crate::model::{DatastoreProblem, DesiredState, Ipv6Side, MacAddr, NonVxlanNode, PeerNode};
 
 /// One value as a source found it, with where it came from.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -48,6 +48,11 @@ pub struct RawNode {
     pub blocks: Vec<RawField>,
     /// Single addresses (`/32`, `/128`, or a bare IP) borrowed from other nodes' blocks.
     pub borrowed: Vec<RawField>,
+    /// Dual stack: IPv6 underlay address, IPv6 VTEP, IPv6 VTEP MAC (absent → derived like
+    /// Felix from `name + "-v6"`). All absent on a single-stack node.
+    pub node_ipv6: RawField,
+    pub vtep_ipv6: RawField,
+    pub vtep_mac_v6: RawField,
 }
 
 /// A named record after its own checks, before the cross-node ones.
@@ -66,6 +71,11 @@ struct Candidate {
     vtep_mac_field: String,
     blocks: Vec<(IpNet, RawField)>,
     borrowed: Vec<(IpNet, RawField)>,
+    node_ipv6: Option<IpAddr>,
+    ipv6: Option<Ipv6Side>,
+    vtep_ipv6_field: String,
+    /// The IPv6 side was given but is unusable: the node's IPv6 claims cannot be judged.
+    ipv6_invalid: bool,
     /// Failed a check that invalidates the whole node.
     rejected: bool,
 }
@@ -98,6 +108,13 @@ pub fn build(
         |c| c.vtep_ip.map(|ip| ip.to_string()),
         |c| c.vtep_field.clone(),
         "VTEP address",
+    );
+    reject_duplicates(
+        &mut candidates,
+        &mut problems,
+        |c| c.ipv6.as_ref().map(|v| v.vtep_ip.to_string()),
+        |c| c.vtep_ipv6_field.clone(),
+        "IPv6 VTEP address",
     );
     // A derived MAC cannot collide in practice; a published one copied between nodes can,
     // and would make the FDB ambiguous.
@@ -132,6 +149,16 @@ pub fn build(
     for c in candidates.iter().filter(|c| c.rejected) {
         unverifiable.extend(c.blocks.iter().chain(&c.borrowed).map(|(net, _)| *net));
     }
+    // So does a node whose IPv6 side is broken, for its IPv6 claims.
+    for c in candidates.iter().filter(|c| c.ipv6_invalid) {
+        unverifiable.extend(
+            c.blocks
+                .iter()
+                .chain(&c.borrowed)
+                .map(|(net, _)| *net)
+                .filter(|n| n.addr().is_ipv6()),
+        );
+    }
     unverifiable.sort();
     unverifiable.dedup();
 
@@ -147,6 +174,7 @@ pub fn build(
                 NonVxlanNode {
                     name: c.name,
                     node_ip,
+                    node_ipv6: c.node_ipv6,
                     blocks: dedup(c.blocks),
                     borrowed: dedup(c.borrowed),
                 },
@@ -166,6 +194,7 @@ pub fn build(
                 vtep_mac_derived: c.vtep_mac_derived,
                 blocks: dedup(c.blocks),
                 borrowed: dedup(c.borrowed),
+                ipv6: c.ipv6,
             },
         );
     }
@@ -321,6 +350,8 @@ fn validate_node(
         },
     };
 
+    let (node_ipv6, ipv6, ipv6_invalid) = validate_ipv6(obj, &name, &raw, problems);
+
     let mut blocks: Vec<(IpNet, RawField)> = Vec::new();
     for f in raw.blocks {
         let text = f.value.as_deref().unwrap_or("").trim();
@@ -399,7 +430,87 @@ fn validate_node(
         vtep_mac_derived,
         blocks,
         borrowed,
+        node_ipv6,
+        ipv6,
+        vtep_ipv6_field: raw.vtep_ipv6.field,
+        ipv6_invalid,
     })
+}
+
+/// The IPv6 side of a dual-stack node: `(node_ipv6, endpoint, invalid)`. A problem here
+/// leaves the node's IPv4 overlay alone: only its IPv6 claims become unverifiable.
+fn validate_ipv6(
+    obj: &str,
+    name: &str,
+    raw: &RawNode,
+    problems: &mut Vec<DatastoreProblem>,
+) -> (Option<IpAddr>, Option<Ipv6Side>, bool) {
+    let node = Some(name);
+    let mut invalid = false;
+    let mut v6 = |f: &RawField, what: &str, invalid: &mut bool| -> Option<IpAddr> {
+        let text = f.value.as_deref()?.trim();
+        let message = match text.parse::<IpAddr>() {
+            Ok(ip @ IpAddr::V6(a))
+                if !(a.is_unspecified() || a.is_multicast() || a.is_loopback()) =>
+            {
+                return Some(ip)
+            }
+            Ok(IpAddr::V4(_)) => format!("{what} {text} is not an IPv6 address"),
+            Ok(ip) => format!("{what} {ip} is not a usable unicast address"),
+            Err(_) if text.contains('/') => {
+                format!("{what} {text:?} must be a plain IP address, without a prefix length")
+            }
+            Err(_) => format!("{what} {text:?} is not an IP address"),
+        };
+        problems.push(problem(obj, node, f, message));
+        *invalid = true;
+        None
+    };
+    let node_ipv6 = v6(&raw.node_ipv6, "IPv6 node address", &mut invalid);
+    let vtep_ipv6 = v6(&raw.vtep_ipv6, "IPv6 VTEP address", &mut invalid);
+    if raw.vtep_ipv6.value.is_none() {
+        return (node_ipv6, None, invalid);
+    }
+    let vtep_mac = match raw.vtep_mac_v6.value.as_deref().map(str::trim) {
+        None => Some((MacAddr::derive_like_felix(&format!("{name}-v6")), true)),
+        Some(text) => match text.parse::<MacAddr>() {
+            Ok(mac) if mac.0[0] & 1 == 0 && mac != MacAddr::default() => Some((mac, false)),
+            Ok(mac) => {
+                problems.push(problem(
+                    obj,
+                    node,
+                    &raw.vtep_mac_v6,
+                    format!("IPv6 VTEP MAC {mac} is not a unicast address"),
+                ));
+                None
+            }
+            Err(e) => {
+                problems.push(problem(obj, node, &raw.vtep_mac_v6, e.to_string()));
+                None
+            }
+        },
+    };
+    if raw.node_ipv6.value.is_none() {
+        problems.push(problem(
+            obj,
+            node,
+            &raw.node_ipv6,
+            "missing IPv6 node address (the FDB destination of the IPv6 VTEP)".to_string(),
+        ));
+    }
+    match (node_ipv6, vtep_ipv6, vtep_mac) {
+        (Some(node_ip), Some(vtep_ip), Some((vtep_mac, vtep_mac_derived))) => (
+            Some(node_ip),
+            Some(Ipv6Side {
+                node_ip,
+                vtep_ip,
+                vtep_mac,
+                vtep_mac_derived,
+            }),
+            invalid,
+        ),
+        _ => (node_ipv6, None, true),
+    }
 }
 
 /// Reject every node sharing a key that must be unique; one problem per node, naming the
@@ -532,6 +643,7 @@ mod tests {
                 })
                 .collect(),
             borrowed: vec![],
+            ..Default::default()
         }
     }
 

@@ -68,6 +68,7 @@ fn peer_blocks_cover_remote_blocks_and_borrowed_ipv4_only() {
         vtep_mac_derived: true,
         blocks: blocks.iter().map(|b| b.parse().unwrap()).collect(),
         borrowed: borrowed.iter().map(|b| b.parse().unwrap()).collect(),
+        ipv6: None,
     };
     let mut d = DesiredState {
         local_node: "me".into(),

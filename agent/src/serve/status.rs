@@ -513,6 +513,7 @@ mod tests {
                     vtep_mac_derived: true,
                     blocks: vec![format!("10.1.{last}.0/26").parse().unwrap()],
                     borrowed: vec!["10.1.9.7/32".parse().unwrap()],
+                    ipv6: None,
                 },
             );
         }

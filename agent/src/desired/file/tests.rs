@@ -58,6 +58,7 @@ nodes:
             vtep_mac_derived: true,
             blocks: vec![net("10.1.10.0/26")],
             borrowed: vec![],
+            ipv6: None,
         },
     );
     nodes.insert(
@@ -74,6 +75,7 @@ nodes:
                 net("fd00:10::/122"),
             ],
             borrowed: vec![net("10.1.240.7/32"), net("10.1.240.8/32")],
+            ipv6: None,
         },
     );
     let want = DesiredState {
@@ -490,4 +492,93 @@ async fn load_reads_the_file_and_reports_unreadable_ones() {
         "datastore file {}: cannot read:",
         missing.display()
     )));
+}
+
+#[test]
+fn dual_stack_fields_give_the_ipv6_side_with_a_felix_derived_mac() {
+    let got = yaml(&with_nodes(
+        "  - name: k8s03
+    node_ip: 192.168.77.3
+    vtep_ip: 10.1.235.133
+    node_ipv6: fd00:77::3
+    vtep_ipv6: 'fd10:1:235::80'
+    blocks: [10.1.235.128/26, 'fd10:1:235::80/122']
+    borrowed: ['fd10:1:240::7/128']
+",
+    ));
+    assert!(got.problems.is_empty(), "{:#?}", got.problems);
+    let side = got.nodes["k8s03"].ipv6.clone().expect("IPv6 side");
+    assert_eq!(side.node_ip, "fd00:77::3".parse::<IpAddr>().unwrap());
+    assert_eq!(side.vtep_ip, "fd10:1:235::80".parse::<IpAddr>().unwrap());
+    assert_eq!(side.vtep_mac, MacAddr::derive_like_felix("k8s03-v6"));
+    assert!(side.vtep_mac_derived);
+    let v6 = got.ipv6();
+    assert_eq!(v6.nodes["k8s03"].blocks, vec![net("fd10:1:235::80/122")]);
+    assert_eq!(v6.nodes["k8s03"].borrowed, vec![net("fd10:1:240::7/128")]);
+    assert_eq!(v6.nodes["k8s03"].vtep_mac, side.vtep_mac);
+    // The single-stack nodes are no IPv6 peers.
+    assert!(v6.non_vxlan.contains_key("k8s02") && !v6.nodes.contains_key("k8s02"));
+}
+
+#[test]
+fn a_bad_ipv6_side_is_a_problem_and_leaves_the_ipv4_overlay_alone() {
+    let cases = [
+        ("node_ipv6: fd00:77::3\n    vtep_ipv6: 10.1.235.140", "vtep_ipv6", "not an IPv6 address"),
+        ("vtep_ipv6: 'fd10:1:235::80'", "node_ipv6", "missing IPv6 node address"),
+        ("node_ipv6: fd00:77::3/64\n    vtep_ipv6: 'fd10:1:235::80'", "node_ipv6", "without a prefix length"),
+        (
+            "node_ipv6: fd00:77::3\n    vtep_ipv6: 'fd10:1:235::80'\n    vtep_mac_v6: 01:00:5e:00:00:01",
+            "vtep_mac_v6",
+            "not a unicast address",
+        ),
+    ];
+    for (fields, field, message) in cases {
+        let got = yaml(&with_nodes(&format!(
+            "  - name: k8s03
+    node_ip: 192.168.77.3
+    vtep_ip: 10.1.235.133
+    {fields}
+    blocks: [10.1.235.128/26, 'fd10:1:235::80/122']
+"
+        )));
+        assert_eq!(got.problems.len(), 1, "{fields}: {:#?}", got.problems);
+        let p = &got.problems[0];
+        assert!(
+            p.field.ends_with(field) && p.message.contains(message),
+            "{fields}: {p:#?}"
+        );
+        let k8s03 = &got.nodes["k8s03"];
+        assert!(k8s03.ipv6.is_none(), "{fields}");
+        assert_eq!(k8s03.vtep_ip, v4(10, 1, 235, 133), "the IPv4 side is kept");
+        assert_eq!(
+            got.unverifiable,
+            vec![net("fd10:1:235::80/122")],
+            "{fields}"
+        );
+    }
+}
+
+#[test]
+fn two_nodes_with_one_ipv6_vtep_are_both_rejected() {
+    let got = yaml(&with_nodes(
+        "  - name: k8s03
+    node_ip: 192.168.77.3
+    vtep_ip: 10.1.235.133
+    node_ipv6: fd00:77::3
+    vtep_ipv6: 'fd10:1::1'
+    blocks: []
+  - name: k8s04
+    node_ip: 192.168.77.4
+    vtep_ip: 10.1.236.133
+    node_ipv6: fd00:77::4
+    vtep_ipv6: 'fd10:1::1'
+    blocks: []
+",
+    ));
+    assert_eq!(got.problems.len(), 2, "{:#?}", got.problems);
+    assert!(got
+        .problems
+        .iter()
+        .all(|p| p.message.contains("IPv6 VTEP address")));
+    assert!(!got.nodes.contains_key("k8s03") && !got.nodes.contains_key("k8s04"));
 }

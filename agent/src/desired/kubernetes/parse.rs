@@ -25,6 +25,9 @@ use crate::{
 pub const ANN_CALICO_VTEP: &str = "projectcalico.org/IPv4VXLANTunnelAddr";
 pub const ANN_CALICO_ADDRESS: &str = "projectcalico.org/IPv4Address";
 pub const ANN_CALICO_MAC: &str = "projectcalico.org/VXLANTunnelMACAddr";
+pub const ANN_CALICO_VTEP_V6: &str = "projectcalico.org/IPv6VXLANTunnelAddr";
+pub const ANN_CALICO_ADDRESS_V6: &str = "projectcalico.org/IPv6Address";
+pub const ANN_CALICO_MAC_V6: &str = "projectcalico.org/VXLANTunnelMACAddrV6";
 pub const ANN_FLANNEL_BACKEND: &str = "flannel.alpha.coreos.com/backend-data";
 pub const ANN_FLANNEL_PUBLIC_IP: &str = "flannel.alpha.coreos.com/public-ip";
 
@@ -79,6 +82,9 @@ pub struct NodeInfo {
     pub calico_vtep: Option<String>,
     pub calico_address: Option<String>,
     pub calico_mac: Option<String>,
+    pub calico_vtep_v6: Option<String>,
+    pub calico_address_v6: Option<String>,
+    pub calico_mac_v6: Option<String>,
     pub flannel_backend: Option<String>,
     pub flannel_public_ip: Option<String>,
     pub pod_cidr: Option<String>,
@@ -90,6 +96,9 @@ impl NodeInfo {
             calico_vtep: obj.annotation(ANN_CALICO_VTEP),
             calico_address: obj.annotation(ANN_CALICO_ADDRESS),
             calico_mac: obj.annotation(ANN_CALICO_MAC),
+            calico_vtep_v6: obj.annotation(ANN_CALICO_VTEP_V6),
+            calico_address_v6: obj.annotation(ANN_CALICO_ADDRESS_V6),
+            calico_mac_v6: obj.annotation(ANN_CALICO_MAC_V6),
             flannel_backend: obj.annotation(ANN_FLANNEL_BACKEND),
             flannel_public_ip: obj.annotation(ANN_FLANNEL_PUBLIC_IP),
             pod_cidr: obj
@@ -269,6 +278,15 @@ fn parse_ip_maybe_cidr(s: &str) -> Option<IpAddr> {
     s.parse::<IpAddr>()
         .ok()
         .or_else(|| s.parse::<IpNet>().ok().map(|n| n.addr()))
+}
+
+/// `projectcalico.org/IPv6Address` is a CIDR (`fd00:77::3/64`): the address, or the raw text
+/// for the validation to reject with its field.
+fn calico_v6_address(info: &NodeInfo) -> RawField {
+    let value = info.calico_address_v6.as_deref().map(|raw| {
+        parse_ip_maybe_cidr(raw).map_or_else(|| raw.trim().to_string(), |ip| ip.to_string())
+    });
+    RawField::new(ann_field(ANN_CALICO_ADDRESS_V6), value)
 }
 
 fn nth_address(net: &IpNet, ordinal: u32) -> Option<IpAddr> {
@@ -475,6 +493,9 @@ fn build_calico(view: &CacheView, out: &mut DesiredState) {
                 node_ip: RawField::new(ann_field(ANN_CALICO_ADDRESS), Some(node_ip.to_string())),
                 vtep_ip: RawField::new(ann_field(ANN_CALICO_VTEP), None),
                 vtep_mac: RawField::new(ann_field(ANN_CALICO_MAC), None),
+                node_ipv6: calico_v6_address(info),
+                vtep_ipv6: RawField::new(ann_field(ANN_CALICO_VTEP_V6), None),
+                vtep_mac_v6: RawField::new(ann_field(ANN_CALICO_MAC_V6), None),
                 blocks,
                 borrowed: borrowed
                     .iter()
@@ -528,6 +549,15 @@ fn build_calico(view: &CacheView, out: &mut DesiredState) {
             vtep_mac: RawField::new(
                 ann_field(ANN_CALICO_MAC),
                 info.calico_mac.as_deref().map(|m| m.trim().to_string()),
+            ),
+            node_ipv6: calico_v6_address(info),
+            vtep_ipv6: RawField::new(
+                ann_field(ANN_CALICO_VTEP_V6),
+                info.calico_vtep_v6.as_deref().map(|v| v.trim().to_string()),
+            ),
+            vtep_mac_v6: RawField::new(
+                ann_field(ANN_CALICO_MAC_V6),
+                info.calico_mac_v6.as_deref().map(|m| m.trim().to_string()),
             ),
             blocks,
             borrowed: borrowed
@@ -674,6 +704,9 @@ fn build_flannel(view: &CacheView, out: &mut DesiredState) {
                 info.pod_cidr.as_deref().map(|c| c.trim().to_string()),
             )],
             borrowed: Vec::new(),
+            node_ipv6: RawField::default(),
+            vtep_ipv6: RawField::default(),
+            vtep_mac_v6: RawField::default(),
         });
     }
     validate(view, records, out);

@@ -67,6 +67,7 @@ fn snapshot(causes: Vec<StaleCause>) -> KubeSnapshot {
                 vtep_mac_derived: true,
                 blocks: vec![],
                 borrowed: vec![],
+                ipv6: None,
             },
         );
     }

@@ -493,3 +493,64 @@ fn flannel_pod_cidr_with_host_bits_is_rejected_like_the_file_does() {
         d.problems
     );
 }
+
+#[test]
+fn calico_dual_stack_annotations_give_the_ipv6_side() {
+    let dual = |name: &str, n: u8, mac_v6: Option<&str>| {
+        let mut ann = json!({
+            ANN_CALICO_VTEP: format!("10.1.{n}.0"), ANN_CALICO_ADDRESS: format!("192.168.77.{n}/24"),
+            ANN_CALICO_VTEP_V6: format!("fd10:1:{n}::"), ANN_CALICO_ADDRESS_V6: format!("fd00:77::{n}/64"),
+        });
+        if let Some(m) = mac_v6 {
+            ann[ANN_CALICO_MAC_V6] = json!(m);
+        }
+        let obj = lite(json!({"metadata": {"name": name, "annotations": ann}}));
+        (name.to_string(), NodeInfo::from_object(&obj))
+    };
+    let d = build(
+        vec![
+            dual("k8s01", 1, None),
+            dual("k8s03", 3, Some("66:aa:bb:cc:dd:06")),
+        ],
+        vec![
+            block(
+                "10-1-3-0-26",
+                json!({"cidr": "10.1.3.0/26", "affinity": "host:k8s03"}),
+            ),
+            block(
+                "fd10-1-3---122",
+                json!({"cidr": "fd10:1:3::/122", "affinity": "host:k8s03"}),
+            ),
+        ],
+        vec![],
+    );
+    assert!(d.problems.is_empty(), "{:?}", d.problems);
+    let side = d.nodes["k8s03"].ipv6.clone().expect("IPv6 side");
+    assert_eq!(side.node_ip, "fd00:77::3".parse::<IpAddr>().unwrap());
+    assert_eq!(side.vtep_ip, "fd10:1:3::".parse::<IpAddr>().unwrap());
+    assert_eq!(
+        side.vtep_mac,
+        "66:aa:bb:cc:dd:06".parse::<MacAddr>().unwrap()
+    );
+    assert!(!side.vtep_mac_derived);
+    let k1 = d.nodes["k8s01"].ipv6.clone().unwrap();
+    assert_eq!(k1.vtep_mac, MacAddr::derive_like_felix("k8s01-v6"));
+    let v6 = d.ipv6();
+    assert_eq!(
+        v6.nodes["k8s03"].blocks,
+        vec!["fd10:1:3::/122".parse::<IpNet>().unwrap()]
+    );
+    assert_eq!(v6.peers().count(), 1);
+
+    // A broken IPv6 annotation is a problem naming it; the IPv4 overlay is still judged.
+    let mut bad = dual("k8s03", 3, None);
+    bad.1.calico_address_v6 = Some("not-an-address".into());
+    let d = build(vec![dual("k8s01", 1, None), bad], vec![], vec![]);
+    assert_eq!(d.problems.len(), 1, "{:?}", d.problems);
+    assert_eq!(
+        d.problems[0].field,
+        format!("metadata.annotations[{ANN_CALICO_ADDRESS_V6}]")
+    );
+    assert!(d.nodes["k8s03"].ipv6.is_none());
+    assert_eq!(d.nodes["k8s03"].vtep_ip, v4(10, 1, 3, 0));
+}
