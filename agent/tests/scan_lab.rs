@@ -528,3 +528,93 @@ fn a_node_name_other_than_the_host_name_is_found_by_address() {
         assert!(s.findings().is_empty(), "{other}: {:#?}", s.findings());
     }
 }
+
+#[test]
+fn dual_stack_is_healthy_and_each_fault_stays_on_its_family() {
+    use watchdog_lab::DEVICE_V6;
+    let mut lab = Lab::build(LabSpec::incident()).expect("building lab");
+    lab.add_ipv6_overlay().expect("adding the IPv6 overlay");
+    let flows = [("k8s01", "k8s03"), ("k8s02", "k8s01"), ("k8s01", "k8s02")];
+    for (a, b) in flows {
+        let t = lab.traffic(a, b, 3).unwrap();
+        assert!(t.all_delivered(), "IPv4 {t}");
+        let (sent, got) = lab.traffic_v6(a, b, 3).unwrap();
+        assert_eq!(got, sent, "IPv6 {a} -> {b}: {got}/{sent} delivered");
+    }
+    assert_all_healthy(&mut lab, "dual stack");
+    let healthy = scan(&mut lab, "k8s01", &[]);
+    let k8s03 = lab.ipv6_of("k8s03");
+    assert_ne!(k8s03.vtep_ip, k8s03.block.network(), "the incident needs a non-base VTEP");
+
+    // Each fault on k8s01's IPv6 overlay only: exactly its finding, on vxlan-v6.calico.
+    let (k8s02, dev) = (lab.ipv6_of("k8s02"), DEVICE_V6);
+    let incident = format!(
+        "route replace {} via {} dev {dev} onlink",
+        k8s03.block,
+        k8s03.block.network()
+    );
+    let faults: [(&str, Vec<String>, &str, &str); 4] = [
+        ("incident", vec![incident], "gateway-wrong-vtep", "k8s03"),
+        (
+            "neighbour removed",
+            vec![format!("neigh del {} dev {dev}", k8s02.vtep_ip)],
+            "neighbour-unresolved",
+            "k8s02",
+        ),
+        (
+            "route removed",
+            vec![format!("route del {} dev {dev}", k8s02.block)],
+            "route-missing",
+            "k8s02",
+        ),
+        (
+            "FDB removed",
+            vec![],
+            "fdb-missing",
+            "k8s02",
+        ),
+    ];
+    for (what, ip_lines, check, peer) in faults {
+        for line in &ip_lines {
+            let args: Vec<&str> = line.split(' ').collect();
+            lab.ip("k8s01", &args).unwrap();
+        }
+        if what == "FDB removed" {
+            let mac = k8s02.vtep_mac.to_string();
+            lab.bridge("k8s01", &["fdb", "del", &mac, "dev", dev]).unwrap();
+        }
+        let s = scan(&mut lab, "k8s01", &[]);
+        assert_eq!(
+            s.checks(),
+            [(check.to_string(), Some(peer.to_string()))].into(),
+            "IPv6 {what}: {:#?}",
+            s.findings()
+        );
+        let f = &s.findings()[0];
+        assert_eq!(f["device"], dev, "IPv6 {what}");
+        if what == "incident" {
+            assert_eq!(f["expected_gateway"], k8s03.vtep_ip.to_string());
+            let (sent, got) = lab.traffic_v6("k8s01", "k8s03", 3).unwrap();
+            assert_eq!(got, 0, "IPv6 incident: {got}/{sent} delivered");
+            // The IPv4 overlay is untouched and carries traffic.
+            assert!(lab.traffic("k8s01", "k8s03", 3).unwrap().all_delivered());
+        }
+        lab.heal_ipv6("k8s01").unwrap();
+        let s = scan(&mut lab, "k8s01", &[]);
+        assert!(s.findings().is_empty(), "after healing {what}: {:#?}", s.findings());
+    }
+
+    // The incident on the IPv4 overlay only: nothing on the IPv6 one, which still delivers.
+    lab.inject(Fault::incident("k8s01")).unwrap();
+    let s = scan(&mut lab, "k8s01", &[]);
+    assert_eq!(
+        s.checks(),
+        [("gateway-wrong-vtep".to_string(), Some("k8s03".to_string()))].into(),
+        "{:#?}",
+        s.findings()
+    );
+    assert_eq!(s.findings()[0]["device"], "vxlan.calico");
+    let (sent, got) = lab.traffic_v6("k8s01", "k8s03", 3).unwrap();
+    assert_eq!(got, sent, "IPv6 during the IPv4 incident");
+    assert!(healthy.json["routes_checked"].as_u64().unwrap() > 8);
+}

@@ -91,6 +91,8 @@ pub struct Lab {
     pub(crate) traffic_grace: Duration,
     /// Files written for the agent (datastore, configs), removed on drop.
     temp_files: Vec<PathBuf>,
+    /// [`Lab::add_ipv6_overlay`] ran: datastore and configs carry the IPv6 side.
+    pub(crate) dual_stack: bool,
 }
 
 impl Lab {
@@ -135,6 +137,7 @@ impl Lab {
             healthy: BTreeMap::new(),
             traffic_grace: Duration::from_millis(300),
             temp_files: Vec::new(),
+            dual_stack: false,
         };
         // `lab` owns the cleanup from here: an early return drops it.
         lab.build_underlay()?;
@@ -263,6 +266,12 @@ impl Lab {
             "route replace {dst} via {via} dev {} onlink",
             self.profile.device()
         )
+    }
+
+    /// Takes the current dataplane as the healthy one (after a shape was added on purpose).
+    pub(crate) fn rebaseline(&mut self) -> Result<()> {
+        self.healthy = self.snapshot()?;
+        Ok(())
     }
 
     /// Unique id of this lab (`wdl<pid>x<n>`), the prefix of all its namespace names.
@@ -411,10 +420,19 @@ impl Lab {
             if self.profile == Profile::Flannel || n.vtep_mac != Mac::felix(&n.name) {
                 let _ = writeln!(y, "    vtep_mac: \"{}\"", n.vtep_mac);
             }
-            let _ = writeln!(y, "    blocks: [{}]", join(&n.blocks));
+            let mut blocks = join(&n.blocks);
+            if self.dual_stack {
+                let _ = write!(blocks, ", \"{}\"", self.ipv6_of(&n.name).block);
+            }
+            let _ = writeln!(y, "    blocks: [{blocks}]");
             if !n.borrowed.is_empty() {
                 let b: Vec<Ipv4Net> = n.borrowed.iter().map(|ip| Ipv4Net::from(*ip)).collect();
                 let _ = writeln!(y, "    borrowed: [{}]", join(&b));
+            }
+            if self.dual_stack {
+                let v6 = self.ipv6_of(&n.name);
+                let _ = writeln!(y, "    node_ipv6: \"{}\"", v6.node_ip);
+                let _ = writeln!(y, "    vtep_ipv6: \"{}\"", v6.vtep_ip);
             }
         }
         y
@@ -452,11 +470,14 @@ impl Lab {
             .vxlan
             .map(|(vni, port)| format!("vxlan_vni = {vni}\nvxlan_port = {port}\n"))
             .unwrap_or_default();
+        let mut devices = format!("\"{}\"", self.device());
+        if self.dual_stack {
+            let _ = write!(devices, ", \"{}\"", crate::dual_stack::DEVICE_V6);
+        }
         format!(
-            "node_name = \"{}\"\nprofile = \"{}\"\ndevices = [\"{}\"]\n{vxlan}\n[datastore]\nsource = \"file\"\npath = \"{}\"\n",
+            "node_name = \"{}\"\nprofile = \"{}\"\ndevices = [{devices}]\n{vxlan}\n[datastore]\nsource = \"file\"\npath = \"{}\"\n",
             self.node(node).name,
             self.profile,
-            self.device(),
             datastore.display()
         )
     }
@@ -521,7 +542,7 @@ fn join(nets: &[Ipv4Net]) -> String {
 
 /// Writes sysctls inside a namespace from a short-lived thread (`/proc/sys/net` follows the
 /// writing thread's namespace), avoiding `ip netns exec`'s remounts.
-fn set_sysctls(netns: &Path, values: &[(&str, &str)]) -> Result<()> {
+pub(crate) fn set_sysctls(netns: &Path, values: &[(&str, &str)]) -> Result<()> {
     let netns = netns.to_path_buf();
     let values: Vec<(String, String)> = values
         .iter()

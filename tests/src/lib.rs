@@ -15,6 +15,7 @@
 //! Everything needs root. Shelling out to `ip`/`bridge` is deliberate: this is test
 //! infrastructure and must stay independent of the agent's own netlink code.
 
+mod dual_stack;
 pub mod fake_apiserver;
 mod fault;
 pub mod kube_fixture;
@@ -25,6 +26,7 @@ mod spec;
 mod sys;
 mod traffic;
 
+pub use dual_stack::{Ipv6Node, DEVICE_V6, OVERLAY_MTU_V6};
 pub use fault::{Fault, InjectedFault};
 pub use lab::{Lab, NodeDataplane, NodeInfo, NETNS_DIR, NETNS_PREFIX, OVERLAY_MTU, UNDERLAY_IF};
 pub use spec::{LabSpec, Mac, NodeSpec, Profile};

@@ -4,7 +4,7 @@
 use std::{
     collections::HashSet,
     io::ErrorKind,
-    net::{Ipv4Addr, SocketAddrV4, UdpSocket},
+    net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket},
     path::PathBuf,
     sync::{
         atomic::{AtomicU64, Ordering},
@@ -105,15 +105,26 @@ impl Lab {
         if dsts.is_empty() {
             bail!("traffic {from} -> {to}: no destination");
         }
-        let per = measure(
+        let counts = measure(
             self.netns_path(from),
-            src,
+            src.into(),
             self.netns_path(to),
-            dsts.to_vec(),
+            dsts.iter().map(|d| IpAddr::V4(*d)).collect(),
             count,
             self.traffic_grace,
         )
         .with_context(|| format!("traffic {from} ({src}) -> {to}"))?;
+        let per: Vec<DestinationReport> = dsts
+            .iter()
+            .zip(counts)
+            .map(|(dst, c)| DestinationReport {
+                src,
+                dst: *dst,
+                sent: c.sent,
+                received: c.received,
+                send_errors: c.send_errors,
+            })
+            .collect();
         Ok(TrafficReport {
             from: from.to_string(),
             to: to.to_string(),
@@ -148,14 +159,22 @@ impl Lab {
     }
 }
 
-fn measure(
+/// Per destination, in order: what was sent, what arrived, what `sendto` refused.
+pub(crate) struct Counts {
+    pub(crate) sent: u32,
+    pub(crate) received: u32,
+    pub(crate) send_errors: u32,
+}
+
+/// `count` packets from `src` in `from_ns` to each of `dsts` in `to_ns`, either family.
+pub(crate) fn measure(
     from_ns: PathBuf,
-    src: Ipv4Addr,
+    src: IpAddr,
     to_ns: PathBuf,
-    dsts: Vec<Ipv4Addr>,
+    dsts: Vec<IpAddr>,
     count: u32,
     grace: Duration,
-) -> Result<Vec<DestinationReport>> {
+) -> Result<Vec<Counts>> {
     let nonce = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_nanos() as u64)
@@ -189,14 +208,14 @@ fn measure(
     let send_dsts = dsts.clone();
     let sender = thread::spawn(move || -> Result<Vec<u32>> {
         sys::enter_netns(&from_ns)?;
-        let sock = UdpSocket::bind(SocketAddrV4::new(src, 0))
+        let sock = UdpSocket::bind(SocketAddr::new(src, 0))
             .with_context(|| format!("bind sender to {src}"))?;
         let mut errors = vec![0u32; send_dsts.len()];
         for seq in 0..count {
             for (i, dst) in send_dsts.iter().enumerate() {
                 let payload = encode(nonce, i as u16, seq);
                 if sock
-                    .send_to(&payload, SocketAddrV4::new(*dst, port))
+                    .send_to(&payload, SocketAddr::new(*dst, port))
                     .is_err()
                 {
                     errors[i] += 1;
@@ -213,9 +232,7 @@ fn measure(
         .map_err(|_| anyhow!("receiver thread panicked"))??;
     let errors = send_result??;
     Ok((0..n_dst)
-        .map(|i| DestinationReport {
-            src,
-            dst: dsts[i],
+        .map(|i| Counts {
             sent: count,
             received: received[i],
             send_errors: errors[i],
@@ -224,15 +241,15 @@ fn measure(
 }
 
 /// One non-blocking socket per destination, all on the same port.
-fn bind_receivers(netns: &std::path::Path, dsts: &[Ipv4Addr]) -> Result<(u16, Vec<UdpSocket>)> {
+fn bind_receivers(netns: &std::path::Path, dsts: &[IpAddr]) -> Result<(u16, Vec<UdpSocket>)> {
     sys::enter_netns(netns)?;
     'retry: for _ in 0..20 {
-        let first = UdpSocket::bind(SocketAddrV4::new(dsts[0], 0))
+        let first = UdpSocket::bind(SocketAddr::new(dsts[0], 0))
             .with_context(|| format!("bind receiver to {}", dsts[0]))?;
         let port = first.local_addr()?.port();
         let mut socks = vec![first];
         for dst in &dsts[1..] {
-            match UdpSocket::bind(SocketAddrV4::new(*dst, port)) {
+            match UdpSocket::bind(SocketAddr::new(*dst, port)) {
                 Ok(s) => socks.push(s),
                 Err(e) if e.kind() == ErrorKind::AddrInUse => continue 'retry,
                 Err(e) => return Err(e).with_context(|| format!("bind receiver to {dst}")),
@@ -248,7 +265,7 @@ fn bind_receivers(netns: &std::path::Path, dsts: &[Ipv4Addr]) -> Result<(u16, Ve
 
 fn receive(
     sockets: &[UdpSocket],
-    src: Ipv4Addr,
+    src: IpAddr,
     nonce: u64,
     count: u32,
     deadline_rx: mpsc::Receiver<Instant>,
