@@ -688,3 +688,39 @@ async fn real_cluster_shapes_are_healthy_through_the_api_too() {
         s.findings()
     );
 }
+
+/// Dual stack through the API: the IPv6 annotations, an IPv6 pool and IPv6 IPAMBlocks give the
+/// IPv6 overlay's expectations; a VTEP moved in the IPv6 annotation only is an IPv6 finding.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calico_dual_stack_from_the_api_is_healthy_and_a_v6_vtep_move_is_seen_on_v6() {
+    let mut lab = Lab::build(LabSpec::incident()).expect("building lab (needs root)");
+    lab.add_ipv6_overlay().expect("adding the IPv6 overlay");
+    let (server, kubeconfig) = serve(&lab).await;
+    assert_all_healthy(&mut lab, &kubeconfig, "dual stack");
+
+    // calico-node on k8s03 re-registers its IPv6 VTEP elsewhere in its block.
+    let mut node = server.get(Res::Nodes, "k8s03").expect("k8s03 in the API");
+    let moved = "fd10:3::9";
+    node["metadata"]["annotations"][kube_fixture::ANN_CALICO_VTEP_V6] = moved.into();
+    server.put(Res::Nodes, node);
+    let s = scan(&mut lab, "k8s01", &kubeconfig);
+    assert_eq!(
+        s.checks(),
+        set(&[
+            ("gateway-wrong-vtep", "k8s03"),
+            ("neighbour-unresolved", "k8s03")
+        ]),
+        "{:#?}",
+        s.findings()
+    );
+    assert!(s
+        .findings()
+        .iter()
+        .all(|f| f["device"] == "vxlan-v6.calico"));
+    let wrong = s
+        .findings()
+        .into_iter()
+        .find(|f| f["check"] == "gateway-wrong-vtep")
+        .unwrap();
+    assert_eq!(wrong["expected_gateway"], moved);
+}

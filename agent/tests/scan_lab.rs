@@ -544,7 +544,11 @@ fn dual_stack_is_healthy_and_each_fault_stays_on_its_family() {
     assert_all_healthy(&mut lab, "dual stack");
     let healthy = scan(&mut lab, "k8s01", &[]);
     let k8s03 = lab.ipv6_of("k8s03");
-    assert_ne!(k8s03.vtep_ip, k8s03.block.network(), "the incident needs a non-base VTEP");
+    assert_ne!(
+        k8s03.vtep_ip,
+        k8s03.block.network(),
+        "the incident needs a non-base VTEP"
+    );
 
     // Each fault on k8s01's IPv6 overlay only: exactly its finding, on vxlan-v6.calico.
     let (k8s02, dev) = (lab.ipv6_of("k8s02"), DEVICE_V6);
@@ -567,12 +571,7 @@ fn dual_stack_is_healthy_and_each_fault_stays_on_its_family() {
             "route-missing",
             "k8s02",
         ),
-        (
-            "FDB removed",
-            vec![],
-            "fdb-missing",
-            "k8s02",
-        ),
+        ("FDB removed", vec![], "fdb-missing", "k8s02"),
     ];
     for (what, ip_lines, check, peer) in faults {
         for line in &ip_lines {
@@ -581,7 +580,8 @@ fn dual_stack_is_healthy_and_each_fault_stays_on_its_family() {
         }
         if what == "FDB removed" {
             let mac = k8s02.vtep_mac.to_string();
-            lab.bridge("k8s01", &["fdb", "del", &mac, "dev", dev]).unwrap();
+            lab.bridge("k8s01", &["fdb", "del", &mac, "dev", dev])
+                .unwrap();
         }
         let s = scan(&mut lab, "k8s01", &[]);
         assert_eq!(
@@ -601,7 +601,11 @@ fn dual_stack_is_healthy_and_each_fault_stays_on_its_family() {
         }
         lab.heal_ipv6("k8s01").unwrap();
         let s = scan(&mut lab, "k8s01", &[]);
-        assert!(s.findings().is_empty(), "after healing {what}: {:#?}", s.findings());
+        assert!(
+            s.findings().is_empty(),
+            "after healing {what}: {:#?}",
+            s.findings()
+        );
     }
 
     // The incident on the IPv4 overlay only: nothing on the IPv6 one, which still delivers.

@@ -21,6 +21,8 @@ use crate::{
 pub const ANN_CALICO_VTEP: &str = "projectcalico.org/IPv4VXLANTunnelAddr";
 pub const ANN_CALICO_ADDRESS: &str = "projectcalico.org/IPv4Address";
 pub const ANN_CALICO_MAC: &str = "projectcalico.org/VXLANTunnelMACAddr";
+pub const ANN_CALICO_VTEP_V6: &str = "projectcalico.org/IPv6VXLANTunnelAddr";
+pub const ANN_CALICO_ADDRESS_V6: &str = "projectcalico.org/IPv6Address";
 pub const ANN_FLANNEL_BACKEND: &str = "flannel.alpha.coreos.com/backend-data";
 pub const ANN_FLANNEL_PUBLIC_IP: &str = "flannel.alpha.coreos.com/public-ip";
 
@@ -31,7 +33,8 @@ pub fn block_name(cidr: Ipv4Net) -> String {
 
 /// The Node object for `node`, as calico-node (or flanneld) annotates it; `vtep` overrides the
 /// published VTEP address (Calico only: flannel's VTEP is its subnet's base address).
-fn node_object(profile: Profile, node: &NodeInfo, vtep: Option<Ipv4Addr>) -> Value {
+fn node_object(lab: &Lab, node: &NodeInfo, vtep: Option<Ipv4Addr>) -> Value {
+    let profile = lab.profile();
     let mut annotations = serde_json::Map::new();
     let mut spec = json!({});
     match profile {
@@ -46,6 +49,14 @@ fn node_object(profile: Profile, node: &NodeInfo, vtep: Option<Ipv4Addr>) -> Val
             // Felix publishes no MAC on Linux (peers derive it); only an explicit one is written.
             if node.vtep_mac != Mac::felix(&node.name) {
                 annotations.insert(ANN_CALICO_MAC.into(), json!(node.vtep_mac.to_string()));
+            }
+            if lab.is_dual_stack() {
+                let v6 = lab.ipv6_of(&node.name);
+                annotations.insert(ANN_CALICO_VTEP_V6.into(), json!(v6.vtep_ip.to_string()));
+                annotations.insert(
+                    ANN_CALICO_ADDRESS_V6.into(),
+                    json!(format!("{}/64", v6.node_ip)),
+                );
             }
         }
         Profile::Flannel => {
@@ -122,6 +133,22 @@ fn ipam_block(lab: &Lab, owner: &NodeInfo, cidr: Ipv4Net) -> Value {
     })
 }
 
+/// A dual-stack node's IPv6 IPAMBlock, its IPv6 VTEP allocated to itself.
+fn ipam_block_v6(lab: &Lab, owner: &str) -> Value {
+    let v6 = lab.ipv6_of(owner);
+    let size = 1usize << (128 - v6.block.prefix_len());
+    let mut allocations = vec![Value::Null; size];
+    let ordinal = (u128::from(v6.vtep_ip) - u128::from(v6.block.network())) as usize;
+    allocations[ordinal] = json!(0);
+    json!({
+        "metadata": {"name": v6.block.to_string().replace([':', '/'], "-")},
+        "spec": {"cidr": v6.block.to_string(), "affinity": format!("host:{owner}"),
+                 "deleted": false, "allocations": allocations,
+                 "attributes": [{"handle_id": format!("vxlan-v6-tunnel-addr-{owner}"),
+                                 "secondary": {"node": owner, "type": "vxlanV6TunnelAddress"}}]}
+    })
+}
+
 fn block_affinity(owner: &str, cidr: Ipv4Net) -> Value {
     json!({
         "metadata": {"name": format!("{owner}-{}", block_name(cidr))},
@@ -135,7 +162,7 @@ fn block_affinity(owner: &str, cidr: Ipv4Net) -> Value {
 /// with the lab's VNI and port. Safe to call again (objects are replaced).
 pub fn populate_fake_apiserver(lab: &Lab, server: &FakeApiServer) {
     for node in lab.nodes() {
-        server.put(Res::Nodes, node_object(lab.profile(), node, None));
+        server.put(Res::Nodes, node_object(lab, node, None));
     }
     if lab.profile() == Profile::Calico {
         for node in lab.nodes() {
@@ -149,6 +176,25 @@ pub fn populate_fake_apiserver(lab: &Lab, server: &FakeApiServer) {
             Res::IpPools,
             ip_pool("default-ipv4-ippool", covering(&blocks), "Always", "Never"),
         );
+        if lab.is_dual_stack() {
+            for node in lab.nodes() {
+                server.put(Res::IpamBlocks, ipam_block_v6(lab, &node.name));
+                let v6 = lab.ipv6_of(&node.name);
+                let name = v6.block.to_string().replace([':', '/'], "-");
+                server.put(
+                    Res::BlockAffinities,
+                    json!({"metadata": {"name": format!("{}-{name}", node.name)},
+                           "spec": {"node": node.name, "cidr": v6.block.to_string(),
+                                    "state": "confirmed", "deleted": "false"}}),
+                );
+            }
+            server.put(
+                Res::IpPools,
+                json!({"metadata": {"name": "default-ipv6-ippool"},
+                       "spec": {"cidr": "fd10::/16", "vxlanMode": "Always", "ipipMode": "Never",
+                                "natOutgoing": false, "blockSize": 122, "nodeSelector": "all()"}}),
+            );
+        }
         let (vni, port) = lab.vxlan();
         server.put(
             Res::FelixConfigurations,
@@ -215,15 +261,12 @@ pub fn move_vtep(lab: &Lab, server: &FakeApiServer, node: &str, vtep: Ipv4Addr) 
     if lab.profile() != Profile::Calico {
         bail!("move_vtep: flannel's VTEP is its subnet's base address, not an annotation");
     }
-    Ok(server.put(
-        Res::Nodes,
-        node_object(lab.profile(), lab.node(node), Some(vtep)),
-    ))
+    Ok(server.put(Res::Nodes, node_object(lab, lab.node(node), Some(vtep))))
 }
 
 /// Puts `node`'s Node object back as the lab built it.
 pub fn restore_node(lab: &Lab, server: &FakeApiServer, node: &str) -> u64 {
-    server.put(Res::Nodes, node_object(lab.profile(), lab.node(node), None))
+    server.put(Res::Nodes, node_object(lab, lab.node(node), None))
 }
 
 /// An agent config for running `watchdog` as `node` against the API server in `kubeconfig`.
@@ -235,11 +278,14 @@ pub fn agent_config_toml_kubernetes(lab: &Lab, node: &str, kubeconfig: &Path) ->
     } else {
         format!("vxlan_vni = {vni}\nvxlan_port = {port}\n")
     };
+    let mut devices = format!("\"{}\"", lab.device());
+    if lab.is_dual_stack() {
+        devices.push_str(&format!(", \"{}\"", crate::DEVICE_V6));
+    }
     format!(
-        "node_name = \"{}\"\nprofile = \"{}\"\ndevices = [\"{}\"]\n{vxlan}\n[datastore]\nsource = \"kubernetes\"\nkubeconfig = \"{}\"\n",
+        "node_name = \"{}\"\nprofile = \"{}\"\ndevices = [{devices}]\n{vxlan}\n[datastore]\nsource = \"kubernetes\"\nkubeconfig = \"{}\"\n",
         lab.node(node).name,
         profile,
-        lab.device(),
         kubeconfig.display()
     )
 }

@@ -214,10 +214,7 @@ pub(crate) fn measure(
         for seq in 0..count {
             for (i, dst) in send_dsts.iter().enumerate() {
                 let payload = encode(nonce, i as u16, seq);
-                if sock
-                    .send_to(&payload, SocketAddr::new(*dst, port))
-                    .is_err()
-                {
+                if sock.send_to(&payload, SocketAddr::new(*dst, port)).is_err() {
                     errors[i] += 1;
                 }
             }
