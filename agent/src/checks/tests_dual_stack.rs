@@ -265,3 +265,52 @@ fn a_single_stack_peer_in_a_dual_stack_cluster_has_no_v6_expectations() {
     );
     assert!(r.findings.iter().all(|f| f.device == V6));
 }
+
+#[test]
+fn flannel_v6_device_is_judged_against_the_ipv6_side() {
+    let mut c = Cluster::flannel();
+    for (name, i) in [("n1", 1u16), ("n2", 2), ("n3", 3)] {
+        let n = c.desired.nodes.get_mut(name).unwrap();
+        let subnet = IpNet::new(
+            IpAddr::V6(std::net::Ipv6Addr::new(0xfd00, 0x244, i, 0, 0, 0, 0, 0)),
+            64,
+        )
+        .unwrap();
+        n.blocks.push(subnet);
+        n.ipv6 = Some(Ipv6Side {
+            node_ip: IpAddr::V6(std::net::Ipv6Addr::new(0xfd00, 0x16, 0, 0, 0, 0, 0, i)),
+            vtep_ip: subnet.network(),
+            vtep_mac: format!("a2:00:00:00:06:0{i}").parse().unwrap(),
+            vtep_mac_derived: false,
+        });
+    }
+    let view: Vec<PeerNode> = ["n1", "n2", "n3"]
+        .iter()
+        .map(|n| c.desired.ipv6().nodes[*n].clone())
+        .collect();
+    let mut v6 = Cluster::programmed("flannel-v6.1", 1, 8472, view);
+    let dev = v6.observed.devices.remove("flannel-v6.1").unwrap();
+    c.observed.devices.insert("flannel-v6.1".into(), dev);
+    let specs = [
+        DeviceSpec::for_name("flannel.1"),
+        DeviceSpec::for_name("flannel-v6.1"),
+    ];
+    let run = |c: &Cluster| {
+        evaluate(&CheckInput {
+            devices: &specs,
+            observed: &c.observed,
+            desired: Some(&c.desired),
+            drops: None,
+            explained_recently: None,
+            datastore: None,
+        })
+    };
+    let r = run(&c);
+    assert!(r.findings.is_empty(), "{:#?}", r.findings);
+    let n3 = c.desired.nodes["n3"].ipv6.clone().unwrap();
+    let dev = c.observed.devices.get_mut("flannel-v6.1").unwrap();
+    dev.fdb.retain(|e| e.mac != n3.vtep_mac);
+    let f = only(&run(&c), CheckId::FdbMissing, Some("n3"));
+    assert_eq!(f.device, "flannel-v6.1");
+    assert_eq!(f.evidence.expected_fdb_destination, Some(n3.node_ip));
+}

@@ -30,6 +30,8 @@ pub const ANN_CALICO_ADDRESS_V6: &str = "projectcalico.org/IPv6Address";
 pub const ANN_CALICO_MAC_V6: &str = "projectcalico.org/VXLANTunnelMACAddrV6";
 pub const ANN_FLANNEL_BACKEND: &str = "flannel.alpha.coreos.com/backend-data";
 pub const ANN_FLANNEL_PUBLIC_IP: &str = "flannel.alpha.coreos.com/public-ip";
+pub const ANN_FLANNEL_BACKEND_V6: &str = "flannel.alpha.coreos.com/backend-v6-data";
+pub const ANN_FLANNEL_PUBLIC_IPV6: &str = "flannel.alpha.coreos.com/public-ipv6";
 
 /// Which CNI's annotations describe the overlay.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, Deserialize)]
@@ -87,7 +89,11 @@ pub struct NodeInfo {
     pub calico_mac_v6: Option<String>,
     pub flannel_backend: Option<String>,
     pub flannel_public_ip: Option<String>,
+    pub flannel_backend_v6: Option<String>,
+    pub flannel_public_ipv6: Option<String>,
     pub pod_cidr: Option<String>,
+    /// `spec.podCIDRs`: on a dual-stack node, one CIDR per family.
+    pub pod_cidrs: Vec<String>,
 }
 
 impl NodeInfo {
@@ -101,6 +107,19 @@ impl NodeInfo {
             calico_mac_v6: obj.annotation(ANN_CALICO_MAC_V6),
             flannel_backend: obj.annotation(ANN_FLANNEL_BACKEND),
             flannel_public_ip: obj.annotation(ANN_FLANNEL_PUBLIC_IP),
+            flannel_backend_v6: obj.annotation(ANN_FLANNEL_BACKEND_V6),
+            flannel_public_ipv6: obj.annotation(ANN_FLANNEL_PUBLIC_IPV6),
+            pod_cidrs: obj
+                .spec
+                .get("podCIDRs")
+                .and_then(Value::as_array)
+                .map(|a| {
+                    a.iter()
+                        .filter_map(Value::as_str)
+                        .map(str::to_string)
+                        .collect()
+                })
+                .unwrap_or_default(),
             pod_cidr: obj
                 .spec
                 .get("podCIDR")
@@ -607,8 +626,74 @@ struct FlannelBackend {
     vtep_mac: Option<String>,
 }
 
+/// flannel's IPv6 side of a dual-stack node (`backend-v6-data`, `public-ipv6`, the IPv6 entry
+/// of `spec.podCIDRs`): `(node_ipv6, vtep_ipv6, vtep_mac_v6, IPv6 subnet)` as raw fields for
+/// the shared validation, or `None` on a single-stack node. A broken IPv6 side is a problem
+/// and its subnet is returned in `unverifiable`.
+fn flannel_v6(
+    object: &str,
+    name: &str,
+    info: &NodeInfo,
+    problems: &mut Vec<DatastoreProblem>,
+    unverifiable: &mut Vec<IpNet>,
+) -> Option<[RawField; 4]> {
+    let subnet = info
+        .pod_cidrs
+        .iter()
+        .filter_map(|c| c.trim().parse::<IpNet>().ok())
+        .find(|c| c.addr().is_ipv6())
+        .map(|c| c.trunc());
+    // host-gw and single-stack nodes publish "null" or nothing.
+    let backend = info
+        .flannel_backend_v6
+        .as_deref()
+        .filter(|b| !matches!(b.trim(), "" | "null"))?;
+    let mac_field = format!("{}.VtepMAC", ann_field(ANN_FLANNEL_BACKEND_V6));
+    let broken = |field: &str, message: String, problems: &mut Vec<DatastoreProblem>| {
+        problems.push(problem(object.to_string(), Some(name), field, message));
+    };
+    let Some(subnet) = subnet else {
+        broken(
+            "spec.podCIDRs",
+            format!("no IPv6 CIDR, but {ANN_FLANNEL_BACKEND_V6} is set"),
+            problems,
+        );
+        return None;
+    };
+    let mac = match serde_json::from_str::<FlannelBackend>(backend) {
+        Ok(FlannelBackend { vtep_mac: Some(m) }) => m,
+        Ok(FlannelBackend { vtep_mac: None }) => {
+            broken(&mac_field, "missing".to_string(), problems);
+            unverifiable.push(subnet);
+            return None;
+        }
+        Err(e) => {
+            broken(
+                &ann_field(ANN_FLANNEL_BACKEND_V6),
+                format!("not the expected JSON {{\"VNI\":…,\"VtepMAC\":…}}: {e}"),
+                problems,
+            );
+            unverifiable.push(subnet);
+            return None;
+        }
+    };
+    Some([
+        RawField::new(
+            ann_field(ANN_FLANNEL_PUBLIC_IPV6),
+            info.flannel_public_ipv6
+                .as_deref()
+                .map(|v| v.trim().to_string()),
+        ),
+        // As for IPv4: the subnet's network address is the VTEP.
+        RawField::new("spec.podCIDRs", Some(subnet.network().to_string())),
+        RawField::new(mac_field, Some(mac.trim().to_string())),
+        RawField::new("spec.podCIDRs", Some(subnet.to_string())),
+    ])
+}
+
 fn build_flannel(view: &CacheView, out: &mut DesiredState) {
     let mut records: Vec<RawNode> = Vec::new();
+    let mut unverifiable_v6: Vec<IpNet> = Vec::new();
     for (name, info) in view.nodes {
         let object = format!("Node/{name}");
         let (Some(backend_raw), Some(public_raw)) = (
@@ -689,6 +774,18 @@ fn build_flannel(view: &CacheView, out: &mut DesiredState) {
                 continue;
             }
         };
+        let v6 = flannel_v6(&object, name, info, &mut out.problems, &mut unverifiable_v6);
+        let mut blocks = vec![RawField::new(
+            "spec.podCIDR",
+            info.pod_cidr.as_deref().map(|c| c.trim().to_string()),
+        )];
+        let [node_ipv6, vtep_ipv6, vtep_mac_v6] = match v6 {
+            Some([node_ipv6, vtep_ipv6, vtep_mac_v6, subnet]) => {
+                blocks.push(subnet);
+                [node_ipv6, vtep_ipv6, vtep_mac_v6]
+            }
+            None => Default::default(),
+        };
         records.push(RawNode {
             object,
             name: RawField::new("metadata.name", Some(name.clone())),
@@ -699,17 +796,17 @@ fn build_flannel(view: &CacheView, out: &mut DesiredState) {
                 format!("{}.VtepMAC", ann_field(ANN_FLANNEL_BACKEND)),
                 Some(vtep_mac.to_string()),
             ),
-            blocks: vec![RawField::new(
-                "spec.podCIDR",
-                info.pod_cidr.as_deref().map(|c| c.trim().to_string()),
-            )],
+            blocks,
             borrowed: Vec::new(),
-            node_ipv6: RawField::default(),
-            vtep_ipv6: RawField::default(),
-            vtep_mac_v6: RawField::default(),
+            node_ipv6,
+            vtep_ipv6,
+            vtep_mac_v6,
         });
     }
     validate(view, records, out);
+    out.unverifiable.extend(unverifiable_v6);
+    out.unverifiable.sort();
+    out.unverifiable.dedup();
 }
 
 #[cfg(test)]

@@ -554,3 +554,45 @@ fn calico_dual_stack_annotations_give_the_ipv6_side() {
     assert!(d.nodes["k8s03"].ipv6.is_none());
     assert_eq!(d.nodes["k8s03"].vtep_ip, v4(10, 1, 3, 0));
 }
+
+#[test]
+fn flannel_dual_stack_annotations_give_the_ipv6_side() {
+    let node = |name: &str, n: u8, v6_backend: &str| {
+        let obj = lite(json!({"metadata": {"name": name, "annotations": {
+            ANN_FLANNEL_BACKEND: format!("{{\"VNI\":1,\"VtepMAC\":\"aa:bb:cc:dd:ee:0{n}\"}}"),
+            ANN_FLANNEL_PUBLIC_IP: format!("192.168.88.{n}"),
+            ANN_FLANNEL_BACKEND_V6: v6_backend,
+            ANN_FLANNEL_PUBLIC_IPV6: format!("fd00:88::{n}")}},
+            "spec": {"podCIDR": format!("10.244.{n}.0/24"),
+                     "podCIDRs": [format!("10.244.{n}.0/24"), format!("fd00:244:{n}::/64")]}}));
+        (name.to_string(), NodeInfo::from_object(&obj))
+    };
+    let nodes: BTreeMap<_, _> = [
+        node("f1", 1, "{\"VNI\":1,\"VtepMAC\":\"aa:bb:cc:dd:ee:61\"}"),
+        node("f2", 2, "{\"VNI\":1,\"VtepMAC\":\"aa:bb:cc:dd:ee:62\"}"),
+        node("f3", 3, "{broken"),
+        node("f4", 4, "null"),
+    ]
+    .into_iter()
+    .collect();
+    let (b, a) = (BTreeMap::new(), BTreeMap::new());
+    let d = build_desired(KubeProfile::Flannel, "f1", &CacheView::new(&nodes, &b, &a));
+    let side = d.nodes["f2"].ipv6.clone().expect("IPv6 side");
+    assert_eq!(side.node_ip, "fd00:88::2".parse::<IpAddr>().unwrap());
+    assert_eq!(side.vtep_ip, "fd00:244:2::".parse::<IpAddr>().unwrap());
+    assert_eq!(side.vtep_mac.to_string(), "aa:bb:cc:dd:ee:62");
+    assert_eq!(
+        d.ipv6().nodes["f2"].blocks,
+        vec!["fd00:244:2::/64".parse::<IpNet>().unwrap()]
+    );
+    // A broken IPv6 backend is a problem; its IPv6 subnet is not judged; IPv4 stays.
+    assert_eq!(d.problems.len(), 1, "{:?}", d.problems);
+    assert_eq!(d.problems[0].object, "Node/f3");
+    assert!(d.nodes["f3"].ipv6.is_none());
+    assert_eq!(
+        d.unverifiable,
+        vec!["fd00:244:3::/64".parse::<IpNet>().unwrap()]
+    );
+    // "null" (host-gw, or single stack) is no IPv6 side and no problem.
+    assert!(d.nodes["f4"].ipv6.is_none());
+}
