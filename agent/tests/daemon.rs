@@ -727,3 +727,62 @@ fn calico_every_fault_under_traffic_then_silence() {
 fn flannel_every_fault_under_traffic_then_silence() {
     every_fault_under_traffic_then_silence(LabSpec::flannel(3), "node1", "node2");
 }
+
+/// The daemon on a dual-stack node: silent while both overlays carry traffic, the incident on
+/// the IPv6 overlay alone is found there and clears when Felix's route is back.
+#[test]
+fn dual_stack_daemon_is_silent_then_finds_the_v6_incident_on_v6() {
+    let mut lab = build_lab();
+    lab.add_ipv6_overlay().expect("adding the IPv6 overlay");
+    let agent = Agent::start_with_ebpf(&mut lab, "k8s01");
+    for peer in ["k8s02", "k8s03"] {
+        assert!(lab.traffic("k8s01", peer, 3).unwrap().all_delivered());
+        let (sent, got) = lab.traffic_v6("k8s01", peer, 3).unwrap();
+        assert_eq!(got, sent, "IPv6 k8s01 -> {peer}");
+    }
+    let quiet_for = |what: &str, span: Duration| {
+        let started = Instant::now();
+        while started.elapsed() < span {
+            let f = agent.findings();
+            assert!(
+                f.is_empty(),
+                "{what}: false alarm {:#?}\n{}",
+                f,
+                agent.log()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    quiet_for("healthy dual stack", Duration::from_secs(2));
+
+    let k8s03 = lab.ipv6_of("k8s03");
+    let (block, base) = (k8s03.block.to_string(), k8s03.block.network().to_string());
+    lab.ip(
+        "k8s01",
+        &[
+            "route",
+            "replace",
+            &block,
+            "via",
+            &base,
+            "dev",
+            watchdog_lab::DEVICE_V6,
+            "onlink",
+        ],
+    )
+    .unwrap();
+    let _ = lab.traffic_v6("k8s01", "k8s03", 3);
+    let (found, _) = agent.wait_findings("IPv6 incident", |f| {
+        f.iter().any(|f| f.check.as_str() == "gateway-wrong-vtep")
+    });
+    assert!(
+        found
+            .iter()
+            .all(|f| f.device == watchdog_lab::DEVICE_V6 && f.peer_node.as_deref() == Some("k8s03")),
+        "{found:#?}"
+    );
+    lab.heal_ipv6("k8s01").unwrap();
+    agent.wait_findings("IPv6 incident cleared", |f| f.is_empty());
+    let (sent, got) = lab.traffic_v6("k8s01", "k8s03", 3).unwrap();
+    assert_eq!(got, sent, "IPv6 after healing");
+}
