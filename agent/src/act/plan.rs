@@ -52,7 +52,12 @@ mod tests {
     /// Engine → findings → plan → recording writer → engine again: the writes fix exactly what
     /// was found, and nothing is left.
     async fn repaired(c: Cluster) -> (Vec<CheckId>, Vec<Remedy>) {
-        let mut engine = Engine::new(&[c.device.to_string()]);
+        let devices = [c.device.to_string()];
+        repaired_on(&devices, c).await
+    }
+
+    async fn repaired_on(devices: &[String], c: Cluster) -> (Vec<CheckId>, Vec<Remedy>) {
+        let mut engine = Engine::new(devices);
         engine.set_desired(Some(c.desired.clone()));
         engine.replace_observed(c.observed.clone());
         let found = engine.evaluate(SystemTime::now()).report.findings;
@@ -172,6 +177,31 @@ mod tests {
                 "{what}: nothing found"
             );
         }
+    }
+
+    #[tokio::test]
+    async fn the_incident_on_the_v6_overlay_is_repaired_there_with_v6_routes() {
+        use crate::checks::tests_dual_stack::{dual_stack, V4, V6};
+        let mut c = dual_stack();
+        let k8s03 = c.desired.nodes["k8s03"].ipv6.clone().unwrap();
+        let wrong = c.desired.nodes["k8s02"].ipv6.clone().unwrap().vtep_ip;
+        let blocks = c.desired.ipv6().nodes["k8s03"].blocks.clone();
+        for r in &mut c.observed.devices.get_mut(V6).unwrap().routes {
+            if blocks.contains(&r.destination) {
+                r.gateway = Some(wrong);
+            }
+        }
+        let (found, plan) = repaired_on(&[V4.to_string(), V6.to_string()], c).await;
+        assert_eq!(found, vec![CheckId::GatewayWrongVtep]);
+        assert_eq!(plan.len(), blocks.len());
+        assert!(
+            plan.iter().all(|r| matches!(
+                r,
+                Remedy::RouteReplace { device, gateway, destination, .. }
+                    if device == V6 && *gateway == k8s03.vtep_ip && destination.addr().is_ipv6()
+            )),
+            "{plan:#?}"
+        );
     }
 
     #[test]

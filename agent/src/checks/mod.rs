@@ -15,7 +15,7 @@ mod stray;
 #[cfg(test)]
 pub(crate) mod tests;
 #[cfg(test)]
-mod tests_dual_stack;
+pub(crate) mod tests_dual_stack;
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},

@@ -7,13 +7,13 @@ use super::tests::{ip, net, only, route, summary, Cluster};
 use super::*;
 use crate::model::{Ipv6Side, PeerNode, Route, RouteKind};
 
-const V6: &str = "vxlan-v6.calico";
-const V4: &str = "vxlan.calico";
+pub(crate) const V6: &str = "vxlan-v6.calico";
+pub(crate) const V4: &str = "vxlan.calico";
 
 /// Calico's three nodes, each with an IPv6 side: node address `fd00:77::N`, VTEP the network
 /// address of its first IPv6 block (as Calico allocates it), MAC derived from `name + "-v6"`.
 /// Both devices programmed as Felix does, the kernel's own routes on the v6 one included.
-fn dual_stack() -> Cluster {
+pub(crate) fn dual_stack() -> Cluster {
     let mut c = Cluster::calico();
     let v6 = [
         ("k8s01", "fd00:77::1", &["fd10:1:10::/122"][..]),
