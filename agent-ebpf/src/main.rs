@@ -18,12 +18,13 @@
 #![feature(asm_experimental_arch)]
 
 use agent_ebpf::{
-    device_drop_index, NeighKey, PeerCache, PeerDropKey, PeerPending, CLASS_ARP, CLASS_IPV4,
-    CLASS_IPV6, CLASS_OTHER, CONFIG_PEER_GENERATION, CONFIG_SLOTS, DEVICE_DROP_SLOTS,
-    NEIGH_DEVICE_CAPACITY, NEIGH_GATEWAY_CAPACITY, NEIGH_LAST_STATE_CAPACITY, NUD_FAILED,
-    NUD_INCOMPLETE, OVERFLOW_HEADER_UNREADABLE, OVERFLOW_NEIGH, OVERFLOW_PEER_DROPS,
-    OVERFLOW_SLOTS, PEER_BLOCKS_CAPACITY, PEER_DROPS_CAPACITY, PEER_UNKNOWN,
-    RDONLY_CAST_PLACEHOLDER_INSN, WATCHED_DEVICES_CAPACITY,
+    device_drop_index, ipv4_mapped, NeighKey, PeerCache, PeerCacheV6, PeerDropKey, PeerPending,
+    CLASS_ARP, CLASS_IPV4, CLASS_IPV6, CLASS_IPV6_MULTICAST, CLASS_OTHER, CONFIG_PEER_GENERATION,
+    CONFIG_SLOTS, DEVICE_DROP_SLOTS, NEIGH_DEVICE_CAPACITY, NEIGH_GATEWAY_CAPACITY,
+    NEIGH_LAST_STATE_CAPACITY, NUD_FAILED, NUD_INCOMPLETE, OVERFLOW_HEADER_UNREADABLE,
+    OVERFLOW_NEIGH, OVERFLOW_PEER_DROPS, OVERFLOW_SLOTS, PEER_BLOCKS_CAPACITY,
+    PEER_BLOCKS_V6_CAPACITY, PEER_DROPS_CAPACITY, PEER_UNKNOWN, RDONLY_CAST_PLACEHOLDER_INSN,
+    WATCHED_DEVICES_CAPACITY,
 };
 use aya_ebpf::{
     helpers::bpf_probe_read_kernel,
@@ -66,6 +67,10 @@ static OFFSET_NEIGH_TABLE_FAMILY: u32 = 0;
 static BTF_ID_IPHDR: u32 = 0;
 #[no_mangle]
 static BTF_ID_IN_ADDR: u32 = 0;
+#[no_mangle]
+static BTF_ID_IPV6HDR: u32 = 0;
+#[no_mangle]
+static BTF_ID_IN6_ADDR: u32 = 0;
 
 #[map]
 static DEVICE_DROPS: PerCpuArray<u64> = PerCpuArray::with_max_entries(DEVICE_DROP_SLOTS, 0);
@@ -91,6 +96,13 @@ static PEER_BLOCKS: LpmTrie<u32, u32> = LpmTrie::with_max_entries(PEER_BLOCKS_CA
 static PEER_CACHE: PerCpuArray<PeerCache> = PerCpuArray::with_max_entries(1, 0);
 
 #[map]
+static PEER_BLOCKS_V6: LpmTrie<[u32; 4], u32> =
+    LpmTrie::with_max_entries(PEER_BLOCKS_V6_CAPACITY, 0);
+
+#[map]
+static PEER_CACHE_V6: PerCpuArray<PeerCacheV6> = PerCpuArray::with_max_entries(1, 0);
+
+#[map]
 static NEIGH_LAST_STATE: LruHashMap<NeighKey, u32> =
     LruHashMap::with_max_entries(NEIGH_LAST_STATE_CAPACITY, 0);
 
@@ -109,8 +121,11 @@ const ETH_P_IP: u16 = 0x0800;
 const ETH_P_ARP: u16 = 0x0806;
 const ETH_P_IPV6: u16 = 0x86dd;
 const AF_INET: u32 = 2;
+const AF_INET6: u32 = 10;
 /// `offsetof(struct iphdr, daddr)`: a UAPI layout, stable across kernels.
 const IPHDR_DADDR: usize = 16;
+/// `offsetof(struct ipv6hdr, daddr)` (UAPI).
+const IPV6HDR_DADDR: usize = 24;
 
 /// Reads a global that user space patched; volatile so LLVM cannot fold the default 0.
 #[inline(always)]
@@ -225,21 +240,23 @@ fn try_kfree_skb(ctx: &BtfTracePointContext) -> Result<(), ()> {
     let dev: *const u8 = unsafe { load(skb, global(&OFFSET_SKB_DEV)) };
     let (slot, _) = watched_slot(dev).ok_or(())?;
     let protocol = u16::from_be(unsafe { load::<u16>(skb, global(&OFFSET_SKB_PROTOCOL)) });
-    let class = match protocol {
-        ETH_P_IP => CLASS_IPV4,
-        ETH_P_ARP => CLASS_ARP,
-        ETH_P_IPV6 => CLASS_IPV6,
-        _ => CLASS_OTHER,
+    // None: a data packet whose inner header could not be read.
+    let (class, peer) = match protocol {
+        ETH_P_IP => (CLASS_IPV4, network_header(skb).and_then(peer_of_v4)),
+        ETH_P_IPV6 => match network_header(skb).and_then(ipv6_destination) {
+            Some(daddr) if is_multicast(&daddr) => (CLASS_IPV6_MULTICAST, Some(PEER_UNKNOWN)),
+            Some(daddr) => (CLASS_IPV6, Some(peer_of_v6(&daddr))),
+            None => (CLASS_IPV6, None),
+        },
+        ETH_P_ARP => (CLASS_ARP, Some(PEER_UNKNOWN)),
+        _ => (CLASS_OTHER, Some(PEER_UNKNOWN)),
     };
     bump_array(&DEVICE_DROPS, device_drop_index(slot, class, reason));
-    if class != CLASS_IPV4 {
-        return Ok(());
-    }
-    let Some(peer) = peer_of(skb) else {
+    let Some(peer) = peer else {
         if overflow_first(OVERFLOW_HEADER_UNREADABLE) {
             warn!(
                 ctx,
-                "IPv4 drop on a watched device with an unreadable inner header: its peer stays unknown"
+                "data drop on a watched device with an unreadable inner header: its peer stays unknown"
             );
         }
         return Ok(());
@@ -251,7 +268,7 @@ fn try_kfree_skb(ctx: &BtfTracePointContext) -> Result<(), ()> {
     // SAFETY: a per-CPU map value; the program does not nest on one CPU (the kernel skips a
     // recursive run), so nothing else writes it meanwhile.
     let p = unsafe { &mut *pending };
-    if p.count != 0 && p.reason == reason && p.peer == peer {
+    if p.count != 0 && p.reason == reason && p.peer == peer && p.class == class {
         p.count += 1;
         return Ok(());
     }
@@ -262,6 +279,7 @@ fn try_kfree_skb(ctx: &BtfTracePointContext) -> Result<(), ()> {
         unsafe { core::ptr::write_volatile(&mut p.count, 0) };
         let key = PeerDropKey {
             slot,
+            class: p.class,
             reason: p.reason,
             peer: p.peer,
         };
@@ -274,6 +292,7 @@ fn try_kfree_skb(ctx: &BtfTracePointContext) -> Result<(), ()> {
         }
     }
     unsafe {
+        core::ptr::write_volatile(&mut p.class, class);
         core::ptr::write_volatile(&mut p.reason, reason);
         core::ptr::write_volatile(&mut p.peer, peer);
         core::ptr::write_volatile(&mut p.count, 1);
@@ -281,19 +300,31 @@ fn try_kfree_skb(ctx: &BtfTracePointContext) -> Result<(), ()> {
     Ok(())
 }
 
-/// Peer id of the skb's IPv4 destination ([`PEER_UNKNOWN`] outside every block), None when the
-/// header cannot be read. On the VXLAN device before encapsulation the network header is the
-/// inner (pod-to-pod) IP header.
+/// The skb's network header. On the VXLAN device before encapsulation it is the inner
+/// (pod-to-pod) IP header.
 #[inline(always)]
-fn peer_of(skb: *const u8) -> Option<u32> {
+fn network_header(skb: *const u8) -> Option<*const u8> {
     // `head` is a plain `unsigned char *`: the verifier treats it as a scalar, so the packet
-    // bytes need bpf_probe_read_kernel rather than a direct load.
+    // bytes need bpf_rdonly_cast or bpf_probe_read_kernel rather than a direct load.
     let head: *const u8 = unsafe { load(skb, global(&OFFSET_SKB_HEAD)) };
     let network_header: u16 = unsafe { load(skb, global(&OFFSET_SKB_NETWORK_HEADER)) };
     if head.is_null() || network_header == u16::MAX {
         return None;
     }
-    let iphdr = unsafe { head.add(network_header as usize) };
+    Some(unsafe { head.add(network_header as usize) })
+}
+
+/// The current trie generation: user space bumps it after every change of a trie, which
+/// invalidates the per-CPU caches.
+#[inline(always)]
+fn peer_generation() -> u32 {
+    CONFIG.get(CONFIG_PEER_GENERATION).copied().unwrap_or(0)
+}
+
+/// Peer id of the IPv4 destination ([`PEER_UNKNOWN`] outside every block), None when the
+/// header cannot be read.
+#[inline(always)]
+fn peer_of_v4(iphdr: *const u8) -> Option<u32> {
     let iphdr_btf_id = global(&BTF_ID_IPHDR) as u32;
     let daddr = if iphdr_btf_id != 0 {
         // A constant from .rodata: the verifier keeps only one of these two branches. This one
@@ -308,9 +339,8 @@ fn peer_of(skb: *const u8) -> Option<u32> {
         let daddr_ptr = unsafe { iphdr.add(IPHDR_DADDR) } as *const u32;
         unsafe { bpf_probe_read_kernel(daddr_ptr) }.ok()?
     };
-    // Drops come in storms toward one destination: remember the last answer per CPU. User
-    // space bumps the generation after every change of the trie, which invalidates it.
-    let generation = CONFIG.get(CONFIG_PEER_GENERATION).copied().unwrap_or(0);
+    // Drops come in storms toward one destination: remember the last answer per CPU.
+    let generation = peer_generation();
     let cache = PEER_CACHE.get_ptr_mut(0);
     if let Some(cache) = cache {
         let c = unsafe { &*cache };
@@ -333,6 +363,73 @@ fn peer_of(skb: *const u8) -> Option<u32> {
         };
     }
     Some(peer)
+}
+
+/// Destination of an IPv6 header, None when it cannot be read (a fault reads `::`, never a
+/// destination).
+#[inline(always)]
+fn ipv6_destination(ipv6hdr: *const u8) -> Option<[u32; 4]> {
+    let ipv6hdr_btf_id = global(&BTF_ID_IPV6HDR) as u32;
+    let daddr = if ipv6hdr_btf_id != 0 {
+        let h = unsafe { rdonly_cast(ipv6hdr, ipv6hdr_btf_id) };
+        unsafe {
+            [
+                load::<u32>(h, IPV6HDR_DADDR),
+                load::<u32>(h, IPV6HDR_DADDR + 4),
+                load::<u32>(h, IPV6HDR_DADDR + 8),
+                load::<u32>(h, IPV6HDR_DADDR + 12),
+            ]
+        }
+    } else {
+        let daddr_ptr = unsafe { ipv6hdr.add(IPV6HDR_DADDR) } as *const [u32; 4];
+        unsafe { bpf_probe_read_kernel(daddr_ptr) }.ok()?
+    };
+    if daddr[0] | daddr[1] | daddr[2] | daddr[3] == 0 {
+        return None;
+    }
+    Some(daddr)
+}
+
+/// `ff00::/8`.
+#[inline(always)]
+fn is_multicast(daddr: &[u32; 4]) -> bool {
+    daddr[0].to_ne_bytes()[0] == 0xff
+}
+
+/// Peer id of an IPv6 destination ([`PEER_UNKNOWN`] outside every block), behind a per-CPU
+/// cache as for IPv4.
+#[inline(always)]
+fn peer_of_v6(daddr: &[u32; 4]) -> u32 {
+    let generation = peer_generation();
+    let cache = PEER_CACHE_V6.get_ptr_mut(0);
+    if let Some(cache) = cache {
+        let c = unsafe { &*cache };
+        if c.generation == generation
+            && c.valid != 0
+            && c.daddr[0] == daddr[0]
+            && c.daddr[1] == daddr[1]
+            && c.daddr[2] == daddr[2]
+            && c.daddr[3] == daddr[3]
+        {
+            return c.peer;
+        }
+    }
+    let peer = PEER_BLOCKS_V6
+        .get(Key::new(128, *daddr))
+        .copied()
+        .unwrap_or(PEER_UNKNOWN);
+    if let Some(cache) = cache {
+        unsafe {
+            *cache = PeerCacheV6 {
+                daddr: *daddr,
+                peer,
+                generation,
+                valid: 1,
+                _pad: 0,
+            }
+        };
+    }
+    peer
 }
 
 /// `bpf_rdonly_cast(ptr, btf_id)`: `ptr` as an untrusted read-only pointer to the vmlinux type
@@ -396,24 +493,16 @@ fn observe_neigh(ctx: &BtfTracePointContext, neigh: *const u8) -> Result<(), ()>
         return Err(());
     }
     let family: u32 = unsafe { load(tbl, global(&OFFSET_NEIGH_TABLE_FAMILY)) };
-    if family != AF_INET {
-        return Ok(());
-    }
-    let state = u32::from(unsafe { load::<u8>(neigh, global(&OFFSET_NEIGH_NUD_STATE)) });
-    // primary_key is a flexible array of u8: the verifier refuses a typed u32 load from it, so
-    // read it as a `struct in_addr` (direct load, a fault reads 0.0.0.0: no gateway), or with
-    // the helper on kernels without bpf_rdonly_cast.
+    // primary_key is a flexible array of u8: the verifier refuses a typed load from it, so
+    // read it as a `struct in_addr` / `struct in6_addr` (direct load, a fault reads zeros: no
+    // gateway), or with the helper on kernels without bpf_rdonly_cast.
     let key_ptr = unsafe { neigh.add(global(&OFFSET_NEIGH_PRIMARY_KEY)) };
-    let in_addr_btf_id = global(&BTF_ID_IN_ADDR) as u32;
-    let addr = if in_addr_btf_id != 0 {
-        let in_addr = unsafe { rdonly_cast(key_ptr, in_addr_btf_id) };
-        match unsafe { load::<u32>(in_addr, 0) } {
-            0 => return Err(()),
-            addr => addr,
-        }
-    } else {
-        unsafe { bpf_probe_read_kernel(key_ptr as *const u32) }.map_err(|_| ())?
+    let addr = match family {
+        AF_INET => ipv4_mapped(neighbour_ipv4(key_ptr)?),
+        AF_INET6 => neighbour_ipv6(key_ptr)?,
+        _ => return Ok(()),
     };
+    let state = u32::from(unsafe { load::<u8>(neigh, global(&OFFSET_NEIGH_NUD_STATE)) });
 
     let last_key = NeighKey {
         ifindex,
@@ -442,8 +531,8 @@ fn observe_neigh(ctx: &BtfTracePointContext, neigh: *const u8) -> Result<(), ()>
     }
     let device_key = NeighKey {
         ifindex,
-        addr: 0,
         state,
+        addr: [0; 4],
     };
     if !bump(&NEIGH_DEVICE, &device_key) && overflow_first(OVERFLOW_NEIGH) {
         warn!(
@@ -452,6 +541,44 @@ fn observe_neigh(ctx: &BtfTracePointContext, neigh: *const u8) -> Result<(), ()>
         );
     }
     Ok(())
+}
+
+/// An ARP entry's IPv4 address (network-order bytes in a u32).
+#[inline(always)]
+fn neighbour_ipv4(key_ptr: *const u8) -> Result<u32, ()> {
+    let in_addr_btf_id = global(&BTF_ID_IN_ADDR) as u32;
+    if in_addr_btf_id != 0 {
+        let in_addr = unsafe { rdonly_cast(key_ptr, in_addr_btf_id) };
+        match unsafe { load::<u32>(in_addr, 0) } {
+            0 => Err(()),
+            addr => Ok(addr),
+        }
+    } else {
+        unsafe { bpf_probe_read_kernel(key_ptr as *const u32) }.map_err(|_| ())
+    }
+}
+
+/// An NDP entry's IPv6 address.
+#[inline(always)]
+fn neighbour_ipv6(key_ptr: *const u8) -> Result<[u32; 4], ()> {
+    let in6_addr_btf_id = global(&BTF_ID_IN6_ADDR) as u32;
+    let addr = if in6_addr_btf_id != 0 {
+        let a = unsafe { rdonly_cast(key_ptr, in6_addr_btf_id) };
+        unsafe {
+            [
+                load::<u32>(a, 0),
+                load::<u32>(a, 4),
+                load::<u32>(a, 8),
+                load::<u32>(a, 12),
+            ]
+        }
+    } else {
+        unsafe { bpf_probe_read_kernel(key_ptr as *const [u32; 4]) }.map_err(|_| ())?
+    };
+    if addr[0] | addr[1] | addr[2] | addr[3] == 0 {
+        return Err(());
+    }
+    Ok(addr)
 }
 
 #[cfg(not(test))]

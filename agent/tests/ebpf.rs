@@ -10,7 +10,7 @@
 use std::{
     collections::BTreeSet,
     fs::File,
-    net::{Ipv4Addr, UdpSocket},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, UdpSocket},
     os::fd::AsRawFd,
     path::PathBuf,
     process::Command,
@@ -99,9 +99,11 @@ impl Netns {
 
     /// Sends `count` UDP datagrams to `dst:port` from inside the namespace (errors ignored:
     /// an unresolvable gateway makes some sends fail, which is the point).
-    fn send_udp(&self, dst: Ipv4Addr, port: u16, count: usize) {
+    fn send_udp(&self, dst: impl Into<IpAddr>, port: u16, count: usize) {
+        let dst = dst.into();
         self.run_in(move || {
-            let sock = UdpSocket::bind("0.0.0.0:0").expect("bind");
+            let any = if dst.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" };
+            let sock = UdpSocket::bind(any).expect("bind");
             for _ in 0..count {
                 let _ = sock.send_to(&[0u8; 200], (dst, port));
             }
@@ -217,7 +219,7 @@ fn unresolvable_gateway_counts_data_drops_per_peer_arp_as_control_and_neighbour_
     watch(&mut counters, ifindex);
 
     ns.send_udp(Ipv4Addr::new(10, 9, 0, 5), 9000, 50);
-    let gateway = Ipv4Addr::new(10, 9, 0, 0);
+    let gateway = IpAddr::from([10, 9, 0, 0]);
     let snap = wait_for(&counters, Duration::from_secs(5), |s| {
         s.data_drops_to_peer("k8s03").contains_key("NEIGH_FAILED")
             && s.neighbour_total(ifindex, NeighTarget::Failed) > 0
@@ -367,10 +369,117 @@ fn probe_read_path_attributes_drops_like_the_direct_load() {
     assert_eq!(snap.overflow.header_unreadable, 0);
     // The neighbour programs read the gateway address with the helper too.
     assert_eq!(
-        snap.neighbour_gateway(ifindex, Ipv4Addr::new(10, 9, 0, 0), NeighTarget::Incomplete),
+        snap.neighbour_gateway(ifindex, [10, 9, 0, 0].into(), NeighTarget::Incomplete),
         1,
         "{snap:#?}"
     );
+}
+
+/// The incident on an IPv6 overlay: `fd10:9::/122 via fd10:9:: dev vxlan-v6.calico onlink`
+/// with no neighbour and no FDB entry; NDP sped up as ARP is in [`broken_sender`].
+fn broken_sender_v6(tag: &str) -> Netns {
+    let ns = Netns::new(tag);
+    let dev = "vxlan-v6.calico";
+    ns.ip(&[
+        "link",
+        "add",
+        dev,
+        "type",
+        "vxlan",
+        "id",
+        "4096",
+        "dstport",
+        "4789",
+        "nolearning",
+    ]);
+    ns.ip(&["-6", "addr", "add", "fd10:9:1::/128", "dev", dev, "nodad"]);
+    ns.ip(&["link", "set", dev, "up"]);
+    ns.ip(&[
+        "-6",
+        "route",
+        "add",
+        "fd10:9::/122",
+        "via",
+        "fd10:9::",
+        "dev",
+        dev,
+        "onlink",
+    ]);
+    ns.sysctl(&format!("net/ipv6/neigh/{dev}/mcast_solicit"), "2");
+    ns.sysctl(&format!("net/ipv6/neigh/{dev}/retrans_time_ms"), "100");
+    ns
+}
+
+/// IPv6 drops behind an unresolvable gateway are k8s03's (its IPv6 block, not its IPv4 one,
+/// not k8s02's), the NDP entry's transitions are the gateway's, and the solicitations are
+/// control: with the direct load and with the probe-read fallback.
+#[test]
+fn ipv6_drops_are_attributed_by_the_v6_trie_and_ndp_failures_name_the_gateway() {
+    type Loader = fn(
+        Option<&std::path::Path>,
+    ) -> Result<EbpfDropCounters, dataplane_watchdog::ebpf::EbpfStatus>;
+    let loaders: [(&str, Loader); 2] = [
+        ("direct", EbpfDropCounters::load),
+        ("probe", EbpfDropCounters::load_with_probe_read),
+    ];
+    for (tag, loader) in loaders {
+        let ns = broken_sender_v6(&format!("v6{tag}"));
+        let ifindex = ns.ifindex("vxlan-v6.calico");
+        let mut counters =
+            loader(Some(&ns.path())).unwrap_or_else(|status| panic!("{tag}: {status:?}"));
+        assert_eq!(counters.status().state, EbpfState::Attached, "{tag}");
+        counters
+            .set_watched_devices(&BTreeSet::from([ifindex]))
+            .unwrap();
+        counters
+            .set_peer_blocks(&[
+                ("k8s03".into(), "10.9.0.0/26".parse().unwrap()),
+                ("k8s03".into(), "fd10:9::/122".parse().unwrap()),
+                ("k8s02".into(), "fd10:9:2::/122".parse().unwrap()),
+                ("k8s02".into(), "fd10:9::/64".parse().unwrap()),
+            ])
+            .unwrap();
+        ns.send_udp("fd10:9::5".parse::<Ipv6Addr>().unwrap(), 9000, 30);
+        let gateway: IpAddr = "fd10:9::".parse().unwrap();
+        let snap = wait_for(&counters, Duration::from_secs(5), |s| {
+            s.data_drops_to_peer("k8s03").values().sum::<u64>() >= 30
+                && s.neighbour_gateway(ifindex, gateway, NeighTarget::Failed) > 0
+        });
+        assert_eq!(
+            snap.data_drops_to_peer("k8s03").values().sum::<u64>(),
+            30,
+            "{tag}: the longest prefix (k8s03's /122, not k8s02's /64) wins: {snap:#?}"
+        );
+        assert!(snap.data_drops_to_peer("k8s02").is_empty(), "{tag}");
+        assert!(
+            snap.drops
+                .iter()
+                .filter(|d| d.class.is_data())
+                .all(|d| d.class == TrafficClass::Ipv6 && d.peer.as_deref() == Some("k8s03")),
+            "{tag}: {snap:#?}"
+        );
+        let solicits: u64 = snap
+            .drops
+            .iter()
+            .filter(|d| d.class == TrafficClass::Ipv6Multicast)
+            .map(|d| d.packets)
+            .sum();
+        assert!(
+            solicits > 0,
+            "{tag}: neighbour solicitations not counted: {snap:#?}"
+        );
+        assert_eq!(
+            snap.neighbour_gateway(ifindex, gateway, NeighTarget::Incomplete),
+            1,
+            "{tag}: {snap:#?}"
+        );
+        assert_eq!(
+            snap.neighbour_gateway(ifindex, gateway, NeighTarget::Failed),
+            1,
+            "{tag}: {snap:#?}"
+        );
+        assert_eq!(snap.overflow.header_unreadable, 0, "{tag}");
+    }
 }
 
 /// Where the kernel has the kfunc (this project's CI kernel does), the default load uses it.
@@ -579,12 +688,12 @@ fn leaving_peers_are_harvested_without_moving_counts_and_churn_stays_flat() {
 
     // Churn: three waves of 500 nodes replacing each other.
     for wave in 0..3u32 {
-        let blocks: Vec<(String, ipnet::Ipv4Net)> = (0..500u32)
+        let blocks: Vec<(String, ipnet::IpNet)> = (0..500u32)
             .map(|i| {
                 let addr = Ipv4Addr::from(0x0a40_0000 + (i << 6));
                 (
                     format!("wave{wave}-node{i}"),
-                    ipnet::Ipv4Net::new(addr, 26).unwrap(),
+                    ipnet::IpNet::new(addr.into(), 26).unwrap(),
                 )
             })
             .chain([k8s02.clone()])

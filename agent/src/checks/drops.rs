@@ -10,7 +10,13 @@ use crate::model::{CheckId, Finding, Severity};
 /// Data packets dropped toward one peer in the evaluation window, by kernel drop reason.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct PeerDrops {
+    /// The device most of the packets were dropped on.
     pub device: String,
+    /// Every device packets toward the peer were dropped on (a dual-stack peer's IPv4 and
+    /// IPv6 overlays): a finding explains only the drops of its own device's family. Empty:
+    /// not known, any finding for the peer explains them.
+    #[serde(skip_serializing_if = "BTreeSet::is_empty")]
+    pub devices: BTreeSet<String>,
     pub packets: u64,
     pub reasons: BTreeMap<String, u64>,
     /// The part of `reasons` not yet acknowledged as explained: the daemon acknowledges drops
@@ -63,7 +69,11 @@ pub(super) fn apply(
         }
         let mut explained = Vec::new();
         for f in findings.iter_mut() {
-            if f.peer_node.as_deref() == Some(peer.as_str()) && explains_drops(f.check) {
+            let same_overlay = d.devices.is_empty() || d.devices.contains(&f.device);
+            if f.peer_node.as_deref() == Some(peer.as_str())
+                && explains_drops(f.check)
+                && same_overlay
+            {
                 f.evidence.drops = Some(d.packets);
                 f.evidence.drop_reasons = d.reasons.clone();
                 explained.push(f.check.as_str());

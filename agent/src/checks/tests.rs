@@ -596,6 +596,7 @@ fn drops_escalate_explained_findings_and_flag_unexplained_ones() {
                 packets: n,
                 reasons: BTreeMap::from([("NEIGH_QUEUEFULL".to_string(), n)]),
                 unexplained: BTreeMap::from([("NEIGH_QUEUEFULL".to_string(), n)]),
+                ..Default::default()
             },
         );
     }

@@ -120,6 +120,7 @@ impl RecentDrops {
                     peer.clone(),
                     PeerDrops {
                         device,
+                        devices: by_device.keys().map(|d| d.to_string()).collect(),
                         packets,
                         reasons,
                         unexplained,

@@ -398,6 +398,7 @@ mod tests {
                 packets: 12,
                 reasons: BTreeMap::from([("NEIGH_FAILED".to_string(), 12)]),
                 unexplained: BTreeMap::from([("NEIGH_FAILED".to_string(), 12)]),
+                ..Default::default()
             },
         );
         e.set_drops(drops);
@@ -445,6 +446,7 @@ mod tests {
                     packets: n,
                     reasons: reasons.clone(),
                     unexplained: reasons,
+                    ..Default::default()
                 },
             );
             drops

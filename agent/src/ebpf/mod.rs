@@ -41,11 +41,11 @@ pub mod window;
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::Ipv4Addr,
+    net::IpAddr,
     path::{Path, PathBuf},
 };
 
-use ipnet::{IpNet, Ipv4Net};
+use ipnet::IpNet;
 use serde::Serialize;
 
 use crate::model::DesiredState;
@@ -96,7 +96,11 @@ pub enum TrafficClass {
     Ipv4,
     /// ARP: gateway resolution (control). Dropped solicits mean an unresolvable neighbour.
     Arp,
+    /// IPv6 to a unicast address: data toward a peer, as IPv4.
     Ipv6,
+    /// IPv6 to a multicast group: neighbour solicitations (ARP's IPv6 twin), router
+    /// solicitations, listener reports. Control: the overlays route no pod multicast.
+    Ipv6Multicast,
     Other,
 }
 
@@ -106,6 +110,7 @@ impl TrafficClass {
             agent_ebpf::CLASS_IPV4 => TrafficClass::Ipv4,
             agent_ebpf::CLASS_ARP => TrafficClass::Arp,
             agent_ebpf::CLASS_IPV6 => TrafficClass::Ipv6,
+            agent_ebpf::CLASS_IPV6_MULTICAST => TrafficClass::Ipv6Multicast,
             _ => TrafficClass::Other,
         }
     }
@@ -115,13 +120,14 @@ impl TrafficClass {
             TrafficClass::Ipv4 => "ipv4",
             TrafficClass::Arp => "arp",
             TrafficClass::Ipv6 => "ipv6",
+            TrafficClass::Ipv6Multicast => "ipv6-multicast",
             TrafficClass::Other => "other",
         }
     }
 
     /// Whether drops of this class are data loss (as opposed to control traffic).
     pub fn is_data(self) -> bool {
-        self == TrafficClass::Ipv4
+        matches!(self, TrafficClass::Ipv4 | TrafficClass::Ipv6)
     }
 }
 
@@ -132,7 +138,8 @@ pub struct DropCount {
     /// Kernel name without prefix (`NEIGH_FAILED`), resolved from this kernel's BTF.
     pub reason: String,
     pub class: TrafficClass,
-    /// Peer node whose block holds the inner IPv4 destination; None when unknown/not IPv4.
+    /// Peer node whose block holds the inner IPv4/IPv6 destination; None when unknown or not
+    /// data.
     pub peer: Option<String>,
     pub packets: u64,
 }
@@ -151,7 +158,7 @@ pub struct NeighTransitionCount {
     pub ifindex: u32,
     /// The neighbour (gateway) address; None for the per-device total, which is never evicted
     /// (per-gateway entries live in a bounded LRU map).
-    pub gateway: Option<Ipv4Addr>,
+    pub gateway: Option<IpAddr>,
     pub state: NeighTarget,
     pub transitions: u64,
 }
@@ -186,7 +193,7 @@ pub struct DropSnapshot {
 pub const RETIRED_IFINDEX: u32 = 0;
 
 impl DropSnapshot {
-    /// Data (IPv4) packets dropped toward `peer`, by reason.
+    /// Data (IPv4 and IPv6) packets dropped toward `peer`, by reason.
     pub fn data_drops_to_peer(&self, peer: &str) -> BTreeMap<String, u64> {
         let mut out = BTreeMap::new();
         for d in &self.drops {
@@ -222,7 +229,7 @@ impl DropSnapshot {
     }
 
     /// Transitions into `state` for one gateway on `ifindex` (0 if evicted or never seen).
-    pub fn neighbour_gateway(&self, ifindex: u32, gateway: Ipv4Addr, state: NeighTarget) -> u64 {
+    pub fn neighbour_gateway(&self, ifindex: u32, gateway: IpAddr, state: NeighTarget) -> u64 {
         self.neighbour_transitions
             .iter()
             .filter(|n| n.ifindex == ifindex && n.gateway == Some(gateway) && n.state == state)
@@ -313,21 +320,19 @@ pub trait DropCounterSource: Send {
     fn status(&self) -> EbpfStatus;
     /// Replaces the set of watched overlay device ifindexes (in the watched netns).
     fn set_watched_devices(&mut self, ifindexes: &BTreeSet<u32>) -> Result<(), EbpfError>;
-    /// Replaces the IPv4 block → peer mapping. IPv6 blocks are ignored (IPv6 drops are
-    /// counted per device, class `ipv6`, without a peer). Peer names keep stable ids for
-    /// the lifetime of the source, so counters never move between peers.
-    fn set_peer_blocks(&mut self, blocks: &[(String, Ipv4Net)]) -> Result<(), EbpfError>;
+    /// Replaces the block → peer mapping (IPv4 and IPv6 blocks, borrowed /32s and /128s).
+    /// Peer names keep stable ids for the lifetime of the source, so counters never move
+    /// between peers.
+    fn set_peer_blocks(&mut self, blocks: &[(String, IpNet)]) -> Result<(), EbpfError>;
     fn snapshot(&self) -> Result<DropSnapshot, EbpfError>;
 }
 
-/// (peer name, IPv4 block) for every remote peer's blocks and borrowed addresses.
-pub fn peer_blocks_from_desired(desired: &DesiredState) -> Vec<(String, Ipv4Net)> {
+/// (peer name, block) for every remote peer's blocks and borrowed addresses, both families.
+pub fn peer_blocks_from_desired(desired: &DesiredState) -> Vec<(String, IpNet)> {
     let mut out = Vec::new();
     for peer in desired.peers() {
         for net in peer.blocks.iter().chain(&peer.borrowed) {
-            if let IpNet::V4(v4) = net {
-                out.push((peer.name.clone(), v4.trunc()));
-            }
+            out.push((peer.name.clone(), net.trunc()));
         }
     }
     out
@@ -377,7 +382,7 @@ impl DropCounterSource for Disabled {
         self.watched = ifindexes.clone();
         Ok(())
     }
-    fn set_peer_blocks(&mut self, _: &[(String, Ipv4Net)]) -> Result<(), EbpfError> {
+    fn set_peer_blocks(&mut self, _: &[(String, IpNet)]) -> Result<(), EbpfError> {
         Ok(())
     }
     fn snapshot(&self) -> Result<DropSnapshot, EbpfError> {
@@ -401,7 +406,7 @@ pub struct FakeDropCounters {
     pub status: EbpfStatus,
     pub snapshot: DropSnapshot,
     pub watched: BTreeSet<u32>,
-    pub blocks: Vec<(String, Ipv4Net)>,
+    pub blocks: Vec<(String, IpNet)>,
 }
 
 impl Default for FakeDropCounters {
@@ -428,7 +433,7 @@ impl DropCounterSource for FakeDropCounters {
         self.watched = ifindexes.clone();
         Ok(())
     }
-    fn set_peer_blocks(&mut self, blocks: &[(String, Ipv4Net)]) -> Result<(), EbpfError> {
+    fn set_peer_blocks(&mut self, blocks: &[(String, IpNet)]) -> Result<(), EbpfError> {
         self.blocks = blocks.to_vec();
         Ok(())
     }

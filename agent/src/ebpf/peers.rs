@@ -10,10 +10,10 @@ use std::{
 };
 
 use agent_ebpf::PEER_UNKNOWN;
-use ipnet::Ipv4Net;
+use ipnet::IpNet;
 
-/// (prefix length, network-order address): an LPM trie key.
-pub(crate) type TrieKey = (u32, u32);
+/// A block with its host bits cleared: a key of the IPv4 or the IPv6 LPM trie.
+pub(crate) type TrieKey = IpNet;
 
 /// How long a leaving peer's id waits before its counters are harvested: far longer than a
 /// program run that looked the id up just before the trie changed.
@@ -59,22 +59,18 @@ impl PeerIds {
         self.names.get(id as usize - 1)?.as_deref()
     }
 
-    /// Desired trie contents: key → peer id. When two peers claim the same prefix (a datastore
-    /// conflict), the first wins, deterministically. Peers absent from `blocks` start draining.
+    /// Desired contents of both tries: key → peer id. A peer has one id for both families.
+    /// When two peers claim the same prefix (a datastore conflict), the first wins,
+    /// deterministically. Peers absent from `blocks` start draining.
     pub(crate) fn trie_entries(
         &mut self,
-        blocks: &[(String, Ipv4Net)],
+        blocks: &[(String, IpNet)],
         now: Instant,
     ) -> HashMap<TrieKey, u32> {
         let mut out = HashMap::new();
         for (peer, net) in blocks {
-            let net = net.trunc();
-            let key = (
-                u32::from(net.prefix_len()),
-                u32::from_ne_bytes(net.network().octets()),
-            );
             let id = self.id(peer);
-            out.entry(key).or_insert(id);
+            out.entry(net.trunc()).or_insert(id);
         }
         let in_trie: BTreeSet<u32> = out.values().copied().collect();
         for id in self.by_name.values() {
@@ -135,7 +131,7 @@ pub(crate) fn diff_trie(
 mod tests {
     use super::*;
 
-    fn net(s: &str) -> Ipv4Net {
+    fn net(s: &str) -> IpNet {
         s.parse().unwrap()
     }
 
@@ -155,8 +151,7 @@ mod tests {
         let k3 = peers.by_name["k8s03"];
         assert_eq!(peers.name(k3), Some("k8s03"));
         assert_eq!(peers.name(PEER_UNKNOWN), None);
-        let key = (26, u32::from_ne_bytes([10, 1, 235, 128]));
-        assert_eq!(first[&key], k3);
+        assert_eq!(first[&net("10.1.235.128/26")], k3);
 
         // k8s02 leaves, k8s04 takes over its block; k8s03 unchanged.
         let second = peers.trie_entries(
@@ -169,13 +164,7 @@ mod tests {
         );
         assert_eq!(peers.by_name["k8s03"], k3, "ids survive updates");
         let (upserts, removals) = diff_trie(&first, &second);
-        assert_eq!(
-            upserts,
-            vec![(
-                (26, u32::from_ne_bytes([10, 1, 0, 64])),
-                peers.by_name["k8s04"]
-            )]
-        );
+        assert_eq!(upserts, vec![(net("10.1.0.64/26"), peers.by_name["k8s04"])]);
         assert!(removals.is_empty());
         let (upserts, removals) = diff_trie(&second, &HashMap::new());
         assert!(upserts.is_empty());
@@ -185,8 +174,39 @@ mod tests {
     #[test]
     fn host_bits_are_truncated_in_trie_keys() {
         let mut peers = PeerIds::default();
-        let e = peers.trie_entries(&[("a".into(), net("10.1.0.70/26"))], Instant::now());
-        assert!(e.contains_key(&(26, u32::from_ne_bytes([10, 1, 0, 64]))));
+        let e = peers.trie_entries(
+            &[
+                ("a".into(), net("10.1.0.70/26")),
+                ("a".into(), net("fd10:1::17/122")),
+            ],
+            Instant::now(),
+        );
+        assert!(e.contains_key(&net("10.1.0.64/26")));
+        assert!(e.contains_key(&net("fd10:1::/122")));
+    }
+
+    #[test]
+    fn a_dual_stack_peer_has_one_id_for_both_families() {
+        let mut peers = PeerIds::default();
+        let e = peers.trie_entries(
+            &[
+                ("k8s03".into(), net("10.1.235.128/26")),
+                ("k8s02".into(), net("fd10:2::/122")),
+                ("k8s03".into(), net("fd10:3::/122")),
+                ("k8s03".into(), net("fd10:2::5/128")),
+            ],
+            Instant::now(),
+        );
+        let k3 = peers.id("k8s03");
+        assert_eq!(e[&net("10.1.235.128/26")], k3);
+        assert_eq!(e[&net("fd10:3::/122")], k3);
+        assert_eq!(
+            e[&net("fd10:2::5/128")],
+            k3,
+            "a borrowed /128 names its borrower"
+        );
+        assert_ne!(e[&net("fd10:2::/122")], k3);
+        assert_eq!(peers.allocated(), 2);
     }
 
     #[test]
@@ -234,12 +254,13 @@ mod tests {
         let mut peers = PeerIds::default();
         for round in 0..2000u32 {
             // 50 nodes at a time, all replaced every round (autoscaling churn).
-            let blocks: Vec<(String, Ipv4Net)> = (0..50u32)
+            let blocks: Vec<(String, IpNet)> = (0..50u32)
                 .map(|i| {
                     let n = round * 50 + i;
                     (
                         format!("node-{n}"),
-                        Ipv4Net::new(std::net::Ipv4Addr::from(0x0a00_0000 + (i << 6)), 26).unwrap(),
+                        IpNet::new(std::net::Ipv4Addr::from(0x0a00_0000 + (i << 6)).into(), 26)
+                            .unwrap(),
                     )
                 })
                 .collect();

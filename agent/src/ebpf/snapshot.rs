@@ -1,7 +1,10 @@
 //! Raw map contents → named counters. Pure, unit-tested without a kernel; the loader reads the
 //! maps and hands their contents here.
 
-use std::{collections::BTreeSet, net::Ipv4Addr};
+use std::{
+    collections::BTreeSet,
+    net::{IpAddr, Ipv6Addr},
+};
 
 use agent_ebpf::{NeighKey, NUD_FAILED, NUD_INCOMPLETE, REASON_OVERFLOW_SLOT};
 
@@ -43,6 +46,23 @@ pub(crate) fn diff_slots(slots: &[u32], desired: &BTreeSet<u32>) -> (Vec<u32>, V
         .copied()
         .collect();
     (remove, add)
+}
+
+/// A [`NeighKey::addr`] as an address: IPv4 for an IPv4-mapped one, None for the per-device
+/// total (all zero).
+fn neighbour_address(words: [u32; 4]) -> Option<IpAddr> {
+    let mut bytes = [0u8; 16];
+    for (chunk, word) in bytes.chunks_exact_mut(4).zip(words) {
+        chunk.copy_from_slice(&word.to_ne_bytes());
+    }
+    let v6 = Ipv6Addr::from(bytes);
+    if v6.is_unspecified() {
+        return None;
+    }
+    Some(match v6.to_ipv4_mapped() {
+        Some(v4) => IpAddr::V4(v4),
+        None => IpAddr::V6(v6),
+    })
 }
 
 /// Turns raw map contents into named counters. Pure, so it is unit-tested without a kernel.
@@ -98,7 +118,7 @@ pub(crate) fn build_snapshot(
             };
             Some(NeighTransitionCount {
                 ifindex: k.ifindex,
-                gateway: (k.addr != 0).then(|| Ipv4Addr::from(k.addr.to_ne_bytes())),
+                gateway: neighbour_address(k.addr),
                 state,
                 transitions,
             })
@@ -190,16 +210,24 @@ mod tests {
                 (
                     NeighKey {
                         ifindex: 4,
-                        addr: u32::from_ne_bytes([10, 9, 0, 0]),
                         state: NUD_FAILED,
+                        addr: agent_ebpf::ipv4_mapped(u32::from_ne_bytes([10, 9, 0, 0])),
                     },
                     2,
                 ),
                 (
                     NeighKey {
+                        ifindex: 7,
+                        state: NUD_FAILED,
+                        addr: v6_words("fd10:3::1"),
+                    },
+                    4,
+                ),
+                (
+                    NeighKey {
                         ifindex: 4,
-                        addr: 0,
                         state: NUD_INCOMPLETE,
+                        addr: [0; 4],
                     },
                     3,
                 ),
@@ -219,9 +247,38 @@ mod tests {
         assert_eq!(arp.reason, "NO_TX_TARGET");
         assert_eq!(arp.peer, None);
         assert_eq!(
-            snap.neighbour_gateway(4, Ipv4Addr::new(10, 9, 0, 0), NeighTarget::Failed),
+            snap.neighbour_gateway(4, "10.9.0.0".parse().unwrap(), NeighTarget::Failed),
             2
         );
+        assert_eq!(
+            snap.neighbour_gateway(7, "fd10:3::1".parse().unwrap(), NeighTarget::Failed),
+            4,
+            "an NDP gateway keeps its IPv6 address"
+        );
         assert_eq!(snap.neighbour_total(4, NeighTarget::Incomplete), 3);
+    }
+
+    /// An IPv6 address as the kernel's `[u32; 4]` (memory order = address bytes).
+    fn v6_words(addr: &str) -> [u32; 4] {
+        let bytes = addr.parse::<Ipv6Addr>().unwrap().octets();
+        let mut words = [0u32; 4];
+        for (word, chunk) in words.iter_mut().zip(bytes.chunks_exact(4)) {
+            *word = u32::from_ne_bytes(chunk.try_into().unwrap());
+        }
+        words
+    }
+
+    #[test]
+    fn ipv4_mapped_neighbour_keys_read_back_as_ipv4() {
+        let key = agent_ebpf::ipv4_mapped(u32::from_ne_bytes([10, 1, 235, 128]));
+        assert_eq!(
+            neighbour_address(key),
+            Some("10.1.235.128".parse().unwrap())
+        );
+        assert_eq!(neighbour_address([0; 4]), None);
+        assert_eq!(
+            neighbour_address(v6_words("fd10:3::1")),
+            Some("fd10:3::1".parse().unwrap())
+        );
     }
 }

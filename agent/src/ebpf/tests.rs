@@ -34,7 +34,7 @@ fn snapshot_aggregations_separate_data_from_control() {
             },
             NeighTransitionCount {
                 ifindex: 5,
-                gateway: Some(Ipv4Addr::new(10, 9, 0, 0)),
+                gateway: Some(IpAddr::from([10, 9, 0, 0])),
                 state: NeighTarget::Failed,
                 transitions: 2,
             },
@@ -52,13 +52,13 @@ fn snapshot_aggregations_separate_data_from_control() {
     assert_eq!(s.neighbour_total(5, NeighTarget::Failed), 2);
     assert_eq!(s.neighbour_total(5, NeighTarget::Incomplete), 0);
     assert_eq!(
-        s.neighbour_gateway(5, Ipv4Addr::new(10, 9, 0, 0), NeighTarget::Failed),
+        s.neighbour_gateway(5, IpAddr::from([10, 9, 0, 0]), NeighTarget::Failed),
         2
     );
 }
 
 #[test]
-fn peer_blocks_cover_remote_blocks_and_borrowed_ipv4_only() {
+fn peer_blocks_cover_remote_blocks_and_borrowed_in_both_families() {
     use crate::model::{v4, MacAddr, PeerNode};
     let node = |name: &str, blocks: &[&str], borrowed: &[&str]| PeerNode {
         name: name.into(),
@@ -85,8 +85,10 @@ fn peer_blocks_cover_remote_blocks_and_borrowed_ipv4_only() {
         blocks,
         vec![
             ("k8s03".to_string(), "10.1.235.128/26".parse().unwrap()),
+            ("k8s03".to_string(), "fd00::/64".parse().unwrap()),
             ("k8s03".to_string(), "10.1.0.7/32".parse().unwrap()),
-        ]
+        ],
+        "both families go to the tries; the local node's blocks do not"
     );
 }
 

@@ -7,7 +7,7 @@
 
 use std::{
     collections::BTreeMap,
-    net::Ipv4Addr,
+    net::IpAddr,
     time::{Duration, Instant},
 };
 
@@ -65,9 +65,9 @@ pub struct PeerRates {
 /// Everything dropped on one watched device in the window.
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct DeviceRates {
-    /// IPv4 (data) drops, attributed to a peer or not.
+    /// IPv4 and IPv6 (data) drops, attributed to a peer or not.
     pub data: Rate,
-    /// ARP, IPv6 and other control traffic.
+    /// ARP, IPv6 to multicast groups (neighbour discovery) and other control traffic.
     pub control: Rate,
     /// Kernel drop reason → packets and rate, all classes.
     pub reasons: BTreeMap<String, Rate>,
@@ -76,7 +76,7 @@ pub struct DeviceRates {
     pub neighbour_failed: u64,
     /// Gateways that went FAILED in the window (from the bounded per-gateway map).
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
-    pub failed_gateways: BTreeMap<Ipv4Addr, u64>,
+    pub failed_gateways: BTreeMap<IpAddr, u64>,
     /// Without eBPF: the device's own `tx_dropped` in the window (no reason, no peer).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tx_dropped: Option<Rate>,
@@ -101,7 +101,7 @@ pub struct DropWindow {
 }
 
 type DropKey = (u32, String, TrafficClass, Option<String>);
-type NeighKey = (u32, Option<Ipv4Addr>, NeighTarget);
+type NeighKey = (u32, Option<IpAddr>, NeighTarget);
 
 impl DropWindow {
     pub fn new() -> Self {
@@ -277,6 +277,10 @@ pub fn window(
                         .collect();
                     PeerDrops {
                         device: p.device.clone(),
+                        devices: peer_devices
+                            .get(peer)
+                            .map(|d| d.keys().cloned().collect())
+                            .unwrap_or_default(),
                         packets: p.total.packets,
                         unexplained: reasons.clone(),
                         reasons,
@@ -306,7 +310,7 @@ mod tests {
     fn neigh(gateway: Option<[u8; 4]>, state: NeighTarget, n: u64) -> NeighTransitionCount {
         NeighTransitionCount {
             ifindex: 4,
-            gateway: gateway.map(Ipv4Addr::from),
+            gateway: gateway.map(|g: [u8; 4]| IpAddr::from(g)),
             state,
             transitions: n,
         }
@@ -391,7 +395,7 @@ mod tests {
         assert_eq!(dev.reasons["NEIGH_FAILED"].packets, 43);
         assert_eq!(dev.neighbour_incomplete, 2);
         assert_eq!(dev.neighbour_failed, 1);
-        assert_eq!(dev.failed_gateways[&Ipv4Addr::new(10, 1, 235, 128)], 2);
+        assert_eq!(dev.failed_gateways[&IpAddr::from([10, 1, 235, 128])], 2);
         assert_eq!(rates.imprecise, 1);
 
         // The next window starts where this one ended: nothing new, nothing reported.

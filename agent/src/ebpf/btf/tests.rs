@@ -299,6 +299,11 @@ fn parses_this_kernels_vmlinux() {
     assert_eq!(btf.struct_size("iphdr").unwrap(), 20);
     assert_eq!(btf.member("in_addr", "s_addr").unwrap().offset, 0);
     assert_eq!(btf.struct_size("in_addr").unwrap(), 4);
+    // The IPv6 layouts the programs hard-code (UAPI).
+    assert_eq!(btf.offset_of("ipv6hdr", "nexthdr").unwrap(), 6);
+    assert_eq!(btf.offset_of("ipv6hdr", "daddr").unwrap(), 24);
+    assert_eq!(btf.struct_size("ipv6hdr").unwrap(), 40);
+    assert_eq!(btf.struct_size("in6_addr").unwrap(), 16);
     assert_ne!(btf.func_id("bpf_rdonly_cast"), Some(iphdr));
     assert_eq!(btf.func_id("no_such_kfunc_anywhere"), None);
 }

@@ -5,11 +5,12 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use agent_ebpf::{
-    device_drop_index, NeighKey, PeerDropKey, PeerPending, CLASSES, CLASS_IPV4, CONFIG_MAP,
-    CONFIG_PEER_GENERATION, DEVICE_DROPS_MAP, NEIGH_DEVICE_MAP, NEIGH_GATEWAY_MAP,
+    device_drop_index, NeighKey, PeerDropKey, PeerPending, CLASSES, CLASS_IPV4, CLASS_IPV6,
+    CONFIG_MAP, CONFIG_PEER_GENERATION, DEVICE_DROPS_MAP, NEIGH_DEVICE_MAP, NEIGH_GATEWAY_MAP,
     OVERFLOW_HEADER_UNREADABLE, OVERFLOW_MAP, OVERFLOW_NEIGH, OVERFLOW_PEER_DROPS,
-    PEER_BLOCKS_CAPACITY, PEER_BLOCKS_MAP, PEER_DROPS_MAP, PEER_PENDING_MAP, PEER_UNKNOWN,
-    REASON_SLOTS, WATCHED_DEVICES_CAPACITY, WATCHED_DEVICES_MAP,
+    PEER_BLOCKS_CAPACITY, PEER_BLOCKS_MAP, PEER_BLOCKS_V6_CAPACITY, PEER_BLOCKS_V6_MAP,
+    PEER_DROPS_MAP, PEER_PENDING_MAP, PEER_UNKNOWN, REASON_SLOTS, WATCHED_DEVICES_CAPACITY,
+    WATCHED_DEVICES_MAP,
 };
 use aya::{
     maps::{
@@ -18,7 +19,7 @@ use aya::{
     },
     Pod,
 };
-use ipnet::Ipv4Net;
+use ipnet::IpNet;
 
 use super::EbpfDropCounters;
 use crate::ebpf::{
@@ -58,25 +59,54 @@ impl DropCounterSource for EbpfDropCounters {
         Ok(())
     }
 
-    fn set_peer_blocks(&mut self, blocks: &[(String, Ipv4Net)]) -> Result<(), EbpfError> {
+    fn set_peer_blocks(&mut self, blocks: &[(String, IpNet)]) -> Result<(), EbpfError> {
         let now = std::time::Instant::now();
         // Harvest first, so the ids freed are reused by this very update.
         let incoming: BTreeSet<&str> = blocks.iter().map(|(name, _)| name.as_str()).collect();
         self.harvest_departed(now, |name| incoming.contains(name))?;
         let desired = self.peers.trie_entries(blocks, now);
-        if desired.len() > PEER_BLOCKS_CAPACITY as usize {
-            return Err(EbpfError::TooManyBlocks {
-                count: desired.len(),
-                capacity: PEER_BLOCKS_CAPACITY,
-            });
+        let v6 = desired.keys().filter(|k| k.addr().is_ipv6()).count();
+        for (count, capacity) in [
+            (desired.len() - v6, PEER_BLOCKS_CAPACITY),
+            (v6, PEER_BLOCKS_V6_CAPACITY),
+        ] {
+            if count > capacity as usize {
+                return Err(EbpfError::TooManyBlocks { count, capacity });
+            }
         }
         let (upserts, removals) = diff_trie(&self.trie, &desired);
-        let (mut trie, err) = self.open_mut::<LpmTrie<&mut MapData, u32, u32>>(PEER_BLOCKS_MAP)?;
-        for (prefix, addr) in &removals {
-            ignore_missing(trie.remove(&Key::new(*prefix, *addr))).map_err(err)?;
+        // Removals first: with both at capacity, an insert must not find the trie full.
+        for key in &removals {
+            match key {
+                IpNet::V4(net) => {
+                    let (mut trie, err) =
+                        self.open_mut::<LpmTrie<&mut MapData, u32, u32>>(PEER_BLOCKS_MAP)?;
+                    let key = Key::new(net.prefix_len().into(), v4_key(net.network()));
+                    ignore_missing(trie.remove(&key)).map_err(err)?;
+                }
+                IpNet::V6(net) => {
+                    let (mut trie, err) =
+                        self.open_mut::<LpmTrie<&mut MapData, [u8; 16], u32>>(PEER_BLOCKS_V6_MAP)?;
+                    let key = Key::new(net.prefix_len().into(), net.network().octets());
+                    ignore_missing(trie.remove(&key)).map_err(err)?;
+                }
+            }
         }
-        for ((prefix, addr), id) in &upserts {
-            trie.insert(&Key::new(*prefix, *addr), id, 0).map_err(err)?;
+        for (key, id) in &upserts {
+            match key {
+                IpNet::V4(net) => {
+                    let (mut trie, err) =
+                        self.open_mut::<LpmTrie<&mut MapData, u32, u32>>(PEER_BLOCKS_MAP)?;
+                    let key = Key::new(net.prefix_len().into(), v4_key(net.network()));
+                    trie.insert(&key, id, 0).map_err(err)?;
+                }
+                IpNet::V6(net) => {
+                    let (mut trie, err) =
+                        self.open_mut::<LpmTrie<&mut MapData, [u8; 16], u32>>(PEER_BLOCKS_V6_MAP)?;
+                    let key = Key::new(net.prefix_len().into(), net.network().octets());
+                    trie.insert(&key, id, 0).map_err(err)?;
+                }
+            }
         }
         self.trie = desired;
         // After the trie changed: invalidates the programs' per-CPU lookup caches.
@@ -176,7 +206,7 @@ impl EbpfDropCounters {
             };
             *self.retired.entry(key).or_default() += n;
         }
-        self.departed.retain(|(s, _), _| *s != slot);
+        self.departed.retain(|(s, _, _), _| *s != slot);
         let (mut device, err) =
             self.open_mut::<PerCpuArray<&mut MapData, u64>>(DEVICE_DROPS_MAP)?;
         let ncpu = device.get(&0, 0).map_err(err)?.len();
@@ -209,7 +239,7 @@ impl EbpfDropCounters {
     }
 
     /// Counters of the watched slots (or of one slot), per device, reason, class and peer.
-    /// IPv4 drops not attributed to a peer are the device total minus the per-peer ones.
+    /// Data drops not attributed to a peer are the device total minus the per-peer ones.
     fn read_drops(&self, only: Option<u32>) -> Result<BTreeMap<RawDrop, u64>, EbpfError> {
         let wanted = |slot: u32| only.is_none_or(|o| o == slot) && self.slots[slot as usize] != 0;
         // Per-peer counts first: the device totals read afterwards can only be larger, so the
@@ -233,6 +263,7 @@ impl EbpfDropCounters {
                 if p.count != 0 && p.peer != PEER_UNKNOWN {
                     let key = PeerDropKey {
                         slot,
+                        class: p.class,
                         reason: p.reason,
                         peer: p.peer,
                     };
@@ -261,11 +292,11 @@ impl EbpfDropCounters {
                         continue;
                     }
                     let mut unattributed = total;
-                    if class == CLASS_IPV4 {
-                        for (&(_, raw_reason), n) in self
-                            .departed
-                            .iter()
-                            .filter(|((s, r), _)| *s == slot && reason_slot(*r) == reason)
+                    if class == CLASS_IPV4 || class == CLASS_IPV6 {
+                        for (&(_, _, raw_reason), n) in
+                            self.departed.iter().filter(|((s, c, r), _)| {
+                                *s == slot && *c == class && reason_slot(*r) == reason
+                            })
                         {
                             let raw = RawDrop {
                                 ifindex,
@@ -276,10 +307,9 @@ impl EbpfDropCounters {
                             *out.entry(raw).or_default() += n;
                             unattributed = unattributed.saturating_sub(*n);
                         }
-                        for (key, n) in per_peer
-                            .iter()
-                            .filter(|(k, _)| k.slot == slot && reason_slot(k.reason) == reason)
-                        {
+                        for (key, n) in per_peer.iter().filter(|(k, _)| {
+                            k.slot == slot && k.class == class && reason_slot(k.reason) == reason
+                        }) {
                             let raw = RawDrop {
                                 ifindex,
                                 reason: key.reason,
@@ -352,7 +382,10 @@ impl EbpfDropCounters {
         for (key, n) in harvested {
             let n = n.max(reported.remove(&key).unwrap_or(0));
             if (key.slot as usize) < self.slots.len() && self.slots[key.slot as usize] != 0 {
-                *self.departed.entry((key.slot, key.reason)).or_default() += n;
+                *self
+                    .departed
+                    .entry((key.slot, key.class, key.reason))
+                    .or_default() += n;
             }
         }
         reported.retain(|k, _| !ready.contains(&k.peer));
@@ -377,6 +410,11 @@ impl EbpfDropCounters {
         }
         Ok(())
     }
+}
+
+/// The IPv4 trie's key data: the address's network-order bytes in a u32, as the kernel holds it.
+fn v4_key(addr: std::net::Ipv4Addr) -> u32 {
+    u32::from_ne_bytes(addr.octets())
 }
 
 /// Names the map an aya error concerns.
@@ -427,6 +465,7 @@ mod tests {
     fn per_peer_counts_never_go_backwards() {
         let key = |slot, peer| PeerDropKey {
             slot,
+            class: CLASS_IPV4,
             reason: 73,
             peer,
         };

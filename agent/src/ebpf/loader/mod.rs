@@ -30,20 +30,20 @@ pub use object::{HeaderRead, EBPF_OBJECT};
 pub struct EbpfDropCounters {
     bpf: Ebpf,
     status: EbpfStatus,
-    /// How the programs read the inner IPv4 header and neighbour addresses.
+    /// How the programs read the inner IP header and neighbour addresses.
     header_read: HeaderRead,
     reasons: DropReasons,
     peers: PeerIds,
-    /// (prefix, network-order address) → peer id currently in the LPM trie.
+    /// Block → peer id currently in the LPM tries (IPv4 and IPv6).
     trie: StdHashMap<TrieKey, u32>,
     /// ifindex in each slot of the WATCHED_DEVICES array (0: free), as written.
     slots: [u32; WATCHED_DEVICES_CAPACITY as usize],
     /// Counts of devices no longer watched (their slot was reused), under
     /// [`super::RETIRED_IFINDEX`], so per-peer totals stay monotonic however often devices churn.
     retired: BTreeMap<RawDrop, u64>,
-    /// Per (slot, reason): counts harvested from peers that left (their ids were reused).
-    /// Still part of the device's total, attributed to no current peer.
-    departed: BTreeMap<(u32, u32), u64>,
+    /// Per (slot, class, reason): counts harvested from peers that left (their ids were
+    /// reused). Still part of the device's total, attributed to no current peer.
+    departed: BTreeMap<(u32, u32, u32), u64>,
     /// Value last written to CONFIG[CONFIG_PEER_GENERATION].
     generation: u32,
     /// Highest per-peer count reported so far: a read can miss a count the kernel is moving

@@ -11,7 +11,7 @@ use crate::ebpf::btf::Btf;
 pub static EBPF_OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/agent-ebpf"));
 
-/// How the programs read the inner IPv4 destination (kfree_skb) and a neighbour's address.
+/// How the programs read the inner IPv4/IPv6 destination (kfree_skb) and a neighbour's address.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum HeaderRead {
     /// A direct load through `bpf_rdonly_cast` (ids from vmlinux BTF): no helper call. The
@@ -20,38 +20,54 @@ pub enum HeaderRead {
         rdonly_cast: u32,
         iphdr: u32,
         in_addr: u32,
+        ipv6hdr: u32,
+        in6_addr: u32,
     },
     /// `bpf_probe_read_kernel` (kernels without the kfunc, or if it was refused).
     ProbeRead,
 }
 
 impl HeaderRead {
-    /// DirectLoad when vmlinux BTF has the kfunc, `struct iphdr` and `struct in_addr`.
+    /// DirectLoad when vmlinux BTF has the kfunc, `struct iphdr`, `struct in_addr`, `struct
+    /// ipv6hdr` and `struct in6_addr` (every kernel with the kfunc has all four).
     pub(super) fn detect(btf: &Btf) -> Self {
         match (
             btf.func_id("bpf_rdonly_cast"),
             btf.struct_id("iphdr"),
             btf.struct_id("in_addr"),
+            btf.struct_id("ipv6hdr"),
+            btf.struct_id("in6_addr"),
         ) {
-            (Some(rdonly_cast), Some(iphdr), Some(in_addr)) => HeaderRead::DirectLoad {
-                rdonly_cast,
-                iphdr,
-                in_addr,
-            },
+            (Some(rdonly_cast), Some(iphdr), Some(in_addr), Some(ipv6hdr), Some(in6_addr)) => {
+                HeaderRead::DirectLoad {
+                    rdonly_cast,
+                    iphdr,
+                    in_addr,
+                    ipv6hdr,
+                    in6_addr,
+                }
+            }
             _ => HeaderRead::ProbeRead,
         }
     }
 
-    /// Values of the `BTF_ID_IPHDR` and `BTF_ID_IN_ADDR` globals: 0 selects the probe-read
-    /// path in the programs.
-    pub(super) fn type_ids(self) -> [(&'static str, u32); 2] {
-        let (iphdr, in_addr) = match self {
-            HeaderRead::DirectLoad { iphdr, in_addr, .. } => (iphdr, in_addr),
-            HeaderRead::ProbeRead => (0, 0),
+    /// Values of the `BTF_ID_*` globals: 0 selects the probe-read path in the programs.
+    pub(super) fn type_ids(self) -> [(&'static str, u32); 4] {
+        let ids = match self {
+            HeaderRead::DirectLoad {
+                iphdr,
+                in_addr,
+                ipv6hdr,
+                in6_addr,
+                ..
+            } => [iphdr, in_addr, ipv6hdr, in6_addr],
+            HeaderRead::ProbeRead => [0; 4],
         };
         [
-            (globals::BTF_ID_IPHDR, iphdr),
-            (globals::BTF_ID_IN_ADDR, in_addr),
+            (globals::BTF_ID_IPHDR, ids[0]),
+            (globals::BTF_ID_IN_ADDR, ids[1]),
+            (globals::BTF_ID_IPV6HDR, ids[2]),
+            (globals::BTF_ID_IN6_ADDR, ids[3]),
         ]
     }
 
@@ -135,6 +151,8 @@ mod tests {
             rdonly_cast: 0x1234,
             iphdr: 7,
             in_addr: 9,
+            ipv6hdr: 11,
+            in6_addr: 13,
         };
         let patched = direct.patch(&object).unwrap();
         let bytes = patched.as_bytes();
@@ -146,7 +164,12 @@ mod tests {
         assert_eq!(&bytes[16..], &[1, 2, 3]);
         assert_eq!(
             direct.type_ids(),
-            [(globals::BTF_ID_IPHDR, 7), (globals::BTF_ID_IN_ADDR, 9)]
+            [
+                (globals::BTF_ID_IPHDR, 7),
+                (globals::BTF_ID_IN_ADDR, 9),
+                (globals::BTF_ID_IPV6HDR, 11),
+                (globals::BTF_ID_IN6_ADDR, 13)
+            ]
         );
 
         let fallback = HeaderRead::ProbeRead.patch(&object).unwrap();
