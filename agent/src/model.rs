@@ -672,11 +672,40 @@ pub struct RepairInfo {
 }
 
 /// One problem, with everything an SRE needs to act on it.
+/// Address family an overlay device carries (`vxlan.calico` IPv4, `vxlan-v6.calico` IPv6).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum Family {
+    #[serde(rename = "ipv4")]
+    V4,
+    #[serde(rename = "ipv6")]
+    V6,
+}
+
+impl Family {
+    pub fn of(ip: &IpAddr) -> Family {
+        match ip {
+            IpAddr::V4(_) => Family::V4,
+            IpAddr::V6(_) => Family::V6,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Family::V4 => "ipv4",
+            Family::V6 => "ipv6",
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Finding {
     pub check: CheckId,
     pub severity: Severity,
     pub device: String,
+    /// The family of the overlay the finding is about (`ipv4`, `ipv6`); None for findings
+    /// about no overlay device (the datastore, the kubelet).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub family: Option<Family>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub route: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -712,6 +741,7 @@ impl Finding {
             check,
             severity,
             device: device.to_string(),
+            family: None,
             route: None,
             gateway: None,
             expected_gateway: None,

@@ -15,7 +15,7 @@ use std::{
 };
 
 use dataplane_watchdog::{
-    model::Finding,
+    model::{Family, Finding},
     serve::{client, Status},
 };
 use watchdog_lab::{Fault, Lab, LabSpec, OVERLAY_MTU, UNDERLAY_IF};
@@ -176,6 +176,21 @@ impl Agent {
                 );
             }
             std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    /// Fails on any finding during `span` (a false alarm).
+    fn quiet_for(&self, what: &str, span: Duration) {
+        let started = Instant::now();
+        while started.elapsed() < span {
+            let f = self.findings();
+            assert!(
+                f.is_empty(),
+                "{what}: false alarm {:?}\n{}",
+                checks(&f),
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(100));
         }
     }
 
@@ -389,7 +404,7 @@ fn faults_show_up_and_clear_status_check_metrics() {
 
     let metrics = agent.metrics_text();
     let line = format!(
-        "dataplane_watchdog_findings{{check=\"{}\",severity=\"critical\"}} 1",
+        "dataplane_watchdog_findings{{check=\"{}\",severity=\"critical\",family=\"ipv4\"}} 1",
         first.check
     );
     assert!(metrics.contains(&line), "no `{line}` in\n{metrics}");
@@ -664,21 +679,8 @@ fn every_fault_under_traffic_then_silence(spec: LabSpec, node: &str, peer: &str)
     for r in lab.traffic_matrix(3).expect("healthy traffic") {
         assert!(r.all_delivered(), "healthy lab lost packets: {r}");
     }
-    let quiet_for = |agent: &Agent, what: &str, span: Duration| {
-        let started = Instant::now();
-        while started.elapsed() < span {
-            let f = agent.findings();
-            assert!(
-                f.is_empty(),
-                "{what}: false alarm {:?}\n{}",
-                checks(&f),
-                agent.log()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    };
     // Drop counters are polled once a second: give them two polls.
-    quiet_for(&agent, "healthy under traffic", Duration::from_secs(2));
+    agent.quiet_for("healthy under traffic", Duration::from_secs(2));
 
     let faults = [
         Fault::gateway_not_a_vtep(node, peer),
@@ -707,7 +709,7 @@ fn every_fault_under_traffic_then_silence(spec: LabSpec, node: &str, peer: &str)
         assert!(r.all_delivered(), "repaired lab lost packets: {r}");
     }
     // Past the drop window (10 s) and the grace after the last explained drop (10 s).
-    quiet_for(&agent, "after the repairs", Duration::from_secs(12));
+    agent.quiet_for("after the repairs", Duration::from_secs(12));
     let drops = agent.status().drops;
     assert!(
         drops
@@ -740,20 +742,7 @@ fn dual_stack_daemon_is_silent_then_finds_the_v6_incident_on_v6() {
         let (sent, got) = lab.traffic_v6("k8s01", peer, 3).unwrap();
         assert_eq!(got, sent, "IPv6 k8s01 -> {peer}");
     }
-    let quiet_for = |what: &str, span: Duration| {
-        let started = Instant::now();
-        while started.elapsed() < span {
-            let f = agent.findings();
-            assert!(
-                f.is_empty(),
-                "{what}: false alarm {:#?}\n{}",
-                f,
-                agent.log()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    };
-    quiet_for("healthy dual stack", Duration::from_secs(2));
+    agent.quiet_for("healthy dual stack", Duration::from_secs(2));
 
     let k8s03 = lab.ipv6_of("k8s03");
     let (block, base) = (k8s03.block.to_string(), k8s03.block.network().to_string());
@@ -771,16 +760,40 @@ fn dual_stack_daemon_is_silent_then_finds_the_v6_incident_on_v6() {
         ],
     )
     .unwrap();
-    let _ = lab.traffic_v6("k8s01", "k8s03", 3);
-    let (found, _) = agent.wait_findings("IPv6 incident", |f| {
-        f.iter().any(|f| f.check.as_str() == "gateway-wrong-vtep")
-    });
+    // Traffic into the fault until the kernel's drops are attributed to k8s03 and explained.
+    let blackholed_on_v6 = |f: &[Finding]| {
+        f.iter().any(|f| {
+            f.check.as_str() == "traffic-blackholed" && f.evidence.drops.is_some_and(|n| n > 0)
+        }) && f.iter().any(|f| f.check.as_str() == "gateway-wrong-vtep")
+    };
+    let started = Instant::now();
+    while !blackholed_on_v6(&agent.findings()) && started.elapsed() < DEADLINE {
+        let _ = lab.traffic_v6("k8s01", "k8s03", 3);
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let (found, _) = agent.wait_findings("IPv6 incident with its drops", blackholed_on_v6);
     assert!(
-        found
-            .iter()
-            .all(|f| f.device == watchdog_lab::DEVICE_V6 && f.peer_node.as_deref() == Some("k8s03")),
+        found.iter().all(|f| f.device == watchdog_lab::DEVICE_V6
+            && f.family == Some(Family::V6)
+            && f.peer_node.as_deref() == Some("k8s03")),
         "{found:#?}"
     );
+    let wrong = found
+        .iter()
+        .find(|f| f.check.as_str() == "gateway-wrong-vtep")
+        .unwrap();
+    assert!(wrong.evidence.drops.is_some_and(|n| n > 0), "{wrong:#?}");
+    let drops = agent.status().drops;
+    assert!(
+        drops
+            .by_peer
+            .get("k8s03")
+            .is_some_and(|r| r.values().sum::<u64>() > 0),
+        "{drops:?}"
+    );
+    let metrics = agent.metrics_text();
+    let line = "dataplane_watchdog_findings{check=\"gateway-wrong-vtep\",severity=\"critical\",family=\"ipv6\"} 1";
+    assert!(metrics.contains(line), "no `{line}` in\n{metrics}");
     lab.heal_ipv6("k8s01").unwrap();
     agent.wait_findings("IPv6 incident cleared", |f| f.is_empty());
     let (sent, got) = lab.traffic_v6("k8s01", "k8s03", 3).unwrap();

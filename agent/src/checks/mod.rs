@@ -32,21 +32,7 @@ use crate::model::{
     ObservedState, Severity,
 };
 
-/// Address family routed by an overlay device.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-pub enum Family {
-    V4,
-    V6,
-}
-
-impl Family {
-    pub fn of(ip: &IpAddr) -> Family {
-        match ip {
-            IpAddr::V4(_) => Family::V4,
-            IpAddr::V6(_) => Family::V6,
-        }
-    }
-}
+pub use crate::model::Family;
 
 /// How one overlay device should be configured.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -281,6 +267,12 @@ pub fn evaluate(input: &CheckInput<'_>) -> CheckReport {
     }
     if let Some(drops) = input.drops {
         drops::apply(drops, input.explained_recently, &mut report.findings);
+    }
+    // Every finding about an overlay device names the family that device carries.
+    for f in &mut report.findings {
+        if let Some(spec) = input.devices.iter().find(|s| s.name == f.device) {
+            f.family = Some(spec.family);
+        }
     }
     report.findings.sort_by(|a, b| {
         b.severity

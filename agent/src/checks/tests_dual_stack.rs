@@ -129,6 +129,7 @@ fn incident_on_the_v6_overlay_is_one_finding_there_and_nothing_on_v4() {
     set_v6_gateway(&mut c, "k8s03", wrong);
     let f = only(&report(&c), CheckId::GatewayWrongVtep, Some("k8s03"));
     assert_eq!(f.device, V6);
+    assert_eq!(f.family, Some(Family::V6));
     assert_eq!(f.severity, Severity::Critical);
     assert_eq!(f.gateway, Some(wrong));
     assert_eq!(f.expected_gateway, Some(v6_peer(&c, "k8s03").vtep_ip));
@@ -182,6 +183,7 @@ fn incident_on_the_v4_overlay_is_one_finding_there_and_nothing_on_v6() {
     c.set_gateway("k8s03", "10.1.20.0");
     let f = only(&report(&c), CheckId::GatewayWrongVtep, Some("k8s03"));
     assert_eq!(f.device, V4);
+    assert_eq!(f.family, Some(Family::V4));
 }
 
 #[test]

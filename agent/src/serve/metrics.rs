@@ -16,7 +16,7 @@ use std::{
 use hyper::{server::conn::http1, service::service_fn, Request, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use prometheus_client::{
-    encoding::{text, EncodeLabelSet},
+    encoding::{text, EncodeLabelSet, LabelSetEncoder},
     metrics::{
         counter::Counter,
         family::Family,
@@ -46,10 +46,26 @@ pub const OTHER_LABEL: &str = "other";
 
 const OPENMETRICS_CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
 struct FindingLabels {
     check: String,
     severity: String,
+    /// `ipv4`/`ipv6` for findings about an overlay device; no label for the others (the
+    /// datastore, the kubelet), rather than an empty one.
+    family: Option<&'static str>,
+}
+
+impl EncodeLabelSet for FindingLabels {
+    fn encode(&self, encoder: &mut LabelSetEncoder) -> Result<(), std::fmt::Error> {
+        let mut labels = vec![
+            ("check", self.check.as_str()),
+            ("severity", self.severity.as_str()),
+        ];
+        if let Some(family) = self.family {
+            labels.push(("family", family));
+        }
+        EncodeLabelSet::encode(&labels.as_slice(), encoder)
+    }
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -359,6 +375,7 @@ impl Metrics {
                 .entry(FindingLabels {
                     check: f.check.to_string(),
                     severity: f.severity.to_string(),
+                    family: f.family.map(|family| family.as_str()),
                 })
                 .or_default() += 1;
         }

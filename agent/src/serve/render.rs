@@ -237,6 +237,7 @@ pub fn render_status(status: &Status, now: SystemTime) -> String {
             .map(|d| {
                 vec![
                     d.name.clone(),
+                    d.family.map_or("-", |f| f.as_str()).into(),
                     yes_no(d.present).into(),
                     yes_no(d.up).into(),
                     opt(d.ifindex),
@@ -250,7 +251,7 @@ pub fn render_status(status: &Status, now: SystemTime) -> String {
         table(
             &mut out,
             &[
-                "NAME", "PRESENT", "UP", "IFINDEX", "VNI", "ROUTES", "NEIGH", "FDB",
+                "NAME", "FAMILY", "PRESENT", "UP", "IFINDEX", "VNI", "ROUTES", "NEIGH", "FDB",
             ],
             &rows,
         );

@@ -142,6 +142,9 @@ impl Status {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct DeviceStatus {
     pub name: String,
+    /// The family the device carries (`ipv4`, `ipv6`), by the same rule the checks use.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub family: Option<crate::model::Family>,
     pub present: bool,
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub ifindex: Option<u32>,
@@ -166,14 +169,17 @@ pub struct DeviceStatus {
 impl DeviceStatus {
     /// `observed` is `None` when the device does not exist.
     pub fn from_observed(name: &str, observed: Option<&ObservedDevice>) -> Self {
+        let family = Some(crate::checks::DeviceSpec::for_name(name).family);
         let Some(d) = observed else {
             return DeviceStatus {
                 name: name.to_string(),
+                family,
                 ..Default::default()
             };
         };
         DeviceStatus {
             name: name.to_string(),
+            family,
             present: true,
             ifindex: Some(d.link.ifindex),
             up: d.link.up,

@@ -1,5 +1,6 @@
 //! The `alertmanager` sink: `POST {url}/api/v2/alerts`. Labels `alertname="DataplaneWatchdog"`,
-//! `check`, `severity`, `node`, `peer_node` (when there is one), `device`, plus `dedup_key` so
+//! `check`, `severity`, `node`, `peer_node` (when there is one), `device`, `family` (`ipv4` or
+//! `ipv6`, for findings about an overlay device), plus `dedup_key` so
 //! two findings never share an alert (and `test="true"` for a test); annotations `summary`,
 //! `description`, `fix`; `startsAt` = the finding's `since`. Alertmanager forgets alerts that
 //! are not re-sent, so firing alerts are re-posted every [`REFRESH`] with `endsAt` = now +
@@ -32,6 +33,9 @@ fn alert(n: &Notification, severity: Severity, ends_at: SystemTime) -> Value {
         labels.insert("peer_node".into(), json!(peer));
     }
     labels.insert("device".into(), json!(f.device));
+    if let Some(family) = f.family {
+        labels.insert("family".into(), json!(family.as_str()));
+    }
     labels.insert("dedup_key".into(), json!(n.dedup_key));
     if n.test {
         labels.insert("test".into(), json!("true"));
@@ -104,6 +108,7 @@ mod tests {
         assert_eq!(a["labels"]["node"], "k8s01");
         assert_eq!(a["labels"]["peer_node"], "k8s03");
         assert_eq!(a["labels"]["device"], "vxlan.calico");
+        assert_eq!(a["labels"]["family"], "ipv4");
         assert!(a["labels"].get("test").is_none());
         assert!(a["annotations"]["fix"]
             .as_str()
@@ -122,6 +127,19 @@ mod tests {
             endpoint("http://127.0.0.1:9093/"),
             "http://127.0.0.1:9093/api/v2/alerts"
         );
+    }
+
+    #[test]
+    fn the_family_label_names_the_overlay_and_is_absent_without_one() {
+        let mut f = incident();
+        f.device = "vxlan-v6.calico".into();
+        f.family = Some(crate::model::Family::V6);
+        let n = firing(f);
+        assert_eq!(body(&n, n.started_at)[0]["labels"]["family"], "ipv6");
+        let mut stale = incident();
+        stale.family = None;
+        let n = firing(stale);
+        assert!(body(&n, n.started_at)[0]["labels"].get("family").is_none());
     }
 
     #[test]

@@ -181,6 +181,7 @@ pub(crate) mod tests {
         f.gateway = Some(v4(10, 1, 235, 128));
         f.expected_gateway = Some(v4(10, 1, 235, 133));
         f.peer_node = Some("k8s03".into());
+        f.family = Some(crate::model::Family::V4);
         f.since = Some(SystemTime::UNIX_EPOCH + Duration::from_secs(1_779_080_700));
         f.hint = Some(
             "ip route replace 10.1.235.128/26 via 10.1.235.133 dev vxlan.calico onlink".into(),

@@ -43,7 +43,13 @@ pub fn body(n: &Notification) -> Value {
         field("Check", format!("`{}`", f.check)),
         field("Node", n.node.clone()),
         field("Peer", f.peer_node.clone().unwrap_or_else(|| "-".into())),
-        field("Device", f.device.clone()),
+        field(
+            "Device",
+            match f.family {
+                Some(family) => format!("{} ({})", f.device, family.as_str()),
+                None => f.device.clone(),
+            },
+        ),
         field(
             "Routes",
             if routes.is_empty() {

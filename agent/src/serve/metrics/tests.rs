@@ -95,6 +95,26 @@ fn cleared_findings_drop_to_zero() {
 }
 
 #[test]
+fn findings_about_an_overlay_carry_its_family_others_no_family_label() {
+    let m = Metrics::new();
+    let mut v6 = finding(CheckId::GatewayWrongVtep, Severity::Critical);
+    v6.device = "vxlan-v6.calico".into();
+    v6.family = Some(crate::model::Family::V6);
+    let mut v4 = finding(CheckId::GatewayWrongVtep, Severity::Critical);
+    v4.family = Some(crate::model::Family::V4);
+    let stale = finding(CheckId::DatastoreStale, Severity::Warning);
+    m.set_findings(&[v6, v4, stale]);
+    let out = m.encode();
+    for line in [
+        "findings{check=\"gateway-wrong-vtep\",severity=\"critical\",family=\"ipv6\"} 1\n",
+        "findings{check=\"gateway-wrong-vtep\",severity=\"critical\",family=\"ipv4\"} 1\n",
+        "findings{check=\"datastore-stale\",severity=\"warning\"} 1\n",
+    ] {
+        assert!(out.contains(line), "{line}{out}");
+    }
+}
+
+#[test]
 fn absolute_readings_become_monotonic_increments() {
     let m = Metrics::new();
     let line = |n: u64| format!("vxlan_drops_total{{device=\"d\",reason=\"r\"}} {n}\n");

@@ -18,6 +18,7 @@ fn healthy() -> Status {
     s.datastore.nodes = 3;
     s.devices.push(DeviceStatus {
         name: "vxlan.calico".into(),
+        family: Some(crate::model::Family::V4),
         present: true,
         ifindex: Some(12),
         up: true,
@@ -122,6 +123,11 @@ fn human_view_shows_the_incident() {
     assert!(out.contains("10.1.3.0/26 via 10.1.3.0 (expected 10.1.3.5)  open 5m"));
     assert!(out.contains("fix: ip route replace 10.1.3.0/26 via 10.1.3.5 dev vxlan.calico onlink"));
     assert!(out.contains("repair: route-replace planned"));
+    let device_row = out
+        .lines()
+        .find(|l| l.contains("vxlan.calico  "))
+        .expect(&out);
+    assert!(device_row.contains("ipv4"), "{out}");
     // Peer table: k8s03 is critical with 2 findings.
     let peer_line = out
         .lines()
