@@ -550,66 +550,14 @@ fn dual_stack_is_healthy_and_each_fault_stays_on_its_family() {
         "the incident needs a non-base VTEP"
     );
 
-    // Each fault on k8s01's IPv6 overlay only: exactly its finding, on vxlan-v6.calico.
-    let (k8s02, dev) = (lab.ipv6_of("k8s02"), DEVICE_V6);
+    // The incident on k8s01's IPv6 overlay only: blackholes IPv6 to k8s03, not IPv4.
     let incident = format!(
-        "route replace {} via {} dev {dev} onlink",
+        "route replace {} via {} dev {DEVICE_V6} onlink",
         k8s03.block,
         k8s03.block.network()
     );
-    let faults: [(&str, Vec<String>, &str, &str); 4] = [
-        ("incident", vec![incident], "gateway-wrong-vtep", "k8s03"),
-        (
-            "neighbour removed",
-            vec![format!("neigh del {} dev {dev}", k8s02.vtep_ip)],
-            "neighbour-unresolved",
-            "k8s02",
-        ),
-        (
-            "route removed",
-            vec![format!("route del {} dev {dev}", k8s02.block)],
-            "route-missing",
-            "k8s02",
-        ),
-        ("FDB removed", vec![], "fdb-missing", "k8s02"),
-    ];
-    for (what, ip_lines, check, peer) in faults {
-        for line in &ip_lines {
-            let args: Vec<&str> = line.split(' ').collect();
-            lab.ip("k8s01", &args).unwrap();
-        }
-        if what == "FDB removed" {
-            let mac = k8s02.vtep_mac.to_string();
-            lab.bridge("k8s01", &["fdb", "del", &mac, "dev", dev])
-                .unwrap();
-        }
-        let s = scan(&mut lab, "k8s01", &[]);
-        assert_eq!(
-            s.checks(),
-            [(check.to_string(), Some(peer.to_string()))].into(),
-            "IPv6 {what}: {:#?}",
-            s.findings()
-        );
-        let f = &s.findings()[0];
-        assert_eq!(f["device"], dev, "IPv6 {what}");
-        if what == "incident" {
-            assert_eq!(f["expected_gateway"], k8s03.vtep_ip.to_string());
-            let (sent, got) = lab.traffic_v6("k8s01", "k8s03", 3).unwrap();
-            assert_eq!(got, 0, "IPv6 incident: {got}/{sent} delivered");
-            // The IPv4 overlay is untouched and carries traffic.
-            assert!(lab.traffic("k8s01", "k8s03", 3).unwrap().all_delivered());
-        }
-        lab.heal_ipv6("k8s01").unwrap();
-        let s = scan(&mut lab, "k8s01", &[]);
-        assert!(
-            s.findings().is_empty(),
-            "after healing {what}: {:#?}",
-            s.findings()
-        );
-    }
-
-    // The incident on the IPv4 overlay only: nothing on the IPv6 one, which still delivers.
-    lab.inject(Fault::incident("k8s01")).unwrap();
+    lab.ip("k8s01", &incident.split(' ').collect::<Vec<_>>())
+        .unwrap();
     let s = scan(&mut lab, "k8s01", &[]);
     assert_eq!(
         s.checks(),
@@ -617,8 +565,65 @@ fn dual_stack_is_healthy_and_each_fault_stays_on_its_family() {
         "{:#?}",
         s.findings()
     );
-    assert_eq!(s.findings()[0]["device"], "vxlan.calico");
+    assert_eq!(
+        s.findings()[0]["expected_gateway"],
+        k8s03.vtep_ip.to_string()
+    );
+    assert_eq!(s.findings()[0]["family"], "ipv6");
     let (sent, got) = lab.traffic_v6("k8s01", "k8s03", 3).unwrap();
-    assert_eq!(got, sent, "IPv6 during the IPv4 incident");
+    assert_eq!(got, 0, "IPv6 incident: {got}/{sent} delivered");
+    assert!(lab.traffic("k8s01", "k8s03", 3).unwrap().all_delivered());
+    lab.heal_ipv6("k8s01").unwrap();
+
+    // Every fault kind on one family only: its findings, on that family's device and naming
+    // the peer, nothing on the other family, which still carries traffic.
+    for fault in Fault::all_kinds("k8s01", "k8s02") {
+        let expected = fault.expected_checks();
+        let peer = fault.peer().map(str::to_string);
+        let judge = |s: &Scan, device: &str, family: &str, what: &str| {
+            let findings = s.findings();
+            assert!(!findings.is_empty(), "{what}: nothing found");
+            for f in &findings {
+                assert!(
+                    expected.contains(&f["check"].as_str().unwrap())
+                        && f["device"] == device
+                        && f["family"] == family
+                        && f["peer_node"].as_str().map(str::to_string) == peer,
+                    "{what}: {findings:#?}"
+                );
+            }
+        };
+
+        let injected = lab.inject_ipv6(&fault).expect("inject on IPv6");
+        let s = scan(&mut lab, "k8s01", &[]);
+        judge(&s, DEVICE_V6, "ipv6", &injected.description);
+        assert!(
+            lab.traffic("k8s01", "k8s02", 3).unwrap().all_delivered(),
+            "IPv4 during {}",
+            injected.description
+        );
+        lab.restore_ipv6(&injected).unwrap();
+        let s = scan(&mut lab, "k8s01", &[]);
+        assert!(
+            s.findings().is_empty(),
+            "after {}: {:#?}",
+            injected.description,
+            s.findings()
+        );
+
+        let injected = lab.inject(fault).expect("inject on IPv4");
+        let s = scan(&mut lab, "k8s01", &[]);
+        judge(&s, "vxlan.calico", "ipv4", &injected.description);
+        let (sent, got) = lab.traffic_v6("k8s01", "k8s02", 3).unwrap();
+        assert_eq!(got, sent, "IPv6 during {}", injected.description);
+        lab.restore(&injected).unwrap();
+        let s = scan(&mut lab, "k8s01", &[]);
+        assert!(
+            s.findings().is_empty(),
+            "after {}: {:#?}",
+            injected.description,
+            s.findings()
+        );
+    }
     assert!(healthy.json["routes_checked"].as_u64().unwrap() > 8);
 }

@@ -11,7 +11,8 @@ use anyhow::{bail, Context, Result};
 use ipnet::Ipv6Net;
 
 use crate::{
-    lab::{set_sysctls, Lab, UNDERLAY_IF},
+    fault::{Fault, Step},
+    lab::{ensure_peer, set_sysctls, Lab, UNDERLAY_IF},
     spec::{Mac, Profile},
     sys, traffic,
 };
@@ -20,6 +21,15 @@ use crate::{
 pub const DEVICE_V6: &str = "vxlan-v6.calico";
 /// IPv6 VXLAN carries 20 more bytes of outer header than IPv4: 1500 − 70.
 pub const OVERLAY_MTU_V6: u32 = 1430;
+
+/// A [`Fault`] applied to a node's IPv6 overlay ([`Lab::inject_ipv6`]), and how to undo it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ipv6InjectedFault {
+    pub fault: Fault,
+    /// One line for humans: what is wrong on which node's `vxlan-v6.calico`.
+    pub description: String,
+    undo: Vec<Step>,
+}
 
 /// One node's IPv6 side.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -160,6 +170,154 @@ impl Lab {
             counts.iter().map(|c| c.sent).sum(),
             counts.iter().map(|c| c.received).sum(),
         ))
+    }
+
+    /// Applies `fault`'s kind to `vxlan-v6.calico` instead of the IPv4 overlay: the same
+    /// corruption of the same node toward the same peer, made of the peer's IPv6 VTEP, MAC,
+    /// block and underlay address (gateway: the block's network address unless that is the
+    /// VTEP, else its last address; stale VTEP: the block's last free address; wrong MAC
+    /// 66:de:ad:be:ef:<i>; wrong FDB destination `fd00:77::fa`; a stray IPv4 block `a.b.c.d/26`
+    /// becomes `fd99::a.b.c.d/122`). The addresses are the lab's: a fault that names its own
+    /// (an IPv4 gateway, MAC or destination) is refused.
+    pub fn inject_ipv6(&self, fault: &Fault) -> Result<Ipv6InjectedFault> {
+        if !self.dual_stack {
+            bail!("no IPv6 overlay: call add_ipv6_overlay first");
+        }
+        let on = fault.node();
+        let dev = DEVICE_V6;
+        let peer = match fault.peer() {
+            Some(peer) => {
+                ensure_peer(self, on, peer)?;
+                Some(self.ipv6_of(peer))
+            }
+            None => None,
+        };
+        let heal_peer = |apply: Vec<Step>| {
+            let name = fault.peer().expect("a fault with a peer");
+            let (ip, bridge) = self.ipv6_peer_commands(name);
+            let undo = ip
+                .into_iter()
+                .map(Step::ip)
+                .chain(bridge.into_iter().map(Step::br))
+                .collect::<Vec<_>>();
+            (apply, undo)
+        };
+        let last = |net: Ipv6Net, back: u128| Ipv6Addr::from(u128::from(net.broadcast()) - back);
+        let (apply, undo, what) = match (fault, &peer) {
+            (Fault::GatewayNotAVtep { gateway: None, .. }, Some(p)) => {
+                let gw = if p.block.network() != p.vtep_ip {
+                    p.block.network()
+                } else {
+                    last(p.block, 0)
+                };
+                let (apply, mut undo) = heal_peer(vec![Step::ip(format!(
+                    "route replace {} via {gw} dev {dev} onlink",
+                    p.block
+                ))]);
+                undo.push(Step::ip_opt(format!("neigh del {gw} dev {dev}")));
+                (apply, undo, format!("routes via {gw}, nobody's VTEP"))
+            }
+            (Fault::StaleVtep { old_vtep: None, .. }, Some(p)) => {
+                let old = last(p.block, 1);
+                let (apply, mut undo) = heal_peer(vec![
+                    Step::ip(format!(
+                        "neigh replace {old} lladdr {} dev {dev} nud permanent",
+                        p.vtep_mac
+                    )),
+                    Step::ip(format!("neigh del {} dev {dev}", p.vtep_ip)),
+                    Step::ip(format!(
+                        "route replace {} via {old} dev {dev} onlink",
+                        p.block
+                    )),
+                ]);
+                undo.push(Step::ip_opt(format!("neigh del {old} dev {dev}")));
+                (apply, undo, format!("routes via the old VTEP {old}"))
+            }
+            (Fault::NeighbourRemoved { .. }, Some(p)) => {
+                let (apply, undo) =
+                    heal_peer(vec![Step::ip(format!("neigh del {} dev {dev}", p.vtep_ip))]);
+                (apply, undo, format!("no neighbour for {}", p.vtep_ip))
+            }
+            (Fault::NeighbourWrongMac { mac: None, .. }, Some(p)) => {
+                let i = self.node(fault.peer().expect("peer")).index as u8;
+                let wrong = Mac([0x66, 0xde, 0xad, 0xbe, 0xef, i]);
+                let (apply, undo) = heal_peer(vec![Step::ip(format!(
+                    "neigh replace {} lladdr {wrong} dev {dev} nud permanent",
+                    p.vtep_ip
+                ))]);
+                (apply, undo, format!("neighbour {} → {wrong}", p.vtep_ip))
+            }
+            (Fault::FdbRemoved { .. }, Some(p)) => {
+                let (apply, undo) =
+                    heal_peer(vec![Step::br(format!("fdb del {} dev {dev}", p.vtep_mac))]);
+                (apply, undo, format!("no FDB entry for {}", p.vtep_mac))
+            }
+            (Fault::FdbWrongDestination { dst: None, .. }, Some(p)) => {
+                let (apply, undo) = heal_peer(vec![Step::br(format!(
+                    "fdb replace {} dev {dev} dst fd00:77::fa self permanent",
+                    p.vtep_mac
+                ))]);
+                (apply, undo, format!("FDB {} → fd00:77::fa", p.vtep_mac))
+            }
+            (Fault::RouteRemoved { block: None, .. }, Some(p)) => {
+                let (apply, undo) =
+                    heal_peer(vec![Step::ip(format!("route del {} dev {dev}", p.block))]);
+                (apply, undo, format!("no route to {}", p.block))
+            }
+            (
+                Fault::StrayRoute {
+                    block, via: None, ..
+                },
+                None,
+            ) => {
+                let stray = Ipv6Net::new(
+                    Ipv6Addr::from((0xfd99u128 << 112) | u128::from(u32::from(block.network()))),
+                    96 + block.prefix_len(),
+                )
+                .context("stray IPv6 block")?;
+                let other = self
+                    .nodes()
+                    .iter()
+                    .find(|n| n.name != on)
+                    .context("no other node")?
+                    .name
+                    .clone();
+                let via = self.ipv6_of(&other).vtep_ip;
+                (
+                    vec![Step::ip(format!(
+                        "route replace {stray} via {via} dev {dev} onlink"
+                    ))],
+                    vec![Step::ip_opt(format!("route del {stray} dev {dev}"))],
+                    format!("stray route {stray} via {via}"),
+                )
+            }
+            _ => bail!(
+                "{} on IPv6: leave the addresses to the lab ({fault:?})",
+                fault.kind()
+            ),
+        };
+        self.run_steps(on, &apply)
+            .with_context(|| format!("injecting {} on {on}'s {dev}", fault.kind()))?;
+        let description = format!(
+            "{} on {on}'s {dev}{}: {what}",
+            fault.kind(),
+            fault
+                .peer()
+                .map(|p| format!(" toward {p}"))
+                .unwrap_or_default()
+        );
+        tracing::info!(fault = %description, "IPv6 fault injected");
+        Ok(Ipv6InjectedFault {
+            fault: fault.clone(),
+            description,
+            undo,
+        })
+    }
+
+    /// Undoes an [`Lab::inject_ipv6`] fault exactly.
+    pub fn restore_ipv6(&self, injected: &Ipv6InjectedFault) -> Result<()> {
+        self.run_steps(injected.fault.node(), &injected.undo)
+            .with_context(|| format!("restoring {}", injected.description))
     }
 
     /// Whether [`Lab::add_ipv6_overlay`] ran.

@@ -202,7 +202,13 @@ impl Fault {
                 "gateway-wrong-vtep",
                 "gateway-is-network-address",
             ],
-            Fault::StaleVtep { .. } => &["gateway-wrong-vtep", "gateway-not-a-vtep", "route-stale"],
+            // The node missed the move: no neighbour for the current VTEP either.
+            Fault::StaleVtep { .. } => &[
+                "gateway-wrong-vtep",
+                "gateway-not-a-vtep",
+                "route-stale",
+                "neighbour-unresolved",
+            ],
             Fault::NeighbourRemoved { .. } => &["neighbour-unresolved"],
             Fault::NeighbourWrongMac { .. } => &["neighbour-mac-mismatch"],
             Fault::FdbRemoved { .. } => &["fdb-missing"],
@@ -234,7 +240,7 @@ pub struct InjectedFault {
 
 /// One `ip`/`bridge` command line in a node's namespace.
 #[derive(Debug, Clone, PartialEq, Eq)]
-struct Step {
+pub(crate) struct Step {
     bridge: bool,
     line: String,
     /// For deletions of entries that may legitimately be absent.
@@ -242,21 +248,21 @@ struct Step {
 }
 
 impl Step {
-    fn ip(line: String) -> Step {
+    pub(crate) fn ip(line: String) -> Step {
         Step {
             bridge: false,
             line,
             may_fail: false,
         }
     }
-    fn ip_opt(line: String) -> Step {
+    pub(crate) fn ip_opt(line: String) -> Step {
         Step {
             bridge: false,
             line,
             may_fail: true,
         }
     }
-    fn br(line: String) -> Step {
+    pub(crate) fn br(line: String) -> Step {
         Step {
             bridge: true,
             line,
@@ -336,7 +342,7 @@ impl Lab {
         Ok(out.lines().next().map(|l| l.trim().to_string()))
     }
 
-    fn run_steps(&self, node: &str, steps: &[Step]) -> Result<()> {
+    pub(crate) fn run_steps(&self, node: &str, steps: &[Step]) -> Result<()> {
         for s in steps {
             let args: Vec<&str> = s.line.split_whitespace().collect();
             let r = if s.bridge {

@@ -26,7 +26,7 @@ mod spec;
 mod sys;
 mod traffic;
 
-pub use dual_stack::{Ipv6Node, DEVICE_V6, OVERLAY_MTU_V6};
+pub use dual_stack::{Ipv6InjectedFault, Ipv6Node, DEVICE_V6, OVERLAY_MTU_V6};
 pub use fault::{Fault, InjectedFault};
 pub use lab::{Lab, NodeDataplane, NodeInfo, NETNS_DIR, NETNS_PREFIX, OVERLAY_MTU, UNDERLAY_IF};
 pub use spec::{LabSpec, Mac, NodeSpec, Profile};
