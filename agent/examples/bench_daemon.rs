@@ -11,7 +11,9 @@
 //!    dump alone.
 //! 4. RSS and idle CPU of the daemon holding that 5,000-peer model.
 //!
-//! Needs root. Options via env: `BENCH_INJECTIONS` (default 1000), `BENCH_PEERS` (5000).
+//! Needs root. Options via env: `BENCH_INJECTIONS` (default 1000), `BENCH_PEERS` (5000),
+//! `BENCH_PERF=<file>`: record the daemon with `perf record -g` during the route storm (for
+//! `perf report -i <file>`; needs Debian's `linux-perf`).
 
 use std::{
     fmt::Write as _,
@@ -308,6 +310,112 @@ fn latency(rounds: usize, out: &mut String) -> Result<()> {
     Ok(())
 }
 
+struct ScaleLatency {
+    detect_p50: Duration,
+    detect_p99: Duration,
+    detect_max: Duration,
+    clear_p50: Duration,
+    clear_p99: Duration,
+}
+
+/// `rounds` times: a block route of a peer (a different one each time) replaced via an
+/// address that is nobody's VTEP, until the finding shows; then restored, until none.
+fn detect_at_scale(d: &Daemon, ns: &Netns, peers: usize, rounds: usize) -> Result<ScaleLatency> {
+    let (mut detect, mut clear) = (Vec::new(), Vec::new());
+    for i in 0..rounds {
+        let p = (i * 7919) % peers;
+        let base = 0x0a40_0000u32 + ((p * BLOCKS) as u32) * 64;
+        let block = format!("{}/26", std::net::Ipv4Addr::from(base));
+        let vtep = std::net::Ipv4Addr::from(base).to_string();
+        let wrong = std::net::Ipv4Addr::from(base + 63).to_string();
+        let route = |via: &str| -> Result<()> {
+            sh(
+                "ip",
+                &[
+                    "-n", &ns.0, "route", "replace", &block, "via", via, "dev", DEVICE, "onlink",
+                ],
+                None,
+            )
+        };
+        route(&wrong)?;
+        let t = Instant::now();
+        detect.push(d.wait(t, Duration::from_secs(10), |f| !f.is_empty())?);
+        route(&vtep)?;
+        let t = Instant::now();
+        clear.push(d.wait(t, Duration::from_secs(10), |f| f.is_empty())?);
+    }
+    detect.sort();
+    clear.sort();
+    Ok(ScaleLatency {
+        detect_p50: percentile(&detect, 0.5),
+        detect_p99: percentile(&detect, 0.99),
+        detect_max: *detect.last().expect("rounds > 0"),
+        clear_p50: percentile(&clear, 0.5),
+        clear_p99: percentile(&clear, 0.99),
+    })
+}
+
+/// Unrelated route churn: `/32`s on `lo` added then deleted, `per_second` events a second,
+/// through one `ip -batch` reading a pipe (no process per write).
+struct Churn {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<Result<f64>>,
+}
+
+impl Churn {
+    fn start(ns: &Netns, per_second: u32) -> Result<Churn> {
+        use std::io::Write as _;
+        let mut child = Command::new("ip")
+            .args(["-n", &ns.0, "-batch", "-"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting ip -batch for the churn")?;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || -> Result<f64> {
+            let mut stdin = child.stdin.take().context("ip stdin")?;
+            let started = Instant::now();
+            let (mut written, tick) = (0u64, Duration::from_millis(10));
+            let per_tick = (per_second / 100).max(1) as u64;
+            while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+                let mut lines = String::new();
+                for _ in 0..per_tick {
+                    // 500 routes added, then the same 500 deleted: every line is one event.
+                    let (round, i) = (written / 500, written % 500);
+                    let verb = if round % 2 == 0 { "add" } else { "del" };
+                    let _ = writeln!(
+                        lines,
+                        "route {verb} 10.200.{}.{}/32 dev lo",
+                        i / 250,
+                        i % 250
+                    );
+                    written += 1;
+                }
+                stdin.write_all(lines.as_bytes())?;
+                let due = started + tick * (written / per_tick) as u32;
+                std::thread::sleep(due.saturating_duration_since(Instant::now()));
+            }
+            let rate = written as f64 / started.elapsed().as_secs_f64();
+            drop(stdin);
+            child.wait()?;
+            Ok(rate)
+        });
+        // Let the churn reach its pace before measuring.
+        std::thread::sleep(Duration::from_millis(500));
+        Ok(Churn { stop, thread })
+    }
+
+    /// Stops; returns the rate written.
+    fn stop(self) -> Result<f64> {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.thread
+            .join()
+            .map_err(|_| anyhow::anyhow!("churn thread panicked"))?
+    }
+}
+
 /// 2–4 on a synthetic node with `peers` peers × 6 blocks.
 fn scale(peers: usize, out: &mut String) -> Result<()> {
     let node = SyntheticNode::new(peers, BLOCKS)?;
@@ -327,11 +435,33 @@ fn scale(peers: usize, out: &mut String) -> Result<()> {
     let probe = StatusProbe::start(&d.socket);
     d.wait_in_sync()?;
     let startup = probe.finish();
+    let peak_at_startup = d.proc_status_kb("VmHWM")?;
     let missing = d.findings()?.len();
+    let perf = std::env::var_os("BENCH_PERF")
+        .map(|file| {
+            Command::new("perf")
+                .args(["record", "--call-graph", "dwarf,32768", "-F", "1000", "-o"])
+                .arg(file)
+                .arg("-p")
+                .arg(d.child.id().to_string())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .context("starting perf record (apt-get install linux-perf)")
+        })
+        .transpose()?;
+    if perf.is_some() {
+        std::thread::sleep(Duration::from_millis(500));
+    }
     let t = Instant::now();
     node.program_routes(&ns)?;
     let written = t.elapsed();
     let done = d.wait(t, Duration::from_secs(300), |f| f.is_empty())?;
+    if let Some(mut perf) = perf {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(perf.id() as libc::pid_t, libc::SIGINT) };
+        perf.wait()?;
+    }
     let status = d.status()?;
     // Baseline: the same daemon idle in the healthy state the resync phase has.
     let probe = StatusProbe::start(&d.socket);
@@ -351,6 +481,33 @@ fn scale(peers: usize, out: &mut String) -> Result<()> {
         status.resync.count,
     )?;
 
+    // 2b. Detection at scale: one peer's route made wrong and restored, with the whole
+    // 5,000-peer model loaded, quiet and then under 1,000 unrelated route events/s.
+    let rounds = env_usize("BENCH_SCALE_INJECTIONS", 100);
+    let quiet = detect_at_scale(&d, &ns, peers, rounds)?;
+    let churn = Churn::start(&ns, 1000)?;
+    let busy = detect_at_scale(&d, &ns, peers, rounds)?;
+    let churned = churn.stop()?;
+    writeln!(
+        out,
+        "detection at {peers} peers ({rounds} injections each: a block route via a non-VTEP → finding in GET /findings, and back):\n  \
+         quiet:       detect p50 {}  p99 {}  max {}; clear p50 {}  p99 {}\n  \
+         under churn: detect p50 {}  p99 {}  max {}; clear p50 {}  p99 {}  ({:.0} unrelated route events/s written)\n  \
+         → detect p99 under churn {:.2}× quiet",
+        ms(quiet.detect_p50),
+        ms(quiet.detect_p99),
+        ms(quiet.detect_max),
+        ms(quiet.clear_p50),
+        ms(quiet.clear_p99),
+        ms(busy.detect_p50),
+        ms(busy.detect_p99),
+        ms(busy.detect_max),
+        ms(busy.clear_p50),
+        ms(busy.clear_p99),
+        churned,
+        busy.detect_p99.as_secs_f64() / quiet.detect_p99.as_secs_f64(),
+    )?;
+
     // 4. RSS and idle CPU with the whole model loaded (no events; default 60 s resync).
     std::thread::sleep(Duration::from_secs(1));
     let (_, ticks0) = d.proc_usage()?;
@@ -367,11 +524,12 @@ fn scale(peers: usize, out: &mut String) -> Result<()> {
     };
     writeln!(
         out,
-        "footprint at {peers} peers ({total_routes} routes; {ebpf}):\n  RSS {:.1} MiB (anonymous {:.1}, file-backed {:.1}; peak {:.1}), idle CPU {:.2}% of one core over {}s",
+        "footprint at {peers} peers ({total_routes} routes; {ebpf}):\n  RSS {:.1} MiB (anonymous {:.1}, file-backed {:.1}; peak {:.1}, of which {:.1} reached by startup: eBPF load, first dump, datastore), idle CPU {:.2}% of one core over {}s",
         rss as f64 / (1024.0 * 1024.0),
         mib(d.proc_status_kb("RssAnon")?),
         mib(d.proc_status_kb("RssFile")?),
         mib(d.proc_status_kb("VmHWM")?),
+        mib(peak_at_startup),
         (ticks1 - ticks0) as f64 / hz / idle.as_secs_f64() * 100.0,
         idle.as_secs()
     )?;

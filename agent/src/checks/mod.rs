@@ -22,6 +22,7 @@ use std::{
     net::IpAddr,
 };
 
+use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
 pub use datastore::{findings as datastore_findings, DatastoreHealth, StaleNote};
@@ -154,7 +155,7 @@ pub struct PeerVerdict {
     pub vtep: IpAddr,
     pub vtep_mac: MacAddr,
     pub node_ip: IpAddr,
-    pub blocks: Vec<String>,
+    pub blocks: Vec<IpNet>,
     pub verdict: Verdict,
     pub findings: usize,
 }
@@ -308,7 +309,7 @@ fn verdicts(desired: &DesiredState, findings: &[Finding]) -> Vec<PeerVerdict> {
                 vtep: p.vtep_ip,
                 vtep_mac: p.vtep_mac,
                 node_ip: p.node_ip,
-                blocks: p.blocks.iter().map(|b| b.to_string()).collect(),
+                blocks: p.blocks.clone(),
                 verdict: Verdict::from_worst(worst),
                 findings: count,
             }

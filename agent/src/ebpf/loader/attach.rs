@@ -3,7 +3,7 @@
 //! that says what is missing when something is.
 
 use std::{
-    collections::{BTreeMap, HashMap as StdHashMap},
+    collections::{BTreeMap, BTreeSet, HashMap as StdHashMap},
     path::Path,
 };
 
@@ -172,8 +172,12 @@ impl EbpfDropCounters {
         } else {
             HeaderRead::detect(&btf)
         };
+        let tracepoints = present_tracepoints(&btf, &programs::ALL);
+        // Everything needed from our parse is taken: free it before aya parses the same BTF
+        // for its relocations, so the two (tens of MiB each) never coexist.
+        drop(btf);
         let (mut bpf, status) = loop {
-            let result = load_and_attach(object, &globals_values, header_read, &btf);
+            let result = load_and_attach(object, &globals_values, header_read, &tracepoints);
             let status = match &result {
                 Err(status) | Ok((_, status)) => status,
             };
@@ -227,8 +231,10 @@ impl EbpfDropCounters {
     pub fn attach_bench_baseline(&mut self) -> Result<(), EbpfError> {
         let (name, tracepoint) = programs::KFREE_SKB_BASELINE;
         let btf = Btf::from_sys().map_err(|e| EbpfError::Bench(e.to_string()))?;
+        let tracepoints = present_tracepoints(&btf, &[programs::KFREE_SKB_BASELINE]);
+        drop(btf);
         let aya_btf = aya::Btf::from_sys_fs().map_err(|e| EbpfError::Bench(chain(&e)))?;
-        attach_one(&mut self.bpf, &btf, &aya_btf, name, tracepoint)
+        attach_one(&mut self.bpf, &tracepoints, &aya_btf, name, tracepoint)
             .map_err(|(_, e)| EbpfError::Bench(format!("{name}: {e}")))
     }
 
@@ -263,11 +269,20 @@ impl EbpfDropCounters {
 
 /// Loads the object (its kfunc placeholder resolved per `header_read`, globals overridden) and
 /// attaches every program. Err when nothing could be attached.
+/// The tracepoints of `programs` this kernel has (a `btf_trace_<name>` typedef in its BTF).
+fn present_tracepoints(btf: &Btf, programs: &[(&str, &'static str)]) -> BTreeSet<&'static str> {
+    programs
+        .iter()
+        .map(|(_, tracepoint)| *tracepoint)
+        .filter(|tracepoint| btf.has_typedef(&format!("btf_trace_{tracepoint}")))
+        .collect()
+}
+
 fn load_and_attach(
     object: &[u8],
     globals_values: &[(&'static str, u32)],
     header_read: HeaderRead,
-    btf: &Btf,
+    tracepoints: &BTreeSet<&'static str>,
 ) -> Result<(Ebpf, EbpfStatus), EbpfStatus> {
     let object = header_read
         .patch(object)
@@ -301,7 +316,7 @@ fn load_and_attach(
     let mut programs_status = Vec::new();
     let mut first_failure: Option<Missing> = None;
     for (name, tracepoint) in programs::ALL {
-        let result = attach_one(&mut bpf, btf, &aya_btf, name, tracepoint);
+        let result = attach_one(&mut bpf, tracepoints, &aya_btf, name, tracepoint);
         if let Err((missing, _)) = &result {
             first_failure.get_or_insert(*missing);
         }
@@ -346,12 +361,12 @@ fn load_and_attach(
 
 fn attach_one(
     bpf: &mut Ebpf,
-    btf: &Btf,
+    tracepoints: &BTreeSet<&'static str>,
     aya_btf: &aya::Btf,
     name: &str,
     tracepoint: &str,
 ) -> Result<(), (Missing, String)> {
-    if !btf.has_typedef(&format!("btf_trace_{tracepoint}")) {
+    if !tracepoints.contains(tracepoint) {
         return Err((
             Missing::Tracepoint,
             format!("tracepoint {tracepoint} does not exist on this kernel"),
