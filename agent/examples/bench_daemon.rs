@@ -310,6 +310,40 @@ fn latency(rounds: usize, out: &mut String) -> Result<()> {
     Ok(())
 }
 
+/// `perf record` of the daemon while it lives, when `BENCH_PERF` names a file (`suffix`
+/// appended).
+struct Perf(Option<Child>);
+
+impl Perf {
+    fn start(d: &Daemon, suffix: &str) -> Result<Perf> {
+        let Some(file) = std::env::var_os("BENCH_PERF") else {
+            return Ok(Perf(None));
+        };
+        let mut file = file;
+        file.push(suffix);
+        let child = Command::new("perf")
+            .args(["record", "--call-graph", "dwarf,32768", "-F", "1000", "-o"])
+            .arg(file)
+            .arg("-p")
+            .arg(d.child.id().to_string())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting perf record (apt-get install linux-perf)")?;
+        std::thread::sleep(Duration::from_millis(500));
+        Ok(Perf(Some(child)))
+    }
+
+    fn stop(self) -> Result<()> {
+        if let Some(mut child) = self.0 {
+            // SAFETY: signalling our own child.
+            unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGINT) };
+            child.wait()?;
+        }
+        Ok(())
+    }
+}
+
 struct ScaleLatency {
     detect_p50: Duration,
     detect_p99: Duration,
@@ -437,31 +471,12 @@ fn scale(peers: usize, out: &mut String) -> Result<()> {
     let startup = probe.finish();
     let peak_at_startup = d.proc_status_kb("VmHWM")?;
     let missing = d.findings()?.len();
-    let perf = std::env::var_os("BENCH_PERF")
-        .map(|file| {
-            Command::new("perf")
-                .args(["record", "--call-graph", "dwarf,32768", "-F", "1000", "-o"])
-                .arg(file)
-                .arg("-p")
-                .arg(d.child.id().to_string())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .context("starting perf record (apt-get install linux-perf)")
-        })
-        .transpose()?;
-    if perf.is_some() {
-        std::thread::sleep(Duration::from_millis(500));
-    }
+    let perf = Perf::start(&d, "")?;
     let t = Instant::now();
     node.program_routes(&ns)?;
     let written = t.elapsed();
     let done = d.wait(t, Duration::from_secs(300), |f| f.is_empty())?;
-    if let Some(mut perf) = perf {
-        // SAFETY: signalling our own child.
-        unsafe { libc::kill(perf.id() as libc::pid_t, libc::SIGINT) };
-        perf.wait()?;
-    }
+    perf.stop()?;
     let status = d.status()?;
     // Baseline: the same daemon idle in the healthy state the resync phase has.
     let probe = StatusProbe::start(&d.socket);
@@ -484,7 +499,9 @@ fn scale(peers: usize, out: &mut String) -> Result<()> {
     // 2b. Detection at scale: one peer's route made wrong and restored, with the whole
     // 5,000-peer model loaded, quiet and then under 1,000 unrelated route events/s.
     let rounds = env_usize("BENCH_SCALE_INJECTIONS", 100);
+    let perf = Perf::start(&d, "-detect")?;
     let quiet = detect_at_scale(&d, &ns, peers, rounds)?;
+    perf.stop()?;
     let churn = Churn::start(&ns, 1000)?;
     let busy = detect_at_scale(&d, &ns, peers, rounds)?;
     let churned = churn.stop()?;

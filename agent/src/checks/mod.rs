@@ -18,11 +18,12 @@ pub(crate) mod tests;
 pub(crate) mod tests_dual_stack;
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap},
+    collections::{BTreeMap, BTreeSet},
     net::IpAddr,
 };
 
 use ipnet::IpNet;
+use rustc_hash::FxHashMap as HashMap;
 use serde::{Deserialize, Serialize};
 
 pub use datastore::{findings as datastore_findings, DatastoreHealth, StaleNote};
@@ -327,11 +328,13 @@ pub(crate) struct Indexed<'a> {
 
 impl<'a> Indexed<'a> {
     pub(crate) fn new(dev: &'a ObservedDevice) -> Self {
-        let mut neighbours = HashMap::with_capacity(dev.neighbours.len());
+        let mut neighbours =
+            HashMap::with_capacity_and_hasher(dev.neighbours.len(), Default::default());
         for n in &dev.neighbours {
             neighbours.entry(n.ip).or_insert(n);
         }
-        let mut fdb: HashMap<MacAddr, Vec<Option<IpAddr>>> = HashMap::with_capacity(dev.fdb.len());
+        let mut fdb: HashMap<MacAddr, Vec<Option<IpAddr>>> =
+            HashMap::with_capacity_and_hasher(dev.fdb.len(), Default::default());
         for e in &dev.fdb {
             fdb.entry(e.mac).or_default().push(e.destination);
         }

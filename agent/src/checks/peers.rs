@@ -1,12 +1,10 @@
 //! Checks against the datastore, peer by peer: routes to each remote node's blocks, its VTEP's
 //! neighbour and FDB entries, and routes that no node accounts for.
 
-use std::{
-    collections::{BTreeMap, HashMap},
-    net::IpAddr,
-};
+use std::{collections::BTreeMap, net::IpAddr};
 
 use ipnet::IpNet;
+use rustc_hash::FxHashMap as HashMap;
 
 use super::{fdb_destinations, neighbour, DeviceSpec, Family, Indexed, MAIN_TABLE};
 use crate::model::{
@@ -31,7 +29,12 @@ pub(super) fn check(
     let links = Links::of(direct);
 
     let mut findings = Vec::new();
-    let mut expected: HashMap<IpNet, &PeerNode> = HashMap::new();
+    let blocks = peers
+        .iter()
+        .map(|p| p.blocks.len() + p.borrowed.len())
+        .sum();
+    let mut expected: HashMap<IpNet, &PeerNode> =
+        HashMap::with_capacity_and_hasher(blocks, Default::default());
     for peer in &peers {
         for dst in peer.blocks.iter().chain(&peer.borrowed) {
             if family_ok(&dst.addr()) {
@@ -68,7 +71,7 @@ struct Links(HashMap<u32, Vec<IpNet>>);
 
 impl Links {
     fn of(direct: &BTreeMap<IpNet, DirectRoute>) -> Self {
-        let mut by_device: HashMap<u32, Vec<IpNet>> = HashMap::new();
+        let mut by_device: HashMap<u32, Vec<IpNet>> = HashMap::default();
         for (dst, r) in direct.iter().filter(|(_, r)| r.gateway.is_none()) {
             by_device.entry(r.ifindex).or_default().push(*dst);
         }
@@ -85,8 +88,11 @@ impl Links {
 }
 
 /// The route the kernel would use per destination in the main table: lowest metric wins.
-fn best_routes(dev: &ObservedDevice, family: Family) -> BTreeMap<IpNet, &Route> {
-    let mut best: BTreeMap<IpNet, &Route> = BTreeMap::new();
+/// A hash map: built from every route on each evaluation (30,000 at 5,000 peers), then looked
+/// up once per block; the order is never used (findings are sorted at the end).
+fn best_routes(dev: &ObservedDevice, family: Family) -> HashMap<IpNet, &Route> {
+    let mut best: HashMap<IpNet, &Route> =
+        HashMap::with_capacity_and_hasher(dev.routes.len(), Default::default());
     for r in &dev.routes {
         if r.table != MAIN_TABLE
             || r.kind != RouteKind::Unicast
@@ -110,7 +116,7 @@ fn peer_routes(
     spec: &DeviceSpec,
     dev: &Indexed<'_>,
     peer: &PeerNode,
-    routes: &BTreeMap<IpNet, &Route>,
+    routes: &HashMap<IpNet, &Route>,
     vtep_owner: &HashMap<IpAddr, &str>,
     direct: &BTreeMap<IpNet, DirectRoute>,
     links: &Links,

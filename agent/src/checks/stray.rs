@@ -2,12 +2,10 @@
 //! shadow a peer's block or take a local one, blocks of nodes the overlay cannot reach, and
 //! blackholes inside a peer's block.
 
-use std::{
-    collections::{BTreeMap, HashMap},
-    net::IpAddr,
-};
+use std::net::IpAddr;
 
 use ipnet::IpNet;
+use rustc_hash::FxHashMap as HashMap;
 
 use super::{peers::route_replace, DeviceSpec, Family, MAIN_TABLE};
 use crate::model::{
@@ -78,7 +76,7 @@ pub(super) fn blackholes_in_peer_blocks(
 pub(super) fn stray_routes(
     spec: &DeviceSpec,
     desired: &DesiredState,
-    routes: &BTreeMap<IpNet, &Route>,
+    routes: &HashMap<IpNet, &Route>,
     expected: &HashMap<IpNet, &PeerNode>,
     peers: &[&PeerNode],
     vtep_owner: &HashMap<IpAddr, &str>,

@@ -23,7 +23,7 @@ use tokio::net::UnixListener;
 
 use super::{
     http::{self, Body},
-    status::{Status, StatusHandle},
+    status::StatusHandle,
     ServeError,
 };
 
@@ -280,10 +280,11 @@ async fn route(
         return r;
     }
     match req.uri().path() {
-        "/status" => http::json(StatusCode::OK, &status.snapshot().await),
+        "/status" => status.read(|s| http::json(StatusCode::OK, s)).await,
         "/findings" => {
-            let s: Status = status.snapshot().await;
-            http::json(StatusCode::OK, &s.findings)
+            status
+                .read(|s| http::json(StatusCode::OK, &s.findings))
+                .await
         }
         "/healthz" => {
             let since = status.since_last_tick();

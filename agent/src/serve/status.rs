@@ -422,6 +422,12 @@ impl StatusHandle {
         self.inner.read().await.clone()
     }
 
+    /// `f` on the current status under the read lock: serving a request this way costs one
+    /// serialization, where a snapshot first copies (and then frees) every peer and finding.
+    pub async fn read<R>(&self, f: impl FnOnce(&Status) -> R) -> R {
+        f(&*self.inner.read().await)
+    }
+
     /// Mutate the status; stamps `generated_at` and `uptime_seconds`.
     pub async fn update<R>(&self, f: impl FnOnce(&mut Status) -> R) -> R {
         let mut guard = self.inner.write().await;
