@@ -12,7 +12,8 @@
 //! 4. RSS and idle CPU of the daemon holding that 5,000-peer model.
 //!
 //! Needs root. Options via env: `BENCH_INJECTIONS` (default 1000), `BENCH_PEERS` (5000),
-//! `BENCH_PERF=<file>`: record the daemon with `perf record -g` during the route storm (for
+//! `BENCH_GROWTH` (route counts for the resync growth table, default `1000,10000,30000,100000`;
+//! empty to skip), `BENCH_PERF=<file>`: record the daemon with `perf record -g` during the route storm (for
 //! `perf report -i <file>`; needs Debian's `linux-perf`).
 
 use std::{
@@ -556,12 +557,66 @@ fn scale(peers: usize, out: &mut String) -> Result<()> {
     // the raw dump measured in between, same namespace.
     let d = Daemon::start(&netns, "local", &datastore, "resync_interval = \"1s\"")?;
     let probe = StatusProbe::start(&d.socket);
+    let timing = resync_timing(&d, &netns, 7)?;
+    let resyncing = probe.finish();
+    writeln!(
+        out,
+        "status API latency (GET /status every 5 ms) at {peers} peers, baseline idle first:\n  {}\n  {}\n  {}",
+        probe_line("idle", idle_probe),
+        probe_line("during startup (eBPF load + verifier, first dump, datastore)", startup),
+        probe_line("during 1-per-second full resyncs", resyncing),
+    )?;
+    let ResyncTiming {
+        resyncs,
+        dumps,
+        raw_m,
+        same_m,
+        kernel_m,
+        full_m,
+    } = timing;
+    let ratio = |a: Duration, b: Duration| a.as_secs_f64() / b.as_secs_f64();
+    writeln!(
+        out,
+        "resync at {total_routes} routes (median of {} resyncs vs {} raw dumps each):\n  \
+         raw dumps of what a resync reads (addresses, routes, neighbours, FDB; parsed, dropped) {}; raw route dump alone {}\n  \
+         resync kernel part (those dumps → model) {} = {:.2}× the same raw dumps, {:.2}× the route dump alone\n  \
+         with the datastore re-read ({peers} nodes; unchanged file skipped) {} = {:.2}× the same raw dumps",
+        resyncs,
+        dumps,
+        ms(same_m),
+        ms(raw_m),
+        ms(kernel_m),
+        ratio(kernel_m, same_m),
+        ratio(kernel_m, raw_m),
+        ms(full_m),
+        ratio(full_m, same_m),
+    )?;
+    Ok(())
+}
+
+/// Medians of the daemon's periodic resyncs (from its log) and of raw dumps of the same
+/// namespace taken in between.
+struct ResyncTiming {
+    resyncs: usize,
+    dumps: usize,
+    /// The route dump alone.
+    raw_m: Duration,
+    /// Every dump a resync makes (addresses, routes, neighbours, FDB), parsed and dropped.
+    same_m: Duration,
+    /// The resync's kernel part: those dumps into the model.
+    kernel_m: Duration,
+    /// The whole resync (with the datastore re-read).
+    full_m: Duration,
+}
+
+/// `dumps` rounds of raw dumps while `d` (started with `resync_interval = "1s"`) resyncs.
+fn resync_timing(d: &Daemon, netns: &Path, dumps: usize) -> Result<ResyncTiming> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let observer = rt.block_on(async { NetlinkObserver::new(Some(&netns)) })?;
+    let observer = rt.block_on(async { NetlinkObserver::new(Some(netns)) })?;
     let (mut raw, mut same) = (Vec::new(), Vec::new());
-    for _ in 0..7 {
+    for _ in 0..dumps {
         let t = Instant::now();
         rt.block_on(observer.dump_route_count())?;
         raw.push(t.elapsed());
@@ -571,14 +626,6 @@ fn scale(peers: usize, out: &mut String) -> Result<()> {
         same.push(t.elapsed());
         std::thread::sleep(Duration::from_millis(400));
     }
-    let resyncing = probe.finish();
-    writeln!(
-        out,
-        "status API latency (GET /status every 5 ms) at {peers} peers, baseline idle first:\n  {}\n  {}\n  {}",
-        probe_line("idle", idle_probe),
-        probe_line("during startup (eBPF load + verifier, first dump, datastore)", startup),
-        probe_line("during 1-per-second full resyncs", resyncing),
-    )?;
     let log = d.log();
     let (mut kernel, mut full) = (Vec::new(), Vec::new());
     for line in log
@@ -603,33 +650,61 @@ fn scale(peers: usize, out: &mut String) -> Result<()> {
     if kernel.is_empty() {
         bail!("no periodic resync in the daemon log:\n{log}");
     }
-    raw.sort();
-    same.sort();
-    kernel.sort();
-    full.sort();
-    let (raw_m, same_m, kernel_m, full_m) = (
-        percentile(&raw, 0.5),
-        percentile(&same, 0.5),
-        percentile(&kernel, 0.5),
-        percentile(&full, 0.5),
-    );
-    let ratio = |a: Duration, b: Duration| a.as_secs_f64() / b.as_secs_f64();
+    for v in [&mut raw, &mut same, &mut kernel, &mut full] {
+        v.sort();
+    }
+    Ok(ResyncTiming {
+        resyncs: kernel.len(),
+        dumps: raw.len(),
+        raw_m: percentile(&raw, 0.5),
+        same_m: percentile(&same, 0.5),
+        kernel_m: percentile(&kernel, 0.5),
+        full_m: percentile(&full, 0.5),
+    })
+}
+
+/// Goal 4's table: resync time and memory from 1,000 to 100,000 routes (`BENCH_GROWTH`, a
+/// comma-separated list of route counts; empty to skip). Each size is a fresh node of
+/// routes / 6 peers, its daemon resyncing every second.
+fn resync_growth(out: &mut String) -> Result<()> {
+    let sizes: Vec<usize> = std::env::var("BENCH_GROWTH")
+        .unwrap_or_else(|_| "1000,10000,30000,100000".into())
+        .split(',')
+        .filter_map(|s| s.trim().parse().ok())
+        .collect();
+    if sizes.is_empty() {
+        return Ok(());
+    }
     writeln!(
         out,
-        "resync at {total_routes} routes (median of {} resyncs vs {} raw dumps each):\n  \
-         raw dumps of what a resync reads (addresses, routes, neighbours, FDB; parsed, dropped) {}; raw route dump alone {}\n  \
-         resync kernel part (those dumps → model) {} = {:.2}× the same raw dumps, {:.2}× the route dump alone\n  \
-         with the datastore re-read ({peers} nodes; unchanged file skipped) {} = {:.2}× the same raw dumps",
-        kernel.len(),
-        raw.len(),
-        ms(same_m),
-        ms(raw_m),
-        ms(kernel_m),
-        ratio(kernel_m, same_m),
-        ratio(kernel_m, raw_m),
-        ms(full_m),
-        ratio(full_m, same_m),
+        "resync growth (fresh node per size, routes / 6 peers; medians of ~5 periodic resyncs):\n  \
+         {:>7}  {:>9}  {:>11}  {:>6}  {:>9}  {:>9}  {:>9}",
+        "routes", "raw dumps", "resync kern", "ratio", "µs/route", "RSS MiB", "anon MiB"
     )?;
+    for routes in sizes {
+        let peers = (routes / BLOCKS).max(1);
+        let node = SyntheticNode::new(peers, BLOCKS)?;
+        let ns = Netns::new(format!("wdgrow{}x{routes}", std::process::id()))?;
+        node.program(&ns, true)?;
+        let dir = tempfile::tempdir()?;
+        let datastore = dir.path().join("nodes.yaml");
+        std::fs::write(&datastore, &node.yaml)?;
+        let d = Daemon::start(&ns.path(), "local", &datastore, "resync_interval = \"1s\"")?;
+        let t = resync_timing(&d, &ns.path(), 5)?;
+        let (rss, _) = d.proc_usage()?;
+        let anon = d.proc_status_kb("RssAnon")?;
+        let n = peers * BLOCKS;
+        writeln!(
+            out,
+            "  {n:>7}  {:>9}  {:>11}  {:>5.2}×  {:>9.2}  {:>9.1}  {:>9.1}",
+            ms(t.same_m),
+            ms(t.kernel_m),
+            t.kernel_m.as_secs_f64() / t.same_m.as_secs_f64(),
+            t.kernel_m.as_secs_f64() * 1e6 / n as f64,
+            rss as f64 / (1024.0 * 1024.0),
+            anon as f64 / 1024.0,
+        )?;
+    }
     Ok(())
 }
 
@@ -660,5 +735,8 @@ fn main() -> Result<()> {
     let mut rest = String::new();
     scale(peers, &mut rest)?;
     print!("{rest}");
+    let mut growth = String::new();
+    resync_growth(&mut growth)?;
+    print!("{growth}");
     Ok(())
 }
