@@ -708,7 +708,171 @@ fn resync_growth(out: &mut String) -> Result<()> {
     Ok(())
 }
 
+/// One synthetic peer's kernel state and datastore entry, as [`SyntheticNode`] lays them out
+/// (peer `p`: blocks from 10.64.0.0 + p × 6 × 64, VTEP the first block's base).
+struct ChurnPeer {
+    neigh: String,
+    routes: Vec<String>,
+    fdb: String,
+    yaml: String,
+    vtep: String,
+    mac: String,
+}
+
+impl ChurnPeer {
+    fn new(p: usize, name: &str) -> ChurnPeer {
+        let node_ip = std::net::Ipv4Addr::from(0xac10_0000u32 + 2 + p as u32);
+        let mac = dataplane_watchdog::model::MacAddr::derive_like_felix(name).to_string();
+        let nets: Vec<String> = (0..BLOCKS)
+            .map(|b| {
+                let base = 0x0a40_0000u32 + ((p * BLOCKS + b) as u32) * 64;
+                format!("{}/26", std::net::Ipv4Addr::from(base))
+            })
+            .collect();
+        let vtep = nets[0].trim_end_matches("/26").to_string();
+        ChurnPeer {
+            neigh: format!("neigh replace {vtep} lladdr {mac} dev {DEVICE} nud permanent"),
+            routes: nets
+                .iter()
+                .map(|n| format!("route replace {n} via {vtep} dev {DEVICE} onlink"))
+                .collect(),
+            fdb: format!("fdb replace {mac} dev {DEVICE} dst {node_ip} self permanent"),
+            yaml: format!(
+                "  - name: {name}\n    node_ip: {node_ip}\n    vtep_ip: {vtep}\n    blocks: [{}]\n",
+                nets.join(", ")
+            ),
+            vtep,
+            mac,
+        }
+    }
+}
+
+/// Goal 5: the daemon's memory over `secs` of churn on a 1,000-peer node: every 2 s one peer
+/// leaves (its routes, neighbour and FDB entry removed, the datastore rewritten without it)
+/// and a new one joins; every 60 s the overlay device is deleted and re-created with
+/// everything on it. RSS sampled every 10 s; summarised as first/min/max/last and the slope
+/// over the second half (flat is the expectation).
+fn churn(secs: u64, out: &mut String) -> Result<()> {
+    let peers = env_usize("BENCH_CHURN_PEERS", 1000);
+    let node = SyntheticNode::new(peers, BLOCKS)?;
+    let ns = Netns::new(format!("wdchurn{}", std::process::id()))?;
+    node.program(&ns, true)?;
+    let dir = tempfile::tempdir()?;
+    let datastore = dir.path().join("nodes.yaml");
+    let header = "nodes:\n  - name: local\n    node_ip: 172.16.0.1\n    vtep_ip: 10.63.255.192\n    blocks: [10.63.255.192/26]\n";
+    let mut live: std::collections::VecDeque<(usize, String)> =
+        (0..peers).map(|p| (p, format!("node{p}"))).collect();
+    let write_datastore = |live: &std::collections::VecDeque<(usize, String)>| -> Result<()> {
+        let mut yaml = header.to_string();
+        for (p, name) in live {
+            yaml.push_str(&ChurnPeer::new(*p, name).yaml);
+        }
+        let tmp = datastore.with_extension("tmp");
+        std::fs::write(&tmp, yaml)?;
+        std::fs::rename(&tmp, &datastore)?;
+        Ok(())
+    };
+    write_datastore(&live)?;
+    let d = Daemon::start(&ns.path(), "local", &datastore, "")?;
+    let ip_batch = |lines: &str| sh("ip", &["-n", &ns.0, "-batch", "-"], Some(lines));
+    let bridge_batch = |lines: &str| sh("bridge", &["-n", &ns.0, "-batch", "-"], Some(lines));
+    let started = Instant::now();
+    let (mut samples, mut next_sample) = (Vec::new(), Duration::ZERO);
+    let (mut joined, mut recreated, mut next_recreate) = (0usize, 0usize, Duration::from_secs(60));
+    let mut next_index = peers;
+    while started.elapsed() < Duration::from_secs(secs) {
+        // One leaves (the oldest), one joins.
+        if let Some((p, name)) = live.pop_front() {
+            let gone = ChurnPeer::new(p, &name);
+            let mut lines = String::new();
+            for r in &gone.routes {
+                lines.push_str(&r.replacen("route replace", "route del", 1));
+                lines.push('\n');
+            }
+            lines.push_str(&format!("neigh del {} dev {DEVICE}\n", gone.vtep));
+            ip_batch(&lines)?;
+            bridge_batch(&format!("fdb del {} dev {DEVICE}\n", gone.mac))?;
+        }
+        let name = format!("join{next_index}");
+        let new = ChurnPeer::new(next_index, &name);
+        ip_batch(&format!("{}\n{}\n", new.neigh, new.routes.join("\n")))?;
+        bridge_batch(&format!("{}\n", new.fdb))?;
+        live.push_back((next_index, name));
+        next_index += 1;
+        joined += 1;
+        write_datastore(&live)?;
+        if started.elapsed() >= next_recreate {
+            // The device re-created (a Felix restart, an operator): everything reprogrammed.
+            let mut lines = format!("link del {DEVICE}\n");
+            lines.push_str(&format!(
+                "link add {DEVICE} address {} type vxlan id 4096 dstport 4789 nolearning\naddr add 10.63.255.192/32 dev {DEVICE}\nlink set {DEVICE} up\n",
+                dataplane_watchdog::model::MacAddr::derive_like_felix("local")
+            ));
+            let mut fdb = String::new();
+            for (p, name) in &live {
+                let c = ChurnPeer::new(*p, name);
+                lines.push_str(&format!("{}\n{}\n", c.neigh, c.routes.join("\n")));
+                fdb.push_str(&format!("{}\n", c.fdb));
+            }
+            ip_batch(&lines)?;
+            bridge_batch(&fdb)?;
+            recreated += 1;
+            next_recreate += Duration::from_secs(60);
+        }
+        if started.elapsed() >= next_sample {
+            let anon = d.proc_status_kb("RssAnon")?;
+            let (rss, _) = d.proc_usage()?;
+            samples.push((
+                started.elapsed(),
+                rss as f64 / 1048576.0,
+                anon as f64 / 1024.0,
+            ));
+            next_sample += Duration::from_secs(10);
+        }
+        std::thread::sleep(Duration::from_secs(2));
+    }
+    // Healthy at the end: exactly the datastore's state, no findings.
+    d.wait(Instant::now(), Duration::from_secs(120), |f| f.is_empty())?;
+    let status = d.status()?;
+    let (first, last) = (samples[0], *samples.last().expect("samples"));
+    let min = samples.iter().map(|s| s.1).fold(f64::MAX, f64::min);
+    let max = samples.iter().map(|s| s.1).fold(0.0, f64::max);
+    // Least-squares slope over the second half, MiB per hour.
+    let half = &samples[samples.len() / 2..];
+    let n = half.len() as f64;
+    let (sx, sy) = half
+        .iter()
+        .fold((0.0, 0.0), |(x, y), s| (x + s.0.as_secs_f64(), y + s.1));
+    let (mx, my) = (sx / n, sy / n);
+    let (num, den) = half.iter().fold((0.0, 0.0), |(a, b), s| {
+        let dx = s.0.as_secs_f64() - mx;
+        (a + dx * (s.1 - my), b + dx * dx)
+    });
+    let slope = if den > 0.0 { num / den * 3600.0 } else { 0.0 };
+    writeln!(
+        out,
+        "churn for {secs} s at {peers} peers ({joined} joins and as many leaves, device re-created {recreated} times; {} RSS samples):\n  \
+         RSS first {:.1} MiB (anonymous {:.1}), min {min:.1}, max {max:.1}, last {:.1} (anonymous {:.1}); second-half slope {slope:+.2} MiB/hour\n  \
+         at the end: 0 findings, resyncs {}, overruns {}",
+        samples.len(),
+        first.1,
+        first.2,
+        last.1,
+        last.2,
+        status.resync.count,
+        status.resync.overruns,
+    )?;
+    Ok(())
+}
+
 fn main() -> Result<()> {
+    if std::env::args().any(|a| a == "--churn") {
+        let secs = env_usize("BENCH_CHURN_SECS", 3600) as u64;
+        let mut out = String::new();
+        churn(secs, &mut out)?;
+        print!("{out}");
+        return Ok(());
+    }
     let rounds = env_usize("BENCH_INJECTIONS", 1000);
     let peers = env_usize("BENCH_PEERS", 5000);
     let mut out = String::new();

@@ -12,6 +12,10 @@
 //!   run-time stats, calibrated by an empty program) and UDP flood throughput with and without
 //!   the programs.
 //!
+//! - `churn` (`bench_daemon --churn`, only when named: it runs an hour by default): the daemon's
+//!   memory while nodes join and leave and the overlay device is re-created, sampled every
+//!   10 s; `BENCH_CHURN_SECS` shortens it.
+//!
 //! `WATCHDOG_BENCH_ARGS` passes flags to the example (e.g. `--quick` for `ebpf`).
 use std::process::Command;
 
@@ -20,6 +24,8 @@ use anyhow::{bail, Context as _, Result};
 use crate::{cargo, is_root, run, setup, workspace_root};
 
 const ALL: [&str; 4] = ["scan", "daemon", "ebpf", "findings"];
+/// Run only when named.
+const LONG: [&str; 1] = ["churn"];
 
 pub fn run_bench(which: Option<&str>) -> Result<()> {
     if !is_root() {
@@ -28,10 +34,11 @@ pub fn run_bench(which: Option<&str>) -> Result<()> {
     let env = setup::run()?;
     let selected: Vec<&str> = match which {
         None => ALL.to_vec(),
-        Some(w) if ALL.contains(&w) => vec![w],
+        Some(w) if ALL.contains(&w) || LONG.contains(&w) => vec![w],
         Some(other) => bail!(
-            "unknown benchmark {other:?}: expected one of {}",
-            ALL.join(", ")
+            "unknown benchmark {other:?}: expected one of {}, {}",
+            ALL.join(", "),
+            LONG.join(", ")
         ),
     };
     for bench in selected {
@@ -41,6 +48,16 @@ pub fn run_bench(which: Option<&str>) -> Result<()> {
             "daemon" => run_example(&env, "bench_daemon", &["--bin", "watchdog"])?,
             "ebpf" => run_example(&env, "bench_ebpf", &[])?,
             "findings" => run_example(&env, "bench_findings", &[])?,
+            "churn" => {
+                std::env::set_var(
+                    "WATCHDOG_BENCH_ARGS",
+                    format!(
+                        "--churn {}",
+                        std::env::var("WATCHDOG_BENCH_ARGS").unwrap_or_default()
+                    ),
+                );
+                run_example(&env, "bench_daemon", &["--bin", "watchdog"])?
+            }
             _ => unreachable!("checked above"),
         }
     }
