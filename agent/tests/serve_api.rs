@@ -202,7 +202,7 @@ async fn status_api_serves_reads_and_refuses_writes() {
     );
     handle
         .update(|s| {
-            s.set_findings(Vec::new(), &[]);
+            s.set_findings(Vec::new(), &Default::default());
         })
         .await;
     assert_eq!(client::run_check(check.clone()).await, 0);

@@ -8,7 +8,9 @@
 mod datastore;
 mod device;
 mod drops;
+mod incremental;
 pub mod kubelet;
+mod lookup;
 mod offline;
 mod peers;
 mod stray;
@@ -23,16 +25,17 @@ use std::{
 };
 
 use ipnet::IpNet;
-use rustc_hash::FxHashMap as HashMap;
 use serde::{Deserialize, Serialize};
 
 pub use datastore::{findings as datastore_findings, DatastoreHealth, StaleNote};
 pub use drops::{explains_drops, DropSummary, PeerDrops};
+pub use incremental::{Evaluator, Recomputed};
 
 use crate::model::{
-    CheckId, ClusterSettings, DesiredState, Finding, MacAddr, Neighbour, ObservedDevice,
-    ObservedState, Severity,
+    CheckId, ClusterSettings, DesiredState, Finding, MacAddr, ObservedState, Severity,
 };
+#[cfg(test)]
+mod tests_incremental;
 
 pub use crate::model::Family;
 
@@ -185,73 +188,28 @@ impl CheckReport {
     }
 }
 
-/// Runs every check that the inputs allow.
+/// Runs every check that the inputs allow, from scratch (the daemon keeps an [`Evaluator`]
+/// and re-checks only what changed).
 pub fn evaluate(input: &CheckInput<'_>) -> CheckReport {
-    // Only a cluster that says something about the overlay costs a copy of the specs.
-    let specs: std::borrow::Cow<[DeviceSpec]> = match input.desired {
-        Some(d) if d.cluster.felix != Default::default() => input
-            .devices
-            .iter()
-            .map(|s| s.with_cluster(&d.cluster))
-            .collect(),
-        _ => std::borrow::Cow::Borrowed(input.devices),
-    };
-    let input = &CheckInput {
-        devices: &specs,
-        ..*input
-    };
-    let mut report = CheckReport::default();
-    report.findings.extend(datastore::findings(
-        input.desired,
-        input.datastore,
-        input.devices,
-    ));
-    for spec in input.devices {
-        // The IPv6 overlay is judged against the IPv6 side of every node.
-        let desired = input.desired.map(|d| match spec.family {
-            Family::V4 => d,
-            Family::V6 => d.ipv6(),
-        });
-        // A node of an IPIP or no-encap pool has no VXLAN device to miss.
-        let local_without_vtep = desired.is_some_and(|d| d.non_vxlan.contains_key(&d.local_node));
-        let Some(dev) = input.observed.devices.get(&spec.name) else {
-            if local_without_vtep {
-                report.skipped.push(SkippedCheck {
-                    check: CheckId::DeviceMissing,
-                    reason: format!(
-                        "this node has no VTEP in the datastore: {} is not expected",
-                        spec.name
-                    ),
-                });
-                continue;
-            }
-            report.findings.push(device::missing(spec, desired));
-            report.skipped.push(SkippedCheck {
-                check: CheckId::RouteMissing,
-                reason: format!("device {} does not exist", spec.name),
-            });
-            continue;
-        };
-        report.routes_checked += dev
-            .routes
-            .iter()
-            .filter(|r| r.table == MAIN_TABLE && r.kind == crate::model::RouteKind::Unicast)
-            .count();
-        report
-            .findings
-            .extend(device::misconfigured(spec, dev, desired));
-        match desired {
-            Some(desired) => report.findings.extend(peers::check(
-                spec,
-                &Indexed::new(dev),
-                desired,
-                &input.observed.direct_routes,
-            )),
-            None => report
-                .findings
-                .extend(offline::check(spec, &Indexed::new(dev))),
-        }
+    if input.observed.is_normalized() {
+        return Evaluator::default().evaluate(input);
     }
+    let mut observed = input.observed.clone();
+    observed.normalize();
+    Evaluator::default().evaluate(&CheckInput {
+        observed: &observed,
+        ..*input
+    })
+}
+
+/// What every evaluation does after the checks proper: offline notes, drop evidence, the
+/// family of each finding, the order, the verdicts.
+fn finish(
+    input: &CheckInput<'_>,
+    specs: &[DeviceSpec],
+    peer_list: bool,
+    mut report: CheckReport,
+) -> CheckReport {
     if input.desired.is_none() {
         for check in [
             CheckId::GatewayWrongVtep,
@@ -272,7 +230,7 @@ pub fn evaluate(input: &CheckInput<'_>) -> CheckReport {
     }
     // Every finding about an overlay device names the family that device carries.
     for f in &mut report.findings {
-        if let Some(spec) = input.devices.iter().find(|s| s.name == f.device) {
+        if let Some(spec) = specs.iter().find(|s| s.name == f.device) {
             f.family = Some(spec.family);
         }
     }
@@ -283,7 +241,7 @@ pub fn evaluate(input: &CheckInput<'_>) -> CheckReport {
             .then_with(|| a.check.cmp(&b.check))
             .then_with(|| a.route.cmp(&b.route))
     });
-    if let Some(desired) = input.desired {
+    if let Some(desired) = input.desired.filter(|_| peer_list) {
         report.peers = verdicts(desired, &report.findings);
     }
     report
@@ -293,72 +251,76 @@ pub fn evaluate(input: &CheckInput<'_>) -> CheckReport {
 pub const MAIN_TABLE: u32 = 254;
 
 fn verdicts(desired: &DesiredState, findings: &[Finding]) -> Vec<PeerVerdict> {
-    let mut by_peer: BTreeMap<&str, (usize, Option<Severity>)> = BTreeMap::new();
-    for f in findings {
-        if let Some(p) = &f.peer_node {
-            let e = by_peer.entry(p.as_str()).or_default();
-            e.0 += 1;
-            e.1 = e.1.max(Some(f.severity));
-        }
-    }
+    let summary = PeerVerdicts::of(desired, findings);
     desired
         .peers()
         .map(|p| {
-            let (count, worst) = by_peer.get(p.name.as_str()).copied().unwrap_or_default();
+            let (verdict, findings) = summary.get(&p.name);
             PeerVerdict {
                 node: p.name.clone(),
                 vtep: p.vtep_ip,
                 vtep_mac: p.vtep_mac,
                 node_ip: p.node_ip,
                 blocks: p.blocks.clone(),
-                verdict: Verdict::from_worst(worst),
-                findings: count,
+                verdict,
+                findings,
             }
         })
         .collect()
 }
 
-/// An observed device with lookup tables, built once per evaluation: per-peer lookups must not
-/// scan every neighbour and FDB entry (5,000 peers would make that quadratic).
-pub(crate) struct Indexed<'a> {
-    dev: &'a ObservedDevice,
-    neighbours: HashMap<IpAddr, &'a Neighbour>,
-    fdb: HashMap<MacAddr, Vec<Option<IpAddr>>>,
+/// Every peer's verdict, held as the peers with findings (every other one is ok): what the
+/// daemon passes on after each evaluation, a few entries however many peers there are.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PeerVerdicts {
+    /// Remote nodes judged.
+    pub peers: usize,
+    /// Per remote node with findings: its verdict and how many.
+    pub with_findings: BTreeMap<String, (Verdict, usize)>,
 }
 
-impl<'a> Indexed<'a> {
-    pub(crate) fn new(dev: &'a ObservedDevice) -> Self {
-        let mut neighbours =
-            HashMap::with_capacity_and_hasher(dev.neighbours.len(), Default::default());
-        for n in &dev.neighbours {
-            neighbours.entry(n.ip).or_insert(n);
+impl PeerVerdicts {
+    /// The verdicts `findings` give the datastore's remote nodes.
+    pub fn of(desired: &DesiredState, findings: &[Finding]) -> Self {
+        let mut by_peer: BTreeMap<&str, (usize, Option<Severity>)> = BTreeMap::new();
+        for f in findings {
+            if let Some(p) = &f.peer_node {
+                let e = by_peer.entry(p.as_str()).or_default();
+                e.0 += 1;
+                e.1 = e.1.max(Some(f.severity));
+            }
         }
-        let mut fdb: HashMap<MacAddr, Vec<Option<IpAddr>>> =
-            HashMap::with_capacity_and_hasher(dev.fdb.len(), Default::default());
-        for e in &dev.fdb {
-            fdb.entry(e.mac).or_default().push(e.destination);
-        }
-        Indexed {
-            dev,
-            neighbours,
-            fdb,
+        let is_peer = |name: &str| name != desired.local_node && desired.nodes.contains_key(name);
+        PeerVerdicts {
+            peers: desired.nodes.len()
+                - usize::from(desired.nodes.contains_key(&desired.local_node)),
+            with_findings: by_peer
+                .into_iter()
+                .filter(|(name, _)| is_peer(name))
+                .map(|(name, (n, worst))| (name.to_string(), (Verdict::from_worst(worst), n)))
+                .collect(),
         }
     }
-}
 
-impl std::ops::Deref for Indexed<'_> {
-    type Target = ObservedDevice;
-    fn deref(&self) -> &ObservedDevice {
-        self.dev
+    /// One peer's verdict and finding count.
+    pub fn get(&self, peer: &str) -> (Verdict, usize) {
+        self.with_findings
+            .get(peer)
+            .copied()
+            .unwrap_or((Verdict::Ok, 0))
     }
-}
 
-/// Neighbour entry for `ip` on a device, if any.
-pub(crate) fn neighbour<'a>(dev: &Indexed<'a>, ip: &IpAddr) -> Option<&'a Neighbour> {
-    dev.neighbours.get(ip).copied()
-}
-
-/// FDB destinations for `mac` on a device.
-pub(crate) fn fdb_destinations(dev: &Indexed<'_>, mac: &MacAddr) -> Vec<Option<IpAddr>> {
-    dev.fdb.get(mac).cloned().unwrap_or_default()
+    /// How many peers have this verdict.
+    pub fn count(&self, verdict: Verdict) -> usize {
+        let judged = self
+            .with_findings
+            .values()
+            .filter(|(v, _)| *v == verdict)
+            .count();
+        match verdict {
+            // Peers with only info findings are ok too.
+            Verdict::Ok => self.peers - self.with_findings.len() + judged,
+            _ => judged,
+        }
+    }
 }

@@ -7,10 +7,13 @@ use std::{collections::BTreeMap, net::IpAddr};
 
 use ipnet::IpNet;
 
-use super::{fdb_destinations, neighbour, DeviceSpec, Family, Indexed, MAIN_TABLE};
-use crate::model::{CheckId, Finding, RouteKind, Severity};
+use super::{
+    lookup::{fdb_destinations, neighbour},
+    DeviceSpec, Family, MAIN_TABLE,
+};
+use crate::model::{CheckId, Finding, ObservedDevice, RouteKind, Severity};
 
-pub(super) fn check(spec: &DeviceSpec, dev: &Indexed<'_>) -> Vec<Finding> {
+pub(super) fn check(spec: &DeviceSpec, dev: &ObservedDevice) -> Vec<Finding> {
     let device = spec.name.as_str();
     // Group routes by gateway: one broken gateway is one problem, however many routes use it.
     let mut by_gateway: BTreeMap<IpAddr, Vec<IpNet>> = BTreeMap::new();

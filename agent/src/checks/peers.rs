@@ -6,120 +6,188 @@ use std::{collections::BTreeMap, net::IpAddr};
 use ipnet::IpNet;
 use rustc_hash::FxHashMap as HashMap;
 
-use super::{fdb_destinations, neighbour, DeviceSpec, Family, Indexed, MAIN_TABLE};
+use super::{
+    lookup::{fdb_destinations, neighbour, on_link, BestRoutes},
+    DeviceSpec, Family,
+};
 use crate::model::{
     CheckId, DesiredState, DirectRoute, Finding, MacAddr, ObservedDevice, PeerNode, Remedy, Route,
-    RouteKind, Severity,
+    Severity,
 };
 
-pub(super) fn check(
-    spec: &DeviceSpec,
-    dev: &Indexed<'_>,
-    desired: &DesiredState,
-    direct: &BTreeMap<IpNet, DirectRoute>,
-) -> Vec<Finding> {
-    let family_ok = |ip: &IpAddr| Family::of(ip) == spec.family;
-    let vtep_owner: HashMap<IpAddr, &str> = desired
-        .nodes
-        .values()
-        .map(|n| (n.vtep_ip, n.name.as_str()))
-        .collect();
-    let routes = best_routes(dev, spec.family);
-    let peers: Vec<&PeerNode> = desired.peers().filter(|p| family_ok(&p.vtep_ip)).collect();
-    let links = Links::of(direct);
-
-    let mut findings = Vec::new();
-    let blocks = peers
-        .iter()
-        .map(|p| p.blocks.len() + p.borrowed.len())
-        .sum();
-    let mut expected: HashMap<IpNet, &PeerNode> =
-        HashMap::with_capacity_and_hasher(blocks, Default::default());
-    for peer in &peers {
-        for dst in peer.blocks.iter().chain(&peer.borrowed) {
-            if family_ok(&dst.addr()) {
-                expected.insert(*dst, peer);
-            }
-        }
-    }
-
-    for peer in &peers {
-        let (route_findings, over_overlay) =
-            peer_routes(spec, dev, peer, &routes, &vtep_owner, direct, &links);
-        findings.extend(route_findings);
-        // A peer reached only directly (flannel DirectRouting, Calico CrossSubnet) needs no
-        // VTEP neighbour or FDB entry: no frame to it is encapsulated.
-        if over_overlay {
-            findings.extend(peer_vtep(spec, dev, peer));
-        }
-    }
-    findings.extend(super::stray::stray_routes(
-        spec,
-        desired,
-        &routes,
-        &expected,
-        &peers,
-        &vtep_owner,
-    ));
-    findings.extend(super::stray::blackholes_in_peer_blocks(spec, dev, &peers));
-    findings
+/// What the checks of one device derive from the desired state alone, built once per
+/// datastore change: who owns each VTEP, block and MAC, so that a kernel change is mapped to
+/// the peers it concerns without looking at the others.
+#[derive(Debug)]
+pub(super) struct PeerIndex {
+    /// Every node's VTEP (the local node's too) → its name.
+    pub(super) vtep_owner: HashMap<IpAddr, String>,
+    /// Block or borrowed address → the peer (index in [`family_peers`]) it is routed to.
+    expected: HashMap<IpNet, usize>,
+    /// The rare network two peers claim: every claimant.
+    shared: HashMap<IpNet, Vec<usize>>,
+    by_vtep: HashMap<IpAddr, Vec<usize>>,
+    by_mac: HashMap<MacAddr, Vec<usize>>,
+    /// Sorted: the peers whose node address a (connected) route covers are a range.
+    by_node_ip: Vec<(IpAddr, usize)>,
+    /// Each peer's name, by index.
+    names: Vec<String>,
 }
 
-/// The kernel's own record of which subnets are on-link on which device: connected routes
-/// (no gateway) of the devices that are not overlays.
-struct Links(HashMap<u32, Vec<IpNet>>);
+/// The peers the device of `family` carries traffic to, in a stable order.
+pub(super) fn family_peers(desired: &DesiredState, family: Family) -> Vec<&PeerNode> {
+    desired
+        .peers()
+        .filter(|p| Family::of(&p.vtep_ip) == family)
+        .collect()
+}
 
-impl Links {
-    fn of(direct: &BTreeMap<IpNet, DirectRoute>) -> Self {
-        let mut by_device: HashMap<u32, Vec<IpNet>> = HashMap::default();
-        for (dst, r) in direct.iter().filter(|(_, r)| r.gateway.is_none()) {
-            by_device.entry(r.ifindex).or_default().push(*dst);
+/// [`family_peers`], listed only when a check needs every peer (a route no block explains).
+pub(super) struct LazyPeers<'a> {
+    desired: &'a DesiredState,
+    family: Family,
+    peers: Option<Vec<&'a PeerNode>>,
+}
+
+impl<'a> LazyPeers<'a> {
+    pub(super) fn new(desired: &'a DesiredState, family: Family) -> Self {
+        LazyPeers {
+            desired,
+            family,
+            peers: None,
         }
-        Links(by_device)
     }
 
-    /// `ip` is directly reachable on device `ifindex`: a route via it there is a real direct
-    /// route, not a tunnel (`tunl0`) or an off-subnet next hop.
-    fn on_link(&self, ifindex: u32, ip: &IpAddr) -> bool {
-        self.0
-            .get(&ifindex)
-            .is_some_and(|nets| nets.iter().any(|n| n.contains(ip)))
+    pub(super) fn listed(
+        peers: Vec<&'a PeerNode>,
+        desired: &'a DesiredState,
+        family: Family,
+    ) -> Self {
+        LazyPeers {
+            desired,
+            family,
+            peers: Some(peers),
+        }
+    }
+
+    pub(super) fn get(&mut self) -> &[&'a PeerNode] {
+        let (desired, family) = (self.desired, self.family);
+        self.peers
+            .get_or_insert_with(|| family_peers(desired, family))
     }
 }
 
-/// The route the kernel would use per destination in the main table: lowest metric wins.
-/// A hash map: built from every route on each evaluation (30,000 at 5,000 peers), then looked
-/// up once per block; the order is never used (findings are sorted at the end).
-fn best_routes(dev: &ObservedDevice, family: Family) -> HashMap<IpNet, &Route> {
-    let mut best: HashMap<IpNet, &Route> =
-        HashMap::with_capacity_and_hasher(dev.routes.len(), Default::default());
-    for r in &dev.routes {
-        if r.table != MAIN_TABLE
-            || r.kind != RouteKind::Unicast
-            || Family::of(&r.destination.addr()) != family
-        {
-            continue;
+impl PeerIndex {
+    pub(super) fn new(desired: &DesiredState, peers: &[&PeerNode], family: Family) -> Self {
+        let mut vtep_owner: HashMap<IpAddr, String> =
+            HashMap::with_capacity_and_hasher(desired.nodes.len(), Default::default());
+        for n in desired.nodes.values() {
+            vtep_owner.insert(n.vtep_ip, n.name.clone());
         }
-        let better = match best.get(&r.destination) {
-            None => true,
-            Some(cur) => r.metric.unwrap_or(0) < cur.metric.unwrap_or(0),
+        let blocks = peers
+            .iter()
+            .map(|p| p.blocks.len() + p.borrowed.len())
+            .sum();
+        let mut index = PeerIndex {
+            vtep_owner,
+            expected: HashMap::with_capacity_and_hasher(blocks, Default::default()),
+            shared: HashMap::default(),
+            by_vtep: HashMap::default(),
+            by_mac: HashMap::default(),
+            by_node_ip: Vec::with_capacity(peers.len()),
+            names: peers.iter().map(|p| p.name.clone()).collect(),
         };
-        if better {
-            best.insert(r.destination, r);
+        for (i, peer) in peers.iter().enumerate() {
+            for dst in peer.blocks.iter().chain(&peer.borrowed) {
+                if Family::of(&dst.addr()) != family {
+                    continue;
+                }
+                if let Some(first) = index.expected.insert(*dst, i) {
+                    let claimants = index.shared.entry(*dst).or_insert_with(|| vec![first]);
+                    claimants.push(i);
+                }
+            }
+            index.by_vtep.entry(peer.vtep_ip).or_default().push(i);
+            index.by_mac.entry(peer.vtep_mac).or_default().push(i);
+            index.by_node_ip.push((peer.node_ip, i));
         }
+        index.by_node_ip.sort_unstable();
+        index
     }
-    best
+
+    /// How many peers.
+    pub(super) fn len(&self) -> usize {
+        self.names.len()
+    }
+
+    /// Peer `i` of the desired state the index was built from.
+    pub(super) fn peer<'a>(&self, desired: &'a DesiredState, i: usize) -> Option<&'a PeerNode> {
+        self.names.get(i).and_then(|name| desired.nodes.get(name))
+    }
+
+    /// A route to `dst` is one of the datastore's blocks or borrowed addresses.
+    pub(super) fn is_expected(&self, dst: &IpNet) -> bool {
+        self.expected.contains_key(dst)
+    }
+
+    /// The peers whose findings a change of the routes to `dst` (overlay or direct) can
+    /// change: the owner of that block, and the peers whose node address it covers (a
+    /// connected route decides whether a direct route to them is on-link).
+    pub(super) fn peers_for_route(&self, dst: &IpNet, out: &mut impl Extend<usize>) {
+        match self.shared.get(dst) {
+            Some(all) => out.extend(all.iter().copied()),
+            None => out.extend(self.expected.get(dst).copied()),
+        }
+        let start = self
+            .by_node_ip
+            .partition_point(|(ip, _)| *ip < dst.network());
+        out.extend(
+            self.by_node_ip[start..]
+                .iter()
+                .take_while(|(ip, _)| dst.contains(ip))
+                .map(|(_, i)| *i),
+        );
+    }
+
+    /// The peers whose VTEP is `ip`.
+    pub(super) fn peers_with_vtep(&self, ip: &IpAddr) -> &[usize] {
+        self.by_vtep.get(ip).map_or(&[], Vec::as_slice)
+    }
+
+    /// The peers whose VTEP MAC is `mac`.
+    pub(super) fn peers_with_mac(&self, mac: &MacAddr) -> &[usize] {
+        self.by_mac.get(mac).map_or(&[], Vec::as_slice)
+    }
+}
+
+/// Every finding about one peer on one device: its block routes and, when anything to it goes
+/// over the overlay, its VTEP's neighbour and FDB entries.
+pub(super) fn peer_findings(
+    spec: &DeviceSpec,
+    dev: &ObservedDevice,
+    peer: &PeerNode,
+    index: &PeerIndex,
+    direct: &BTreeMap<IpNet, DirectRoute>,
+    routes: &BestRoutes<'_>,
+) -> Vec<Finding> {
+    let (mut findings, over_overlay) =
+        peer_routes(spec, dev, peer, &index.vtep_owner, direct, routes);
+    // A peer reached only directly (flannel DirectRouting, Calico CrossSubnet) needs no
+    // VTEP neighbour or FDB entry: no frame to it is encapsulated.
+    if over_overlay {
+        findings.extend(peer_vtep(spec, dev, peer));
+    }
+    findings
 }
 
 /// The routes to one peer's blocks, and whether any of them goes over the overlay.
 fn peer_routes(
     spec: &DeviceSpec,
-    dev: &Indexed<'_>,
+    dev: &ObservedDevice,
     peer: &PeerNode,
-    routes: &HashMap<IpNet, &Route>,
-    vtep_owner: &HashMap<IpAddr, &str>,
+    vtep_owner: &HashMap<IpAddr, String>,
     direct: &BTreeMap<IpNet, DirectRoute>,
-    links: &Links,
+    routes: &BestRoutes<'_>,
 ) -> (Vec<Finding>, bool) {
     let device = spec.name.as_str();
     let mut missing: Vec<IpNet> = Vec::new();
@@ -137,7 +205,7 @@ fn peer_routes(
             // node IP on the device that subnet is on, not over the overlay.
             None => match direct.get(dst) {
                 Some(d) if d.gateway == Some(peer.node_ip) => {
-                    if !links.on_link(d.ifindex, &peer.node_ip) {
+                    if !on_link(direct, d.ifindex, &peer.node_ip) {
                         not_direct.push((*dst, *d));
                     }
                 }
@@ -298,7 +366,7 @@ fn peer_routes(
 }
 
 /// The peer's VTEP must resolve to its MAC (neighbour) and the MAC to its node IP (FDB).
-fn peer_vtep(spec: &DeviceSpec, dev: &Indexed<'_>, peer: &PeerNode) -> Vec<Finding> {
+fn peer_vtep(spec: &DeviceSpec, dev: &ObservedDevice, peer: &PeerNode) -> Vec<Finding> {
     let device = spec.name.as_str();
     let mut out = Vec::new();
     let base = |check, message: String| {

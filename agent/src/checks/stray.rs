@@ -7,93 +7,114 @@ use std::net::IpAddr;
 use ipnet::IpNet;
 use rustc_hash::FxHashMap as HashMap;
 
-use super::{peers::route_replace, DeviceSpec, Family, MAIN_TABLE};
-use crate::model::{
-    CheckId, DesiredState, Finding, ObservedDevice, PeerNode, Remedy, Route, RouteKind, Severity,
+use super::{
+    lookup::best_of,
+    peers::{route_replace, LazyPeers, PeerIndex},
+    DeviceSpec, Family,
 };
+use crate::model::{CheckId, DesiredState, Finding, Remedy, Route, RouteKind, Severity};
 
 /// `V/32` (or `/128`) with no gateway to a peer's own VTEP: Calico 3.30+ programs these
 /// ("they are the VTEP"), for VTEPs inside blocks and for borrowed tunnel addresses.
-pub(super) fn is_vtep_host_route(route: &Route, vtep_owner: &HashMap<IpAddr, &str>) -> bool {
+pub(super) fn is_vtep_host_route(route: &Route, vtep_owner: &HashMap<IpAddr, String>) -> bool {
     route.gateway.is_none()
         && route.destination.prefix_len() == route.destination.max_prefix_len()
         && vtep_owner.contains_key(&route.destination.addr())
 }
 
-/// A blackhole, unreachable or prohibit route inside a peer's block wins by longest prefix
-/// and drops that traffic, whatever the block route says.
-pub(super) fn blackholes_in_peer_blocks(
+/// Every finding about the main table's routes to one destination (`routes`, all to it) that
+/// are not a peer's block route: a stray unicast route, and blackholes inside a peer's block.
+pub(super) fn route_findings(
     spec: &DeviceSpec,
-    dev: &ObservedDevice,
-    peers: &[&PeerNode],
+    desired: &DesiredState,
+    routes: &[Route],
+    peers: &mut LazyPeers<'_>,
+    index: &PeerIndex,
 ) -> Vec<Finding> {
-    let device = spec.name.as_str();
     let mut out = Vec::new();
-    for r in dev.routes.iter().filter(|r| {
-        r.table == MAIN_TABLE
-            && matches!(
-                r.kind,
-                RouteKind::Blackhole | RouteKind::Unreachable | RouteKind::Prohibit
-            )
-            && Family::of(&r.destination.addr()) == spec.family
-    }) {
-        let Some((peer, block)) = peers.iter().find_map(|p| {
-            p.blocks
-                .iter()
-                .chain(&p.borrowed)
-                .find(|b| b.contains(&r.destination))
-                .map(|b| (*p, *b))
-        }) else {
-            continue;
-        };
-        let mut f = Finding::new(
-            CheckId::RouteStale,
-            Severity::Critical,
-            device,
-            format!(
-                "route {} lies inside {}'s block {block} and drops that traffic (it wins by \
-                 longest prefix)",
-                r.display(device),
-                peer.name
-            ),
-        );
-        f.route = Some(r.destination.to_string());
-        f.peer_node = Some(peer.name.clone());
-        f.expected_gateway = Some(peer.vtep_ip);
-        f.evidence.routes = vec![r.display(device)];
-        let kind = match r.kind {
-            RouteKind::Unreachable => "unreachable ",
-            RouteKind::Prohibit => "prohibit ",
-            _ => "blackhole ",
-        };
-        f.hint = Some(format!("ip route del {kind}{}", r.destination));
-        out.push(f);
+    if routes
+        .first()
+        .is_none_or(|r| Family::of(&r.destination.addr()) != spec.family)
+    {
+        return out;
+    }
+    if let Some(route) = best_of(routes, spec.family) {
+        out.extend(stray_route(spec, desired, route, peers, index));
+    }
+    for r in routes {
+        out.extend(blackhole_in_peer_block(spec, r, peers));
     }
     out
 }
 
-/// Routes on the overlay device that no peer's block or borrowed address accounts for.
-pub(super) fn stray_routes(
+/// A blackhole, unreachable or prohibit route inside a peer's block wins by longest prefix
+/// and drops that traffic, whatever the block route says.
+fn blackhole_in_peer_block(
+    spec: &DeviceSpec,
+    r: &Route,
+    peers: &mut LazyPeers<'_>,
+) -> Option<Finding> {
+    let device = spec.name.as_str();
+    if !matches!(
+        r.kind,
+        RouteKind::Blackhole | RouteKind::Unreachable | RouteKind::Prohibit
+    ) {
+        return None;
+    }
+    let (peer, block) = peers.get().iter().find_map(|p| {
+        p.blocks
+            .iter()
+            .chain(&p.borrowed)
+            .find(|b| b.contains(&r.destination))
+            .map(|b| (*p, *b))
+    })?;
+    let mut f = Finding::new(
+        CheckId::RouteStale,
+        Severity::Critical,
+        device,
+        format!(
+            "route {} lies inside {}'s block {block} and drops that traffic (it wins by \
+             longest prefix)",
+            r.display(device),
+            peer.name
+        ),
+    );
+    f.route = Some(r.destination.to_string());
+    f.peer_node = Some(peer.name.clone());
+    f.expected_gateway = Some(peer.vtep_ip);
+    f.evidence.routes = vec![r.display(device)];
+    let kind = match r.kind {
+        RouteKind::Unreachable => "unreachable ",
+        RouteKind::Prohibit => "prohibit ",
+        _ => "blackhole ",
+    };
+    f.hint = Some(format!("ip route del {kind}{}", r.destination));
+    Some(f)
+}
+
+/// The kernel's route to a destination that no peer's block or borrowed address accounts
+/// for, if it is a problem.
+fn stray_route(
     spec: &DeviceSpec,
     desired: &DesiredState,
-    routes: &HashMap<IpNet, &Route>,
-    expected: &HashMap<IpNet, &PeerNode>,
-    peers: &[&PeerNode],
-    vtep_owner: &HashMap<IpAddr, &str>,
-) -> Vec<Finding> {
+    route: &Route,
+    peers: &mut LazyPeers<'_>,
+    index: &PeerIndex,
+) -> Option<Finding> {
     let device = spec.name.as_str();
     let local = desired.nodes.get(&desired.local_node);
-    let mut out = Vec::new();
-    for (dst, route) in routes {
-        if expected.contains_key(dst)
+    let dst = &route.destination;
+    {
+        if index.is_expected(dst)
             || desired.unverifiable.iter().any(|u| overlaps(u, dst))
             // Blocks of IPIP/no-encap pools (or of a deleted pool): Felix does not route them
             // over VXLAN; a route to one here is not a peer's to judge.
             || desired.off_overlay.iter().any(|u| overlaps(u, dst))
-            || is_vtep_host_route(route, vtep_owner)
+            || is_vtep_host_route(route, &index.vtep_owner)
         {
-            continue;
+            return None;
         }
+        let peers = peers.get();
         let overlaps_a_block = || {
             local
                 .into_iter()
@@ -103,7 +124,7 @@ pub(super) fn stray_routes(
         // Connected routes of the device's own addresses and IPv6 link-local are the
         // kernel's; only one that takes over a node's block is a problem.
         if route.protocol == PROTO_KERNEL && !overlaps_a_block() {
-            continue;
+            return None;
         }
         let local_overlap = local.and_then(|l| {
             l.blocks
@@ -150,7 +171,7 @@ pub(super) fn stray_routes(
             if route.gateway == Some(peer.vtep_ip) {
                 // Points at the block owner anyway (e.g. a borrowed IP the datastore file
                 // does not list): traffic is delivered, nothing to report.
-                continue;
+                return None;
             }
             (
                 Severity::Critical,
@@ -192,9 +213,8 @@ pub(super) fn stray_routes(
                 metric: route.metric,
             },
         }]);
-        out.push(f);
+        Some(f)
     }
-    out
 }
 
 /// `rtm_protocol` of routes the kernel makes itself (connected, link-local).

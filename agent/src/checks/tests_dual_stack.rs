@@ -5,7 +5,7 @@ use ipnet::IpNet;
 
 use super::tests::{ip, net, only, route, summary, Cluster};
 use super::*;
-use crate::model::{Ipv6Side, PeerNode, Route, RouteKind};
+use crate::model::{Ipv6Side, ObservedDevice, PeerNode, Route, RouteKind};
 
 pub(crate) const V6: &str = "vxlan-v6.calico";
 pub(crate) const V4: &str = "vxlan.calico";

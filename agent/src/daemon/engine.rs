@@ -1,8 +1,9 @@
 //! The daemon's model, without I/O: observed + desired state, the dirty flag, and evaluation.
 //!
-//! Felix's split: [`Engine::apply`] is cheap (update the model, mark dirty) and never evaluates;
-//! [`Engine::evaluate`] runs every check once over the whole model when the caller has drained
-//! its burst of events.
+//! Felix's split: [`Engine::apply`] is cheap (update the model, note what changed) and never
+//! evaluates; [`Engine::evaluate`] runs the checks once when the caller has drained its burst
+//! of events, again only for what the burst changed ([`checks::Evaluator`]): one peer's route
+//! at 5,000 peers is one peer's checks, not 5,000.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -11,7 +12,10 @@ use std::{
 
 use super::findings::{FindingTracker, Transitions};
 use crate::{
-    checks::{self, CheckInput, CheckReport, DatastoreHealth, DeviceSpec, DropSummary},
+    checks::{
+        self, CheckInput, CheckReport, DatastoreHealth, DeviceSpec, DropSummary, Evaluator,
+        PeerVerdicts,
+    },
     model::{DesiredState, Finding, ObservedState},
     observe::{Applied, ObservedEvent},
 };
@@ -24,8 +28,11 @@ pub const DROPS_EXPLAINED_GRACE: Duration = Duration::from_secs(10);
 /// The result of one evaluation.
 #[derive(Debug)]
 pub struct Evaluation {
-    /// The report, with `findings` replaced by the tracked ones (each with `since`).
+    /// The report, with `findings` replaced by the tracked ones (each with `since`); its
+    /// `peers` list is left empty (see `verdicts`).
     pub report: CheckReport,
+    /// Every peer's verdict, from the open findings.
+    pub verdicts: PeerVerdicts,
     pub transitions: Transitions,
     pub duration: Duration,
 }
@@ -51,6 +58,8 @@ pub struct Engine {
     kubelet: Vec<Finding>,
     /// Findings raised outside the checks (repair's `repair-contested`), tracked like theirs.
     extra: Vec<Finding>,
+    /// The checks' parts from the last evaluation, and what changed since.
+    evaluator: Evaluator,
     dirty: bool,
 }
 
@@ -73,6 +82,7 @@ impl Engine {
             local_by_address: false,
             kubelet: Vec::new(),
             extra: Vec::new(),
+            evaluator: Evaluator::without_peer_list(),
             dirty: true,
         }
     }
@@ -101,9 +111,12 @@ impl Engine {
     /// Apply one kernel event to the model.
     pub fn apply(&mut self, event: &ObservedEvent) -> Applied {
         let applied = self.observed.apply(event, &self.devices);
-        if applied != Applied::Unchanged {
-            self.dirty = true;
+        match applied {
+            Applied::Changed => self.evaluator.note(event),
+            Applied::ResyncNeeded => self.evaluator.invalidate(),
+            Applied::Unchanged => return applied,
         }
+        self.dirty = true;
         applied
     }
 
@@ -113,8 +126,9 @@ impl Engine {
         if observed != self.observed {
             self.observed = observed;
         }
-        // A resync always re-evaluates: that is its point.
+        // A resync always re-evaluates everything: that is its point.
         self.dirty = true;
+        self.evaluator.invalidate();
         if let Some(mut d) = self.desired.take() {
             self.adopt_local(&mut d);
             self.desired = Some(d);
@@ -130,6 +144,7 @@ impl Engine {
         if changed {
             self.desired = desired;
             self.dirty = true;
+            self.evaluator.invalidate();
         }
         changed
     }
@@ -214,7 +229,7 @@ impl Engine {
         self.explained_at
             .retain(|_, at| within(now, *at, DROPS_EXPLAINED_GRACE));
         let explained_recently: BTreeSet<String> = self.explained_at.keys().cloned().collect();
-        let mut report = checks::evaluate(&CheckInput {
+        let mut report = self.evaluator.evaluate(&CheckInput {
             devices: &self.specs,
             observed: &self.observed,
             desired: self.desired.as_ref(),
@@ -237,9 +252,15 @@ impl Engine {
             .tracker
             .update(std::mem::take(&mut report.findings), now);
         report.findings = self.tracker.open().to_vec();
+        let verdicts = self
+            .desired
+            .as_ref()
+            .map(|d| PeerVerdicts::of(d, &report.findings))
+            .unwrap_or_default();
         self.dirty = false;
         Evaluation {
             report,
+            verdicts,
             transitions,
             duration: started.elapsed(),
         }
@@ -385,6 +406,15 @@ mod tests {
         let t1 = SystemTime::UNIX_EPOCH + Duration::from_secs(100);
         let ev = e.evaluate(t1);
         assert_eq!(ev.transitions.opened.len(), 1, "{:#?}", ev.report.findings);
+        // Only what the event concerns was checked again: node2, and the route's destination.
+        assert_eq!(
+            e.evaluator.last,
+            checks::Recomputed {
+                rebuilt: false,
+                peers: 1,
+                routes: 1
+            }
+        );
         let f = &ev.report.findings[0];
         assert_eq!(f.peer_node.as_deref(), Some("node2"));
         assert_eq!(f.since, Some(t1));

@@ -28,6 +28,7 @@ impl LoopState {
         }
         let Evaluation {
             mut report,
+            verdicts,
             mut transitions,
             duration,
         } = self.engine.evaluate(now);
@@ -78,7 +79,7 @@ impl LoopState {
             changed: transitions.changed,
             cleared: transitions.cleared,
             open: Arc::new(report.findings),
-            peers: Arc::new(report.peers),
+            peers: Arc::new(verdicts),
             in_sync: synced,
             at: now,
             routes_checked: report.routes_checked,

@@ -18,7 +18,7 @@ use tokio::sync::Notify;
 use tracing::{debug, warn};
 
 use crate::{
-    checks::PeerVerdict,
+    checks::PeerVerdicts,
     model::Finding,
     serve::status::{DatastoreStatus, DeviceStatus},
 };
@@ -35,7 +35,7 @@ pub struct FindingsDelta {
     /// Every open finding now (each with its `since`).
     pub open: Arc<Vec<Finding>>,
     /// Per remote node, from the same findings.
-    pub peers: Arc<Vec<PeerVerdict>>,
+    pub peers: Arc<PeerVerdicts>,
     /// The daemon has a complete picture (first full sync done, datastore loaded or given up).
     pub in_sync: bool,
     pub at: SystemTime,

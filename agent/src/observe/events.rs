@@ -256,6 +256,23 @@ impl ObservedState {
         }
     }
 
+    /// Every list is as [`Self::normalize`] leaves it (sorted, no duplicates): what the
+    /// checks' binary-search lookups need. O(n), no allocation.
+    pub fn is_normalized(&self) -> bool {
+        fn sorted<T: PartialEq>(list: &[T], cmp: impl Fn(&T, &T) -> Ordering) -> bool {
+            list.windows(2)
+                .all(|w| cmp(&w[0], &w[1]) != Ordering::Greater && w[0] != w[1])
+        }
+        self.devices.values().all(|dev| {
+            sorted(&dev.link.addresses, |a, b| a.cmp(b))
+                && sorted(&dev.routes, route_order)
+                && sorted(&dev.neighbours, |a, b| a.ip.cmp(&b.ip))
+                && sorted(&dev.fdb, |a, b| {
+                    (a.mac, a.destination).cmp(&(b.mac, b.destination))
+                })
+        })
+    }
+
     fn device_by_ifindex(&mut self, ifindex: u32) -> Option<&mut ObservedDevice> {
         self.devices
             .values_mut()

@@ -31,7 +31,10 @@ mod process;
 use process::ProcessCollector;
 
 use super::{http, ServeError};
-use crate::{checks::PeerVerdict, model::Finding};
+use crate::{
+    checks::{PeerVerdicts, Verdict},
+    model::Finding,
+};
 
 /// Default `[metrics] listen`.
 pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9464";
@@ -362,7 +365,7 @@ impl Metrics {
                 reason: reason.to_string(),
             });
         }
-        m.set_peer_verdicts(&[]);
+        m.set_peer_verdicts(&PeerVerdicts::default());
         Metrics { registry, ..m }
     }
 
@@ -516,14 +519,13 @@ impl Metrics {
 
     /// Peer counts by verdict; every verdict is always exported (0 when none).
     /// `peers{verdict}` from the checks' verdicts.
-    pub fn set_peer_verdicts(&self, peers: &[PeerVerdict]) {
-        for v in ["ok", "warning", "critical"] {
-            let n = peers.iter().filter(|p| p.verdict.as_str() == v).count();
+    pub fn set_peer_verdicts(&self, peers: &PeerVerdicts) {
+        for v in [Verdict::Ok, Verdict::Warning, Verdict::Critical] {
             self.peers
                 .get_or_create(&VerdictLabels {
-                    verdict: v.to_string(),
+                    verdict: v.as_str().to_string(),
                 })
-                .set(n as i64);
+                .set(peers.count(v) as i64);
         }
     }
 

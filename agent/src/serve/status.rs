@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::RwLock;
 
 use crate::{
-    checks::PeerVerdict,
+    checks::PeerVerdicts,
     model::{DesiredState, Finding, ObservedDevice, ObservedState, PeerNode, Severity},
 };
 
@@ -95,14 +95,10 @@ impl Status {
     }
 
     /// Replace the open findings and the peer verdicts the checks made from them.
-    pub fn set_findings(&mut self, findings: Vec<Finding>, verdicts: &[PeerVerdict]) {
+    pub fn set_findings(&mut self, findings: Vec<Finding>, verdicts: &PeerVerdicts) {
         self.findings = findings;
-        let by_name: BTreeMap<&str, &PeerVerdict> =
-            verdicts.iter().map(|v| (v.node.as_str(), v)).collect();
         for peer in &mut self.peers {
-            let v = by_name.get(peer.name.as_str());
-            peer.verdict = v.map_or(Verdict::Ok, |v| v.verdict);
-            peer.findings = v.map_or(0, |v| v.findings);
+            (peer.verdict, peer.findings) = verdicts.get(&peer.name);
         }
     }
 
@@ -462,15 +458,10 @@ mod tests {
     use super::*;
     use crate::model::CheckId;
 
-    fn verdict(node: &str, verdict: Verdict, findings: usize) -> PeerVerdict {
-        PeerVerdict {
-            node: node.into(),
-            vtep: crate::model::v4(10, 1, 0, 1),
-            vtep_mac: crate::model::MacAddr::default(),
-            node_ip: crate::model::v4(192, 168, 0, 1),
-            blocks: vec![],
-            verdict,
-            findings,
+    fn verdicts(node: &str, verdict: Verdict, findings: usize) -> PeerVerdicts {
+        PeerVerdicts {
+            peers: 2,
+            with_findings: [(node.to_string(), (verdict, findings))].into(),
         }
     }
 
@@ -498,7 +489,7 @@ mod tests {
         let mut w = f.clone();
         w.severity = Severity::Warning;
         // Only k8s03 has a verdict: k8s02's stale "critical" goes back to ok.
-        s.set_findings(vec![f, w], &[verdict("k8s03", Verdict::Critical, 2)]);
+        s.set_findings(vec![f, w], &verdicts("k8s03", Verdict::Critical, 2));
         assert_eq!((s.peers[0].verdict, s.peers[0].findings), (Verdict::Ok, 0));
         assert_eq!(
             (s.peers[1].verdict, s.peers[1].findings),
@@ -551,7 +542,7 @@ mod tests {
             "x".into(),
         );
         f.peer_node = Some("k8s03".into());
-        s.set_findings(vec![f], &[verdict("k8s03", Verdict::Warning, 1)]);
+        s.set_findings(vec![f], &verdicts("k8s03", Verdict::Warning, 1));
         assert_eq!(s.peers[0].verdict, Verdict::Warning);
         // A relist keeps the verdict until the next evaluation.
         s.set_desired(&d);

@@ -59,20 +59,15 @@ fn gauges_follow_the_evaluation() {
     let mut f = finding(CheckId::RouteMissing, Severity::Critical);
     f.peer_node = Some("k8s03".into());
     m.set_findings(&[f]);
-    m.set_peer_verdicts(&[crate::checks::PeerVerdict {
-        node: "k8s03".into(),
-        vtep: crate::model::v4(10, 1, 3, 5),
-        vtep_mac: crate::model::MacAddr::default(),
-        node_ip: crate::model::v4(192, 168, 77, 3),
-        blocks: vec![],
-        verdict: crate::checks::Verdict::Critical,
-        findings: 1,
-    }]);
+    m.set_peer_verdicts(&crate::checks::PeerVerdicts {
+        peers: 3,
+        with_findings: [("k8s03".to_string(), (crate::checks::Verdict::Critical, 1))].into(),
+    });
     m.set_routes_checked(12);
     m.set_datastore_last_event_age(std::time::Duration::from_millis(4500));
     let out = m.encode();
     assert!(out.contains("dataplane_watchdog_peers{verdict=\"critical\"} 1\n"));
-    assert!(out.contains("dataplane_watchdog_peers{verdict=\"ok\"} 0\n"));
+    assert!(out.contains("dataplane_watchdog_peers{verdict=\"ok\"} 2\n"));
     assert!(out.contains("dataplane_watchdog_routes_checked 12\n"));
     assert!(out.contains("dataplane_watchdog_datastore_last_event_age_seconds 4.5\n"));
     assert!(out.contains("findings{check=\"route-missing\",severity=\"critical\"} 1\n"));

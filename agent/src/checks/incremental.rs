@@ -1,0 +1,336 @@
+//! Evaluation that re-checks only what a change can affect.
+//!
+//! The findings of a device split into parts that each depend on a few keys of the model: one
+//! part per peer (its block routes, its VTEP's neighbour and FDB entries) and one per route
+//! destination (a stray route, a blackhole inside a block). [`Evaluator`] keeps every part from
+//! the last evaluation; the kernel changes noted since then ([`Evaluator::note`]) name the parts
+//! to compute again, and the rest is reused. A change of anything else (the datastore, a link,
+//! an address, a resync) rebuilds every part. Both paths assemble the parts in the same order,
+//! so an incremental evaluation returns exactly what a full one would (a property test holds it
+//! to that, `tests_incremental.rs`).
+
+use std::{borrow::Cow, collections::BTreeMap, net::IpAddr};
+
+use ipnet::IpNet;
+use rustc_hash::FxHashSet as HashSet;
+
+use super::{
+    lookup::{main_groups, main_routes_to, BestRoutes},
+    peers::{family_peers, peer_findings, LazyPeers, PeerIndex},
+    stray::route_findings,
+    CheckReport, DeviceSpec, Family, SkippedCheck,
+};
+use crate::{
+    model::{CheckId, DesiredState, Finding, MacAddr, ObservedState, RouteKind},
+    observe::ObservedEvent,
+};
+
+/// Kernel changes since the last evaluation, by the key they change.
+#[derive(Debug, Default)]
+struct Changes {
+    /// Anything may have changed: rebuild every part.
+    all: bool,
+    /// Route destinations (on an overlay device or not) whose routes changed.
+    routes: HashSet<IpNet>,
+    neighbours: HashSet<IpAddr>,
+    fdb: HashSet<MacAddr>,
+}
+
+/// The parts of one device's findings, as of the last evaluation.
+#[derive(Debug)]
+struct DeviceParts {
+    index: PeerIndex,
+    /// Per peer (its index in [`family_peers`] order); only peers with findings.
+    peers: BTreeMap<usize, Vec<Finding>>,
+    /// Per route destination; only destinations with findings.
+    routes: BTreeMap<IpNet, Vec<Finding>>,
+}
+
+/// How much the last evaluation computed again.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Recomputed {
+    /// Every part was built from scratch.
+    pub rebuilt: bool,
+    /// Otherwise: peer parts and route parts computed again (over all devices).
+    pub peers: usize,
+    pub routes: usize,
+}
+
+/// Checks with memory: see the module documentation.
+#[derive(Debug)]
+pub struct Evaluator {
+    /// Per device spec, the parts of the last evaluation (`None`: the device is missing, or
+    /// the checks ran offline).
+    parts: Vec<Option<DeviceParts>>,
+    /// The specs the parts were computed for.
+    specs: Vec<DeviceSpec>,
+    changes: Changes,
+    /// Fill [`CheckReport::peers`] (one entry per peer: for `scan`, not for every evaluation
+    /// of the daemon, whose consumers take [`super::PeerVerdicts`]).
+    peer_list: bool,
+    pub(crate) last: Recomputed,
+}
+
+impl Default for Evaluator {
+    fn default() -> Self {
+        Evaluator {
+            parts: Vec::new(),
+            specs: Vec::new(),
+            last: Recomputed::default(),
+            peer_list: true,
+            changes: Changes {
+                all: true,
+                ..Changes::default()
+            },
+        }
+    }
+}
+
+/// Above this share of the peers or routes, one pass over everything is cheaper than looking
+/// up what each change concerns.
+const REBUILD_FRACTION: usize = 4;
+
+impl Evaluator {
+    /// An evaluator whose reports leave [`CheckReport::peers`] empty.
+    pub fn without_peer_list() -> Self {
+        Evaluator {
+            peer_list: false,
+            ..Evaluator::default()
+        }
+    }
+
+    /// Anything may have changed (a resync, the datastore, a link): the next evaluation checks
+    /// everything.
+    pub fn invalidate(&mut self) {
+        self.changes.all = true;
+    }
+
+    /// `event` changed the model (its `apply` said so).
+    pub fn note(&mut self, event: &ObservedEvent) {
+        use ObservedEvent as E;
+        let changes = &mut self.changes;
+        match event {
+            E::RouteAdded { route, .. } | E::RouteRemoved { route, .. } => {
+                changes.routes.insert(route.destination);
+            }
+            E::NeighbourChanged { neighbour, .. } | E::NeighbourRemoved { neighbour, .. } => {
+                changes.neighbours.insert(neighbour.ip);
+            }
+            E::FdbChanged { entry, .. } | E::FdbRemoved { entry, .. } => {
+                changes.fdb.insert(entry.mac);
+            }
+            E::LinkChanged { .. }
+            | E::LinkRemoved { .. }
+            | E::AddressAdded { .. }
+            | E::AddressRemoved { .. }
+            | E::Overrun => changes.all = true,
+        }
+    }
+
+    /// Every check the inputs allow, reusing what the changes since the last call cannot have
+    /// changed. The drops, the datastore's health and the device checks are judged afresh.
+    pub fn evaluate(&mut self, input: &super::CheckInput<'_>) -> CheckReport {
+        let changes = std::mem::take(&mut self.changes);
+        // The lookups binary-search the model, which must be normalized (the daemon's always
+        // is: snapshots are normalized, events keep it so).
+        debug_assert!(input.observed.is_normalized());
+        let observed = input.observed;
+        let specs: Cow<[DeviceSpec]> = match input.desired {
+            Some(d) if d.cluster.felix != Default::default() => input
+                .devices
+                .iter()
+                .map(|s| s.with_cluster(&d.cluster))
+                .collect(),
+            _ => Cow::Borrowed(input.devices),
+        };
+        let rebuild = changes.all || *specs != *self.specs || self.parts.len() != specs.len();
+        self.last = Recomputed {
+            rebuilt: rebuild,
+            ..Recomputed::default()
+        };
+        if rebuild {
+            self.specs = specs.to_vec();
+            self.parts = (0..specs.len()).map(|_| None).collect();
+        }
+
+        let mut report = CheckReport::default();
+        report.findings.extend(super::datastore::findings(
+            input.desired,
+            input.datastore,
+            &specs,
+        ));
+        for (spec, slot) in specs.iter().zip(self.parts.iter_mut()) {
+            // The IPv6 overlay is judged against the IPv6 side of every node.
+            let desired = input.desired.map(|d| match spec.family {
+                Family::V4 => d,
+                Family::V6 => d.ipv6(),
+            });
+            // A node of an IPIP or no-encap pool has no VXLAN device to miss.
+            let local_without_vtep =
+                desired.is_some_and(|d| d.non_vxlan.contains_key(&d.local_node));
+            let Some(dev) = observed.devices.get(&spec.name) else {
+                *slot = None;
+                if local_without_vtep {
+                    report.skipped.push(SkippedCheck {
+                        check: CheckId::DeviceMissing,
+                        reason: format!(
+                            "this node has no VTEP in the datastore: {} is not expected",
+                            spec.name
+                        ),
+                    });
+                    continue;
+                }
+                report.findings.push(super::device::missing(spec, desired));
+                report.skipped.push(SkippedCheck {
+                    check: CheckId::RouteMissing,
+                    reason: format!("device {} does not exist", spec.name),
+                });
+                continue;
+            };
+            report.routes_checked += dev
+                .routes
+                .iter()
+                .filter(|r| r.table == super::MAIN_TABLE && r.kind == RouteKind::Unicast)
+                .count();
+            report
+                .findings
+                .extend(super::device::misconfigured(spec, dev, desired));
+            let Some(desired) = desired else {
+                *slot = None;
+                report.findings.extend(super::offline::check(spec, dev));
+                continue;
+            };
+            let kept = slot.take().and_then(|mut parts| {
+                let done = update(&mut parts, &changes, spec, dev, desired, observed);
+                done.map(|(p, r)| {
+                    self.last.peers += p;
+                    self.last.routes += r;
+                    parts
+                })
+            });
+            let parts = kept.unwrap_or_else(|| {
+                self.last.rebuilt = true;
+                build(spec, dev, desired, observed)
+            });
+            report
+                .findings
+                .extend(parts.peers.values().flatten().cloned());
+            report
+                .findings
+                .extend(parts.routes.values().flatten().cloned());
+            *slot = Some(parts);
+        }
+        super::finish(input, &specs, self.peer_list, report)
+    }
+}
+
+/// Every part of one device, from scratch.
+fn build(
+    spec: &DeviceSpec,
+    dev: &crate::model::ObservedDevice,
+    desired: &DesiredState,
+    observed: &ObservedState,
+) -> DeviceParts {
+    let peers = family_peers(desired, spec.family);
+    let index = PeerIndex::new(desired, &peers, spec.family);
+    let best = BestRoutes::map(dev, spec.family);
+    let mut peer_parts = BTreeMap::new();
+    for (i, p) in peers.iter().enumerate() {
+        let found = peer_findings(spec, dev, p, &index, &observed.direct_routes, &best);
+        if !found.is_empty() {
+            peer_parts.insert(i, found);
+        }
+    }
+    let mut routes = BTreeMap::new();
+    let mut peers = LazyPeers::listed(peers, desired, spec.family);
+    for group in main_groups(dev) {
+        let found = route_findings(spec, desired, group, &mut peers, &index);
+        if !found.is_empty() {
+            routes.insert(group[0].destination, found);
+        }
+    }
+    DeviceParts {
+        index,
+        peers: peer_parts,
+        routes,
+    }
+}
+
+/// Recomputes the parts `changes` concern and says how many (peers, routes); `None` when so
+/// much changed that [`build`] is the cheaper way.
+fn update(
+    parts: &mut DeviceParts,
+    changes: &Changes,
+    spec: &DeviceSpec,
+    dev: &crate::model::ObservedDevice,
+    desired: &DesiredState,
+    observed: &ObservedState,
+) -> Option<(usize, usize)> {
+    let limit = (parts.index.len() + dev.routes.len()) / REBUILD_FRACTION + 16;
+    if changes.routes.len() + changes.neighbours.len() + changes.fdb.len() > limit {
+        return None;
+    }
+    let mut dirty: HashSet<usize> = HashSet::default();
+    for dst in &changes.routes {
+        parts.index.peers_for_route(dst, &mut dirty);
+    }
+    for ip in &changes.neighbours {
+        dirty.extend(parts.index.peers_with_vtep(ip).iter().copied());
+    }
+    if !changes.neighbours.is_empty() {
+        // A wrong gateway's finding describes that gateway's neighbour entry.
+        for (i, found) in &parts.peers {
+            if found.iter().any(|f| {
+                f.check == CheckId::GatewayWrongVtep
+                    && f.gateway.is_some_and(|g| changes.neighbours.contains(&g))
+            }) {
+                dirty.insert(*i);
+            }
+        }
+    }
+    for mac in &changes.fdb {
+        dirty.extend(parts.index.peers_with_mac(mac).iter().copied());
+    }
+    if dirty.len() > limit {
+        return None;
+    }
+    let recomputed = (dirty.len(), changes.routes.len());
+    let best = BestRoutes::Search(dev, spec.family);
+    for i in dirty {
+        let found = parts
+            .index
+            .peer(desired, i)
+            .map(|peer| {
+                peer_findings(
+                    spec,
+                    dev,
+                    peer,
+                    &parts.index,
+                    &observed.direct_routes,
+                    &best,
+                )
+            })
+            .unwrap_or_default();
+        if found.is_empty() {
+            parts.peers.remove(&i);
+        } else {
+            parts.peers.insert(i, found);
+        }
+    }
+    let mut peers = LazyPeers::new(desired, spec.family);
+    for dst in &changes.routes {
+        let found = route_findings(
+            spec,
+            desired,
+            main_routes_to(dev, dst),
+            &mut peers,
+            &parts.index,
+        );
+        if found.is_empty() {
+            parts.routes.remove(dst);
+        } else {
+            parts.routes.insert(*dst, found);
+        }
+    }
+    Some(recomputed)
+}
