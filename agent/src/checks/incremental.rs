@@ -275,7 +275,7 @@ fn update(
         parts.index.peers_for_route(dst, &mut dirty);
     }
     for ip in &changes.neighbours {
-        dirty.extend(parts.index.peers_with_vtep(ip).iter().copied());
+        dirty.extend(parts.index.peers_with_vtep(ip));
     }
     if !changes.neighbours.is_empty() {
         // A wrong gateway's finding describes that gateway's neighbour entry.
@@ -289,7 +289,7 @@ fn update(
         }
     }
     for mac in &changes.fdb {
-        dirty.extend(parts.index.peers_with_mac(mac).iter().copied());
+        dirty.extend(parts.index.peers_with_mac(mac));
     }
     if dirty.len() > limit {
         return None;

@@ -23,11 +23,9 @@ pub(super) struct PeerIndex {
     /// Every node's VTEP (the local node's too) → its name.
     pub(super) vtep_owner: HashMap<IpAddr, String>,
     /// Block or borrowed address → the peer (index in [`family_peers`]) it is routed to.
-    expected: HashMap<IpNet, usize>,
-    /// The rare network two peers claim: every claimant.
-    shared: HashMap<IpNet, Vec<usize>>,
-    by_vtep: HashMap<IpAddr, Vec<usize>>,
-    by_mac: HashMap<MacAddr, Vec<usize>>,
+    expected: Owners<IpNet>,
+    by_vtep: Owners<IpAddr>,
+    by_mac: Owners<MacAddr>,
     /// Sorted: the peers whose node address a (connected) route covers are a range.
     by_node_ip: Vec<(IpAddr, usize)>,
     /// Each peer's name, by index.
@@ -90,10 +88,9 @@ impl PeerIndex {
             .sum();
         let mut index = PeerIndex {
             vtep_owner,
-            expected: HashMap::with_capacity_and_hasher(blocks, Default::default()),
-            shared: HashMap::default(),
-            by_vtep: HashMap::default(),
-            by_mac: HashMap::default(),
+            expected: Owners::with_capacity(blocks),
+            by_vtep: Owners::with_capacity(peers.len()),
+            by_mac: Owners::with_capacity(peers.len()),
             by_node_ip: Vec::with_capacity(peers.len()),
             names: peers.iter().map(|p| p.name.clone()).collect(),
         };
@@ -102,13 +99,10 @@ impl PeerIndex {
                 if Family::of(&dst.addr()) != family {
                     continue;
                 }
-                if let Some(first) = index.expected.insert(*dst, i) {
-                    let claimants = index.shared.entry(*dst).or_insert_with(|| vec![first]);
-                    claimants.push(i);
-                }
+                index.expected.add(*dst, i);
             }
-            index.by_vtep.entry(peer.vtep_ip).or_default().push(i);
-            index.by_mac.entry(peer.vtep_mac).or_default().push(i);
+            index.by_vtep.add(peer.vtep_ip, i);
+            index.by_mac.add(peer.vtep_mac, i);
             index.by_node_ip.push((peer.node_ip, i));
         }
         index.by_node_ip.sort_unstable();
@@ -127,17 +121,14 @@ impl PeerIndex {
 
     /// A route to `dst` is one of the datastore's blocks or borrowed addresses.
     pub(super) fn is_expected(&self, dst: &IpNet) -> bool {
-        self.expected.contains_key(dst)
+        self.expected.first.contains_key(dst)
     }
 
     /// The peers whose findings a change of the routes to `dst` (overlay or direct) can
     /// change: the owner of that block, and the peers whose node address it covers (a
     /// connected route decides whether a direct route to them is on-link).
     pub(super) fn peers_for_route(&self, dst: &IpNet, out: &mut impl Extend<usize>) {
-        match self.shared.get(dst) {
-            Some(all) => out.extend(all.iter().copied()),
-            None => out.extend(self.expected.get(dst).copied()),
-        }
+        out.extend(self.expected.of(dst));
         let start = self
             .by_node_ip
             .partition_point(|(ip, _)| *ip < dst.network());
@@ -150,13 +141,47 @@ impl PeerIndex {
     }
 
     /// The peers whose VTEP is `ip`.
-    pub(super) fn peers_with_vtep(&self, ip: &IpAddr) -> &[usize] {
-        self.by_vtep.get(ip).map_or(&[], Vec::as_slice)
+    pub(super) fn peers_with_vtep(&self, ip: &IpAddr) -> impl Iterator<Item = usize> + '_ {
+        self.by_vtep.of(ip)
     }
 
     /// The peers whose VTEP MAC is `mac`.
-    pub(super) fn peers_with_mac(&self, mac: &MacAddr) -> &[usize] {
-        self.by_mac.get(mac).map_or(&[], Vec::as_slice)
+    pub(super) fn peers_with_mac(&self, mac: &MacAddr) -> impl Iterator<Item = usize> + '_ {
+        self.by_mac.of(mac)
+    }
+}
+
+/// Which peers own a key (a block, a VTEP, a MAC): one each, but a broken datastore can give
+/// two peers the same one. No allocation per key for the usual single owner.
+#[derive(Debug)]
+struct Owners<K> {
+    first: HashMap<K, usize>,
+    /// Keys with more than one owner: all of them.
+    more: HashMap<K, Vec<usize>>,
+}
+
+impl<K: std::hash::Hash + Eq + Copy> Owners<K> {
+    fn with_capacity(n: usize) -> Self {
+        Owners {
+            first: HashMap::with_capacity_and_hasher(n, Default::default()),
+            more: HashMap::default(),
+        }
+    }
+
+    fn add(&mut self, key: K, owner: usize) {
+        if let Some(first) = self.first.insert(key, owner) {
+            self.first.insert(key, first);
+            self.more
+                .entry(key)
+                .or_insert_with(|| vec![first])
+                .push(owner);
+        }
+    }
+
+    fn of(&self, key: &K) -> impl Iterator<Item = usize> + '_ {
+        let more = self.more.get(key);
+        let first = self.first.get(key).copied().filter(|_| more.is_none());
+        first.into_iter().chain(more.into_iter().flatten().copied())
     }
 }
 
@@ -502,5 +527,23 @@ fn fdb_replace(device: &str, mac: MacAddr, peer: &PeerNode) -> Remedy {
         device: device.to_string(),
         mac,
         destination: peer.node_ip,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Owners;
+
+    #[test]
+    fn a_key_two_peers_claim_names_both_and_a_single_owner_allocates_nothing() {
+        let mut o: Owners<u32> = Owners::with_capacity(4);
+        o.add(1, 10);
+        o.add(2, 20);
+        o.add(2, 21);
+        o.add(2, 22);
+        assert_eq!(o.of(&1).collect::<Vec<_>>(), [10]);
+        assert_eq!(o.of(&2).collect::<Vec<_>>(), [20, 21, 22]);
+        assert_eq!(o.of(&3).count(), 0);
+        assert_eq!(o.more.len(), 1, "only the shared key has a list");
     }
 }

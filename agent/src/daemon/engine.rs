@@ -33,6 +33,8 @@ pub struct Evaluation {
     pub report: CheckReport,
     /// Every peer's verdict, from the open findings.
     pub verdicts: PeerVerdicts,
+    /// What the checks computed again (everything, or the parts the changes concern).
+    pub recomputed: checks::Recomputed,
     pub transitions: Transitions,
     pub duration: Duration,
 }
@@ -122,10 +124,11 @@ impl Engine {
 
     /// Replace the model with a full snapshot.
     pub fn replace_observed(&mut self, mut observed: ObservedState) {
-        observed.normalize();
-        if observed != self.observed {
-            self.observed = observed;
+        // Snapshots arrive normalized: checking is cheaper than sorting again.
+        if !observed.is_normalized() {
+            observed.normalize();
         }
+        self.observed = observed;
         // A resync always re-evaluates everything: that is its point.
         self.dirty = true;
         self.evaluator.invalidate();
@@ -261,6 +264,7 @@ impl Engine {
         Evaluation {
             report,
             verdicts,
+            recomputed: self.evaluator.last,
             transitions,
             duration: started.elapsed(),
         }

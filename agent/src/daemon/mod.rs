@@ -396,9 +396,10 @@ impl LoopState {
     /// Once a second: drop counters, datastore file changes, datastore age, liveness.
     async fn housekeeping(&mut self) {
         if std::mem::take(&mut self.heap_dirty) {
-            // Loads, dumps and evaluations build large transient structures over the whole
-            // model and free them; glibc keeps those pages (at 5,000 peers ~15 MiB of RSS)
-            // unless asked. At most once a second, only after such work (1-5 ms at 5,000 peers).
+            // Loads, dumps and full evaluations build large transient structures over the
+            // whole model and free them; glibc keeps those pages (at 5,000 peers ~15 MiB of
+            // RSS) unless asked. At most once a second, only after such work (1-5 ms at 5,000
+            // peers): incremental evaluations do not ask for it.
             trim_heap();
         }
         self.poll_drops().await;

@@ -29,6 +29,7 @@ impl LoopState {
         let Evaluation {
             mut report,
             verdicts,
+            recomputed,
             mut transitions,
             duration,
         } = self.engine.evaluate(now);
@@ -44,7 +45,8 @@ impl LoopState {
             let cleared = std::mem::take(&mut transitions.cleared);
             transitions.cleared = link.settle_cleared(cleared, &report.findings);
         }
-        self.heap_dirty = true;
+        // Only a full evaluation builds (and frees) structures over the whole model.
+        self.heap_dirty |= recomputed.rebuilt;
         for peer in self.engine.peers_with_explained_drops() {
             self.window.acknowledge(peer);
         }
