@@ -12,6 +12,9 @@
 //!   run-time stats, calibrated by an empty program) and UDP flood throughput with and without
 //!   the programs.
 //!
+//! - `evaluate` (`agent/examples/bench_evaluate.rs`): one evaluation after one route change at
+//!   5,000 peers, every check from scratch vs the daemon's incremental evaluator.
+//!
 //! - `churn` (`bench_daemon --churn`, only when named: it runs an hour by default): the daemon's
 //!   memory while nodes join and leave and the overlay device is re-created, sampled every
 //!   10 s; `BENCH_CHURN_SECS` shortens it.
@@ -23,7 +26,7 @@ use anyhow::{bail, Context as _, Result};
 
 use crate::{cargo, is_root, run, setup, workspace_root};
 
-const ALL: [&str; 4] = ["scan", "daemon", "ebpf", "findings"];
+const ALL: [&str; 5] = ["scan", "daemon", "ebpf", "findings", "evaluate"];
 /// Run only when named.
 const LONG: [&str; 1] = ["churn"];
 
@@ -48,6 +51,7 @@ pub fn run_bench(which: Option<&str>) -> Result<()> {
             "daemon" => run_example(&env, "bench_daemon", &["--bin", "watchdog"])?,
             "ebpf" => run_example(&env, "bench_ebpf", &[])?,
             "findings" => run_example(&env, "bench_findings", &[])?,
+            "evaluate" => run_example(&env, "bench_evaluate", &[])?,
             "churn" => {
                 std::env::set_var(
                     "WATCHDOG_BENCH_ARGS",

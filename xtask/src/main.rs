@@ -44,7 +44,7 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
-    /// Benchmarks (numbers for the README): `scan`, `daemon`, `ebpf`, `findings`, or all of
+    /// Benchmarks (numbers for the README): `scan`, `daemon`, `ebpf`, `findings`, `evaluate`, or all of
     /// those; `churn` (an hour of node churn, memory sampled) only when named.
     Bench {
         /// Which benchmark to run; all when omitted.

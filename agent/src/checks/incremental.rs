@@ -90,6 +90,9 @@ impl Default for Evaluator {
 /// up what each change concerns.
 const REBUILD_FRACTION: usize = 4;
 
+/// Keys noted between two evaluations beyond which they are forgotten for a rebuild.
+const MAX_NOTED: usize = 1 << 16;
+
 impl Evaluator {
     /// An evaluator whose reports leave [`CheckReport::peers`] empty.
     pub fn without_peer_list() -> Self {
@@ -102,13 +105,23 @@ impl Evaluator {
     /// Anything may have changed (a resync, the datastore, a link): the next evaluation checks
     /// everything.
     pub fn invalidate(&mut self) {
-        self.changes.all = true;
+        self.changes = Changes {
+            all: true,
+            ..Changes::default()
+        };
     }
 
     /// `event` changed the model (its `apply` said so).
     pub fn note(&mut self, event: &ObservedEvent) {
         use ObservedEvent as E;
         let changes = &mut self.changes;
+        if changes.all {
+            return;
+        }
+        if changes.routes.len() + changes.neighbours.len() + changes.fdb.len() >= MAX_NOTED {
+            // Events without evaluations (before the first sync): a rebuild is due anyway.
+            return self.invalidate();
+        }
         match event {
             E::RouteAdded { route, .. } | E::RouteRemoved { route, .. } => {
                 changes.routes.insert(route.destination);
@@ -123,7 +136,7 @@ impl Evaluator {
             | E::LinkRemoved { .. }
             | E::AddressAdded { .. }
             | E::AddressRemoved { .. }
-            | E::Overrun => changes.all = true,
+            | E::Overrun => self.invalidate(),
         }
     }
 
