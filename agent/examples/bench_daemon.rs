@@ -14,7 +14,8 @@
 //! Needs root. Options via env: `BENCH_INJECTIONS` (default 1000), `BENCH_PEERS` (5000),
 //! `BENCH_GROWTH` (route counts for the resync growth table, default `1000,10000,30000,100000`;
 //! empty to skip), `BENCH_PERF=<file>`: record the daemon with `perf record -g` during the route storm (for
-//! `perf report -i <file>`; needs Debian's `linux-perf`).
+//! `perf report -i <file>`; needs Debian's `linux-perf`). `--heap-profile FILE`: only the
+//! 5,000-peer startup and storm, the daemon under `heaptrack` (Debian's `heaptrack`).
 
 use std::{
     fmt::Write as _,
@@ -82,6 +83,17 @@ impl Daemon {
 
     /// Started, not yet in sync.
     fn spawn(netns: &Path, node: &str, datastore: &Path, extra: &str) -> Result<Daemon> {
+        Self::spawn_under(&[], netns, node, datastore, extra)
+    }
+
+    /// Started under `wrapper` (e.g. `heaptrack -o FILE`), not yet in sync.
+    fn spawn_under(
+        wrapper: &[&str],
+        netns: &Path,
+        node: &str,
+        datastore: &Path,
+        extra: &str,
+    ) -> Result<Daemon> {
         let dir = tempfile::tempdir()?;
         let socket = dir.path().join("status.sock");
         let log = dir.path().join("agent.log");
@@ -94,7 +106,15 @@ impl Daemon {
                 socket.display()
             ),
         )?;
-        let child = Command::new(watchdog_bin())
+        let mut cmd = match wrapper.split_first() {
+            Some((program, args)) => {
+                let mut c = Command::new(program);
+                c.args(args).arg(watchdog_bin());
+                c
+            }
+            None => Command::new(watchdog_bin()),
+        };
+        let child = cmd
             .args(["run", "--config"])
             .arg(&config)
             .arg("--netns")
@@ -865,7 +885,41 @@ fn churn(secs: u64, out: &mut String) -> Result<()> {
     Ok(())
 }
 
+/// `--heap-profile FILE`: the daemon under `heaptrack` through the 5,000-peer startup (5,000
+/// findings open) and the 30,000-route storm, then stopped with SIGTERM; `heaptrack_print FILE`
+/// says which allocations make the peak and what stays. Memory figures of this run are the
+/// wrapper's, so it measures nothing else.
+fn heap_profile(peers: usize, file: &str) -> Result<()> {
+    let node = SyntheticNode::new(peers, BLOCKS)?;
+    let ns = Netns::new(format!("wdbenchh{}", std::process::id()))?;
+    node.program(&ns, false)?;
+    let dir = tempfile::tempdir()?;
+    let datastore = dir.path().join("nodes.yaml");
+    std::fs::write(&datastore, &node.yaml)?;
+    let d = Daemon::spawn_under(&["heaptrack", "-o", file], &ns.path(), "local", &datastore, "")?;
+    d.wait_in_sync()?;
+    let t = Instant::now();
+    node.program_routes(&ns)?;
+    d.wait(t, Duration::from_secs(300), |f| f.is_empty())?;
+    std::thread::sleep(Duration::from_secs(3));
+    // The daemon is the wrapper's child: stop it so heaptrack writes its summary.
+    let pid = d.child.id().to_string();
+    sh("pkill", &["-TERM", "-P", &pid], None)?;
+    let mut d = d;
+    d.child.wait()?;
+    println!("heap profile written next to {file} (heaptrack_print <file>.zst)");
+    Ok(())
+}
+
 fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    if let Some(file) = args
+        .iter()
+        .position(|a| a == "--heap-profile")
+        .and_then(|i| args.get(i + 1))
+    {
+        return heap_profile(env_usize("BENCH_PEERS", 5000), file);
+    }
     if std::env::args().any(|a| a == "--churn") {
         let secs = env_usize("BENCH_CHURN_SECS", 3600) as u64;
         let mut out = String::new();
