@@ -896,7 +896,13 @@ fn heap_profile(peers: usize, file: &str) -> Result<()> {
     let dir = tempfile::tempdir()?;
     let datastore = dir.path().join("nodes.yaml");
     std::fs::write(&datastore, &node.yaml)?;
-    let d = Daemon::spawn_under(&["heaptrack", "-o", file], &ns.path(), "local", &datastore, "")?;
+    let d = Daemon::spawn_under(
+        &["heaptrack", "-o", file],
+        &ns.path(),
+        "local",
+        &datastore,
+        "",
+    )?;
     d.wait_in_sync()?;
     let t = Instant::now();
     node.program_routes(&ns)?;

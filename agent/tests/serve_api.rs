@@ -78,7 +78,7 @@ fn incident_status() -> Status {
     f.route = Some("10.1.3.0/26".into());
     f.since = Some(SystemTime::now() - Duration::from_secs(300));
     f.hint = Some("ip route replace 10.1.3.0/26 via 10.1.3.5 dev vxlan.calico onlink".into());
-    s.findings.push(f);
+    std::sync::Arc::make_mut(&mut s.findings).push(f);
     // As the checks would judge it.
     s.peers[1].verdict = Verdict::Critical;
     s.peers[1].findings = 1;
@@ -202,7 +202,7 @@ async fn status_api_serves_reads_and_refuses_writes() {
     );
     handle
         .update(|s| {
-            s.set_findings(Vec::new(), &Default::default());
+            s.set_findings(Default::default(), &Default::default());
         })
         .await;
     assert_eq!(client::run_check(check.clone()).await, 0);

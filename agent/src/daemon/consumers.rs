@@ -24,7 +24,7 @@ impl Consumer for StatusConsumer {
                 if let Some(node) = delta.local_node.as_ref().filter(|n| !n.is_empty()) {
                     s.node.clone_from(node);
                 }
-                s.set_findings(delta.open.to_vec(), &delta.peers);
+                s.set_findings(delta.open.clone(), &delta.peers);
                 s.devices = delta.devices.clone();
                 s.checks.routes_checked = delta.routes_checked as u64;
                 s.checks.last_duration_seconds = Some(delta.duration.as_secs_f64());

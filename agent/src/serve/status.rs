@@ -42,8 +42,8 @@ pub struct Status {
     #[serde(default)]
     pub in_sync: bool,
     pub devices: Vec<DeviceStatus>,
-    /// Open findings, each with `since`.
-    pub findings: Vec<Finding>,
+    /// Open findings, each with `since`: the evaluation's own list, shared, not copied.
+    pub findings: Arc<Vec<Finding>>,
     pub peers: Vec<PeerStatus>,
     pub drops: DropsStatus,
     /// Most recent first.
@@ -69,7 +69,7 @@ impl Status {
             generated_at: now,
             in_sync: false,
             devices: Vec::new(),
-            findings: Vec::new(),
+            findings: Arc::default(),
             peers: Vec::new(),
             drops: DropsStatus::default(),
             repairs: Vec::new(),
@@ -95,7 +95,7 @@ impl Status {
     }
 
     /// Replace the open findings and the peer verdicts the checks made from them.
-    pub fn set_findings(&mut self, findings: Vec<Finding>, verdicts: &PeerVerdicts) {
+    pub fn set_findings(&mut self, findings: Arc<Vec<Finding>>, verdicts: &PeerVerdicts) {
         self.findings = findings;
         for peer in &mut self.peers {
             (peer.verdict, peer.findings) = verdicts.get(&peer.name);
@@ -489,7 +489,10 @@ mod tests {
         let mut w = f.clone();
         w.severity = Severity::Warning;
         // Only k8s03 has a verdict: k8s02's stale "critical" goes back to ok.
-        s.set_findings(vec![f, w], &verdicts("k8s03", Verdict::Critical, 2));
+        s.set_findings(
+            Arc::new(vec![f, w]),
+            &verdicts("k8s03", Verdict::Critical, 2),
+        );
         assert_eq!((s.peers[0].verdict, s.peers[0].findings), (Verdict::Ok, 0));
         assert_eq!(
             (s.peers[1].verdict, s.peers[1].findings),
@@ -542,7 +545,7 @@ mod tests {
             "x".into(),
         );
         f.peer_node = Some("k8s03".into());
-        s.set_findings(vec![f], &verdicts("k8s03", Verdict::Warning, 1));
+        s.set_findings(Arc::new(vec![f]), &verdicts("k8s03", Verdict::Warning, 1));
         assert_eq!(s.peers[0].verdict, Verdict::Warning);
         // A relist keeps the verdict until the next evaluation.
         s.set_desired(&d);

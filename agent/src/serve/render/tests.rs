@@ -69,7 +69,7 @@ fn incident() -> Status {
     );
     w.peer_node = Some("k8s03".into());
     w.since = Some(t(710));
-    s.findings = vec![w, f];
+    s.findings = std::sync::Arc::new(vec![w, f]);
     let k8s03 = s.peers.iter_mut().find(|p| p.name == "k8s03").unwrap();
     (k8s03.verdict, k8s03.findings) = (Verdict::Critical, 2);
     s.drops.total = 1234;
@@ -188,7 +188,7 @@ fn check_critical_names_the_finding() {
 #[test]
 fn check_warning() {
     let mut s = incident();
-    s.findings.retain(|f| f.severity == Severity::Warning);
+    std::sync::Arc::make_mut(&mut s.findings).retain(|f| f.severity == Severity::Warning);
     let o = classify(&s, t(1001), Duration::from_secs(60));
     assert_eq!(o.code, NAGIOS_WARNING);
     assert!(o
