@@ -78,6 +78,8 @@ pub enum DaemonError {
     Kernel(#[from] observe::Error),
     #[error("datastore.source = {0:?} is not supported by this build yet")]
     UnsupportedDatastore(&'static str),
+    #[error("starting the status and metrics servers' thread: {0}")]
+    ApiThread(#[source] std::io::Error),
 }
 
 /// Longest a burst of events is applied without letting timers and the API run.

@@ -55,19 +55,29 @@ impl Daemon {
             }
         };
 
-        let server = StatusServer::bind(&StatusServerOptions {
-            socket: config.status.socket.clone(),
-            group: config.status.group.clone(),
-            ..StatusServerOptions::default()
-        })?;
+        // The status and metrics servers answer on a thread of their own: a large response
+        // (GET /status at 5,000 peers) neither waits for nor delays the loop's evaluations.
+        let api_runtime = ApiRuntime::start()?;
+        let api = api_runtime.handle();
+        let server = {
+            let _on_api = api.enter();
+            StatusServer::bind(&StatusServerOptions {
+                socket: config.status.socket.clone(),
+                group: config.status.group.clone(),
+                ..StatusServerOptions::default()
+            })?
+        };
         let mut servers: Vec<JoinHandle<Result<(), ServeError>>> =
-            vec![tokio::spawn(server.run(status.clone(), stopped()))];
+            vec![api.spawn(server.run(status.clone(), stopped()))];
         if let Some(addr) = config.metrics.listen {
-            let server = MetricsServer::bind(addr).await?;
+            let server = api
+                .spawn(MetricsServer::bind(addr))
+                .await
+                .map_err(|e| DaemonError::ApiThread(std::io::Error::other(e)))??;
             if let Ok(bound) = server.local_addr() {
                 info!(addr = %bound, "metrics served at http://{bound}/metrics");
             }
-            servers.push(tokio::spawn(server.run(metrics.clone(), stopped())));
+            servers.push(api.spawn(server.run(metrics.clone(), stopped())));
         }
 
         let result = self.main_loop(status, metrics, shutdown).await;
@@ -245,5 +255,33 @@ fn limit_malloc_arenas() {
     // allocating, and any value is safe.
     unsafe {
         libc::mallopt(libc::M_ARENA_MAX, 2);
+    }
+}
+
+/// The servers' runtime, on its own thread. Stopped without waiting when dropped: a runtime
+/// must not be dropped (blocking) from inside the loop's own.
+struct ApiRuntime(Option<tokio::runtime::Runtime>);
+
+impl ApiRuntime {
+    fn start() -> Result<Self, DaemonError> {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("api")
+            .enable_all()
+            .build()
+            .map(|rt| ApiRuntime(Some(rt)))
+            .map_err(DaemonError::ApiThread)
+    }
+
+    fn handle(&self) -> &tokio::runtime::Handle {
+        self.0.as_ref().expect("running until dropped").handle()
+    }
+}
+
+impl Drop for ApiRuntime {
+    fn drop(&mut self) {
+        if let Some(rt) = self.0.take() {
+            rt.shutdown_background();
+        }
     }
 }
