@@ -30,6 +30,8 @@ use crate::{
 struct Changes {
     /// Anything may have changed: rebuild every part.
     all: bool,
+    /// The datastore changed: rebuild the peer indexes too.
+    desired: bool,
     /// Route destinations (on an overlay device or not) whose routes changed.
     routes: HashSet<IpNet>,
     neighbours: HashSet<IpAddr>,
@@ -39,7 +41,6 @@ struct Changes {
 /// The parts of one device's findings, as of the last evaluation.
 #[derive(Debug)]
 struct DeviceParts {
-    index: PeerIndex,
     /// Per peer (its index in [`family_peers`] order); only peers with findings.
     peers: BTreeMap<usize, Vec<Finding>>,
     /// Per route destination; only destinations with findings.
@@ -62,6 +63,8 @@ pub struct Evaluator {
     /// Per device spec, the parts of the last evaluation (`None`: the device is missing, or
     /// the checks ran offline).
     parts: Vec<Option<DeviceParts>>,
+    /// Per device spec, who owns which block, VTEP and MAC: kept until the datastore changes.
+    indexes: Vec<Option<PeerIndex>>,
     /// The specs the parts were computed for.
     specs: Vec<DeviceSpec>,
     changes: Changes,
@@ -75,11 +78,13 @@ impl Default for Evaluator {
     fn default() -> Self {
         Evaluator {
             parts: Vec::new(),
+            indexes: Vec::new(),
             specs: Vec::new(),
             last: Recomputed::default(),
             peer_list: true,
             changes: Changes {
                 all: true,
+                desired: true,
                 ..Changes::default()
             },
         }
@@ -102,13 +107,20 @@ impl Evaluator {
         }
     }
 
-    /// Anything may have changed (a resync, the datastore, a link): the next evaluation checks
+    /// Anything in the kernel may have changed (a resync, a link): the next evaluation checks
     /// everything.
     pub fn invalidate(&mut self) {
         self.changes = Changes {
             all: true,
+            desired: self.changes.desired,
             ..Changes::default()
         };
+    }
+
+    /// The desired state changed: the next evaluation checks everything against it.
+    pub fn desired_changed(&mut self) {
+        self.invalidate();
+        self.changes.desired = true;
     }
 
     /// `event` changed the model (its `apply` said so).
@@ -161,6 +173,9 @@ impl Evaluator {
             rebuilt: rebuild,
             ..Recomputed::default()
         };
+        if changes.desired || *specs != *self.specs || self.indexes.len() != specs.len() {
+            self.indexes = (0..specs.len()).map(|_| None).collect();
+        }
         if rebuild {
             self.specs = specs.to_vec();
             self.parts = (0..specs.len()).map(|_| None).collect();
@@ -172,7 +187,11 @@ impl Evaluator {
             input.datastore,
             &specs,
         ));
-        for (spec, slot) in specs.iter().zip(self.parts.iter_mut()) {
+        for ((spec, slot), index) in specs
+            .iter()
+            .zip(self.parts.iter_mut())
+            .zip(self.indexes.iter_mut())
+        {
             // The IPv6 overlay is judged against the IPv6 side of every node.
             let desired = input.desired.map(|d| match spec.family {
                 Family::V4 => d,
@@ -209,12 +228,16 @@ impl Evaluator {
                 .findings
                 .extend(super::device::misconfigured(spec, dev, desired));
             let Some(desired) = desired else {
-                *slot = None;
+                (*slot, *index) = (None, None);
                 report.findings.extend(super::offline::check(spec, dev));
                 continue;
             };
+            let peers = family_peers_if(index.is_none(), desired, spec.family);
+            let index = &*index.get_or_insert_with(|| {
+                PeerIndex::new(desired, peers.as_deref().unwrap_or_default(), spec.family)
+            });
             let kept = slot.take().and_then(|mut parts| {
-                let done = update(&mut parts, &changes, spec, dev, desired, observed);
+                let done = update(&mut parts, index, &changes, spec, dev, desired, observed);
                 done.map(|(p, r)| {
                     self.last.peers += p;
                     self.last.routes += r;
@@ -223,7 +246,7 @@ impl Evaluator {
             });
             let parts = kept.unwrap_or_else(|| {
                 self.last.rebuilt = true;
-                build(spec, dev, desired, observed)
+                build(spec, index, peers, dev, desired, observed)
             });
             report
                 .findings
@@ -237,19 +260,29 @@ impl Evaluator {
     }
 }
 
-/// Every part of one device, from scratch.
-fn build(
-    spec: &DeviceSpec,
-    dev: &crate::model::ObservedDevice,
+/// The device's peers, when they are listed anyway (to build its index).
+fn family_peers_if(
+    needed: bool,
     desired: &DesiredState,
+    family: Family,
+) -> Option<Vec<&crate::model::PeerNode>> {
+    needed.then(|| family_peers(desired, family))
+}
+
+/// Every part of one device, from scratch.
+fn build<'a>(
+    spec: &DeviceSpec,
+    index: &PeerIndex,
+    peers: Option<Vec<&'a crate::model::PeerNode>>,
+    dev: &crate::model::ObservedDevice,
+    desired: &'a DesiredState,
     observed: &ObservedState,
 ) -> DeviceParts {
-    let peers = family_peers(desired, spec.family);
-    let index = PeerIndex::new(desired, &peers, spec.family);
+    let peers = peers.unwrap_or_else(|| family_peers(desired, spec.family));
     let best = BestRoutes::map(dev, spec.family);
     let mut peer_parts = BTreeMap::new();
     for (i, p) in peers.iter().enumerate() {
-        let found = peer_findings(spec, dev, p, &index, &observed.direct_routes, &best);
+        let found = peer_findings(spec, dev, p, index, &observed.direct_routes, &best);
         if !found.is_empty() {
             peer_parts.insert(i, found);
         }
@@ -257,13 +290,12 @@ fn build(
     let mut routes = BTreeMap::new();
     let mut peers = LazyPeers::listed(peers, desired, spec.family);
     for group in main_groups(dev) {
-        let found = route_findings(spec, desired, group, &mut peers, &index);
+        let found = route_findings(spec, desired, group, &mut peers, index);
         if !found.is_empty() {
             routes.insert(group[0].destination, found);
         }
     }
     DeviceParts {
-        index,
         peers: peer_parts,
         routes,
     }
@@ -273,22 +305,23 @@ fn build(
 /// much changed that [`build`] is the cheaper way.
 fn update(
     parts: &mut DeviceParts,
+    index: &PeerIndex,
     changes: &Changes,
     spec: &DeviceSpec,
     dev: &crate::model::ObservedDevice,
     desired: &DesiredState,
     observed: &ObservedState,
 ) -> Option<(usize, usize)> {
-    let limit = (parts.index.len() + dev.routes.len()) / REBUILD_FRACTION + 16;
+    let limit = (index.len() + dev.routes.len()) / REBUILD_FRACTION + 16;
     if changes.routes.len() + changes.neighbours.len() + changes.fdb.len() > limit {
         return None;
     }
     let mut dirty: HashSet<usize> = HashSet::default();
     for dst in &changes.routes {
-        parts.index.peers_for_route(dst, &mut dirty);
+        index.peers_for_route(dst, &mut dirty);
     }
     for ip in &changes.neighbours {
-        dirty.extend(parts.index.peers_with_vtep(ip));
+        dirty.extend(index.peers_with_vtep(ip));
     }
     if !changes.neighbours.is_empty() {
         // A wrong gateway's finding describes that gateway's neighbour entry.
@@ -302,7 +335,7 @@ fn update(
         }
     }
     for mac in &changes.fdb {
-        dirty.extend(parts.index.peers_with_mac(mac));
+        dirty.extend(index.peers_with_mac(mac));
     }
     if dirty.len() > limit {
         return None;
@@ -310,19 +343,9 @@ fn update(
     let recomputed = (dirty.len(), changes.routes.len());
     let best = BestRoutes::Search(dev, spec.family);
     for i in dirty {
-        let found = parts
-            .index
+        let found = index
             .peer(desired, i)
-            .map(|peer| {
-                peer_findings(
-                    spec,
-                    dev,
-                    peer,
-                    &parts.index,
-                    &observed.direct_routes,
-                    &best,
-                )
-            })
+            .map(|peer| peer_findings(spec, dev, peer, index, &observed.direct_routes, &best))
             .unwrap_or_default();
         if found.is_empty() {
             parts.peers.remove(&i);
@@ -332,13 +355,7 @@ fn update(
     }
     let mut peers = LazyPeers::new(desired, spec.family);
     for dst in &changes.routes {
-        let found = route_findings(
-            spec,
-            desired,
-            main_routes_to(dev, dst),
-            &mut peers,
-            &parts.index,
-        );
+        let found = route_findings(spec, desired, main_routes_to(dev, dst), &mut peers, index);
         if found.is_empty() {
             parts.routes.remove(dst);
         } else {

@@ -128,6 +128,8 @@ enum Step {
     },
     /// Something that is not a route, neighbour or FDB entry: everything is checked again.
     Address { ifindex: u8, dst: usize },
+    /// The datastore switches to the other version (k8s03 moved its VTEP and lost a block).
+    Datastore,
 }
 
 fn step() -> impl Strategy<Value = Step> {
@@ -164,6 +166,7 @@ fn step() -> impl Strategy<Value = Step> {
             }
         ),
         1 => (0..2u8, 0..64usize).prop_map(|(ifindex, dst)| Step::Address { ifindex, dst }),
+        1 => Just(Step::Datastore),
     ]
 }
 
@@ -270,6 +273,7 @@ fn event(s: &Step, desired: &DesiredState) -> ObservedEvent {
                 ObservedEvent::FdbChanged { ifindex, entry }
             }
         }
+        Step::Datastore => unreachable!("not a kernel event"),
         Step::Address { ifindex, dst } => ObservedEvent::AddressAdded {
             ifindex: overlay(ifindex),
             address: pick(&dsts, dst),
@@ -296,24 +300,34 @@ proptest! {
     fn incremental_evaluation_matches_a_full_one(
         batches in prop::collection::vec(prop::collection::vec(step(), 1..6), 1..24)
     ) {
-        let (desired, mut observed) = cluster();
+        let (original, mut observed) = cluster();
+        let mut moved = original.clone();
+        let k8s03 = moved.nodes.get_mut("k8s03").unwrap();
+        k8s03.vtep_ip = ip("10.1.236.1");
+        k8s03.blocks.retain(|b| *b != net("10.1.235.128/26"));
         let watched = [V4.to_string(), V6.to_string()];
         let mut ev = Evaluator::default();
-        prop_assert!(report(&mut ev, &observed, &desired).findings.is_empty());
+        let mut desired = &original;
+        prop_assert!(report(&mut ev, &observed, desired).findings.is_empty());
         for batch in &batches {
             for s in batch {
-                let e = event(s, &desired);
+                if let Step::Datastore = s {
+                    desired = if std::ptr::eq(desired, &original) { &moved } else { &original };
+                    ev.desired_changed();
+                    continue;
+                }
+                let e = event(s, desired);
                 match observed.apply(&e, &watched) {
                     Applied::Changed => ev.note(&e),
                     Applied::ResyncNeeded => ev.invalidate(),
                     Applied::Unchanged => {}
                 }
             }
-            let incremental = report(&mut ev, &observed, &desired);
+            let incremental = report(&mut ev, &observed, desired);
             let full = evaluate(&CheckInput {
                 devices: &[DeviceSpec::for_name(V4), DeviceSpec::for_name(V6)],
                 observed: &observed,
-                desired: Some(&desired),
+                desired: Some(desired),
                 drops: None,
                 explained_recently: None,
                 datastore: None,

@@ -132,6 +132,10 @@ impl Engine {
         // A resync always re-evaluates everything: that is its point.
         self.dirty = true;
         self.evaluator.invalidate();
+        if self.local_by_address {
+            // The local node may be another one now (found by this host's addresses).
+            self.evaluator.desired_changed();
+        }
         if let Some(mut d) = self.desired.take() {
             self.adopt_local(&mut d);
             self.desired = Some(d);
@@ -147,7 +151,7 @@ impl Engine {
         if changed {
             self.desired = desired;
             self.dirty = true;
-            self.evaluator.invalidate();
+            self.evaluator.desired_changed();
         }
         changed
     }
