@@ -2,9 +2,10 @@
 //!
 //! One loop, Felix-style:
 //! - kernel change events (netlink multicast) are applied to the model as they arrive — cheap,
-//!   they only mark it dirty ([`Engine::apply`]);
-//! - when the burst is drained, every check runs once over the whole model
-//!   ([`Engine::evaluate`]), so a finding appears milliseconds after the change that caused it;
+//!   they only note what changed ([`Engine::apply`]);
+//! - when the burst is drained, the checks run once for what the burst changed (the whole model
+//!   after a resync or a datastore change) ([`Engine::evaluate`], [`crate::checks::Evaluator`]),
+//!   so a finding appears within a millisecond of the change that caused it;
 //! - a full resync (netlink dump + datastore reload) runs every `resync_interval` regardless of
 //!   events, because the incident was caused by an event-only design that missed one event;
 //!   a lost notification (ENOBUFS) or a change the kernel does not announce (device down or
