@@ -232,7 +232,8 @@ impl Evaluator {
                 report.findings.extend(super::offline::check(spec, dev));
                 continue;
             };
-            let peers = family_peers_if(index.is_none(), desired, spec.family);
+            // Listed once when the index is built; `build` reuses the list.
+            let peers = index.is_none().then(|| family_peers(desired, spec.family));
             let index = &*index.get_or_insert_with(|| {
                 PeerIndex::new(desired, peers.as_deref().unwrap_or_default(), spec.family)
             });
@@ -258,15 +259,6 @@ impl Evaluator {
         }
         super::finish(input, &specs, self.peer_list, report)
     }
-}
-
-/// The device's peers, when they are listed anyway (to build its index).
-fn family_peers_if(
-    needed: bool,
-    desired: &DesiredState,
-    family: Family,
-) -> Option<Vec<&crate::model::PeerNode>> {
-    needed.then(|| family_peers(desired, family))
 }
 
 /// Every part of one device, from scratch.
