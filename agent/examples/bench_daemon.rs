@@ -16,6 +16,7 @@
 //! empty to skip), `BENCH_PERF=<file>`: record the daemon with `perf record -g` during the route storm (for
 //! `perf report -i <file>`; needs Debian's `linux-perf`). `--heap-profile FILE`: only the
 //! 5,000-peer startup and storm, the daemon under `heaptrack` (Debian's `heaptrack`).
+//! `--growth`: only the resync growth table.
 
 use std::{
     fmt::Write as _,
@@ -27,7 +28,7 @@ use std::{
 use anyhow::{bail, Context, Result};
 use dataplane_watchdog::{
     model::Finding,
-    observe::NetlinkObserver,
+    observe::{KernelObserver, NetlinkObserver},
     serve::{client, Status},
 };
 use watchdog_lab::{Lab, LabSpec};
@@ -596,6 +597,7 @@ fn scale(peers: usize, out: &mut String) -> Result<()> {
         dumps,
         raw_m,
         same_m,
+        snap_m,
         kernel_m,
         full_m,
     } = timing;
@@ -605,6 +607,7 @@ fn scale(peers: usize, out: &mut String) -> Result<()> {
         "resync at {total_routes} routes (median of {} resyncs vs {} raw dumps each):\n  \
          raw dumps of what a resync reads (addresses, routes, neighbours, FDB; parsed, dropped) {}; raw route dump alone {}\n  \
          resync kernel part (those dumps → model) {} = {:.2}× the same raw dumps, {:.2}× the route dump alone\n  \
+         the same snapshot code run by the benchmark between its raw dumps {} = {:.2}× the raw dumps\n  \
          with the datastore re-read ({peers} nodes; unchanged file skipped) {} = {:.2}× the same raw dumps",
         resyncs,
         dumps,
@@ -613,6 +616,8 @@ fn scale(peers: usize, out: &mut String) -> Result<()> {
         ms(kernel_m),
         ratio(kernel_m, same_m),
         ratio(kernel_m, raw_m),
+        ms(snap_m),
+        ratio(snap_m, same_m),
         ms(full_m),
         ratio(full_m, same_m),
     )?;
@@ -628,6 +633,10 @@ struct ResyncTiming {
     raw_m: Duration,
     /// Every dump a resync makes (addresses, routes, neighbours, FDB), parsed and dropped.
     same_m: Duration,
+    /// The snapshot (those dumps into the model) run by the benchmark itself, alternating
+    /// with the raw dumps: the same code as the resync's kernel part without the daemon's
+    /// other work around it.
+    snap_m: Duration,
     /// The resync's kernel part: those dumps into the model.
     kernel_m: Duration,
     /// The whole resync (with the datastore re-read).
@@ -640,16 +649,21 @@ fn resync_timing(d: &Daemon, netns: &Path, dumps: usize) -> Result<ResyncTiming>
         .enable_all()
         .build()?;
     let observer = rt.block_on(async { NetlinkObserver::new(Some(netns)) })?;
-    let (mut raw, mut same) = (Vec::new(), Vec::new());
+    let devices = [DEVICE.to_string()];
+    let (mut raw, mut same, mut snap) = (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..dumps {
         let t = Instant::now();
         rt.block_on(observer.dump_route_count())?;
         raw.push(t.elapsed());
-        std::thread::sleep(Duration::from_millis(300));
+        std::thread::sleep(Duration::from_millis(200));
         let t = Instant::now();
         rt.block_on(observer.dump_all_count())?;
         same.push(t.elapsed());
-        std::thread::sleep(Duration::from_millis(400));
+        // The snapshot code the resync runs, in this process right after the same dumps.
+        let t = Instant::now();
+        drop(rt.block_on(observer.snapshot(&devices))?);
+        snap.push(t.elapsed());
+        std::thread::sleep(Duration::from_millis(300));
     }
     let log = d.log();
     let (mut kernel, mut full) = (Vec::new(), Vec::new());
@@ -675,7 +689,7 @@ fn resync_timing(d: &Daemon, netns: &Path, dumps: usize) -> Result<ResyncTiming>
     if kernel.is_empty() {
         bail!("no periodic resync in the daemon log:\n{log}");
     }
-    for v in [&mut raw, &mut same, &mut kernel, &mut full] {
+    for v in [&mut raw, &mut same, &mut snap, &mut kernel, &mut full] {
         v.sort();
     }
     Ok(ResyncTiming {
@@ -683,6 +697,7 @@ fn resync_timing(d: &Daemon, netns: &Path, dumps: usize) -> Result<ResyncTiming>
         dumps: raw.len(),
         raw_m: percentile(&raw, 0.5),
         same_m: percentile(&same, 0.5),
+        snap_m: percentile(&snap, 0.5),
         kernel_m: percentile(&kernel, 0.5),
         full_m: percentile(&full, 0.5),
     })
@@ -703,8 +718,9 @@ fn resync_growth(out: &mut String) -> Result<()> {
     writeln!(
         out,
         "resync growth (fresh node per size, routes / 6 peers; medians of ~5 periodic resyncs):\n  \
-         {:>7}  {:>9}  {:>11}  {:>6}  {:>9}  {:>9}  {:>9}",
-        "routes", "raw dumps", "resync kern", "ratio", "µs/route", "RSS MiB", "anon MiB"
+         {:>7}  {:>9}  {:>11}  {:>6}  {:>9}  {:>9}  {:>9}  {:>11}  {:>6}",
+        "routes", "raw dumps", "resync kern", "ratio", "µs/route", "RSS MiB", "anon MiB",
+        "in-process", "ratio"
     )?;
     for routes in sizes {
         let peers = (routes / BLOCKS).max(1);
@@ -721,13 +737,15 @@ fn resync_growth(out: &mut String) -> Result<()> {
         let n = peers * BLOCKS;
         writeln!(
             out,
-            "  {n:>7}  {:>9}  {:>11}  {:>5.2}×  {:>9.2}  {:>9.1}  {:>9.1}",
+            "  {n:>7}  {:>9}  {:>11}  {:>5.2}×  {:>9.2}  {:>9.1}  {:>9.1}  {:>11}  {:>5.2}×",
             ms(t.same_m),
             ms(t.kernel_m),
             t.kernel_m.as_secs_f64() / t.same_m.as_secs_f64(),
             t.kernel_m.as_secs_f64() * 1e6 / n as f64,
             rss as f64 / (1024.0 * 1024.0),
             anon as f64 / 1024.0,
+            ms(t.snap_m),
+            t.snap_m.as_secs_f64() / t.same_m.as_secs_f64(),
         )?;
     }
     Ok(())
@@ -936,6 +954,12 @@ fn main() -> Result<()> {
         let mut out = String::new();
         churn(secs, &mut out)?;
         print!("{out}");
+        return Ok(());
+    }
+    if std::env::args().any(|a| a == "--growth") {
+        let mut growth = String::new();
+        resync_growth(&mut growth)?;
+        print!("{growth}");
         return Ok(());
     }
     let rounds = env_usize("BENCH_INJECTIONS", 1000);

@@ -3,6 +3,7 @@
 use std::collections::BTreeMap;
 
 use futures::StreamExt;
+use ipnet::IpNet;
 use netlink_packet_core::{
     NetlinkMessage, NetlinkPayload, NLM_F_DUMP, NLM_F_DUMP_INTR, NLM_F_REQUEST,
 };
@@ -257,55 +258,29 @@ pub async fn snapshot(conn: &NetlinkConn, devices: &[String]) -> Result<Observed
         }
     }
 
-    // Each reply is parsed into the model's small types as it arrives and dropped at once.
-    // Main-table unicast routes of other devices: direct routes to peers, and the connected
-    // subnets that say whether such a next hop is really on-link there.
-    let keep_route = |ifindex: u32, route: &Route| {
-        names.contains_key(&ifindex)
-            || is_deviceless_reject(ifindex, route)
-            || (route.table == MAIN_TABLE && route.kind == RouteKind::Unicast)
-    };
-    let mut routes: Vec<(u32, Route)> = Vec::new();
+    // Each reply is parsed into the model's small types as it arrives and dropped at once,
+    // straight into the list it belongs to. Main-table unicast routes of other devices: direct
+    // routes to peers, and the connected subnets that say whether such a next hop is really
+    // on-link there.
     for family in [AddressFamily::Inet, AddressFamily::Inet6] {
         let what = if family == AddressFamily::Inet {
             "ipv4 route"
         } else {
             "ipv6 route"
         };
-        let part = dump_fold(
+        let dumped = dump_fold(
             conn,
             what,
             route_dump_request(family),
-            Vec::new,
-            |acc: &mut Vec<(u32, Route)>, msg| {
+            DumpedRoutes::default,
+            |acc: &mut DumpedRoutes, msg| {
                 if let RouteNetlinkMessage::NewRoute(m) = msg {
-                    acc.extend(
-                        parse::routes_from_message(&m)
-                            .into_iter()
-                            .filter(|(i, r)| keep_route(*i, r)),
-                    );
+                    parse::for_each_route(&m, |ifindex, route| acc.keep(&names, ifindex, route));
                 }
             },
         )
         .await?;
-        routes.extend(part);
-    }
-    for (ifindex, route) in routes {
-        if is_deviceless_reject(ifindex, &route) {
-            for dev in state.devices.values_mut() {
-                dev.routes.push(route.clone());
-            }
-        } else if let Some(dev) = lookup(&mut state, &names, ifindex) {
-            dev.routes.push(route);
-        } else {
-            state.direct_routes.insert(
-                route.destination,
-                DirectRoute {
-                    ifindex,
-                    gateway: route.gateway,
-                },
-            );
-        }
+        dumped.into_state(&mut state, &names);
     }
 
     for (family, what) in [
@@ -353,6 +328,52 @@ pub async fn snapshot(conn: &NetlinkConn, devices: &[String]) -> Result<Observed
 
     state.normalize();
     Ok(state)
+}
+
+/// One route dump's routes, sorted into the lists the snapshot keeps (per attempt: an
+/// interrupted dump is read again from scratch).
+#[derive(Default)]
+struct DumpedRoutes {
+    /// Per watched ifindex.
+    device: BTreeMap<u32, Vec<Route>>,
+    /// Reject routes without a device: every watched device is given them.
+    deviceless: Vec<Route>,
+    /// Main-table unicast routes of other devices.
+    direct: Vec<(IpNet, DirectRoute)>,
+}
+
+impl DumpedRoutes {
+    fn keep(&mut self, names: &BTreeMap<u32, String>, ifindex: u32, route: Route) {
+        if names.contains_key(&ifindex) {
+            self.device.entry(ifindex).or_default().push(route);
+        } else if is_deviceless_reject(ifindex, &route) {
+            self.deviceless.push(route);
+        } else if route.table == MAIN_TABLE && route.kind == RouteKind::Unicast {
+            self.direct.push((
+                route.destination,
+                DirectRoute {
+                    ifindex,
+                    gateway: route.gateway,
+                },
+            ));
+        }
+    }
+
+    fn into_state(self, state: &mut ObservedState, names: &BTreeMap<u32, String>) {
+        for (ifindex, mut routes) in self.device {
+            if let Some(dev) = lookup(state, names, ifindex) {
+                if dev.routes.is_empty() {
+                    dev.routes = routes;
+                } else {
+                    dev.routes.append(&mut routes);
+                }
+            }
+        }
+        for dev in state.devices.values_mut() {
+            dev.routes.extend_from_slice(&self.deviceless);
+        }
+        state.direct_routes.extend(self.direct);
+    }
 }
 
 fn lookup<'a>(

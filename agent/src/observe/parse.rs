@@ -156,14 +156,22 @@ fn gateway_of(attrs: &[RouteAttribute]) -> Option<IpAddr> {
 /// hop for a multipath route, ifindex [`NO_DEVICE`] for routes without an output device.
 /// Cached/cloned routes and non-IP families yield nothing.
 pub fn routes_from_message(msg: &RouteMessage) -> Vec<(u32, Route)> {
+    let mut routes = Vec::new();
+    for_each_route(msg, |ifindex, route| routes.push((ifindex, route)));
+    routes
+}
+
+/// [`routes_from_message`] without the `Vec`: a dump of 100,000 routes would otherwise
+/// allocate and free one per message.
+pub fn for_each_route(msg: &RouteMessage, mut each: impl FnMut(u32, Route)) {
     let header = &msg.header;
     let unspecified = match header.address_family {
         AddressFamily::Inet => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
         AddressFamily::Inet6 => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
-        _ => return Vec::new(),
+        _ => return,
     };
     if header.flags.contains(RouteFlags::Cloned) {
-        return Vec::new();
+        return;
     }
     let mut dst = None;
     let mut oif = None;
@@ -185,7 +193,7 @@ pub fn routes_from_message(msg: &RouteMessage) -> Vec<(u32, Route)> {
         Ok(net) => net,
         Err(_) => {
             debug!(%ip, prefix = header.destination_prefix_length, "route with invalid prefix, skipped");
-            return Vec::new();
+            return;
         }
     };
     let base = Route {
@@ -199,17 +207,16 @@ pub fn routes_from_message(msg: &RouteMessage) -> Vec<(u32, Route)> {
         metric,
     };
     match multipath {
-        Some(hops) if !hops.is_empty() => hops
-            .iter()
-            .map(|hop| {
+        Some(hops) if !hops.is_empty() => {
+            for hop in hops {
                 let route = Route {
                     gateway: gateway_of(&hop.attributes),
                     onlink: hop.flags.contains(RouteNextHopFlags::Onlink),
                     ..base.clone()
                 };
-                (hop.interface_index, route)
-            })
-            .collect(),
+                each(hop.interface_index, route);
+            }
+        }
         _ => {
             let route = Route {
                 gateway: gateway_of(&msg.attributes),
@@ -224,7 +231,7 @@ pub fn routes_from_message(msg: &RouteMessage) -> Vec<(u32, Route)> {
             } else {
                 oif.unwrap_or(NO_DEVICE)
             };
-            vec![(ifindex, route)]
+            each(ifindex, route);
         }
     }
 }
