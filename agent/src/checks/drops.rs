@@ -1,7 +1,10 @@
 //! Kernel drop counters turned into evidence: `traffic-blackholed` when packets toward a peer are
 //! being dropped while a dataplane finding explains it, `drops-unexplained` when nothing does.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    time::{Duration, SystemTime},
+};
 
 use serde::Serialize;
 
@@ -33,6 +36,76 @@ pub struct DropSummary {
     pub per_peer: BTreeMap<String, PeerDrops>,
 }
 
+/// Peers whose drops a finding explained lately: packets queued behind a fault that was just
+/// repaired are freed (and counted) seconds later, and are not `drops-unexplained`. Kept
+/// across evaluations; after a mass reconvergence it holds every peer, so nothing here is
+/// linear in it per evaluation except an expiry that is actually due.
+#[derive(Debug, Clone)]
+pub struct ExplainedDrops {
+    grace: Duration,
+    /// Per peer, when a finding last explained drops toward it.
+    at: BTreeMap<String, SystemTime>,
+    /// No entry expires before this (None: nothing to expire).
+    next_expiry: Option<SystemTime>,
+}
+
+impl ExplainedDrops {
+    /// Peers stay explained for `grace` after the last finding that explained them.
+    pub fn new(grace: Duration) -> Self {
+        ExplainedDrops {
+            grace,
+            at: BTreeMap::new(),
+            next_expiry: None,
+        }
+    }
+
+    /// A finding explains drops toward `peer` at `now`.
+    pub fn note(&mut self, peer: &str, now: SystemTime) {
+        match self.at.get_mut(peer) {
+            Some(at) => *at = now,
+            None => {
+                self.at.insert(peer.to_string(), now);
+            }
+        }
+        // An earlier bound than the true one only costs an early scan.
+        if let Some(due) = now.checked_add(self.grace) {
+            self.next_expiry = Some(self.next_expiry.map_or(due, |t| t.min(due)));
+        }
+    }
+
+    /// Forgets the peers last explained more than `grace` before `now` (a clock step
+    /// backwards forgets nothing). Scans only when some entry is due.
+    pub fn expire(&mut self, now: SystemTime) {
+        if self.next_expiry.is_none_or(|due| now <= due) {
+            return;
+        }
+        let grace = self.grace;
+        self.at
+            .retain(|_, at| now.duration_since(*at).map_or(true, |age| age <= grace));
+        self.next_expiry = self
+            .at
+            .values()
+            .filter_map(|at| at.checked_add(grace))
+            .min();
+    }
+
+    pub fn contains(&self, peer: &str) -> bool {
+        self.at.contains_key(peer)
+    }
+
+    pub fn len(&self) -> usize {
+        self.at.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.at.is_empty()
+    }
+
+    pub fn peers(&self) -> impl Iterator<Item = &str> {
+        self.at.keys().map(String::as_str)
+    }
+}
+
 /// Checks whose finding explains data drops toward their peer.
 pub fn explains_drops(check: CheckId) -> bool {
     matches!(
@@ -59,7 +132,7 @@ fn list(reasons: &BTreeMap<String, u64>) -> String {
 
 pub(super) fn apply(
     drops: &DropSummary,
-    explained_recently: Option<&BTreeSet<String>>,
+    explained_recently: Option<&ExplainedDrops>,
     findings: &mut Vec<Finding>,
 ) {
     let mut added = Vec::new();
@@ -121,4 +194,70 @@ pub(super) fn apply(
         added.push(f);
     }
     findings.extend(added);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GRACE: Duration = Duration::from_secs(10);
+
+    fn at(secs: u64) -> SystemTime {
+        SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000 + secs)
+    }
+
+    #[test]
+    fn explained_peers_last_the_grace_after_their_last_note() {
+        let mut e = ExplainedDrops::new(GRACE);
+        e.note("k8s02", at(0));
+        e.note("k8s03", at(5));
+        e.expire(at(10));
+        assert_eq!(e.peers().collect::<Vec<_>>(), ["k8s02", "k8s03"]);
+        e.expire(at(11));
+        assert_eq!(e.peers().collect::<Vec<_>>(), ["k8s03"]);
+        // A new note restarts the peer's grace: the earlier expiry bound must not drop it.
+        e.note("k8s03", at(14));
+        e.expire(at(20));
+        assert!(e.contains("k8s03"));
+        e.expire(at(24));
+        assert!(e.contains("k8s03"));
+        e.expire(at(25));
+        assert!(e.is_empty());
+    }
+
+    #[test]
+    fn a_clock_step_backwards_forgets_nothing() {
+        let mut e = ExplainedDrops::new(GRACE);
+        e.note("k8s03", at(100));
+        e.expire(at(50));
+        assert!(e.contains("k8s03"));
+        e.expire(at(111));
+        assert!(!e.contains("k8s03"));
+    }
+
+    #[test]
+    fn recently_explained_peer_gets_no_unexplained_finding() {
+        let drops = DropSummary {
+            per_peer: BTreeMap::from([(
+                "k8s03".to_string(),
+                PeerDrops {
+                    device: "vxlan.calico".into(),
+                    packets: 7,
+                    reasons: BTreeMap::from([("NEIGH_FAILED".to_string(), 7)]),
+                    unexplained: BTreeMap::from([("NEIGH_FAILED".to_string(), 7)]),
+                    ..PeerDrops::default()
+                },
+            )]),
+        };
+        let mut findings = Vec::new();
+        apply(&drops, None, &mut findings);
+        assert_eq!(findings.len(), 1, "{findings:?}");
+        assert_eq!(findings[0].check, CheckId::DropsUnexplained);
+
+        let mut explained = ExplainedDrops::new(GRACE);
+        explained.note("k8s03", at(0));
+        let mut findings = Vec::new();
+        apply(&drops, Some(&explained), &mut findings);
+        assert!(findings.is_empty(), "{findings:?}");
+    }
 }

@@ -19,16 +19,13 @@ pub(crate) mod tests;
 #[cfg(test)]
 pub(crate) mod tests_dual_stack;
 
-use std::{
-    collections::{BTreeMap, BTreeSet},
-    net::IpAddr,
-};
+use std::{collections::BTreeMap, net::IpAddr};
 
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
 pub use datastore::{findings as datastore_findings, DatastoreHealth, StaleNote};
-pub use drops::{explains_drops, DropSummary, PeerDrops};
+pub use drops::{explains_drops, DropSummary, ExplainedDrops, PeerDrops};
 pub use incremental::{Evaluator, Recomputed};
 
 use crate::model::{
@@ -118,7 +115,7 @@ pub struct CheckInput<'a> {
     /// Peers whose drops a finding explained shortly before this evaluation: packets queued
     /// behind a fault that was just repaired are freed (and counted) seconds later, and are
     /// not `drops-unexplained`.
-    pub explained_recently: Option<&'a BTreeSet<String>>,
+    pub explained_recently: Option<&'a ExplainedDrops>,
     /// The datastore's own freshness (Kubernetes), when it reports one.
     pub datastore: Option<&'a DatastoreHealth>,
 }

@@ -8,7 +8,7 @@ use std::{
 };
 
 use crate::{
-    checks::{DropSummary, PeerDrops},
+    checks::{DropSummary, ExplainedDrops, PeerDrops},
     ebpf::{DropSnapshot, RETIRED_IFINDEX},
 };
 
@@ -41,6 +41,27 @@ impl RecentDrops {
     pub fn acknowledge(&mut self, peer: &str) {
         if let Some(totals) = self.history.back().and_then(|(_, t)| t.get(peer)) {
             self.acknowledged.insert(peer.to_string(), totals.clone());
+        }
+    }
+
+    /// [`Self::acknowledge`] for each peer in `explained`, walking whichever of it and the
+    /// peers with drops is smaller (after a mass reconvergence every peer is explained).
+    pub fn acknowledge_explained(&mut self, explained: &ExplainedDrops) {
+        let Some((_, latest)) = self.history.back() else {
+            return;
+        };
+        if explained.len() < latest.len() {
+            for peer in explained.peers() {
+                if let Some(totals) = latest.get(peer) {
+                    self.acknowledged.insert(peer.to_string(), totals.clone());
+                }
+            }
+        } else {
+            for (peer, totals) in latest {
+                if explained.contains(peer) {
+                    self.acknowledged.insert(peer.clone(), totals.clone());
+                }
+            }
         }
     }
 
@@ -160,6 +181,38 @@ mod tests {
 
     fn dev(i: u32) -> Option<String> {
         (i == 7).then(|| "vxlan.calico".to_string())
+    }
+
+    #[test]
+    fn explained_peers_are_acknowledged_whichever_set_is_smaller() {
+        let t0 = Instant::now();
+        let ipv4 = TrafficClass::Ipv4;
+        let fault = snap(&[
+            ("NEIGH_FAILED", ipv4, Some("k8s02"), 40),
+            ("NEIGH_FAILED", ipv4, Some("k8s03"), 90),
+        ]);
+        let few = {
+            let mut e = ExplainedDrops::new(Duration::from_secs(10));
+            e.note("k8s03", std::time::SystemTime::now());
+            e
+        };
+        let many = {
+            let mut e = ExplainedDrops::new(Duration::from_secs(10));
+            for i in 0..100 {
+                e.note(&format!("node-{i}"), std::time::SystemTime::now());
+            }
+            e.note("k8s03", std::time::SystemTime::now());
+            e
+        };
+        for explained in [few, many] {
+            let mut w = RecentDrops::new(Duration::from_secs(10));
+            w.observe(t0, &snap(&[]), dev);
+            w.observe(t0 + Duration::from_millis(100), &fault, dev);
+            w.acknowledge_explained(&explained);
+            let s = w.observe(t0 + Duration::from_millis(200), &fault, dev);
+            assert!(s.per_peer["k8s03"].unexplained.is_empty(), "{s:?}");
+            assert_eq!(s.per_peer["k8s02"].unexplained["NEIGH_FAILED"], 40);
+        }
     }
 
     #[test]

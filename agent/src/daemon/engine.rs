@@ -6,7 +6,7 @@
 //! at 5,000 peers is one peer's checks, not 5,000.
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::BTreeSet,
     time::{Duration, Instant, SystemTime},
 };
 
@@ -14,7 +14,7 @@ use super::findings::{FindingTracker, Transitions};
 use crate::{
     checks::{
         self, CheckInput, CheckReport, DatastoreHealth, DeviceSpec, DropSummary, Evaluator,
-        PeerVerdicts,
+        ExplainedDrops, PeerVerdicts,
     },
     model::{DesiredState, Finding, ObservedState},
     observe::{Applied, ObservedEvent},
@@ -51,8 +51,8 @@ pub struct Engine {
     tracker: FindingTracker,
     /// The datastore's own freshness report (Kubernetes), judged by the checks.
     datastore: Option<DatastoreHealth>,
-    /// Per peer, when a finding that explains drops toward it was last open.
-    explained_at: BTreeMap<String, SystemTime>,
+    /// The peers a finding that explains drops toward them was open for lately.
+    explained: ExplainedDrops,
     /// `node_name` was not configured: a local node missing from the datastore is looked up
     /// by address.
     local_by_address: bool,
@@ -80,7 +80,7 @@ impl Engine {
             drops: DropSummary::default(),
             tracker: FindingTracker::default(),
             datastore: None,
-            explained_at: BTreeMap::new(),
+            explained: ExplainedDrops::new(DROPS_EXPLAINED_GRACE),
             local_by_address: false,
             kubelet: Vec::new(),
             extra: Vec::new(),
@@ -233,15 +233,13 @@ impl Engine {
     /// Run every check over the whole model; clears the dirty flag.
     pub fn evaluate(&mut self, now: SystemTime) -> Evaluation {
         let started = Instant::now();
-        self.explained_at
-            .retain(|_, at| within(now, *at, DROPS_EXPLAINED_GRACE));
-        let explained_recently: BTreeSet<String> = self.explained_at.keys().cloned().collect();
+        self.explained.expire(now);
         let mut report = self.evaluator.evaluate(&CheckInput {
             devices: &self.specs,
             observed: &self.observed,
             desired: self.desired.as_ref(),
             drops: Some(&self.drops),
-            explained_recently: Some(&explained_recently),
+            explained_recently: Some(&self.explained),
             datastore: self.datastore.as_ref(),
         });
         for f in &report.findings {
@@ -250,7 +248,7 @@ impl Engine {
                 .as_ref()
                 .filter(|_| checks::explains_drops(f.check))
             {
-                self.explained_at.insert(peer.clone(), now);
+                self.explained.note(peer, now);
             }
         }
         report.findings.extend(self.kubelet.iter().cloned());
@@ -278,14 +276,9 @@ impl Engine {
 impl Engine {
     /// Peers whose drops a finding explained within [`DROPS_EXPLAINED_GRACE`] of the last
     /// evaluation: the daemon acknowledges their drops so far in its drop window.
-    pub fn peers_with_explained_drops(&self) -> impl Iterator<Item = &str> {
-        self.explained_at.keys().map(String::as_str)
+    pub fn explained_drops(&self) -> &ExplainedDrops {
+        &self.explained
     }
-}
-
-/// `at` is no more than `grace` before `now` (a clock step backwards counts as within).
-fn within(now: SystemTime, at: SystemTime, grace: Duration) -> bool {
-    now.duration_since(at).map_or(true, |age| age <= grace)
 }
 
 #[cfg(test)]
@@ -468,10 +461,7 @@ mod tests {
         let ev = e.evaluate(t1 + Duration::from_secs(9));
         assert!(ev.report.findings.is_empty(), "{:#?}", ev.report.findings);
         assert!(!ev.transitions.cleared.is_empty());
-        assert_eq!(
-            e.peers_with_explained_drops().collect::<Vec<_>>(),
-            ["node2"]
-        );
+        assert_eq!(e.explained_drops().peers().collect::<Vec<_>>(), ["node2"]);
 
         // Packets queued behind the bad gateway are freed after the repair: still its drops.
         let late = |n: u64| {
@@ -497,7 +487,7 @@ mod tests {
         let ev = e.evaluate(t1 + Duration::from_secs(30));
         let checks: Vec<CheckId> = ev.report.findings.iter().map(|f| f.check).collect();
         assert_eq!(checks, [CheckId::DropsUnexplained]);
-        assert_eq!(e.peers_with_explained_drops().count(), 0);
+        assert_eq!(e.explained_drops().len(), 0);
     }
 
     #[test]

@@ -47,9 +47,8 @@ impl LoopState {
         }
         // Only a full evaluation builds (and frees) structures over the whole model.
         self.heap_dirty |= recomputed.rebuilt;
-        for peer in self.engine.peers_with_explained_drops() {
-            self.window.acknowledge(peer);
-        }
+        self.window
+            .acknowledge_explained(self.engine.explained_drops());
         for f in &transitions.opened {
             log_opened(f);
         }
