@@ -85,6 +85,8 @@ pub enum DaemonError {
 
 /// Longest a burst of events is applied without letting timers and the API run.
 const MAX_EVENTS_PER_PASS: usize = 20_000;
+/// tokio's timer wheel ticks in milliseconds.
+const TIMER_RESOLUTION: Duration = Duration::from_millis(1);
 /// Minimum gap between two resyncs forced by overruns, so a storm does not become a dump loop.
 const MIN_RESYNC_GAP: Duration = Duration::from_millis(100);
 /// Retry delay when a resync or the netlink subscription fails.
@@ -261,7 +263,7 @@ impl LoopState {
                 // than half the loop while events keep coming.
                 let started = Instant::now();
                 self.evaluate_and_publish().await;
-                self.eval_not_before = Some(Instant::now() + started.elapsed());
+                self.eval_not_before = coalesce_until(started.elapsed(), Instant::now());
             }
             self.tick(false).await;
         }
@@ -448,6 +450,14 @@ impl LoopState {
     }
 }
 
+/// When the next evaluation may run after one that took `took` and ended at `now`. A wait
+/// shorter than the runtime timer's millisecond would be rounded up to it (a change behind a
+/// 0.1 ms evaluation would wait 1-2 ms): such evaluations are cheap enough to run after each
+/// pass, whose draining of the queue already batches what arrived meanwhile.
+fn coalesce_until(took: Duration, now: Instant) -> Option<Instant> {
+    (took >= TIMER_RESOLUTION).then(|| now + took)
+}
+
 fn trim_heap() {
     #[cfg(target_env = "gnu")]
     {
@@ -471,5 +481,20 @@ async fn sleep_until_opt(at: Option<tokio::time::Instant>) {
     match at {
         Some(at) => tokio::time::sleep_until(at).await,
         None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_evaluations_longer_than_a_timer_tick_postpone_the_next() {
+        let now = Instant::now();
+        assert_eq!(coalesce_until(Duration::from_micros(120), now), None);
+        assert_eq!(
+            coalesce_until(Duration::from_millis(3), now),
+            Some(now + Duration::from_millis(3))
+        );
     }
 }
