@@ -60,13 +60,13 @@ mod tests {
         let mut engine = Engine::new(devices);
         engine.set_desired(Some(c.desired.clone()));
         engine.replace_observed(c.observed.clone());
-        let found = engine.evaluate(SystemTime::now()).report.findings;
+        let found = engine.evaluate(SystemTime::now()).open.to_vec();
         let plan = repair_plan(&found);
         let mut writer = RecordingWriter::new(c.observed.clone());
         let applied = apply_plan(&mut writer, &plan).await;
         assert!(applied.iter().all(|a| a.result.is_ok()), "{applied:#?}");
         engine.replace_observed(writer.state.clone());
-        let left = engine.evaluate(SystemTime::now()).report.findings;
+        let left = engine.evaluate(SystemTime::now()).open.to_vec();
         assert!(
             left.is_empty(),
             "left after repair: {left:#?}\nplan: {plan:#?}"

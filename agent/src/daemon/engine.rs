@@ -7,6 +7,7 @@
 
 use std::{
     collections::BTreeSet,
+    sync::Arc,
     time::{Duration, Instant, SystemTime},
 };
 
@@ -28,9 +29,11 @@ pub const DROPS_EXPLAINED_GRACE: Duration = Duration::from_secs(10);
 /// The result of one evaluation.
 #[derive(Debug)]
 pub struct Evaluation {
-    /// The report, with `findings` replaced by the tracked ones (each with `since`); its
-    /// `peers` list is left empty (see `verdicts`).
+    /// The checks' report; its `findings` are moved to `open` and its `peers` list is left
+    /// empty (see `verdicts`).
     pub report: CheckReport,
+    /// The open findings as tracked (each with `since`), shared with the tracker.
+    pub open: Arc<Vec<Finding>>,
     /// Every peer's verdict, from the open findings.
     pub verdicts: PeerVerdicts,
     /// What the checks computed again (everything, or the parts the changes concern).
@@ -256,15 +259,16 @@ impl Engine {
         let transitions = self
             .tracker
             .update(std::mem::take(&mut report.findings), now);
-        report.findings = self.tracker.open().to_vec();
+        let open = self.tracker.open_shared();
         let verdicts = self
             .desired
             .as_ref()
-            .map(|d| PeerVerdicts::of(d, &report.findings))
+            .map(|d| PeerVerdicts::of(d, &open))
             .unwrap_or_default();
         self.dirty = false;
         Evaluation {
             report,
+            open,
             verdicts,
             recomputed: self.evaluator.last,
             transitions,
@@ -375,7 +379,7 @@ mod tests {
         e.set_desired(Some(desired()));
         e.replace_observed(healthy());
         let ev = e.evaluate(SystemTime::UNIX_EPOCH);
-        assert!(ev.report.findings.is_empty(), "{:#?}", ev.report.findings);
+        assert!(ev.open.is_empty(), "{:#?}", ev.open);
         assert!(!e.is_dirty());
 
         // Another device's connected route is kept (it decides which next hops are on-link
@@ -388,11 +392,7 @@ mod tests {
             replace: false,
         };
         assert_eq!(e.apply(&other), Applied::Changed);
-        assert!(e
-            .evaluate(SystemTime::UNIX_EPOCH)
-            .report
-            .findings
-            .is_empty());
+        assert!(e.evaluate(SystemTime::UNIX_EPOCH).open.is_empty());
         assert_eq!(e.apply(&other), Applied::Unchanged, "the same route again");
         assert!(!e.is_dirty());
 
@@ -406,7 +406,7 @@ mod tests {
         assert!(e.is_dirty());
         let t1 = SystemTime::UNIX_EPOCH + Duration::from_secs(100);
         let ev = e.evaluate(t1);
-        assert_eq!(ev.transitions.opened.len(), 1, "{:#?}", ev.report.findings);
+        assert_eq!(ev.transitions.opened.len(), 1, "{:#?}", ev.open);
         // Only what the event concerns was checked again: node2, and the route's destination.
         assert_eq!(
             e.evaluator.last,
@@ -416,7 +416,7 @@ mod tests {
                 routes: 1
             }
         );
-        let f = &ev.report.findings[0];
+        let f = &ev.open[0];
         assert_eq!(f.peer_node.as_deref(), Some("node2"));
         assert_eq!(f.since, Some(t1));
 
@@ -443,8 +443,7 @@ mod tests {
             ev.transitions
         );
         let original = ev
-            .report
-            .findings
+            .open
             .iter()
             .find(|f| f.check != CheckId::TrafficBlackholed)
             .unwrap();
@@ -459,7 +458,7 @@ mod tests {
         };
         e.apply(&good);
         let ev = e.evaluate(t1 + Duration::from_secs(9));
-        assert!(ev.report.findings.is_empty(), "{:#?}", ev.report.findings);
+        assert!(ev.open.is_empty(), "{:#?}", ev.open);
         assert!(!ev.transitions.cleared.is_empty());
         assert_eq!(e.explained_drops().peers().collect::<Vec<_>>(), ["node2"]);
 
@@ -481,11 +480,11 @@ mod tests {
         };
         e.set_drops(late(3));
         let ev = e.evaluate(t1 + Duration::from_secs(12));
-        assert!(ev.report.findings.is_empty(), "{:#?}", ev.report.findings);
+        assert!(ev.open.is_empty(), "{:#?}", ev.open);
         // Long after the repair, new drops with nothing to explain them are a finding.
         e.set_drops(late(4));
         let ev = e.evaluate(t1 + Duration::from_secs(30));
-        let checks: Vec<CheckId> = ev.report.findings.iter().map(|f| f.check).collect();
+        let checks: Vec<CheckId> = ev.open.iter().map(|f| f.check).collect();
         assert_eq!(checks, [CheckId::DropsUnexplained]);
         assert_eq!(e.explained_drops().len(), 0);
     }
@@ -503,12 +502,9 @@ mod tests {
         });
         let ev = e.evaluate(SystemTime::UNIX_EPOCH);
         assert!(
-            ev.report
-                .findings
-                .iter()
-                .any(|f| f.check == CheckId::DeviceMissing),
+            ev.open.iter().any(|f| f.check == CheckId::DeviceMissing),
             "{:#?}",
-            ev.report.findings
+            ev.open
         );
         assert!(e.watched_ifindexes().is_empty());
         let mut link = healthy().devices[DEV].link.clone();

@@ -3,6 +3,7 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
+    sync::Arc,
     time::SystemTime,
 };
 
@@ -14,7 +15,9 @@ type Key = (CheckId, String, Option<String>, Option<String>);
 #[derive(Debug, Default)]
 pub struct FindingTracker {
     since: BTreeMap<Key, SystemTime>,
-    open: Vec<Finding>,
+    /// Shared with the published stream and the status API: one copy of 5,000 findings,
+    /// not one per holder.
+    open: Arc<Vec<Finding>>,
 }
 
 /// What changed with one evaluation.
@@ -73,25 +76,37 @@ impl FindingTracker {
             .map(|(_, i)| findings[i].clone())
             .collect();
         let mut cleared_keys: BTreeSet<Key> = BTreeSet::new();
-        let cleared = std::mem::take(&mut self.open)
-            .into_iter()
+        let cleared: Vec<Finding> = self
+            .open
+            .iter()
             .filter(|f| {
                 let key = f.key();
                 !since.contains_key(&key) && cleared_keys.insert(key)
             })
+            .cloned()
             .collect();
         self.since = since;
-        self.open = findings;
-        Transitions {
+        let transitions = Transitions {
             opened,
             changed,
             cleared,
+        };
+        // Unchanged findings keep the list already shared (no second copy while the last
+        // published one is still held).
+        if !(transitions.is_empty() && *self.open == findings) {
+            self.open = Arc::new(findings);
         }
+        transitions
     }
 
     /// The open findings, each with `since`, in evaluation order.
     pub fn open(&self) -> &[Finding] {
         &self.open
+    }
+
+    /// The same list, shared.
+    pub fn open_shared(&self) -> Arc<Vec<Finding>> {
+        Arc::clone(&self.open)
     }
 }
 
@@ -111,6 +126,28 @@ mod tests {
 
     fn at(secs: u64) -> SystemTime {
         SystemTime::UNIX_EPOCH + Duration::from_secs(secs)
+    }
+
+    #[test]
+    fn unchanged_findings_keep_the_shared_list() {
+        let mut t = FindingTracker::default();
+        let a = finding(CheckId::GatewayNotAVtep, "k8s03", "10.1.235.128/26");
+        t.update(vec![a.clone()], at(10));
+        let published = t.open_shared();
+        assert!(t.update(vec![a.clone()], at(20)).is_empty());
+        assert!(
+            Arc::ptr_eq(&published, &t.open_shared()),
+            "no copy when nothing changed"
+        );
+        let mut a2 = a.clone();
+        a2.message = "other words".into();
+        assert_eq!(t.update(vec![a2], at(30)).changed.len(), 1);
+        assert!(!Arc::ptr_eq(&published, &t.open_shared()));
+        assert_eq!(
+            published[0].message, "m",
+            "a published list never changes under its holder"
+        );
+        assert_eq!(t.open()[0].message, "other words");
     }
 
     #[test]

@@ -27,7 +27,8 @@ impl LoopState {
             self.engine.set_extra_findings(link.contested());
         }
         let Evaluation {
-            mut report,
+            report,
+            mut open,
             verdicts,
             recomputed,
             mut transitions,
@@ -35,15 +36,15 @@ impl LoopState {
         } = self.engine.evaluate(now);
         if let Some(link) = &self.repair {
             // What repair did travels with each finding (cleared ones too: "fixed by repair").
+            // Annotating writes: the tracker's shared list is copied for it (repair mode only).
             link.annotate(
-                report
-                    .findings
+                Arc::make_mut(&mut open)
                     .iter_mut()
                     .chain(&mut transitions.opened)
                     .chain(&mut transitions.changed),
             );
             let cleared = std::mem::take(&mut transitions.cleared);
-            transitions.cleared = link.settle_cleared(cleared, &report.findings);
+            transitions.cleared = link.settle_cleared(cleared, &open);
         }
         // Only a full evaluation builds (and frees) structures over the whole model.
         self.heap_dirty |= recomputed.rebuilt;
@@ -56,7 +57,7 @@ impl LoopState {
             log_cleared(f);
         }
         self.metrics.observe_check_duration(duration);
-        let summary = Summary::of(&report.findings);
+        let summary = Summary::of(&open);
         let devices = self
             .engine
             .devices()
@@ -79,7 +80,7 @@ impl LoopState {
             opened: transitions.opened,
             changed: transitions.changed,
             cleared: transitions.cleared,
-            open: Arc::new(report.findings),
+            open,
             peers: Arc::new(verdicts),
             in_sync: synced,
             at: now,
