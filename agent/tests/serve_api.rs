@@ -58,7 +58,7 @@ fn incident_status() -> Status {
     s.datastore.source = "kubernetes".into();
     s.datastore.last_event_age_seconds = Some(2.0);
     for (name, last) in [("k8s02", 2), ("k8s03", 3)] {
-        s.peers.push(PeerStatus {
+        std::sync::Arc::make_mut(&mut s.peers).push(PeerStatus {
             name: name.into(),
             vtep: v4(10, 1, last, 0),
             node_ip: None,
@@ -80,8 +80,8 @@ fn incident_status() -> Status {
     f.hint = Some("ip route replace 10.1.3.0/26 via 10.1.3.5 dev vxlan.calico onlink".into());
     std::sync::Arc::make_mut(&mut s.findings).push(f);
     // As the checks would judge it.
-    s.peers[1].verdict = Verdict::Critical;
-    s.peers[1].findings = 1;
+    std::sync::Arc::make_mut(&mut s.peers)[1].verdict = Verdict::Critical;
+    std::sync::Arc::make_mut(&mut s.peers)[1].findings = 1;
     s
 }
 

@@ -95,7 +95,7 @@ impl LoopState {
         }
         self.status
             .update(|s| {
-                for p in &mut s.peers {
+                for p in Arc::make_mut(&mut s.peers) {
                     p.drops = drops
                         .by_peer
                         .get(&p.name)

@@ -44,7 +44,8 @@ pub struct Status {
     pub devices: Vec<DeviceStatus>,
     /// Open findings, each with `since`: the evaluation's own list, shared, not copied.
     pub findings: Arc<Vec<Finding>>,
-    pub peers: Vec<PeerStatus>,
+    /// Shared too: a reader's snapshot costs a pointer copy (see `GET /status`).
+    pub peers: Arc<Vec<PeerStatus>>,
     pub drops: DropsStatus,
     /// Most recent first.
     pub repairs: Vec<RepairRecord>,
@@ -70,7 +71,7 @@ impl Status {
             in_sync: false,
             devices: Vec::new(),
             findings: Arc::default(),
-            peers: Vec::new(),
+            peers: Arc::default(),
             drops: DropsStatus::default(),
             repairs: Vec::new(),
             alerts: AlertsStatus::default(),
@@ -97,7 +98,7 @@ impl Status {
     /// Replace the open findings and the peer verdicts the checks made from them.
     pub fn set_findings(&mut self, findings: Arc<Vec<Finding>>, verdicts: &PeerVerdicts) {
         self.findings = findings;
-        for peer in &mut self.peers {
+        for peer in Arc::make_mut(&mut self.peers) {
             (peer.verdict, peer.findings) = verdicts.get(&peer.name);
         }
     }
@@ -110,16 +111,18 @@ impl Status {
             .iter()
             .map(|p| (p.name.clone(), (p.drops, p.verdict, p.findings)))
             .collect();
-        self.peers = desired
-            .peers()
-            .map(|p| {
-                let mut ps = PeerStatus::from_peer(p);
-                if let Some((drops, verdict, findings)) = old.get(&p.name) {
-                    (ps.drops, ps.verdict, ps.findings) = (*drops, *verdict, *findings);
-                }
-                ps
-            })
-            .collect();
+        self.peers = Arc::new(
+            desired
+                .peers()
+                .map(|p| {
+                    let mut ps = PeerStatus::from_peer(p);
+                    if let Some((drops, verdict, findings)) = old.get(&p.name) {
+                        (ps.drops, ps.verdict, ps.findings) = (*drops, *verdict, *findings);
+                    }
+                    ps
+                })
+                .collect(),
+        );
         self.datastore.source = desired.source.clone();
         self.datastore.nodes = desired.nodes.len();
         self.datastore.problems = desired.problems.len();
@@ -472,7 +475,7 @@ mod tests {
     fn peer_verdicts_are_the_checks_verdicts() {
         let mut s = Status::starting("k8s01", "alert", "calico", SystemTime::UNIX_EPOCH);
         for name in ["k8s02", "k8s03"] {
-            s.peers.push(PeerStatus {
+            Arc::make_mut(&mut s.peers).push(PeerStatus {
                 name: name.into(),
                 vtep: crate::model::v4(10, 1, 0, 1),
                 node_ip: None,
@@ -527,7 +530,7 @@ mod tests {
             );
         }
         let mut s = Status::starting("k8s01", "alert", "calico", SystemTime::UNIX_EPOCH);
-        s.peers.push(PeerStatus {
+        Arc::make_mut(&mut s.peers).push(PeerStatus {
             drops: 77,
             ..PeerStatus::from_peer(&d.nodes["k8s03"])
         });

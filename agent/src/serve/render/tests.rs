@@ -27,7 +27,7 @@ fn healthy() -> Status {
         ..Default::default()
     });
     for (name, last) in [("k8s02", 2), ("k8s03", 3)] {
-        s.peers.push(PeerStatus {
+        std::sync::Arc::make_mut(&mut s.peers).push(PeerStatus {
             name: name.into(),
             vtep: v4(10, 1, last, 0),
             node_ip: Some(v4(192, 168, 77, last)),
@@ -70,7 +70,10 @@ fn incident() -> Status {
     w.peer_node = Some("k8s03".into());
     w.since = Some(t(710));
     s.findings = std::sync::Arc::new(vec![w, f]);
-    let k8s03 = s.peers.iter_mut().find(|p| p.name == "k8s03").unwrap();
+    let k8s03 = std::sync::Arc::make_mut(&mut s.peers)
+        .iter_mut()
+        .find(|p| p.name == "k8s03")
+        .unwrap();
     (k8s03.verdict, k8s03.findings) = (Verdict::Critical, 2);
     s.drops.total = 1234;
     s.drops
