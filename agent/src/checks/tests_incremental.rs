@@ -382,3 +382,33 @@ fn one_wrong_gateway_is_found_and_cleared_incrementally() {
     assert!(report(&mut ev, &observed, &desired).findings.is_empty());
     assert!(!ev.last.rebuilt);
 }
+
+/// Every peer failing (a node booting before its routes are programmed) puts a finding per
+/// peer in the evaluator's cache, which lives until the next evaluation: only the room they
+/// need, full or incremental.
+#[test]
+fn kept_parts_hold_no_spare_room() {
+    let (desired, mut observed) = cluster();
+    let watched = [V4.to_string(), V6.to_string()];
+    let mut ev = Evaluator::default();
+    for dev in observed.devices.values_mut() {
+        dev.routes.clear();
+    }
+    let r = report(&mut ev, &observed, &desired);
+    assert!(r.findings.len() >= 4, "{:?}", super::tests::summary(&r));
+    assert_eq!(ev.spare_room(), 0);
+    let block = desired.nodes["k8s03"].blocks[0];
+    let e = ObservedEvent::RouteAdded {
+        ifindex: V4_IFINDEX,
+        route: Route {
+            gateway: Some(ip("10.1.235.191")),
+            ..super::tests::route(&block, None)
+        },
+        replace: true,
+    };
+    assert_eq!(observed.apply(&e, &watched), Applied::Changed);
+    ev.note(&e);
+    report(&mut ev, &observed, &desired);
+    assert!(!ev.last.rebuilt);
+    assert_eq!(ev.spare_room(), 0);
+}

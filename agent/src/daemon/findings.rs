@@ -35,6 +35,15 @@ impl Transitions {
     pub fn is_empty(&self) -> bool {
         self.opened.is_empty() && self.changed.is_empty() && self.cleared.is_empty()
     }
+
+    /// A mass open or clear (every peer failing at startup, then fixed) copies every finding
+    /// into lists grown by doubling: give back the unused room while they are passed on.
+    fn without_spare_room(mut self) -> Self {
+        self.opened.shrink_to_fit();
+        self.changed.shrink_to_fit();
+        self.cleared.shrink_to_fit();
+        self
+    }
 }
 
 impl FindingTracker {
@@ -90,7 +99,8 @@ impl FindingTracker {
             opened,
             changed,
             cleared,
-        };
+        }
+        .without_spare_room();
         // Unchanged findings keep the list already shared (no second copy while the last
         // published one is still held).
         if !(transitions.is_empty() && *self.open == findings) {
