@@ -435,7 +435,12 @@ mod tests {
         e.set_drops(drops);
         assert!(e.is_dirty());
         let ev = e.evaluate(t1 + Duration::from_secs(5));
-        let opened: Vec<CheckId> = ev.transitions.opened.iter().map(|f| f.check).collect();
+        let opened: Vec<CheckId> = ev
+            .transitions
+            .opened
+            .iter()
+            .map(|&i| ev.open[i].check)
+            .collect();
         assert_eq!(
             opened,
             [CheckId::TrafficBlackholed],

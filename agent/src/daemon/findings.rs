@@ -20,13 +20,15 @@ pub struct FindingTracker {
     open: Arc<Vec<Finding>>,
 }
 
-/// What changed with one evaluation.
+/// What changed with one evaluation. Opened and changed findings are positions in the open
+/// list the evaluation left ([`FindingTracker::open`]): a mass open (every peer failing at
+/// startup) names 5,000 findings without copying them.
 #[derive(Debug, Default, PartialEq)]
 pub struct Transitions {
     /// Findings not open before this evaluation.
-    pub opened: Vec<Finding>,
+    pub opened: Vec<usize>,
     /// Findings open before and now, whose content changed (message, severity, evidence).
-    pub changed: Vec<Finding>,
+    pub changed: Vec<usize>,
     /// Findings open before and absent now (as they were last seen).
     pub cleared: Vec<Finding>,
 }
@@ -34,15 +36,6 @@ pub struct Transitions {
 impl Transitions {
     pub fn is_empty(&self) -> bool {
         self.opened.is_empty() && self.changed.is_empty() && self.cleared.is_empty()
-    }
-
-    /// A mass open or clear (every peer failing at startup, then fixed) copies every finding
-    /// into lists grown by doubling: give back the unused room while they are passed on.
-    fn without_spare_room(mut self) -> Self {
-        self.opened.shrink_to_fit();
-        self.changed.shrink_to_fit();
-        self.cleared.shrink_to_fit();
-        self
     }
 }
 
@@ -53,7 +46,7 @@ impl FindingTracker {
         // One key per finding, computed once: at 5,000 peers a mass open or clear must stay
         // linear (n log n), not compare every pair.
         let mut since: BTreeMap<Key, SystemTime> = BTreeMap::new();
-        let mut opened: Vec<Finding> = Vec::new();
+        let mut opened = Vec::new();
         let before: BTreeMap<Key, &Finding> = self.open.iter().map(|f| (f.key(), f)).collect();
         let mut changed_keys: Vec<(Key, usize)> = Vec::new();
         for (i, f) in findings.iter_mut().enumerate() {
@@ -64,9 +57,7 @@ impl FindingTracker {
                     // Duplicate keys in one evaluation open once.
                     Some(t) => *t,
                     None => {
-                        let mut o = f.clone();
-                        o.since = Some(now);
-                        opened.push(o);
+                        opened.push(i);
                         now
                     }
                 },
@@ -82,10 +73,10 @@ impl FindingTracker {
         let changed = changed_keys
             .into_iter()
             .filter(|(k, _)| seen_changed.insert(k.clone()))
-            .map(|(_, i)| findings[i].clone())
+            .map(|(_, i)| i)
             .collect();
         let mut cleared_keys: BTreeSet<Key> = BTreeSet::new();
-        let cleared: Vec<Finding> = self
+        let mut cleared: Vec<Finding> = self
             .open
             .iter()
             .filter(|f| {
@@ -94,13 +85,14 @@ impl FindingTracker {
             })
             .cloned()
             .collect();
+        // A mass clear copies every finding into a list grown by doubling: no spare room.
+        cleared.shrink_to_fit();
         self.since = since;
         let transitions = Transitions {
             opened,
             changed,
             cleared,
-        }
-        .without_spare_room();
+        };
         // Unchanged findings keep the list already shared (no second copy while the last
         // published one is still held).
         if !(transitions.is_empty() && *self.open == findings) {
@@ -151,7 +143,7 @@ mod tests {
         );
         let mut a2 = a.clone();
         a2.message = "other words".into();
-        assert_eq!(t.update(vec![a2], at(30)).changed.len(), 1);
+        assert_eq!(t.update(vec![a2], at(30)).changed, [0]);
         assert!(!Arc::ptr_eq(&published, &t.open_shared()));
         assert_eq!(
             published[0].message, "m",
@@ -177,12 +169,15 @@ mod tests {
         a2.severity = Severity::Warning;
         let tr = t.update(vec![a2, b.clone()], at(20));
         assert_eq!(
-            tr.opened.iter().map(|f| f.check).collect::<Vec<_>>(),
+            tr.opened
+                .iter()
+                .map(|&i| t.open()[i].check)
+                .collect::<Vec<_>>(),
             [CheckId::FdbMissing]
         );
-        assert_eq!(tr.changed.len(), 1);
-        assert_eq!(tr.changed[0].message, "other words");
-        assert_eq!(tr.changed[0].since, Some(at(10)));
+        assert_eq!(tr.changed, [0]);
+        assert_eq!(t.open()[0].message, "other words");
+        assert_eq!(t.open()[0].since, Some(at(10)));
         assert!(tr.cleared.is_empty());
         assert_eq!(t.open()[0].since, Some(at(10)));
         assert_eq!(t.open()[0].message, "other words");
@@ -246,7 +241,7 @@ mod tests {
         let mut t = FindingTracker::default();
         let a = finding(CheckId::RouteStale, "k8s03", "10.9.0.0/26");
         let tr = t.update(vec![a.clone(), a.clone()], at(5));
-        assert_eq!(tr.opened.len(), 1);
+        assert_eq!(tr.opened, [0], "the first of the two");
         assert!(t.open().iter().all(|f| f.since == Some(at(5))));
         let tr = t.update(vec![a], at(6));
         assert!(tr.is_empty());

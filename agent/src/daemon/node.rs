@@ -85,7 +85,7 @@ impl NodeConsumer {
 
     /// After an evaluation: the Node condition when the verdict changed (or now and then), an
     /// Event per newly opened critical finding. Spawned; errors are logged.
-    fn publish(&mut self, open: &[Finding], opened: &[Finding], periodic: bool) {
+    fn publish(&mut self, open: &[Finding], opened: &[&Finding], periodic: bool) {
         if self.sources.has_changed().unwrap_or(false) {
             // A new connection: its publisher starts fresh and the verdict is sent again.
             self.sources.mark_unchanged();
@@ -126,7 +126,7 @@ impl NodeConsumer {
         if src.config().publish_events {
             for f in opened.iter().filter(|f| f.severity == Severity::Critical) {
                 let src = src.clone();
-                let f = f.clone();
+                let f = (*f).clone();
                 tokio::spawn(async move {
                     match src.publish_event(&f).await {
                         Ok(outcome) => debug!(?outcome, check = %f.check, "event published"),
@@ -143,23 +143,22 @@ impl Consumer for NodeConsumer {
     const TICK: Option<Duration> = Some(Duration::from_secs(1));
 
     async fn consume(&mut self, delta: Arc<FindingsDelta>, missed: u64) {
-        let opened: Vec<Finding> = if missed > 0 {
+        let opened: Vec<&Finding> = if missed > 0 {
             // Deltas were dropped: what opened meanwhile is what is open now and was not.
             let before: HashSet<_> = self.open.iter().map(Finding::key).collect();
             delta
                 .open
                 .iter()
                 .filter(|f| !before.contains(&f.key()))
-                .cloned()
                 .collect()
         } else {
-            delta.opened.clone()
+            delta.opened().collect()
         };
         self.open = delta.open.clone();
         if let Some(node) = delta.local_node.as_ref().filter(|n| !n.is_empty()) {
             self.local_node = Some(node.clone());
         }
-        self.publish(&delta.open.clone(), &opened, false);
+        self.publish(&delta.open, &opened, false);
     }
 
     async fn tick(&mut self) {

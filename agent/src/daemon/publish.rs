@@ -37,12 +37,8 @@ impl LoopState {
         if let Some(link) = &self.repair {
             // What repair did travels with each finding (cleared ones too: "fixed by repair").
             // Annotating writes: the tracker's shared list is copied for it (repair mode only).
-            link.annotate(
-                Arc::make_mut(&mut open)
-                    .iter_mut()
-                    .chain(&mut transitions.opened)
-                    .chain(&mut transitions.changed),
-            );
+            // Opened and changed findings are positions in it.
+            link.annotate(Arc::make_mut(&mut open).iter_mut());
             let cleared = std::mem::take(&mut transitions.cleared);
             transitions.cleared = link.settle_cleared(cleared, &open);
         }
@@ -50,7 +46,7 @@ impl LoopState {
         self.heap_dirty |= recomputed.rebuilt;
         self.window
             .acknowledge_explained(self.engine.explained_drops());
-        for f in &transitions.opened {
+        for f in transitions.opened.iter().filter_map(|&i| open.get(i)) {
             log_opened(f);
         }
         for f in &transitions.cleared {

@@ -26,10 +26,11 @@ use crate::{
 /// What one evaluation changed, and the state it left.
 #[derive(Debug, Clone)]
 pub struct FindingsDelta {
-    /// Findings that were not open before.
-    pub opened: Vec<Finding>,
-    /// Findings still open whose content changed (evidence, message, remedies).
-    pub changed: Vec<Finding>,
+    /// Findings that were not open before: positions in `open` ([`FindingsDelta::opened`]).
+    pub opened: Vec<usize>,
+    /// Findings still open whose content changed (evidence, message, remedies): positions
+    /// in `open`.
+    pub changed: Vec<usize>,
     /// Findings no longer open, as last seen.
     pub cleared: Vec<Finding>,
     /// Every open finding now (each with its `since`).
@@ -52,6 +53,11 @@ impl FindingsDelta {
     /// Nothing opened, changed or cleared.
     pub fn is_quiet(&self) -> bool {
         self.opened.is_empty() && self.changed.is_empty() && self.cleared.is_empty()
+    }
+
+    /// The findings that were not open before.
+    pub fn opened(&self) -> impl Iterator<Item = &Finding> {
+        self.opened.iter().filter_map(|&i| self.open.get(i))
     }
 }
 
