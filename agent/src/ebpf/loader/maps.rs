@@ -159,6 +159,28 @@ impl DropCounterSource for EbpfDropCounters {
 impl EbpfDropCounters {
     /// Map `name` as the typed view `M` (e.g. `PerCpuArray<&MapData, u64>`), and the error
     /// context for later operations on it: aya's errors do not say which map they concern.
+    /// Every (class, reason) total of one device slot, summed over CPUs, in
+    /// [`device_drop_index`] order: one batch lookup, or (kernels before 5.6) one lookup
+    /// per entry.
+    fn device_totals(&self, slot: u32) -> Result<Vec<u64>, EbpfError> {
+        let first = device_drop_index(slot, 0, 0);
+        let count = CLASSES * REASON_SLOTS;
+        let map = self
+            .bpf
+            .map(DEVICE_DROPS_MAP)
+            .ok_or(EbpfError::MissingMap(DEVICE_DROPS_MAP))?;
+        if let (Map::PerCpuArray(data), Ok(cpus)) = (map, aya::util::nr_cpus()) {
+            match super::batch::per_cpu_sums(data.fd(), first, count, cpus) {
+                Ok(totals) => return Ok(totals),
+                Err(e) => tracing::debug!(error = %e, "batch lookup failed; one entry at a time"),
+            }
+        }
+        let (device, err) = self.open::<PerCpuArray<&MapData, u64>>(DEVICE_DROPS_MAP)?;
+        (first..first + count)
+            .map(|i| Ok(device.get(&i, 0).map_err(err)?.iter().sum()))
+            .collect()
+    }
+
     fn open<'a, M>(
         &'a self,
         name: &'static str,
@@ -274,20 +296,16 @@ impl EbpfDropCounters {
         if let Ok(mut reported) = self.peer_reported.lock() {
             keep_monotonic(&mut reported, &mut per_peer, |k| wanted(k.slot));
         }
-        let (device, err) = self.open::<PerCpuArray<&MapData, u64>>(DEVICE_DROPS_MAP)?;
         let mut out = BTreeMap::new();
         for slot in 0..WATCHED_DEVICES_CAPACITY {
             if !wanted(slot) {
                 continue;
             }
             let ifindex = self.slots[slot as usize];
+            let totals = self.device_totals(slot)?;
             for class in 0..CLASSES {
                 for reason in 0..REASON_SLOTS {
-                    let total: u64 = device
-                        .get(&device_drop_index(slot, class, reason), 0)
-                        .map_err(err)?
-                        .iter()
-                        .sum();
+                    let total = totals[(class * REASON_SLOTS + reason) as usize];
                     if total == 0 {
                         continue;
                     }

@@ -2,12 +2,14 @@
 //! of what was written into its maps. One job per file:
 //! - `object`: the embedded ELF and the kfunc placeholder patched for this kernel;
 //! - `attach`: prerequisites, loading (with the helper-path retry) and attaching;
-//! - `maps`: writes of the configuration maps and reads of the counters.
+//! - `maps`: writes of the configuration maps and reads of the counters;
+//! - `batch`: the one batch lookup aya lacks, for the device counters.
 //!
 //! Raw map contents become a snapshot in `ebpf::snapshot` and peer names get ids in
 //! `ebpf::peers`: both pure, unit-tested without a kernel.
 
 mod attach;
+mod batch;
 mod maps;
 mod object;
 
