@@ -157,8 +157,6 @@ impl DropCounterSource for EbpfDropCounters {
 }
 
 impl EbpfDropCounters {
-    /// Map `name` as the typed view `M` (e.g. `PerCpuArray<&MapData, u64>`), and the error
-    /// context for later operations on it: aya's errors do not say which map they concern.
     /// Every (class, reason) total of one device slot, summed over CPUs, in
     /// [`device_drop_index`] order: one batch lookup, or (kernels before 5.6) one lookup
     /// per entry.
@@ -181,6 +179,8 @@ impl EbpfDropCounters {
             .collect()
     }
 
+    /// Map `name` as the typed view `M` (e.g. `PerCpuArray<&MapData, u64>`), and the error
+    /// context for later operations on it: aya's errors do not say which map they concern.
     fn open<'a, M>(
         &'a self,
         name: &'static str,
