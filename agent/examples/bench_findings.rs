@@ -5,7 +5,10 @@
 //! `cargo run --release -p dataplane-watchdog --example bench_findings` (`BENCH_PEERS` sets
 //! the peer count).
 
-use std::time::{Duration, Instant, SystemTime};
+use std::{
+    sync::Arc,
+    time::{Duration, Instant, SystemTime},
+};
 
 use dataplane_watchdog::{
     daemon::FindingTracker,
@@ -50,7 +53,8 @@ fn main() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(5_000);
-    let all = findings(peers);
+    // As the evaluator hands them over: shared.
+    let all: Vec<Arc<Finding>> = findings(peers).into_iter().map(Arc::new).collect();
     let now = SystemTime::now();
     let mut t = FindingTracker::default();
     let started = Instant::now();

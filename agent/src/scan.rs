@@ -3,9 +3,11 @@
 //! as one command.
 
 use std::{
+    borrow::Borrow,
     collections::BTreeSet,
     fmt::Write as _,
     path::PathBuf,
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -73,7 +75,7 @@ pub struct ScanOutput {
     pub devices: Vec<String>,
     pub datastore: DatastoreInfo,
     pub routes_checked: usize,
-    pub findings: Vec<Finding>,
+    pub findings: Vec<Arc<Finding>>,
     pub peers: Vec<PeerVerdict>,
     pub skipped: Vec<SkippedCheck>,
     pub summary: Summary,
@@ -116,8 +118,14 @@ pub struct Summary {
 }
 
 impl Summary {
-    pub fn of(findings: &[Finding]) -> Summary {
-        let count = |s| findings.iter().filter(|f| f.severity == s).count();
+    /// Of findings owned or shared (`&[Finding]`, `&[Arc<Finding>]`).
+    pub fn of<F: Borrow<Finding>>(findings: &[F]) -> Summary {
+        let count = |s| {
+            findings
+                .iter()
+                .filter(|f: &&F| (*f).borrow().severity == s)
+                .count()
+        };
         let (critical, warning, info) = (
             count(Severity::Critical),
             count(Severity::Warning),
@@ -175,8 +183,12 @@ pub async fn add_kubelet_check(out: &mut ScanOutput, config: &Config) -> Result<
     })?;
     // The node the scan judged from (found by address when the host name is no node's).
     src.adopt_local_node(&out.node);
-    out.findings
-        .extend(src.kubelet_check(config.kubelet.threshold).await);
+    out.findings.extend(
+        src.kubelet_check(config.kubelet.threshold)
+            .await
+            .into_iter()
+            .map(Arc::new),
+    );
     out.summary = Summary::of(&out.findings);
     Ok(())
 }
@@ -518,7 +530,7 @@ mod tests {
     fn exit_codes_follow_the_worst_severity() {
         let warn = Finding::new(CheckId::RouteStale, Severity::Warning, "d", "w".into());
         let crit = Finding::new(CheckId::RouteMissing, Severity::Critical, "d", "c".into());
-        assert_eq!(Summary::of(&[]).exit_code, 0);
+        assert_eq!(Summary::of::<Finding>(&[]).exit_code, 0);
         assert_eq!(Summary::of(std::slice::from_ref(&warn)).exit_code, 1);
         assert_eq!(Summary::of(&[warn, crit]).exit_code, 2);
     }
@@ -611,7 +623,7 @@ mod tests {
             "ip route replace 10.1.235.128/26 via 10.1.235.133 dev vxlan.calico onlink".into(),
         );
         let report = CheckReport {
-            findings: vec![f],
+            findings: vec![f.into()],
             ..Default::default()
         };
         let out = output(&config(), None, None, report, 1.0);

@@ -134,9 +134,10 @@ impl Drop for Agent {
     }
 }
 
-fn names(findings: &[Finding]) -> Vec<String> {
+fn names<F: std::borrow::Borrow<Finding>>(findings: &[F]) -> Vec<String> {
     findings
         .iter()
+        .map(|f| f.borrow())
         .map(|f| format!("{}/{}", f.check, f.peer_node.as_deref().unwrap_or("-")))
         .collect()
 }

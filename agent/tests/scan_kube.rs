@@ -2,7 +2,7 @@
 //! root) checked against the fake API server serving the lab's cluster as Nodes, IPAMBlocks
 //! and BlockAffinities, through the real kube client.
 
-use std::{collections::BTreeSet, net::Ipv4Addr, path::Path, process::Command};
+use std::{collections::BTreeSet, net::Ipv4Addr, path::Path, process::Command, sync::Arc};
 
 use serde_json::Value;
 use watchdog_lab::{
@@ -355,7 +355,9 @@ async fn silent_watch_caught_by_relist_flips_the_checks() {
             explained_recently: None,
             datastore: None,
         });
-        report.findings.extend(stale_findings(snap, lab.device()));
+        report
+            .findings
+            .extend(stale_findings(snap, lab.device()).into_iter().map(Arc::new));
         report
             .findings
             .iter()

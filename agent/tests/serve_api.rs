@@ -78,7 +78,7 @@ fn incident_status() -> Status {
     f.route = Some("10.1.3.0/26".into());
     f.since = Some(SystemTime::now() - Duration::from_secs(300));
     f.hint = Some("ip route replace 10.1.3.0/26 via 10.1.3.5 dev vxlan.calico onlink".into());
-    std::sync::Arc::make_mut(&mut s.findings).push(f);
+    std::sync::Arc::make_mut(&mut s.findings).push(f.into());
     // As the checks would judge it.
     std::sync::Arc::make_mut(&mut s.peers)[1].verdict = Verdict::Critical;
     std::sync::Arc::make_mut(&mut s.peers)[1].findings = 1;

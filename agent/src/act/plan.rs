@@ -1,13 +1,15 @@
 //! The repair plan: which kernel writes would fix the open findings. Pure; the guard rails of
 //! repair mode (DESIGN §8) decide later which of them may run.
 
+use std::sync::Arc;
+
 use crate::{
     model::{Finding, Remedy},
     observe::KernelWriter,
 };
 
 /// Each finding's remedies in order, a write that two findings share only once.
-pub fn repair_plan(open: &[Finding]) -> Vec<Remedy> {
+pub fn repair_plan(open: &[Arc<Finding>]) -> Vec<Remedy> {
     let mut seen = std::collections::HashSet::new();
     open.iter()
         .flat_map(|f| &f.remedies)
@@ -219,6 +221,6 @@ mod tests {
         };
         a.set_remedies(vec![r.clone()]);
         let b = a.clone();
-        assert_eq!(repair_plan(&[a, b]), vec![r]);
+        assert_eq!(repair_plan(&[a.into(), b.into()]), vec![r]);
     }
 }

@@ -3,6 +3,7 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
+    sync::Arc,
     time::{Duration, SystemTime},
 };
 
@@ -133,7 +134,7 @@ fn list(reasons: &BTreeMap<String, u64>) -> String {
 pub(super) fn apply(
     drops: &DropSummary,
     explained_recently: Option<&ExplainedDrops>,
-    findings: &mut Vec<Finding>,
+    findings: &mut Vec<Arc<Finding>>,
 ) {
     let mut added = Vec::new();
     for (peer, d) in &drops.per_peer {
@@ -147,6 +148,8 @@ pub(super) fn apply(
                 && explains_drops(f.check)
                 && same_overlay
             {
+                // The evaluator's parts share this finding: only this report's copy counts.
+                let f = Arc::make_mut(f);
                 f.evidence.drops = Some(d.packets);
                 f.evidence.drop_reasons = d.reasons.clone();
                 explained.push(f.check.as_str());
@@ -191,7 +194,7 @@ pub(super) fn apply(
         f.peer_node = Some(peer.clone());
         f.evidence.drops = Some(packets);
         f.evidence.drop_reasons = reasons.clone();
-        added.push(f);
+        added.push(Arc::new(f));
     }
     findings.extend(added);
 }

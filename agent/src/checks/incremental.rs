@@ -9,7 +9,7 @@
 //! so an incremental evaluation returns exactly what a full one would (a property test holds it
 //! to that, `tests_incremental.rs`).
 
-use std::{borrow::Cow, collections::BTreeMap, net::IpAddr};
+use std::{borrow::Cow, collections::BTreeMap, net::IpAddr, sync::Arc};
 
 use ipnet::IpNet;
 use rustc_hash::FxHashSet as HashSet;
@@ -21,7 +21,9 @@ use super::{
     CheckReport, DeviceSpec, Family, SkippedCheck,
 };
 use crate::{
-    model::{CheckId, DesiredState, Finding, MacAddr, ObservedState, RouteKind},
+    model::{
+        CheckId, DesiredState, Finding, MacAddr, ObservedDevice, ObservedState, PeerNode, RouteKind,
+    },
     observe::ObservedEvent,
 };
 
@@ -38,14 +40,20 @@ struct Changes {
     fdb: HashSet<MacAddr>,
 }
 
-/// The parts of one device's findings, as of the last evaluation.
+/// The parts of one device's findings, as of the last evaluation. Each finding is shared
+/// with the reports that include it (and, in the daemon, the open list): one copy of each.
 #[derive(Debug)]
 struct DeviceParts {
     /// Per peer (its index in [`family_peers`] order); only peers with findings.
-    peers: BTreeMap<usize, Vec<Finding>>,
+    peers: BTreeMap<usize, Vec<Arc<Finding>>>,
     /// Per route destination; only destinations with findings.
-    routes: BTreeMap<IpNet, Vec<Finding>>,
+    routes: BTreeMap<IpNet, Vec<Arc<Finding>>>,
 }
+
+/// Called on each finding of a part as it is computed, before it is shared: the daemon
+/// stamps when it was first seen there, so that the tracker finds nothing to change (a
+/// change would copy a finding the parts share).
+pub type Stamp<'a> = &'a dyn Fn(&mut Finding);
 
 /// How much the last evaluation computed again.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -107,7 +115,7 @@ impl Evaluator {
         }
     }
 
-    /// Room the kept parts hold beyond their findings (none, see [`kept`]).
+    /// Room the kept parts hold beyond their findings (none, see [`PartInputs::kept`]).
     #[cfg(test)]
     pub(crate) fn spare_room(&self) -> usize {
         self.parts
@@ -166,6 +174,15 @@ impl Evaluator {
     /// Every check the inputs allow, reusing what the changes since the last call cannot have
     /// changed. The drops, the datastore's health and the device checks are judged afresh.
     pub fn evaluate(&mut self, input: &super::CheckInput<'_>) -> CheckReport {
+        self.evaluate_stamped(input, &|_| {})
+    }
+
+    /// [`Evaluator::evaluate`], with `stamp` applied to each finding of a part computed again.
+    pub fn evaluate_stamped(
+        &mut self,
+        input: &super::CheckInput<'_>,
+        stamp: Stamp<'_>,
+    ) -> CheckReport {
         let changes = std::mem::take(&mut self.changes);
         // The lookups binary-search the model, which must be normalized (the daemon's always
         // is: snapshots are normalized, events keep it so).
@@ -193,11 +210,11 @@ impl Evaluator {
         }
 
         let mut report = CheckReport::default();
-        report.findings.extend(super::datastore::findings(
-            input.desired,
-            input.datastore,
-            &specs,
-        ));
+        report.findings.extend(
+            super::datastore::findings(input.desired, input.datastore, &specs)
+                .into_iter()
+                .map(Arc::new),
+        );
         for ((spec, slot), index) in specs
             .iter()
             .zip(self.parts.iter_mut())
@@ -223,7 +240,9 @@ impl Evaluator {
                     });
                     continue;
                 }
-                report.findings.push(super::device::missing(spec, desired));
+                report
+                    .findings
+                    .push(Arc::new(super::device::missing(spec, desired)));
                 report.skipped.push(SkippedCheck {
                     check: CheckId::RouteMissing,
                     reason: format!("device {} does not exist", spec.name),
@@ -235,12 +254,16 @@ impl Evaluator {
                 .iter()
                 .filter(|r| r.table == super::MAIN_TABLE && r.kind == RouteKind::Unicast)
                 .count();
-            report
-                .findings
-                .extend(super::device::misconfigured(spec, dev, desired));
+            report.findings.extend(
+                super::device::misconfigured(spec, dev, desired)
+                    .into_iter()
+                    .map(Arc::new),
+            );
             let Some(desired) = desired else {
                 (*slot, *index) = (None, None);
-                report.findings.extend(super::offline::check(spec, dev));
+                report
+                    .findings
+                    .extend(super::offline::check(spec, dev).into_iter().map(Arc::new));
                 continue;
             };
             // Listed once when the index is built; `build` reuses the list.
@@ -248,8 +271,16 @@ impl Evaluator {
             let index = &*index.get_or_insert_with(|| {
                 PeerIndex::new(desired, peers.as_deref().unwrap_or_default(), spec.family)
             });
+            let inputs = PartInputs {
+                spec,
+                index,
+                dev,
+                desired,
+                observed,
+                stamp,
+            };
             let kept = slot.take().and_then(|mut parts| {
-                let done = update(&mut parts, index, &changes, spec, dev, desired, observed);
+                let done = update(&mut parts, &changes, &inputs);
                 done.map(|(p, r)| {
                     self.last.peers += p;
                     self.last.routes += r;
@@ -258,7 +289,7 @@ impl Evaluator {
             });
             let parts = kept.unwrap_or_else(|| {
                 self.last.rebuilt = true;
-                build(spec, index, peers, dev, desired, observed)
+                build(&inputs, peers)
             });
             // Sized once: at 5,000 findings growing by doubling would leave up to half the
             // list's capacity unused while this copy lives.
@@ -281,22 +312,53 @@ impl Evaluator {
     }
 }
 
-/// Every part of one device, from scratch.
-fn build<'a>(
-    spec: &DeviceSpec,
-    index: &PeerIndex,
-    peers: Option<Vec<&'a crate::model::PeerNode>>,
-    dev: &crate::model::ObservedDevice,
+/// What the parts of one device are computed from.
+struct PartInputs<'a> {
+    spec: &'a DeviceSpec,
+    index: &'a PeerIndex,
+    dev: &'a ObservedDevice,
     desired: &'a DesiredState,
-    observed: &ObservedState,
-) -> DeviceParts {
+    observed: &'a ObservedState,
+    stamp: Stamp<'a>,
+}
+
+impl PartInputs<'_> {
+    /// A part as kept until the next evaluation, complete before it is shared (family,
+    /// stamp): most hold one finding, and a list grown to room for four would leave most of
+    /// it unused.
+    fn kept(&self, found: Vec<Finding>) -> Vec<Arc<Finding>> {
+        let mut kept: Vec<Arc<Finding>> = found
+            .into_iter()
+            .map(|mut f| {
+                if f.device == self.spec.name {
+                    f.family = Some(self.spec.family);
+                }
+                (self.stamp)(&mut f);
+                Arc::new(f)
+            })
+            .collect();
+        kept.shrink_to_fit();
+        kept
+    }
+}
+
+/// Every part of one device, from scratch.
+fn build<'a>(inputs: &PartInputs<'a>, peers: Option<Vec<&'a PeerNode>>) -> DeviceParts {
+    let PartInputs {
+        spec,
+        index,
+        dev,
+        desired,
+        observed,
+        ..
+    } = *inputs;
     let peers = peers.unwrap_or_else(|| family_peers(desired, spec.family));
     let best = BestRoutes::map(dev, spec.family);
     let mut peer_parts = BTreeMap::new();
     for (i, p) in peers.iter().enumerate() {
         let found = peer_findings(spec, dev, p, index, &observed.direct_routes, &best);
         if !found.is_empty() {
-            peer_parts.insert(i, kept(found));
+            peer_parts.insert(i, inputs.kept(found));
         }
     }
     let mut routes = BTreeMap::new();
@@ -304,7 +366,7 @@ fn build<'a>(
     for group in main_groups(dev) {
         let found = route_findings(spec, desired, group, &mut peers, index);
         if !found.is_empty() {
-            routes.insert(group[0].destination, kept(found));
+            routes.insert(group[0].destination, inputs.kept(found));
         }
     }
     DeviceParts {
@@ -317,13 +379,17 @@ fn build<'a>(
 /// much changed that [`build`] is the cheaper way.
 fn update(
     parts: &mut DeviceParts,
-    index: &PeerIndex,
     changes: &Changes,
-    spec: &DeviceSpec,
-    dev: &crate::model::ObservedDevice,
-    desired: &DesiredState,
-    observed: &ObservedState,
+    inputs: &PartInputs<'_>,
 ) -> Option<(usize, usize)> {
+    let PartInputs {
+        spec,
+        index,
+        dev,
+        desired,
+        observed,
+        ..
+    } = *inputs;
     let limit = (index.len() + dev.routes.len()) / REBUILD_FRACTION + 16;
     if changes.routes.len() + changes.neighbours.len() + changes.fdb.len() > limit {
         return None;
@@ -362,7 +428,7 @@ fn update(
         if found.is_empty() {
             parts.peers.remove(&i);
         } else {
-            parts.peers.insert(i, kept(found));
+            parts.peers.insert(i, inputs.kept(found));
         }
     }
     let mut peers = LazyPeers::new(desired, spec.family);
@@ -371,15 +437,8 @@ fn update(
         if found.is_empty() {
             parts.routes.remove(dst);
         } else {
-            parts.routes.insert(*dst, kept(found));
+            parts.routes.insert(*dst, inputs.kept(found));
         }
     }
     Some(recomputed)
-}
-
-/// A part as kept until the next evaluation: most hold one finding, in a list grown to room
-/// for four (at 5,000 failing peers, ~7 MiB of the cache would be unused capacity).
-fn kept(mut found: Vec<Finding>) -> Vec<Finding> {
-    found.shrink_to_fit();
-    found
 }

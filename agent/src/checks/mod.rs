@@ -19,14 +19,14 @@ pub(crate) mod tests;
 #[cfg(test)]
 pub(crate) mod tests_dual_stack;
 
-use std::{collections::BTreeMap, net::IpAddr};
+use std::{borrow::Borrow, collections::BTreeMap, net::IpAddr, sync::Arc};
 
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
 pub use datastore::{findings as datastore_findings, DatastoreHealth, StaleNote};
 pub use drops::{explains_drops, DropSummary, ExplainedDrops, PeerDrops};
-pub use incremental::{Evaluator, Recomputed};
+pub use incremental::{Evaluator, Recomputed, Stamp};
 
 use crate::model::{
     CheckId, ClusterSettings, DesiredState, Finding, MacAddr, ObservedState, Severity,
@@ -171,7 +171,9 @@ pub struct SkippedCheck {
 /// The result of one evaluation.
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct CheckReport {
-    pub findings: Vec<Finding>,
+    /// Shared, not copied, with the evaluator's kept parts (and in the daemon the open
+    /// list); `Arc::make_mut` copies the one finding a holder changes.
+    pub findings: Vec<Arc<Finding>>,
     pub skipped: Vec<SkippedCheck>,
     pub peers: Vec<PeerVerdict>,
     /// Routes on overlay devices that were evaluated.
@@ -228,7 +230,10 @@ fn finish(
     // Every finding about an overlay device names the family that device carries.
     for f in &mut report.findings {
         if let Some(spec) = specs.iter().find(|s| s.name == f.device) {
-            f.family = Some(spec.family);
+            // Parts come with it: written only where missing, so nothing shared is copied.
+            if f.family != Some(spec.family) {
+                Arc::make_mut(f).family = Some(spec.family);
+            }
         }
     }
     report.findings.sort_by(|a, b| {
@@ -247,7 +252,7 @@ fn finish(
 /// Routes Calico and flannel program live in the main table.
 pub const MAIN_TABLE: u32 = 254;
 
-fn verdicts(desired: &DesiredState, findings: &[Finding]) -> Vec<PeerVerdict> {
+fn verdicts(desired: &DesiredState, findings: &[Arc<Finding>]) -> Vec<PeerVerdict> {
     let summary = PeerVerdicts::of(desired, findings);
     desired
         .peers()
@@ -278,9 +283,11 @@ pub struct PeerVerdicts {
 
 impl PeerVerdicts {
     /// The verdicts `findings` give the datastore's remote nodes.
-    pub fn of(desired: &DesiredState, findings: &[Finding]) -> Self {
+    /// Of findings owned or shared (`&[Finding]`, `&[Arc<Finding>]`).
+    pub fn of<F: Borrow<Finding>>(desired: &DesiredState, findings: &[F]) -> Self {
         let mut by_peer: BTreeMap<&str, (usize, Option<Severity>)> = BTreeMap::new();
         for f in findings {
+            let f = f.borrow();
             if let Some(p) = &f.peer_node {
                 let e = by_peer.entry(p.as_str()).or_default();
                 e.0 += 1;

@@ -213,7 +213,7 @@ pub(crate) fn only(r: &CheckReport, check: CheckId, peer: Option<&str>) -> Findi
         "findings: {:#?}",
         r.findings
     );
-    r.findings[0].clone()
+    Finding::clone(&r.findings[0])
 }
 
 #[test]

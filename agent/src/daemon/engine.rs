@@ -33,7 +33,7 @@ pub struct Evaluation {
     /// empty (see `verdicts`).
     pub report: CheckReport,
     /// The open findings as tracked (each with `since`), shared with the tracker.
-    pub open: Arc<Vec<Finding>>,
+    pub open: Arc<Vec<Arc<Finding>>>,
     /// Every peer's verdict, from the open findings.
     pub verdicts: PeerVerdicts,
     /// What the checks computed again (everything, or the parts the changes concern).
@@ -104,7 +104,7 @@ impl Engine {
         self.desired.as_ref()
     }
 
-    pub fn open_findings(&self) -> &[Finding] {
+    pub fn open_findings(&self) -> &[Arc<Finding>] {
         self.tracker.open()
     }
 
@@ -237,14 +237,19 @@ impl Engine {
     pub fn evaluate(&mut self, now: SystemTime) -> Evaluation {
         let started = Instant::now();
         self.explained.expire(now);
-        let mut report = self.evaluator.evaluate(&CheckInput {
+        // What the checks compute again comes stamped as the tracker will see it: the
+        // findings they keep are then shared with the open list, never copied for `since`.
+        let tracker = &self.tracker;
+        let stamp = |f: &mut Finding| f.since = Some(tracker.first_seen(f, now));
+        let input = CheckInput {
             devices: &self.specs,
             observed: &self.observed,
             desired: self.desired.as_ref(),
             drops: Some(&self.drops),
             explained_recently: Some(&self.explained),
             datastore: self.datastore.as_ref(),
-        });
+        };
+        let mut report = self.evaluator.evaluate_stamped(&input, &stamp);
         for f in &report.findings {
             if let Some(peer) = f
                 .peer_node
@@ -254,8 +259,13 @@ impl Engine {
                 self.explained.note(peer, now);
             }
         }
-        report.findings.extend(self.kubelet.iter().cloned());
-        report.findings.extend(self.extra.iter().cloned());
+        report.findings.extend(
+            self.kubelet
+                .iter()
+                .chain(&self.extra)
+                .cloned()
+                .map(Arc::new),
+        );
         let transitions = self
             .tracker
             .update(std::mem::take(&mut report.findings), now);
@@ -371,6 +381,40 @@ mod tests {
             },
         );
         o
+    }
+
+    #[test]
+    fn kept_findings_are_shared_with_the_open_list_not_copied() {
+        let mut e = Engine::new(&[DEV.to_string()]);
+        e.set_desired(Some(desired()));
+        let mut observed = healthy();
+        observed.devices.get_mut(DEV).unwrap().routes = vec![route("10.1.2.0/26", v4(10, 1, 2, 9))];
+        e.replace_observed(observed);
+        let t1 = SystemTime::UNIX_EPOCH + Duration::from_secs(100);
+        let first = e.evaluate(t1);
+        assert_eq!(first.open.len(), 1, "{:#?}", first.open);
+        // A change the finding's part does not depend on (a stray route, a finding of its
+        // own): the part is kept, the open list is a new one.
+        let event = ObservedEvent::RouteAdded {
+            ifindex: 5,
+            route: route("10.7.0.0/26", v4(10, 1, 2, 0)),
+            replace: false,
+        };
+        assert_eq!(e.apply(&event), Applied::Changed);
+        let second = e.evaluate(t1 + Duration::from_secs(5));
+        assert_eq!(e.evaluator.last.peers, 0, "the peer's part was kept");
+        assert_eq!(second.transitions.opened.len(), 1, "{:#?}", second.open);
+        let kept = second
+            .open
+            .iter()
+            .find(|f| f.check == first.open[0].check)
+            .expect("still open");
+        assert_eq!(kept.since, Some(t1));
+        assert!(
+            Arc::ptr_eq(&first.open[0], kept),
+            "the evaluator's kept finding is the open one: stamped when computed, not copied \
+             by the tracker for its `since`"
+        );
     }
 
     #[test]

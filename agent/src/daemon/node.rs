@@ -61,7 +61,7 @@ pub(super) struct NodeConsumer {
     sources: watch::Receiver<Option<KubeSource>>,
     /// The open set of the last delta: what ticks re-offer, and what a consumer that missed
     /// deltas compares against to find what opened meanwhile.
-    open: Arc<Vec<Finding>>,
+    open: Arc<Vec<Arc<Finding>>>,
     last_healthy: Option<bool>,
     last_condition: Option<Instant>,
     /// The one condition publisher's input (for the current source).
@@ -85,7 +85,7 @@ impl NodeConsumer {
 
     /// After an evaluation: the Node condition when the verdict changed (or now and then), an
     /// Event per newly opened critical finding. Spawned; errors are logged.
-    fn publish(&mut self, open: &[Finding], opened: &[&Finding], periodic: bool) {
+    fn publish(&mut self, open: &[Arc<Finding>], opened: &[&Finding], periodic: bool) {
         if self.sources.has_changed().unwrap_or(false) {
             // A new connection: its publisher starts fresh and the verdict is sent again.
             self.sources.mark_unchanged();
@@ -101,6 +101,7 @@ impl NodeConsumer {
         let critical: Vec<&Finding> = open
             .iter()
             .filter(|f| f.severity == Severity::Critical)
+            .map(|f| &**f)
             .collect();
         let healthy = critical.is_empty();
         let due = self.last_healthy != Some(healthy)
@@ -145,11 +146,12 @@ impl Consumer for NodeConsumer {
     async fn consume(&mut self, delta: Arc<FindingsDelta>, missed: u64) {
         let opened: Vec<&Finding> = if missed > 0 {
             // Deltas were dropped: what opened meanwhile is what is open now and was not.
-            let before: HashSet<_> = self.open.iter().map(Finding::key).collect();
+            let before: HashSet<_> = self.open.iter().map(|f| f.key()).collect();
             delta
                 .open
                 .iter()
                 .filter(|f| !before.contains(&f.key()))
+                .map(|f| &**f)
                 .collect()
         } else {
             delta.opened().collect()

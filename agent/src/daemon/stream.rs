@@ -32,9 +32,9 @@ pub struct FindingsDelta {
     /// in `open`.
     pub changed: Vec<usize>,
     /// Findings no longer open, as last seen.
-    pub cleared: Vec<Finding>,
+    pub cleared: Vec<Arc<Finding>>,
     /// Every open finding now (each with its `since`).
-    pub open: Arc<Vec<Finding>>,
+    pub open: Arc<Vec<Arc<Finding>>>,
     /// Per remote node, from the same findings.
     pub peers: Arc<PeerVerdicts>,
     /// The daemon has a complete picture (first full sync done, datastore loaded or given up).
@@ -57,7 +57,10 @@ impl FindingsDelta {
 
     /// The findings that were not open before.
     pub fn opened(&self) -> impl Iterator<Item = &Finding> {
-        self.opened.iter().filter_map(|&i| self.open.get(i))
+        self.opened
+            .iter()
+            .filter_map(|&i| self.open.get(i))
+            .map(|f| &**f)
     }
 }
 

@@ -112,7 +112,7 @@ fn finding_target(f: &Finding) -> String {
 
 /// Findings, worst first, then oldest first.
 fn sorted_findings(status: &Status) -> Vec<&Finding> {
-    let mut v: Vec<&Finding> = status.findings.iter().collect();
+    let mut v: Vec<&Finding> = status.findings.iter().map(|f| &**f).collect();
     v.sort_by(|a, b| {
         b.severity
             .cmp(&a.severity)

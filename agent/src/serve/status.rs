@@ -43,7 +43,7 @@ pub struct Status {
     pub in_sync: bool,
     pub devices: Vec<DeviceStatus>,
     /// Open findings, each with `since`: the evaluation's own list, shared, not copied.
-    pub findings: Arc<Vec<Finding>>,
+    pub findings: Arc<Vec<Arc<Finding>>>,
     /// Shared too: a reader's snapshot costs a pointer copy (see `GET /status`).
     pub peers: Arc<Vec<PeerStatus>>,
     pub drops: DropsStatus,
@@ -96,7 +96,7 @@ impl Status {
     }
 
     /// Replace the open findings and the peer verdicts the checks made from them.
-    pub fn set_findings(&mut self, findings: Arc<Vec<Finding>>, verdicts: &PeerVerdicts) {
+    pub fn set_findings(&mut self, findings: Arc<Vec<Arc<Finding>>>, verdicts: &PeerVerdicts) {
         self.findings = findings;
         for peer in Arc::make_mut(&mut self.peers) {
             (peer.verdict, peer.findings) = verdicts.get(&peer.name);
@@ -496,7 +496,7 @@ mod tests {
         w.severity = Severity::Warning;
         // Only k8s03 has a verdict: k8s02's stale "critical" goes back to ok.
         s.set_findings(
-            Arc::new(vec![f, w]),
+            Arc::new(vec![f.into(), w.into()]),
             &verdicts("k8s03", Verdict::Critical, 2),
         );
         assert_eq!((s.peers[0].verdict, s.peers[0].findings), (Verdict::Ok, 0));
@@ -551,7 +551,10 @@ mod tests {
             "x".into(),
         );
         f.peer_node = Some("k8s03".into());
-        s.set_findings(Arc::new(vec![f]), &verdicts("k8s03", Verdict::Warning, 1));
+        s.set_findings(
+            Arc::new(vec![f.into()]),
+            &verdicts("k8s03", Verdict::Warning, 1),
+        );
         assert_eq!(s.peers[0].verdict, Verdict::Warning);
         // A relist keeps the verdict until the next evaluation.
         s.set_desired(&d);

@@ -171,7 +171,10 @@ impl<T: Transport> Alerter<T> {
     }
 
     /// One evaluation's open findings.
-    pub fn observe(&mut self, open: &[Finding], in_sync: bool, at: SystemTime) {
+    pub fn observe<F>(&mut self, open: &[F], in_sync: bool, at: SystemTime)
+    where
+        F: std::borrow::Borrow<Finding> + Clone + Into<Arc<Finding>>,
+    {
         self.lifecycle.observe(open, in_sync, at);
     }
 

@@ -16,7 +16,9 @@
 //!   the first in-sync evaluation.
 
 use std::{
+    borrow::Borrow,
     collections::{BTreeMap, VecDeque},
+    sync::Arc,
     time::{Duration, SystemTime},
 };
 
@@ -55,7 +57,8 @@ pub struct Alerted {
 
 #[derive(Debug, Clone)]
 struct Tracked {
-    finding: Finding,
+    /// Shared with the open list it was last seen in: no copy per evaluation.
+    finding: Arc<Finding>,
     /// When this open episode was first observed.
     opened_at: SystemTime,
     /// Set while closed.
@@ -102,7 +105,7 @@ impl Lifecycle {
                 (
                     key,
                     Tracked {
-                        finding: a.finding.clone(),
+                        finding: Arc::new(a.finding.clone()),
                         opened_at: a.started_at,
                         cleared_at: None,
                         alerted: Some(a),
@@ -129,16 +132,24 @@ impl Lifecycle {
         }
     }
 
-    /// One evaluation: `open` is every open finding at `at`. Before the first in-sync
-    /// evaluation nothing is considered cleared (the picture is incomplete).
-    pub fn observe(&mut self, open: &[Finding], in_sync: bool, at: SystemTime) {
+    /// One evaluation: `open` is every open finding at `at`, shared (the daemon's open
+    /// list, kept without a copy) or owned. Before the first in-sync evaluation nothing is
+    /// considered cleared (the picture is incomplete).
+    pub fn observe<F>(&mut self, open: &[F], in_sync: bool, at: SystemTime)
+    where
+        F: Borrow<Finding> + Clone + Into<Arc<Finding>>,
+    {
         let mut seen = std::collections::BTreeSet::new();
-        for f in open.iter().filter(|f| f.severity >= Severity::Warning) {
+        for shared in open
+            .iter()
+            .filter(|f| (*f).borrow().severity >= Severity::Warning)
+        {
+            let f: &Finding = shared.borrow();
             let key = dedup_key(&self.node, f);
             seen.insert(key.clone());
             match self.tracked.get_mut(&key) {
                 Some(t) => {
-                    t.finding = f.clone();
+                    t.finding = shared.clone().into();
                     t.restored = false;
                     if t.cleared_at.take().is_some() && t.alerted.is_none() {
                         // A new episode of a finding that was resolved (or never sent).
@@ -149,7 +160,7 @@ impl Lifecycle {
                     self.tracked.insert(
                         key,
                         Tracked {
-                            finding: f.clone(),
+                            finding: shared.clone().into(),
                             opened_at: at,
                             cleared_at: None,
                             alerted: None,
@@ -197,7 +208,7 @@ impl Lifecycle {
                 status,
                 reason,
                 node: node.clone(),
-                finding: t.finding.clone(),
+                finding: Finding::clone(&t.finding),
                 started_at: t
                     .alerted
                     .as_ref()
@@ -214,7 +225,7 @@ impl Lifecycle {
                     if elapsed(t.opened_at, now) >= policy.pending_for {
                         let started_at = t.finding.since.unwrap_or(t.opened_at);
                         t.alerted = Some(Alerted {
-                            finding: t.finding.clone(),
+                            finding: Finding::clone(&t.finding),
                             severity: t.finding.severity,
                             started_at,
                             last_sent: now,
@@ -231,7 +242,7 @@ impl Lifecycle {
                         out.push(n);
                         let a = t.alerted.as_mut().expect("matched Some");
                         a.severity = t.finding.severity;
-                        a.finding = t.finding.clone();
+                        a.finding = Finding::clone(&t.finding);
                         a.last_sent = now;
                         self.dirty = true;
                     } else if !policy.repeat_interval.is_zero()
@@ -239,7 +250,7 @@ impl Lifecycle {
                     {
                         out.push(note(AlertState::Firing, Reason::Repeat, t));
                         let a = t.alerted.as_mut().expect("matched Some");
-                        a.finding = t.finding.clone();
+                        a.finding = Finding::clone(&t.finding);
                         a.last_sent = now;
                         self.dirty = true;
                     }
@@ -267,7 +278,7 @@ impl Lifecycle {
                         .is_some_and(|r| r.status == "applied");
                     if repaired {
                         out.push(note(AlertState::Resolved, Reason::Repaired, t));
-                        t.finding.repair = None;
+                        Arc::make_mut(&mut t.finding).repair = None;
                     }
                     if t.clears.is_empty() {
                         forget.push(key.clone());
@@ -293,7 +304,7 @@ impl Lifecycle {
     pub fn firing(&self) -> impl Iterator<Item = (&str, &Alerted, &Finding)> {
         self.tracked.iter().filter_map(|(k, t)| {
             let a = t.alerted.as_ref()?;
-            (t.cleared_at.is_none()).then_some((k.as_str(), a, &t.finding))
+            (t.cleared_at.is_none()).then_some((k.as_str(), a, &*t.finding))
         })
     }
 
@@ -314,7 +325,7 @@ impl Lifecycle {
             .filter(|(_, t)| t.alerted.is_some() && t.flapping())
             .map(|(k, t)| Damped {
                 dedup_key: k.clone(),
-                finding: t.finding.clone(),
+                finding: Finding::clone(&t.finding),
                 until: t.cleared_at.unwrap_or(now) + FLAP_HOLD,
             })
             .collect()
@@ -428,7 +439,7 @@ mod tests {
             "paged twice"
         );
         let mut l2 = l;
-        l2.observe(&[], true, t(10_000));
+        l2.observe(&[] as &[Finding], true, t(10_000));
         let out = l2.due(t(10_000));
         assert_eq!(out.len(), 1);
         assert_eq!(out[0].status, AlertState::Resolved);
@@ -470,7 +481,7 @@ mod tests {
         f.severity = Severity::Warning;
         assert!(step(&mut l, std::slice::from_ref(&f), 4000).is_empty());
         // The resolve reaches the sinks that got the critical page.
-        l.observe(&[], true, t(5000));
+        l.observe(&[] as &[Finding], true, t(5000));
         let out = l.due(t(5000));
         assert_eq!(out[0].finding.severity, Severity::Critical);
     }
@@ -555,7 +566,7 @@ mod tests {
         });
         step(&mut l, std::slice::from_ref(&f), 500);
         let out = {
-            l.observe(&[], true, t(800));
+            l.observe(&[] as &[Finding], true, t(800));
             l.due(t(800))
         };
         assert_eq!(out.len(), 1);

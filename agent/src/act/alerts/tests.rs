@@ -216,7 +216,7 @@ async fn a_resolve_never_overtakes_its_trigger() {
     fake.down(3);
     a.observe(&[incident()], true, t(0));
     a.step(t(2000)).await;
-    a.observe(&[], true, t(2500));
+    a.observe(&[] as &[crate::model::Finding], true, t(2500));
     a.step(t(2500)).await;
     assert_eq!(a.pending(), 2);
     let mut now = t(2500);
@@ -490,7 +490,7 @@ async fn a_hanging_sink_delays_neither_the_others_nor_the_pass() {
     let started = std::time::Instant::now();
     a.observe(&[incident()], true, t(0));
     a.step(t(0)).await;
-    a.observe(&[], true, t(100));
+    a.observe(&[] as &[crate::model::Finding], true, t(100));
     a.step(t(100)).await;
     assert!(
         started.elapsed() < Duration::from_secs(1),

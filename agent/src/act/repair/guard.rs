@@ -7,6 +7,7 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet, VecDeque},
+    sync::Arc,
     time::{Duration, Instant, SystemTime},
 };
 
@@ -44,7 +45,7 @@ pub struct Situation<'a> {
 
 impl<'a> Situation<'a> {
     /// Datastore staleness and invalid peers from the open findings themselves.
-    pub fn datastore_from(open: &'a [Finding]) -> (Option<&'a str>, BTreeSet<String>) {
+    pub fn datastore_from(open: &'a [Arc<Finding>]) -> (Option<&'a str>, BTreeSet<String>) {
         let stale = open
             .iter()
             .find(|f| f.check == CheckId::DatastoreStale)

@@ -24,7 +24,7 @@ struct Shared {
     by_finding: BTreeMap<FindingKey, BTreeMap<ObjectKey, (RepairInfo, bool)>>,
     /// Cleared findings held back while a write for them is in flight (the loop sees the
     /// kernel change before the repairer has read it back): released with the result.
-    held: Vec<(Finding, Instant)>,
+    held: Vec<(Arc<Finding>, Instant)>,
     /// `repair-contested` findings of the contests running now.
     contested: Vec<Finding>,
     /// The desired state the findings were derived from, for re-deriving them.
@@ -121,7 +121,7 @@ impl RepairLink {
 
     /// Sets each finding's `repair` from the ledger: the worst result over its objects (one
     /// failed write of six is a failed repair).
-    pub fn annotate<'a>(&self, findings: impl IntoIterator<Item = &'a mut Finding>) {
+    pub fn annotate<'a>(&self, findings: impl IntoIterator<Item = &'a mut Arc<Finding>>) {
         let s = self.lock();
         for f in findings {
             annotate_one(&s, f);
@@ -132,11 +132,15 @@ impl RepairLink {
     /// held ones whose write has since been read back (or that waited [`HOLD_AT_MOST`]), each
     /// annotated one last time and then forgotten. A held finding open again is dropped: it
     /// never cleared as far as anyone downstream can tell.
-    pub fn settle_cleared(&self, cleared: Vec<Finding>, open: &[Finding]) -> Vec<Finding> {
+    pub fn settle_cleared(
+        &self,
+        cleared: Vec<Arc<Finding>>,
+        open: &[Arc<Finding>],
+    ) -> Vec<Arc<Finding>> {
         let mut s = self.lock();
         let now = Instant::now();
         s.held.extend(cleared.into_iter().map(|f| (f, now)));
-        let open: BTreeSet<FindingKey> = open.iter().map(Finding::key).collect();
+        let open: BTreeSet<FindingKey> = open.iter().map(|f| f.key()).collect();
         let held = std::mem::take(&mut s.held);
         let mut out = Vec::new();
         for (mut f, since) in held {
@@ -173,13 +177,16 @@ impl RepairLink {
 /// A cleared finding is held at most this long for its write's result.
 pub const HOLD_AT_MOST: Duration = Duration::from_secs(2);
 
-fn annotate_one(s: &Shared, f: &mut Finding) {
+/// Copies a shared finding only when its annotation changes.
+fn annotate_one(s: &Shared, f: &mut Arc<Finding>) {
     if let Some(objects) = s.by_finding.get(&f.key()) {
-        f.repair = objects
+        let repair = objects
             .values()
             .map(|(info, _)| info)
-            .max_by_key(|i| rank(&i.status))
-            .cloned();
+            .max_by_key(|i| rank(&i.status));
+        if f.repair.as_ref() != repair {
+            Arc::make_mut(f).repair = repair.cloned();
+        }
     }
 }
 

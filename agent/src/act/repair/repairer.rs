@@ -7,6 +7,7 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     future::Future,
     path::Path,
+    sync::Arc,
     time::{Instant, SystemTime},
 };
 
@@ -81,7 +82,7 @@ impl Kernel for RecordingWriter {
 #[derive(Debug, Clone, Copy)]
 pub struct Pass<'a> {
     /// The open findings of the latest evaluation, each with `since`.
-    pub open: &'a [Finding],
+    pub open: &'a [Arc<Finding>],
     /// `None`: offline (no datastore), nothing is repaired.
     pub desired: Option<&'a DesiredState>,
     pub in_sync: bool,
@@ -178,7 +179,7 @@ impl Repairer {
             ignore_age: pass.ignore_age,
             now: pass.now,
         };
-        let open_keys: BTreeSet<FindingKey> = pass.open.iter().map(Finding::key).collect();
+        let open_keys: BTreeSet<FindingKey> = pass.open.iter().map(|f| f.key()).collect();
         self.reported.retain(|(k, _), _| open_keys.contains(k));
 
         let mut candidates: Vec<Candidate<'_>> = Vec::new();

@@ -27,14 +27,14 @@ fn repairer(c: &Cluster, config: RepairConfig) -> Repairer {
     Repairer::new(config, vec![DeviceSpec::for_name(c.device)])
 }
 
-fn findings(c: &Cluster, observed: &ObservedState) -> Vec<Finding> {
+fn findings(c: &Cluster, observed: &ObservedState) -> Vec<Arc<Finding>> {
     let mut engine = Engine::new(&[c.device.to_string()]);
     engine.set_desired(Some(c.desired.clone()));
     engine.replace_observed(observed.clone());
     engine.evaluate(SystemTime::now()).open.to_vec()
 }
 
-fn pass<'a>(open: &'a [Finding], c: &'a Cluster, clock: Instant) -> Pass<'a> {
+fn pass<'a>(open: &'a [Arc<Finding>], c: &'a Cluster, clock: Instant) -> Pass<'a> {
     Pass {
         open,
         desired: Some(&c.desired),
@@ -142,7 +142,7 @@ async fn an_invalid_peer_or_a_stale_datastore_is_refused_with_the_reason_and_not
         "Node/k8s03: blocks[1]: conflicts".into(),
     );
     invalid.peer_node = Some("k8s03".into());
-    open.push(invalid);
+    open.push(invalid.into());
     let mut kernel = RecordingWriter::new(c.observed.clone());
     let mut r = repairer(&c, config());
     let report = r.run(&mut kernel, pass(&open, &c, Instant::now())).await;
@@ -161,12 +161,12 @@ async fn an_invalid_peer_or_a_stale_datastore_is_refused_with_the_reason_and_not
     assert!(again.outcomes.is_empty());
 
     let mut stale = findings(&c, &c.observed);
-    stale.push(Finding::new(
+    stale.push(Arc::new(Finding::new(
         crate::model::CheckId::DatastoreStale,
         crate::model::Severity::Warning,
         c.device,
         "no contact with the API server for 11m".into(),
-    ));
+    )));
     let mut r = repairer(&c, config());
     let report = r.run(&mut kernel, pass(&stale, &c, Instant::now())).await;
     assert!(kernel.written.is_empty());
@@ -426,7 +426,7 @@ async fn the_ledger_annotates_open_and_cleared_findings_with_the_worst_result() 
         link.record(o);
     }
     let mut cleared = open.clone();
-    cleared[0].repair = None;
+    Arc::make_mut(&mut cleared[0]).repair = None;
     let released = link.settle_cleared(cleared.clone(), &[]);
     assert_eq!(released[0].repair.as_ref().unwrap().status, "applied");
     // Forgotten once released.

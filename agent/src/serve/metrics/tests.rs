@@ -83,7 +83,7 @@ fn cleared_findings_drop_to_zero() {
     assert!(m
         .encode()
         .contains("findings{check=\"fdb-missing\",severity=\"warning\"} 2\n"));
-    m.set_findings(&[]);
+    m.set_findings::<Finding>(&[]);
     assert!(m
         .encode()
         .contains("findings{check=\"fdb-missing\",severity=\"warning\"} 0\n"));

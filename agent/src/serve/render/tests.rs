@@ -69,7 +69,7 @@ fn incident() -> Status {
     );
     w.peer_node = Some("k8s03".into());
     w.since = Some(t(710));
-    s.findings = std::sync::Arc::new(vec![w, f]);
+    s.findings = std::sync::Arc::new(vec![w.into(), f.into()]);
     let k8s03 = std::sync::Arc::make_mut(&mut s.peers)
         .iter_mut()
         .find(|p| p.name == "k8s03")
