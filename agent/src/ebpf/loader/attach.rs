@@ -287,15 +287,17 @@ fn load_and_attach(
     let object = header_read
         .patch(object)
         .map_err(|e| EbpfStatus::unavailable(Missing::Load, format!("eBPF object: {e}")))?;
-    // One parse of the kernel's BTF (several MiB) serves aya's relocations and the attach;
-    // EbpfLoader::new() would otherwise parse it again on its own.
+    // One parse of the kernel's BTF (~15 MiB of heap parsed) serves aya's relocations and
+    // the attach. EbpfLoader::new() parses its own, which it cannot lend out: it is dropped
+    // before ours is made, or both would be held at once (the daemon's peak memory).
+    let mut loader = EbpfLoader::new();
+    loader.btf(None);
     let aya_btf = aya::Btf::from_sys_fs().map_err(|e| {
         EbpfStatus::unavailable(
             Missing::Btf,
             format!("aya cannot read kernel BTF: {}", chain(&e)),
         )
     })?;
-    let mut loader = EbpfLoader::new();
     loader.btf(Some(&aya_btf));
     for (name, value) in globals_values {
         loader.override_global(name, value, true);
