@@ -204,7 +204,13 @@ impl Evaluator {
         if changes.desired || *specs != *self.specs || self.indexes.len() != specs.len() {
             self.indexes = (0..specs.len()).map(|_| None).collect();
         }
+        // Kept through a rebuild: a finding computed again the same is the one already
+        // shared (with the open list), not a second copy of it.
+        let mut previous: Vec<Option<DeviceParts>> = Vec::new();
         if rebuild {
+            if *specs == *self.specs {
+                previous = std::mem::take(&mut self.parts);
+            }
             self.specs = specs.to_vec();
             self.parts = (0..specs.len()).map(|_| None).collect();
         }
@@ -215,11 +221,13 @@ impl Evaluator {
                 .into_iter()
                 .map(Arc::new),
         );
-        for ((spec, slot), index) in specs
+        for (i, ((spec, slot), index)) in specs
             .iter()
             .zip(self.parts.iter_mut())
             .zip(self.indexes.iter_mut())
+            .enumerate()
         {
+            let previous = previous.get_mut(i).and_then(Option::take);
             // The IPv6 overlay is judged against the IPv6 side of every node.
             let desired = input.desired.map(|d| match spec.family {
                 Family::V4 => d,
@@ -279,18 +287,21 @@ impl Evaluator {
                 observed,
                 stamp,
             };
-            let kept = slot.take().and_then(|mut parts| {
-                let done = update(&mut parts, &changes, &inputs);
-                done.map(|(p, r)| {
+            let mut kept = slot.take();
+            let updated = kept
+                .as_mut()
+                .and_then(|parts| update(parts, &changes, &inputs));
+            let parts = match (updated, kept) {
+                (Some((p, r)), Some(parts)) => {
                     self.last.peers += p;
                     self.last.routes += r;
                     parts
-                })
-            });
-            let parts = kept.unwrap_or_else(|| {
-                self.last.rebuilt = true;
-                build(&inputs, peers)
-            });
+                }
+                (_, kept) => {
+                    self.last.rebuilt = true;
+                    build(&inputs, peers, kept.as_ref().or(previous.as_ref()))
+                }
+            };
             // Sized once: at 5,000 findings growing by doubling would leave up to half the
             // list's capacity unused while this copy lives.
             let count = parts
@@ -324,17 +335,22 @@ struct PartInputs<'a> {
 
 impl PartInputs<'_> {
     /// A part as kept until the next evaluation, complete before it is shared (family,
-    /// stamp): most hold one finding, and a list grown to room for four would leave most of
-    /// it unused.
-    fn kept(&self, found: Vec<Finding>) -> Vec<Arc<Finding>> {
+    /// stamp). A finding equal to the one in the same place of the part it replaces is that
+    /// one. Most parts hold one finding, and a list grown to room for four would leave most
+    /// of it unused.
+    fn kept(&self, found: Vec<Finding>, before: Option<&Vec<Arc<Finding>>>) -> Vec<Arc<Finding>> {
         let mut kept: Vec<Arc<Finding>> = found
             .into_iter()
-            .map(|mut f| {
+            .enumerate()
+            .map(|(i, mut f)| {
                 if f.device == self.spec.name {
                     f.family = Some(self.spec.family);
                 }
                 (self.stamp)(&mut f);
-                Arc::new(f)
+                match before.and_then(|b| b.get(i)) {
+                    Some(old) if **old == f => Arc::clone(old),
+                    _ => Arc::new(f),
+                }
             })
             .collect();
         kept.shrink_to_fit();
@@ -342,8 +358,12 @@ impl PartInputs<'_> {
     }
 }
 
-/// Every part of one device, from scratch.
-fn build<'a>(inputs: &PartInputs<'a>, peers: Option<Vec<&'a PeerNode>>) -> DeviceParts {
+/// Every part of one device, from scratch; `before`: the parts it replaces.
+fn build<'a>(
+    inputs: &PartInputs<'a>,
+    peers: Option<Vec<&'a PeerNode>>,
+    before: Option<&DeviceParts>,
+) -> DeviceParts {
     let PartInputs {
         spec,
         index,
@@ -358,7 +378,8 @@ fn build<'a>(inputs: &PartInputs<'a>, peers: Option<Vec<&'a PeerNode>>) -> Devic
     for (i, p) in peers.iter().enumerate() {
         let found = peer_findings(spec, dev, p, index, &observed.direct_routes, &best);
         if !found.is_empty() {
-            peer_parts.insert(i, inputs.kept(found));
+            let before = before.and_then(|b| b.peers.get(&i));
+            peer_parts.insert(i, inputs.kept(found, before));
         }
     }
     let mut routes = BTreeMap::new();
@@ -366,7 +387,11 @@ fn build<'a>(inputs: &PartInputs<'a>, peers: Option<Vec<&'a PeerNode>>) -> Devic
     for group in main_groups(dev) {
         let found = route_findings(spec, desired, group, &mut peers, index);
         if !found.is_empty() {
-            routes.insert(group[0].destination, inputs.kept(found));
+            let dst = group[0].destination;
+            routes.insert(
+                dst,
+                inputs.kept(found, before.and_then(|b| b.routes.get(&dst))),
+            );
         }
     }
     DeviceParts {
@@ -428,7 +453,8 @@ fn update(
         if found.is_empty() {
             parts.peers.remove(&i);
         } else {
-            parts.peers.insert(i, inputs.kept(found));
+            let found = inputs.kept(found, parts.peers.get(&i));
+            parts.peers.insert(i, found);
         }
     }
     let mut peers = LazyPeers::new(desired, spec.family);
@@ -437,7 +463,8 @@ fn update(
         if found.is_empty() {
             parts.routes.remove(dst);
         } else {
-            parts.routes.insert(*dst, inputs.kept(found));
+            let found = inputs.kept(found, parts.routes.get(dst));
+            parts.routes.insert(*dst, found);
         }
     }
     Some(recomputed)

@@ -1,7 +1,7 @@
 //! The incremental [`Evaluator`] against its oracle, a full evaluation from scratch: after any
 //! sequence of kernel events, in batches of any size, both must return the same report.
 
-use std::net::IpAddr;
+use std::{net::IpAddr, sync::Arc};
 
 use ipnet::IpNet;
 use proptest::prelude::*;
@@ -411,4 +411,57 @@ fn kept_parts_hold_no_spare_room() {
     report(&mut ev, &observed, &desired);
     assert!(!ev.last.rebuilt);
     assert_eq!(ev.spare_room(), 0);
+}
+
+#[test]
+fn findings_computed_again_the_same_are_the_ones_already_shared() {
+    let (desired, mut observed) = cluster();
+    let watched = [V4.to_string(), V6.to_string()];
+    for dev in observed.devices.values_mut() {
+        dev.routes.clear();
+    }
+    let mut ev = Evaluator::default();
+    let first = report(&mut ev, &observed, &desired);
+    assert!(
+        first.findings.len() >= 4,
+        "{:?}",
+        super::tests::summary(&first)
+    );
+    let same = |a: &CheckReport, b: &CheckReport| {
+        a.findings.len() == b.findings.len()
+            && a.findings
+                .iter()
+                .zip(&b.findings)
+                .all(|(x, y)| Arc::ptr_eq(x, y))
+    };
+
+    // A full rebuild (a resync, a link event) that finds the same: no second copy while the
+    // open list still holds the first.
+    ev.invalidate();
+    let rebuilt = report(&mut ev, &observed, &desired);
+    assert!(ev.last.rebuilt);
+    assert!(same(&first, &rebuilt));
+
+    // A peer's part computed again by an event that changes nothing it finds (its block
+    // routed in another table): what it finds is what it found before.
+    let block = desired.nodes["k8s03"].blocks[0];
+    let e = ObservedEvent::RouteAdded {
+        ifindex: V4_IFINDEX,
+        route: Route {
+            table: 100,
+            ..super::tests::route(&block, Some(ip("10.1.235.128")))
+        },
+        replace: false,
+    };
+    assert_eq!(observed.apply(&e, &watched), Applied::Changed);
+    ev.note(&e);
+    let after = report(&mut ev, &observed, &desired);
+    assert!(!ev.last.rebuilt && ev.last.peers > 0, "{:?}", ev.last);
+    let unchanged: Vec<_> = after
+        .findings
+        .iter()
+        .filter_map(|f| first.findings.iter().find(|o| o == &f).map(|o| (o, f)))
+        .collect();
+    assert!(!unchanged.is_empty());
+    assert!(unchanged.iter().all(|(o, f)| Arc::ptr_eq(o, f)));
 }
