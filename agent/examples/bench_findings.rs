@@ -1,6 +1,6 @@
 //! Micro-benchmark of finding bookkeeping: open 4 findings for each of 5,000 peers at once
-//! (a datastore outage or a mass route corruption), keep them for one evaluation, then clear
-//! them all, with [`FindingTracker::update`] and, as the same-run baseline, the pairwise clear
+//! (a datastore outage or a mass route corruption), keep them for one evaluation, change one,
+//! then clear them all, with [`FindingTracker::update`] and, as the same-run baseline, the pairwise clear
 //! it replaced. Unprivileged.
 //! `cargo run --release -p dataplane-watchdog --example bench_findings` (`BENCH_PEERS` sets
 //! the peer count).
@@ -53,16 +53,31 @@ fn main() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(5_000);
-    // As the evaluator hands them over: shared.
-    let all: Vec<Arc<Finding>> = findings(peers).into_iter().map(Arc::new).collect();
     let now = SystemTime::now();
     let mut t = FindingTracker::default();
+    // As the evaluator hands them over: stamped, then shared with its kept parts.
+    let all: Vec<Arc<Finding>> = findings(peers)
+        .into_iter()
+        .map(|mut f| {
+            f.since = Some(t.first_seen(&f, now));
+            Arc::new(f)
+        })
+        .collect();
     let started = Instant::now();
     let opened = t.update(all.clone(), now).opened.len();
     let open_time = started.elapsed();
+    // An evaluation that changes none of them (an unrelated event during the outage).
     let started = Instant::now();
-    t.update(all.clone(), now);
+    assert!(t.update(all.clone(), now).is_empty());
     let keep_time = started.elapsed();
+    // One finding's content changed (its part computed again): every key is compared.
+    let mut one_changed = all.clone();
+    Arc::make_mut(&mut one_changed[0])
+        .message
+        .push_str(" (again)");
+    let started = Instant::now();
+    assert_eq!(t.update(one_changed, now).changed.len(), 1);
+    let changed_time = started.elapsed();
     let started = Instant::now();
     let cleared = t.update(Vec::new(), now).cleared.len();
     let clear_time = started.elapsed();
@@ -79,6 +94,7 @@ fn main() {
     println!("{} findings ({peers} peers x 4):", all.len());
     println!("  open all    {:>9.2} ms", ms(open_time));
     println!("  keep all    {:>9.2} ms", ms(keep_time));
+    println!("  change one  {:>9.2} ms", ms(changed_time));
     println!("  clear all   {:>9.2} ms", ms(clear_time));
     println!(
         "  pairwise clear (before), {} findings: {:>9.2} ms; scaled to {} (x100, quadratic): \
