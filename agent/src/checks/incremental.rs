@@ -302,8 +302,8 @@ impl Evaluator {
                     build(&inputs, peers, kept.as_ref().or(previous.as_ref()))
                 }
             };
-            // Sized once: at 5,000 findings growing by doubling would leave up to half the
-            // list's capacity unused while this copy lives.
+            // Sized once: the report becomes the open list, which would otherwise keep up to
+            // half its capacity unused for as long as the findings stay open.
             let count = parts
                 .peers
                 .values()
