@@ -785,6 +785,12 @@ impl Finding {
     }
 }
 
+/// Findings as the daemon's open list holds them (tests).
+#[cfg(test)]
+pub(crate) fn shared(findings: &[Finding]) -> Vec<std::sync::Arc<Finding>> {
+    findings.iter().cloned().map(std::sync::Arc::new).collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

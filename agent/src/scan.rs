@@ -3,7 +3,6 @@
 //! as one command.
 
 use std::{
-    borrow::Borrow,
     collections::BTreeSet,
     fmt::Write as _,
     path::PathBuf,
@@ -118,14 +117,8 @@ pub struct Summary {
 }
 
 impl Summary {
-    /// Of findings owned or shared (`&[Finding]`, `&[Arc<Finding>]`).
-    pub fn of<F: Borrow<Finding>>(findings: &[F]) -> Summary {
-        let count = |s| {
-            findings
-                .iter()
-                .filter(|f: &&F| (*f).borrow().severity == s)
-                .count()
-        };
+    pub fn of(findings: &[Arc<Finding>]) -> Summary {
+        let count = |s| findings.iter().filter(|f| f.severity == s).count();
         let (critical, warning, info) = (
             count(Severity::Critical),
             count(Severity::Warning),
@@ -520,7 +513,7 @@ fn table<const N: usize>(s: &mut String, header: [&str; N], rows: &[[String; N]]
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{CheckId, Finding};
+    use crate::model::{shared, CheckId, Finding};
 
     fn config() -> Config {
         Config::with_node_name("k8s01")
@@ -530,9 +523,12 @@ mod tests {
     fn exit_codes_follow_the_worst_severity() {
         let warn = Finding::new(CheckId::RouteStale, Severity::Warning, "d", "w".into());
         let crit = Finding::new(CheckId::RouteMissing, Severity::Critical, "d", "c".into());
-        assert_eq!(Summary::of::<Finding>(&[]).exit_code, 0);
-        assert_eq!(Summary::of(std::slice::from_ref(&warn)).exit_code, 1);
-        assert_eq!(Summary::of(&[warn, crit]).exit_code, 2);
+        assert_eq!(Summary::of(&[]).exit_code, 0);
+        assert_eq!(
+            Summary::of(&shared(std::slice::from_ref(&warn))).exit_code,
+            1
+        );
+        assert_eq!(Summary::of(&shared(&[warn, crit])).exit_code, 2);
     }
 
     #[test]

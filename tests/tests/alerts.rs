@@ -74,7 +74,9 @@ impl Driver {
     }
 
     fn observe(&mut self, open: &[Finding]) {
-        self.alerter.observe(open, true, SystemTime::now());
+        let open: Vec<std::sync::Arc<Finding>> =
+            open.iter().cloned().map(std::sync::Arc::new).collect();
+        self.alerter.observe(&open, true, SystemTime::now());
         self.rt.block_on(self.alerter.step(SystemTime::now()));
     }
 
@@ -360,7 +362,7 @@ fn restart_with_open_findings_does_not_page_again_and_resolves_what_cleared_whil
     let mut d = Driver::open(&cfg);
     // Before the first in-sync evaluation nothing is decided.
     d.alerter
-        .observe(std::slice::from_ref(&a), false, SystemTime::now());
+        .observe(&[std::sync::Arc::new(a.clone())], false, SystemTime::now());
     d.run_for(Duration::from_millis(500));
     assert_eq!(rx.received().len(), 2);
     d.observe(std::slice::from_ref(&a));

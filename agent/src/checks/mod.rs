@@ -19,7 +19,7 @@ pub(crate) mod tests;
 #[cfg(test)]
 pub(crate) mod tests_dual_stack;
 
-use std::{borrow::Borrow, collections::BTreeMap, net::IpAddr, sync::Arc};
+use std::{collections::BTreeMap, net::IpAddr, sync::Arc};
 
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
@@ -283,11 +283,9 @@ pub struct PeerVerdicts {
 
 impl PeerVerdicts {
     /// The verdicts `findings` give the datastore's remote nodes.
-    /// Of findings owned or shared (`&[Finding]`, `&[Arc<Finding>]`).
-    pub fn of<F: Borrow<Finding>>(desired: &DesiredState, findings: &[F]) -> Self {
+    pub fn of(desired: &DesiredState, findings: &[Arc<Finding>]) -> Self {
         let mut by_peer: BTreeMap<&str, (usize, Option<Severity>)> = BTreeMap::new();
         for f in findings {
-            let f = f.borrow();
             if let Some(p) = &f.peer_node {
                 let e = by_peer.entry(p.as_str()).or_default();
                 e.0 += 1;

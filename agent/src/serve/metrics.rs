@@ -371,11 +371,9 @@ impl Metrics {
 
     /// Replace the open-findings gauges. Series seen before and now absent are set to 0
     /// rather than removed, so alert rules see the drop to zero.
-    /// Of findings owned or shared (`&[Finding]`, `&[Arc<Finding>]`).
-    pub fn set_findings<F: std::borrow::Borrow<Finding>>(&self, findings: &[F]) {
+    pub fn set_findings(&self, findings: &[Arc<Finding>]) {
         let mut counts: HashMap<FindingLabels, i64> = HashMap::new();
         for f in findings {
-            let f = f.borrow();
             *counts
                 .entry(FindingLabels {
                     check: f.check.to_string(),

@@ -171,10 +171,7 @@ impl<T: Transport> Alerter<T> {
     }
 
     /// One evaluation's open findings.
-    pub fn observe<F>(&mut self, open: &[F], in_sync: bool, at: SystemTime)
-    where
-        F: std::borrow::Borrow<Finding> + Clone + Into<Arc<Finding>>,
-    {
+    pub fn observe(&mut self, open: &[Arc<Finding>], in_sync: bool, at: SystemTime) {
         self.lifecycle.observe(open, in_sync, at);
     }
 

@@ -16,7 +16,6 @@
 //!   the first in-sync evaluation.
 
 use std::{
-    borrow::Borrow,
     collections::{BTreeMap, VecDeque},
     sync::Arc,
     time::{Duration, SystemTime},
@@ -132,24 +131,17 @@ impl Lifecycle {
         }
     }
 
-    /// One evaluation: `open` is every open finding at `at`, shared (the daemon's open
-    /// list, kept without a copy) or owned. Before the first in-sync evaluation nothing is
-    /// considered cleared (the picture is incomplete).
-    pub fn observe<F>(&mut self, open: &[F], in_sync: bool, at: SystemTime)
-    where
-        F: Borrow<Finding> + Clone + Into<Arc<Finding>>,
-    {
+    /// One evaluation: `open` is every open finding at `at` (the daemon's open list, kept
+    /// without a copy). Before the first in-sync evaluation nothing is considered cleared
+    /// (the picture is incomplete).
+    pub fn observe(&mut self, open: &[Arc<Finding>], in_sync: bool, at: SystemTime) {
         let mut seen = std::collections::BTreeSet::new();
-        for shared in open
-            .iter()
-            .filter(|f| (*f).borrow().severity >= Severity::Warning)
-        {
-            let f: &Finding = shared.borrow();
+        for f in open.iter().filter(|f| f.severity >= Severity::Warning) {
             let key = dedup_key(&self.node, f);
             seen.insert(key.clone());
             match self.tracked.get_mut(&key) {
                 Some(t) => {
-                    t.finding = shared.clone().into();
+                    t.finding = Arc::clone(f);
                     t.restored = false;
                     if t.cleared_at.take().is_some() && t.alerted.is_none() {
                         // A new episode of a finding that was resolved (or never sent).
@@ -160,7 +152,7 @@ impl Lifecycle {
                     self.tracked.insert(
                         key,
                         Tracked {
-                            finding: shared.clone().into(),
+                            finding: Arc::clone(f),
                             opened_at: at,
                             cleared_at: None,
                             alerted: None,
@@ -369,7 +361,7 @@ mod tests {
 
     /// Observes `open` at `ms` and returns what is due then.
     fn step(l: &mut Lifecycle, open: &[Finding], ms: u64) -> Vec<(AlertState, Reason)> {
-        l.observe(open, true, t(ms));
+        l.observe(&crate::model::shared(open), true, t(ms));
         l.due(t(ms))
             .into_iter()
             .map(|n| (n.status, n.reason))
@@ -393,7 +385,7 @@ mod tests {
         let mut l = Lifecycle::new(policy(), "ip-10-0-1-5", BTreeMap::new());
         l.set_node("k8s01");
         let f = incident();
-        l.observe(std::slice::from_ref(&f), true, t(0));
+        l.observe(&crate::model::shared(std::slice::from_ref(&f)), true, t(0));
         let sent = l.due(t(2500));
         assert_eq!(sent.len(), 1);
         assert_eq!(sent[0].node, "k8s01");
@@ -402,7 +394,11 @@ mod tests {
             crate::act::alerts::notification::dedup_key("k8s01", &f)
         );
         l.set_node("other");
-        l.observe(std::slice::from_ref(&f), true, t(3000));
+        l.observe(
+            &crate::model::shared(std::slice::from_ref(&f)),
+            true,
+            t(3000),
+        );
         assert!(
             l.due(t(6000)).is_empty(),
             "no second page under another name"
@@ -439,7 +435,7 @@ mod tests {
             "paged twice"
         );
         let mut l2 = l;
-        l2.observe(&[] as &[Finding], true, t(10_000));
+        l2.observe(&crate::model::shared(&[]), true, t(10_000));
         let out = l2.due(t(10_000));
         assert_eq!(out.len(), 1);
         assert_eq!(out[0].status, AlertState::Resolved);
@@ -459,7 +455,7 @@ mod tests {
             "k8s01",
             BTreeMap::new(),
         );
-        l.observe(&[incident()], false, t(0));
+        l.observe(&crate::model::shared(&[incident()]), false, t(0));
         assert!(l.due(t(0)).is_empty(), "paged before in sync");
         assert_eq!(step(&mut l, &[incident()], 10), [FIRE]);
     }
@@ -472,7 +468,11 @@ mod tests {
         step(&mut l, std::slice::from_ref(&f), 0);
         assert_eq!(tick(&mut l, 2000), [FIRE]);
         f.severity = Severity::Critical;
-        l.observe(std::slice::from_ref(&f), true, t(3000));
+        l.observe(
+            &crate::model::shared(std::slice::from_ref(&f)),
+            true,
+            t(3000),
+        );
         let out = l.due(t(3000));
         assert_eq!(out.len(), 1);
         assert_eq!(out[0].reason, Reason::Escalated);
@@ -481,7 +481,7 @@ mod tests {
         f.severity = Severity::Warning;
         assert!(step(&mut l, std::slice::from_ref(&f), 4000).is_empty());
         // The resolve reaches the sinks that got the critical page.
-        l.observe(&[] as &[Finding], true, t(5000));
+        l.observe(&crate::model::shared(&[]), true, t(5000));
         let out = l.due(t(5000));
         assert_eq!(out[0].finding.severity, Severity::Critical);
     }
@@ -566,7 +566,7 @@ mod tests {
         });
         step(&mut l, std::slice::from_ref(&f), 500);
         let out = {
-            l.observe(&[] as &[Finding], true, t(800));
+            l.observe(&crate::model::shared(&[]), true, t(800));
             l.due(t(800))
         };
         assert_eq!(out.len(), 1);
@@ -590,10 +590,18 @@ mod tests {
 
         // "Restart": a new lifecycle from what was persisted; b cleared while down.
         let mut l = Lifecycle::new(policy(), "k8s01", saved);
-        l.observe(std::slice::from_ref(&a), false, t(60_000));
+        l.observe(
+            &crate::model::shared(std::slice::from_ref(&a)),
+            false,
+            t(60_000),
+        );
         assert!(l.due(t(60_000)).is_empty(), "acted before in sync");
         assert_eq!(l.restored_pending(), 1);
-        l.observe(std::slice::from_ref(&a), true, t(61_000));
+        l.observe(
+            &crate::model::shared(std::slice::from_ref(&a)),
+            true,
+            t(61_000),
+        );
         let out = l.due(t(61_000));
         assert_eq!(out.len(), 1, "{out:?}");
         assert_eq!(out[0].status, AlertState::Resolved);

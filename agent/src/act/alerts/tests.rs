@@ -116,7 +116,7 @@ async fn a_500_is_retried_with_the_same_webhook_id_and_delivered_once() {
     let mut a = Alerter::open(&config(dir.path(), hook()), "k8s01", fake.clone(), None).unwrap();
     fake.answer(500, None);
     fake.answer(503, None);
-    a.observe(&[incident()], true, t(0));
+    a.observe(&crate::model::shared(&[incident()]), true, t(0));
     a.step(t(0)).await;
     assert!(fake.sent().is_empty(), "sent before pending_for");
     a.step(t(2000)).await;
@@ -156,7 +156,7 @@ async fn a_400_is_permanent_counted_and_shown() {
         retry_after: None,
         body: "invalid payload".into(),
     }));
-    a.observe(&[incident()], true, t(0));
+    a.observe(&crate::model::shared(&[incident()]), true, t(0));
     a.step(t(2000)).await;
     for s in 1..20 {
         a.step(t(2000 + s * 60_000)).await;
@@ -178,7 +178,7 @@ async fn a_429_retry_after_is_honoured() {
     let fake = Fake::default();
     let mut a = Alerter::open(&config(dir.path(), hook()), "k8s01", fake.clone(), None).unwrap();
     fake.answer(429, Some("7"));
-    a.observe(&[incident()], true, t(0));
+    a.observe(&crate::model::shared(&[incident()]), true, t(0));
     a.step(t(2000)).await;
     assert_eq!(a.next_attempt(), Some(t(9000)));
     a.step(t(8999)).await;
@@ -197,7 +197,7 @@ async fn retry_after_counts_from_the_answer_of_a_slow_receiver() {
     *fake.slow.lock().unwrap() = Some(("/hook".into(), Duration::from_millis(150)));
     let mut a = Alerter::open(&config(dir.path(), hook()), "k8s01", fake.clone(), None).unwrap();
     fake.answer(429, Some("2"));
-    a.observe(&[incident()], true, t(0));
+    a.observe(&crate::model::shared(&[incident()]), true, t(0));
     a.step(t(2000)).await;
     assert_eq!(fake.sent().len(), 1);
     let next = a.next_attempt().unwrap();
@@ -214,9 +214,9 @@ async fn a_resolve_never_overtakes_its_trigger() {
     let fake = Fake::default();
     let mut a = Alerter::open(&config(dir.path(), hook()), "k8s01", fake.clone(), None).unwrap();
     fake.down(3);
-    a.observe(&[incident()], true, t(0));
+    a.observe(&crate::model::shared(&[incident()]), true, t(0));
     a.step(t(2000)).await;
-    a.observe(&[] as &[crate::model::Finding], true, t(2500));
+    a.observe(&crate::model::shared(&[]), true, t(2500));
     a.step(t(2500)).await;
     assert_eq!(a.pending(), 2);
     let mut now = t(2500);
@@ -247,7 +247,11 @@ async fn restart_resumes_pending_without_repaging_and_resolves_what_cleared() {
         let mut a =
             Alerter::open(&config(dir.path(), hook()), "k8s01", fake.clone(), None).unwrap();
         fake.down(100);
-        a.observe(&[a_f.clone(), b_f.clone()], true, t(0));
+        a.observe(
+            &crate::model::shared(&[a_f.clone(), b_f.clone()]),
+            true,
+            t(0),
+        );
         a.step(t(2000)).await;
         assert_eq!(a.pending(), 2);
         // "kill -9": dropped without any shutdown step.
@@ -257,7 +261,11 @@ async fn restart_resumes_pending_without_repaging_and_resolves_what_cleared() {
     let mut a = Alerter::open(&config(dir.path(), hook()), "k8s01", fake.clone(), None).unwrap();
     assert_eq!(a.pending(), 2, "pending notifications lost on restart");
     // The restarted daemon sees a still open, b cleared while it was down.
-    a.observe(std::slice::from_ref(&a_f), true, t(100_000));
+    a.observe(
+        &crate::model::shared(std::slice::from_ref(&a_f)),
+        true,
+        t(100_000),
+    );
     a.step(t(100_000)).await;
     a.step(t(100_300)).await;
     a.step(t(200_000)).await;
@@ -302,7 +310,7 @@ async fn a_full_spool_drops_and_counts() {
         f.severity = *sev;
         open.push(f);
     }
-    a.observe(&open, true, t(0));
+    a.observe(&crate::model::shared(&open), true, t(0));
     a.advance(t(0));
     let st = a.status(t(0));
     assert_eq!((st.pending, st.dropped), (2, 1));
@@ -331,7 +339,7 @@ async fn sinks_get_only_what_they_want_and_alertmanager_is_reposted() {
     let mut a = Alerter::open(&config(dir.path(), sinks), "k8s01", fake.clone(), None).unwrap();
     let mut f = incident();
     f.severity = Severity::Warning;
-    a.observe(&[f.clone()], true, t(0));
+    a.observe(&crate::model::shared(&[f.clone()]), true, t(0));
     a.step(t(2000)).await;
     let urls: Vec<String> = fake.sent().iter().map(|s| s.url.clone()).collect();
     assert!(
@@ -375,7 +383,7 @@ async fn secrets_never_reach_status_or_errors() {
         "https://hooks.slack.com/services/T0/B0/XXXXSECRET",
     )];
     let mut a = Alerter::open(&config(dir.path(), sinks), "k8s01", fake.clone(), None).unwrap();
-    a.observe(&[incident()], true, t(0));
+    a.observe(&crate::model::shared(&[incident()]), true, t(0));
     a.step(t(2000)).await;
     let st = a.status(t(2000));
     let json = serde_json::to_string(&st).unwrap();
@@ -462,7 +470,7 @@ async fn an_unreachable_sink_is_not_hammered_within_one_pass() {
             f
         })
         .collect();
-    a.observe(&open, true, t(0));
+    a.observe(&crate::model::shared(&open), true, t(0));
     a.step(t(0)).await;
     assert_eq!(
         fake.sent().len(),
@@ -488,9 +496,9 @@ async fn a_hanging_sink_delays_neither_the_others_nor_the_pass() {
     cfg.pending_for = Duration::ZERO;
     let mut a = Alerter::open(&cfg, "k8s01", fake.clone(), None).unwrap();
     let started = std::time::Instant::now();
-    a.observe(&[incident()], true, t(0));
+    a.observe(&crate::model::shared(&[incident()]), true, t(0));
     a.step(t(0)).await;
-    a.observe(&[] as &[crate::model::Finding], true, t(100));
+    a.observe(&crate::model::shared(&[]), true, t(100));
     a.step(t(100)).await;
     assert!(
         started.elapsed() < Duration::from_secs(1),

@@ -8,7 +8,10 @@ fn finding(check: CheckId, sev: Severity) -> Finding {
 #[test]
 fn exposition_has_contract_names_and_types() {
     let m = Metrics::new();
-    m.set_findings(&[finding(CheckId::GatewayWrongVtep, Severity::Critical)]);
+    m.set_findings(&crate::model::shared(&[finding(
+        CheckId::GatewayWrongVtep,
+        Severity::Critical,
+    )]));
     m.observe_vxlan_drops_total("vxlan.calico", "NEIGH_FAILED", 10);
     m.inc_repair("route-replace", "applied");
     m.inc_alert("webhook", "sent");
@@ -58,7 +61,7 @@ fn gauges_follow_the_evaluation() {
     let m = Metrics::new();
     let mut f = finding(CheckId::RouteMissing, Severity::Critical);
     f.peer_node = Some("k8s03".into());
-    m.set_findings(&[f]);
+    m.set_findings(&crate::model::shared(&[f]));
     m.set_peer_verdicts(&crate::checks::PeerVerdicts {
         peers: 3,
         with_findings: [("k8s03".to_string(), (crate::checks::Verdict::Critical, 1))].into(),
@@ -76,14 +79,14 @@ fn gauges_follow_the_evaluation() {
 #[test]
 fn cleared_findings_drop_to_zero() {
     let m = Metrics::new();
-    m.set_findings(&[
+    m.set_findings(&crate::model::shared(&[
         finding(CheckId::FdbMissing, Severity::Warning),
         finding(CheckId::FdbMissing, Severity::Warning),
-    ]);
+    ]));
     assert!(m
         .encode()
         .contains("findings{check=\"fdb-missing\",severity=\"warning\"} 2\n"));
-    m.set_findings::<Finding>(&[]);
+    m.set_findings(&crate::model::shared(&[]));
     assert!(m
         .encode()
         .contains("findings{check=\"fdb-missing\",severity=\"warning\"} 0\n"));
@@ -98,7 +101,7 @@ fn findings_about_an_overlay_carry_its_family_others_no_family_label() {
     let mut v4 = finding(CheckId::GatewayWrongVtep, Severity::Critical);
     v4.family = Some(crate::model::Family::V4);
     let stale = finding(CheckId::DatastoreStale, Severity::Warning);
-    m.set_findings(&[v6, v4, stale]);
+    m.set_findings(&crate::model::shared(&[v6, v4, stale]));
     let out = m.encode();
     for line in [
         "findings{check=\"gateway-wrong-vtep\",severity=\"critical\",family=\"ipv6\"} 1\n",
