@@ -332,8 +332,8 @@ fn incident_lab_replays_k8s03() {
 #[test]
 fn datastore_yaml_describes_the_healthy_cluster() {
     let lab = build(calico3());
-    let doc: serde_norway::Value = serde_norway::from_str(&lab.datastore_yaml()).unwrap();
-    let nodes = doc["nodes"].as_sequence().unwrap();
+    let doc: serde_json::Value = serde_saphyr::from_str(&lab.datastore_yaml()).unwrap();
+    let nodes = doc["nodes"].as_array().unwrap();
     assert_eq!(nodes.len(), 3);
     for (y, n) in nodes.iter().zip(lab.nodes()) {
         assert_eq!(y["name"].as_str(), Some(n.name.as_str()));
@@ -347,7 +347,7 @@ fn datastore_yaml_describes_the_healthy_cluster() {
             "lab and agent derive different MACs"
         );
         let blocks: Vec<String> = y["blocks"]
-            .as_sequence()
+            .as_array()
             .unwrap()
             .iter()
             .map(|b| b.as_str().unwrap().to_string())
@@ -358,7 +358,7 @@ fn datastore_yaml_describes_the_healthy_cluster() {
     assert_eq!(nodes[1]["borrowed"][0].as_str(), Some("10.1.1.10/32"));
 
     let flannel = build(LabSpec::flannel(2));
-    let doc: serde_norway::Value = serde_norway::from_str(&flannel.datastore_yaml()).unwrap();
+    let doc: serde_json::Value = serde_saphyr::from_str(&flannel.datastore_yaml()).unwrap();
     let first = &doc["nodes"][0];
     assert_eq!(
         first["vtep_mac"].as_str(),

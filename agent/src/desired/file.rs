@@ -27,12 +27,12 @@
 //! node entry is a problem for that entry only (see [`super::build`]).
 
 use std::{
-    collections::BTreeSet,
+    collections::{btree_map, BTreeMap, BTreeSet},
     path::{Path, PathBuf},
 };
 
-use serde::Deserialize;
-use serde_json::Value;
+use serde::{de::IgnoredAny, Deserialize};
+use serde_saphyr::options::DuplicateKeyPolicy;
 
 use super::{build, Datastore, DatastoreError, RawField, RawNode};
 use crate::model::{DatastoreProblem, DesiredState};
@@ -152,13 +152,23 @@ impl Datastore for FileDatastore {
 }
 
 /// The file's top level. Node entries stay untyped so one bad entry cannot fail the file.
-/// YAML entries are read as `serde_norway::Value`, which (unlike `serde_json::Value`) rejects a
-/// key given twice instead of silently keeping the last one.
 #[derive(Deserialize)]
-struct Doc<V> {
-    nodes: Vec<V>,
+struct Doc {
+    nodes: Nodes,
     #[serde(flatten)]
-    other: serde_json::Map<String, Value>,
+    other: BTreeMap<String, IgnoredAny>,
+}
+
+/// How node files are read as YAML. The file is the cluster's own list, written by its admins,
+/// so its size follows the cluster: no event budget (one would refuse a large cluster), but
+/// alias expansion stays limited. YAML 1.2 booleans only (`yes` is a string), and a key given
+/// twice reaches the entry, which reports it instead of keeping one of the two.
+pub(super) fn yaml_options() -> serde_saphyr::Options {
+    serde_saphyr::options! {
+        budget: None,
+        strict_booleans: true,
+        duplicate_keys: DuplicateKeyPolicy::PassThrough,
+    }
 }
 
 /// Parse a node file's text. `path` names the file in errors and problems. Pure: no I/O.
@@ -176,72 +186,48 @@ pub fn parse(
     };
     let mut problems = Vec::new();
     let object = path.display().to_string();
-    // `None`: an entry already reported as unusable.
-    let doc: Doc<Option<Value>> = match format {
-        FileFormat::Yaml => serde_norway::from_str::<Doc<serde_norway::Value>>(text)
-            .map(|doc| Doc {
-                nodes: doc
-                    .nodes
-                    .into_iter()
-                    .enumerate()
-                    .map(|(i, v)| {
-                        // Fails only for shapes JSON cannot hold (non-string keys).
-                        serde_json::to_value(&v)
-                            .map_err(|e| {
-                                problems.push(DatastoreProblem {
-                                    object: object.clone(),
-                                    node: None,
-                                    field: format!("nodes[{i}]"),
-                                    message: format!("unusable entry: {e}"),
-                                })
-                            })
-                            .ok()
-                    })
-                    .collect(),
-                other: doc.other,
-            })
+    let doc: Doc = match format {
+        FileFormat::Yaml => serde_saphyr::from_str_with_options::<Doc>(text, yaml_options())
             .map_err(|e| {
                 let loc = e.location();
-                // serde_norway repeats the position in its message; keep ours only.
-                let msg = e.to_string();
-                let msg = match msg.rsplit_once(" at line ") {
-                    Some((m, _)) if loc.is_some() => m.to_string(),
+                let (line, column) = (
+                    loc.map(|l| l.line() as usize),
+                    loc.map(|l| l.column() as usize),
+                );
+                // The message repeats the position; keep ours only.
+                let msg = e.without_snippet().to_string();
+                let msg = match (line, column) {
+                    (Some(l), Some(c)) => msg
+                        .strip_suffix(&format!(" at line {l}, column {c}"))
+                        .map(str::to_string)
+                        .unwrap_or(msg),
                     _ => msg,
                 };
-                parse_err(
-                    loc.as_ref().map(|l| l.line()),
-                    loc.as_ref().map(|l| l.column()),
-                    msg,
-                )
+                parse_err(line, column, msg.replace('\n', " "))
             })?,
-        FileFormat::Toml => toml::from_str::<Doc<Value>>(text)
-            .map(|doc| Doc {
-                nodes: doc.nodes.into_iter().map(Some).collect(),
-                other: doc.other,
-            })
-            .map_err(|e| {
-                let (line, column) = match e.span() {
-                    Some(span) => {
-                        let (l, c) = line_column(text, span.start);
-                        (Some(l), Some(c))
-                    }
-                    None => (None, None),
-                };
-                // toml's message may span lines, or be empty when a value is missing.
-                let message = e
-                    .message()
-                    .lines()
-                    .map(str::trim)
-                    .filter(|l| !l.is_empty())
-                    .collect::<Vec<_>>()
-                    .join("; ");
-                let message = if message.is_empty() {
-                    "invalid TOML (a value is missing or malformed)".to_string()
-                } else {
-                    message
-                };
-                parse_err(line, column, message)
-            })?,
+        FileFormat::Toml => toml::from_str::<Doc>(text).map_err(|e| {
+            let (line, column) = match e.span() {
+                Some(span) => {
+                    let (l, c) = line_column(text, span.start);
+                    (Some(l), Some(c))
+                }
+                None => (None, None),
+            };
+            // toml's message may span lines, or be empty when a value is missing.
+            let message = e
+                .message()
+                .lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty())
+                .collect::<Vec<_>>()
+                .join("; ");
+            let message = if message.is_empty() {
+                "invalid TOML (a value is missing or malformed)".to_string()
+            } else {
+                message
+            };
+            parse_err(line, column, message)
+        })?,
     };
 
     for key in doc.other.keys() {
@@ -252,11 +238,13 @@ pub fn parse(
             message: format!("unknown top-level key `{key}` ignored (expected `nodes`)"),
         });
     }
+    // Each entry is freed as its record is made.
     let records = doc
         .nodes
-        .iter()
+        .0
+        .into_iter()
         .enumerate()
-        .filter_map(|(i, v)| raw_node(i, v.as_ref()?, &object, &mut problems))
+        .filter_map(|(i, v)| raw_node(i, v, &object, &mut problems))
         .collect();
     Ok(build(
         format!("file:{object}"),
@@ -278,54 +266,56 @@ fn line_column(text: &str, at: usize) -> (usize, usize) {
     (line, col)
 }
 
-/// A scalar as text: strings as they are, numbers printed (a node named `123`); `None` for
-/// absent/null. Anything else is a type error naming what was found.
-fn scalar(v: Option<&Value>) -> Result<Option<String>, String> {
+/// A scalar as text (numbers as written: a node named `123`); `None` for absent/null.
+/// Anything else is a type error naming what was found.
+fn scalar(v: Option<Item>) -> Result<Option<String>, String> {
     match v {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::String(s)) => Ok(Some(s.clone())),
-        Some(Value::Number(n)) => Ok(Some(n.to_string())),
-        Some(other) => Err(format!("expected a string, found {}", kind(other))),
-    }
-}
-
-fn kind(v: &Value) -> &'static str {
-    match v {
-        Value::Null => "nothing",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "a list",
-        Value::Object(_) => "a mapping",
+        None | Some(Item::Null) => Ok(None),
+        Some(Item::Scalar(s)) => Ok(Some(s)),
+        Some(other) => Err(format!("expected a string, found {}", other.kind())),
     }
 }
 
 /// One `nodes[i]` entry → a raw record, or problems and `None` when its shape is unusable.
 fn raw_node(
     i: usize,
-    v: &Value,
+    v: Item,
     object: &str,
     problems: &mut Vec<DatastoreProblem>,
 ) -> Option<RawNode> {
     let at = |f: &str| format!("nodes[{i}].{f}");
-    let Value::Object(map) = v else {
+    let Item::Map(entries) = v else {
         problems.push(DatastoreProblem {
             object: object.to_string(),
             node: None,
             field: format!("nodes[{i}]"),
             message: format!(
                 "expected a mapping with name, node_ip, vtep_ip, blocks; found {}",
-                kind(v)
+                v.kind()
             ),
         });
         return None;
     };
-    // The name, if usable, for every problem about this entry.
-    let node = scalar(map.get("name"))
-        .ok()
-        .flatten()
-        .filter(|n| !n.trim().is_empty());
     let mut bad = false;
+    let mut map: BTreeMap<String, Item> = BTreeMap::new();
+    let mut given_twice = BTreeSet::new();
+    for (key, value) in entries {
+        match map.entry(key) {
+            btree_map::Entry::Occupied(seen) => {
+                given_twice.insert(seen.key().clone());
+            }
+            btree_map::Entry::Vacant(first) => {
+                first.insert(value);
+            }
+        }
+    }
+    // The name, if usable, for every problem about this entry.
+    let node = match map.get("name") {
+        Some(Item::Scalar(n)) if !n.trim().is_empty() && !given_twice.contains("name") => {
+            Some(n.clone())
+        }
+        _ => None,
+    };
     let mut report = |field: String, message: String| {
         problems.push(DatastoreProblem {
             object: object.to_string(),
@@ -335,7 +325,15 @@ fn raw_node(
         });
     };
 
-    let unknown: BTreeSet<&String> = map
+    for key in &given_twice {
+        // Which of the two is meant is a guess either way.
+        report(
+            at(key),
+            format!("`{key}` is given more than once; node entry skipped"),
+        );
+        bad = true;
+    }
+    let unknown: Vec<&String> = map
         .keys()
         .filter(|k| !NODE_KEYS.contains(&k.as_str()))
         .collect();
@@ -351,14 +349,15 @@ fn raw_node(
         bad = true;
     }
 
-    let mut field = |key: &str, report: &mut dyn FnMut(String, String)| match scalar(map.get(key)) {
-        Ok(value) => RawField::new(at(key), value),
-        Err(e) => {
-            report(at(key), e);
-            bad = true;
-            RawField::new(at(key), None)
-        }
-    };
+    let mut field =
+        |key: &str, report: &mut dyn FnMut(String, String)| match scalar(map.remove(key)) {
+            Ok(value) => RawField::new(at(key), value),
+            Err(e) => {
+                report(at(key), e);
+                bad = true;
+                RawField::new(at(key), None)
+            }
+        };
     let name = field("name", &mut report);
     let node_ip = field("node_ip", &mut report);
     let vtep_ip = field("vtep_ip", &mut report);
@@ -368,8 +367,8 @@ fn raw_node(
     let vtep_mac_v6 = field("vtep_mac_v6", &mut report);
 
     let mut list = |key: &str, required: bool| -> Vec<RawField> {
-        match map.get(key) {
-            None | Some(Value::Null) => {
+        match map.remove(key) {
+            None | Some(Item::Null) => {
                 if required {
                     report(
                         at(key),
@@ -379,8 +378,8 @@ fn raw_node(
                 }
                 Vec::new()
             }
-            Some(Value::Array(items)) => items
-                .iter()
+            Some(Item::List(items)) => items
+                .into_iter()
                 .enumerate()
                 .filter_map(|(j, item)| {
                     let f = format!("nodes[{i}].{key}[{j}]");
@@ -402,7 +401,7 @@ fn raw_node(
                     at(key),
                     format!(
                         "expected a list like [10.1.235.128/26], found {}",
-                        kind(other)
+                        other.kind()
                     ),
                 );
                 bad = true;
@@ -429,6 +428,9 @@ fn raw_node(
         vtep_mac_v6,
     })
 }
+
+mod entry;
+use entry::{Item, Nodes};
 
 #[cfg(test)]
 mod tests;

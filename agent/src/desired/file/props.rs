@@ -2,7 +2,7 @@ use std::net::IpAddr;
 
 use ipnet::IpNet;
 use proptest::{prelude::*, sample::select};
-use serde_json::{json, Map};
+use serde_json::{json, Map, Value};
 
 use super::*;
 
@@ -121,6 +121,15 @@ fn field_is_about(field: &str, prefix: &str) -> bool {
             .is_some_and(|r| r.starts_with('.') || r.starts_with('['))
 }
 
+/// A generated scalar as the parser reads it (numbers as text).
+fn text_of(v: Option<&Value>) -> Option<String> {
+    match v? {
+        Value::String(s) => Some(s.clone()),
+        Value::Number(n) => Some(n.to_string()),
+        _ => None,
+    }
+}
+
 /// Every entry (and every block/borrowed item of a kept entry) is either in the result or
 /// named by a problem.
 fn check_accounted(entries: &[Value], s: &DesiredState) -> Result<(), TestCaseError> {
@@ -133,10 +142,7 @@ fn check_accounted(entries: &[Value], s: &DesiredState) -> Result<(), TestCaseEr
         let here = format!("nodes[{i}]");
         let without_vtep = e.as_object().is_some_and(|m| {
             m.get("vtep_ip").is_none()
-                && scalar(m.get("name"))
-                    .ok()
-                    .flatten()
-                    .is_some_and(|n| s.non_vxlan.contains_key(n.trim()))
+                && text_of(m.get("name")).is_some_and(|n| s.non_vxlan.contains_key(n.trim()))
         });
         if without_vtep {
             continue; // Kept, as a node without VXLAN expectations.
@@ -145,7 +151,7 @@ fn check_accounted(entries: &[Value], s: &DesiredState) -> Result<(), TestCaseEr
         // (skipped, or the duplicate) is accounted for.
         let name_of = |e: &Value| {
             e.as_object()
-                .and_then(|m| scalar(m.get("name")).ok().flatten())
+                .and_then(|m| text_of(m.get("name")))
                 .map(|n| n.trim().to_string())
         };
         let shared_name = name_of(e).is_some_and(|n| {
@@ -159,7 +165,7 @@ fn check_accounted(entries: &[Value], s: &DesiredState) -> Result<(), TestCaseEr
             continue;
         }
         let kept = e.as_object().and_then(|m| {
-            let name = scalar(m.get("name")).ok()??;
+            let name = text_of(m.get("name"))?;
             let node = s.nodes.get(name.trim())?;
             let ip: IpAddr = m.get("node_ip")?.as_str()?.parse().ok()?;
             let vtep: IpAddr = m.get("vtep_ip")?.as_str()?.parse().ok()?;
@@ -220,7 +226,7 @@ proptest! {
         junk in "[\\[\\]{}:,\"'= \n#a-z0-9.-]{0,4}",
     ) {
         let doc = json!({ "nodes": entries });
-        let y = serde_norway::to_string(&doc).unwrap();
+        let y = serde_saphyr::to_string(&doc).unwrap();
         let s = parse(&y, FileFormat::Yaml, Path::new(PATH), "n0").unwrap();
         check_accounted(&entries, &s)?;
         // TOML cannot hold every generated shape (mixed arrays); test it when it can.

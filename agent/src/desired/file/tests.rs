@@ -132,7 +132,7 @@ borrowed = ["10.1.240.7/32", "10.1.240.8"]
 
 #[test]
 fn unquoted_all_digit_mac_stays_a_string() {
-    // YAML 1.1 would read 12:34:56 as a base-60 number; serde_norway is YAML 1.2.
+    // YAML 1.1 would read 12:34:56 as a base-60 number; node files are read as YAML 1.2.
     let s = yaml(&with_nodes(
         "  - name: k8s03
     node_ip: 192.168.77.3
@@ -406,6 +406,27 @@ fn invalid_node_still_claims_its_blocks() {
 }
 
 #[test]
+fn a_key_given_twice_skips_that_entry_only() {
+    // Which of the two values is meant is a guess: the entry is reported and skipped, the rest
+    // of the file still counts (it used to fail the whole file).
+    let s = yaml(&with_nodes(
+        "  - name: k8s03
+    node_ip: 192.168.77.3
+    vtep_ip: 10.1.30.0
+    vtep_ip: 10.1.31.0
+    blocks: [10.1.30.0/26]
+",
+    ));
+    assert!(!s.nodes.contains_key("k8s03"));
+    assert_eq!(s.nodes.len(), 2, "the other nodes are still usable");
+    assert_eq!(s.problems.len(), 1, "{:#?}", s.problems);
+    let p = &s.problems[0];
+    assert_eq!(p.node.as_deref(), Some("k8s03"));
+    assert_eq!(p.field, "nodes[2].vtep_ip");
+    assert!(p.message.contains("more than once"), "{}", p.message);
+}
+
+#[test]
 fn missing_local_node_is_a_problem() {
     let s = parse(&with_nodes(""), FileFormat::Yaml, Path::new(PATH), "k8s09").unwrap();
     assert_eq!(s.problems.len(), 1);
@@ -434,12 +455,12 @@ fn unparsable_files_are_errors_with_position() {
         (
             FileFormat::Yaml,
             "nodes: 7\n",
-            "datastore file /etc/dataplane-watchdog/nodes.yaml: line 1 column 8: nodes: invalid type",
+            "datastore file /etc/dataplane-watchdog/nodes.yaml: line 1 column 1: invalid type: integer `7`, expected a list of node entries under `nodes`",
         ),
         (
             FileFormat::Yaml,
-            "nodes:\n  - {name: a}\n  - name: b\n    name: c\n",
-            "datastore file /etc/dataplane-watchdog/nodes.yaml: line 3 column 5: nodes[1]: duplicate entry with key \"name\"",
+            "nodes: []\nnodes: []\n",
+            "datastore file /etc/dataplane-watchdog/nodes.yaml: duplicate field `nodes`",
         ),
         (
             FileFormat::Yaml,
