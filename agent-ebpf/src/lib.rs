@@ -177,13 +177,16 @@ pub const PEER_CACHE_V6_MAP: &str = "PEER_CACHE_V6";
 /// LPM trie `(prefix, IPv4) -> peer id`, filled by user space from the desired state (blocks and
 /// borrowed /32s; the longest prefix wins, as in the route table).
 pub const PEER_BLOCKS_MAP: &str = "PEER_BLOCKS";
-/// Blocks of all peers: a 5000-node cluster with 2 blocks each fits.
-pub const PEER_BLOCKS_CAPACITY: u32 = 16384;
+/// Blocks and borrowed addresses of all peers. LPM tries are never preallocated (aya sets
+/// `BPF_F_NO_PREALLOC`): the kernel allocates per entry in use, so this is only a ceiling —
+/// 5,000 nodes with 6 blocks each plus 100,000 borrowed addresses fit. Above it the whole
+/// update fails and no drop is attributed to any peer.
+pub const PEER_BLOCKS_CAPACITY: u32 = 1 << 18;
 
 /// LPM trie `(prefix, IPv6 as [u32; 4]) -> peer id`: [`PEER_BLOCKS_MAP`] for the IPv6 blocks
 /// and borrowed /128s of dual-stack peers.
 pub const PEER_BLOCKS_V6_MAP: &str = "PEER_BLOCKS_V6";
-pub const PEER_BLOCKS_V6_CAPACITY: u32 = 16384;
+pub const PEER_BLOCKS_V6_CAPACITY: u32 = 1 << 18;
 
 /// LRU hash `NeighKey{ifindex, addr, 0} -> last seen nud_state`, so transitions are counted
 /// once, not once per event. Eviction only forgets a state: the next event then counts as a

@@ -211,6 +211,42 @@ fn wait_for(
     }
 }
 
+/// A 5,000-node cluster with 6 blocks per node (30,000 blocks, the benchmark's synthetic node)
+/// must fit: over capacity, no drop at all would be attributed to a peer.
+#[test]
+fn peer_blocks_of_a_large_cluster_fit_and_attribute_drops() {
+    let ns = broken_sender("big");
+    let ifindex = ns.ifindex("vxlan.calico");
+    let mut counters = load(&ns);
+    counters
+        .set_watched_devices(&BTreeSet::from([ifindex]))
+        .expect("watch device");
+    // 10.64.0.0/10 holds 65,536 /26 blocks: node i owns blocks 6i..6i+5.
+    let mut blocks: Vec<(String, ipnet::IpNet)> = (0..5000u32 * 6)
+        .map(|b| {
+            let addr = Ipv4Addr::from(0x0a40_0000 + (b << 6));
+            (
+                format!("node{}", b / 6),
+                ipnet::IpNet::new(addr.into(), 26).unwrap(),
+            )
+        })
+        .collect();
+    blocks.push(("k8s03".into(), "10.9.0.0/26".parse().unwrap()));
+    counters
+        .set_peer_blocks(&blocks)
+        .expect("30,001 peer blocks");
+
+    ns.send_udp(Ipv4Addr::new(10, 9, 0, 5), 9000, 20);
+    let snap = wait_for(&counters, Duration::from_secs(5), |s| {
+        s.data_drops_to_peer("k8s03").values().sum::<u64>() >= 20
+    });
+    assert_eq!(
+        snap.data_drops_to_peer("k8s03").values().sum::<u64>(),
+        20,
+        "{snap:#?}"
+    );
+}
+
 #[test]
 fn unresolvable_gateway_counts_data_drops_per_peer_arp_as_control_and_neighbour_failures() {
     let ns = broken_sender("drop");
