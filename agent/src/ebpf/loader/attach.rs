@@ -3,7 +3,7 @@
 //! that says what is missing when something is.
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap as StdHashMap},
+    collections::{BTreeMap, BTreeSet},
     path::Path,
 };
 
@@ -16,7 +16,7 @@ use crate::{
         bench::ProgramRunStats,
         btf::Btf,
         offsets::{DropReasons, KernelOffsets},
-        peers::PeerIds,
+        peers::{PeerIds, TrieEntries},
         EbpfError, EbpfState, EbpfStatus, Missing, ProgramStatus,
     },
     observe,
@@ -215,7 +215,7 @@ impl EbpfDropCounters {
             header_read,
             reasons,
             peers: PeerIds::default(),
-            trie: StdHashMap::new(),
+            trie: TrieEntries::default(),
             slots: [0; WATCHED_DEVICES_CAPACITY as usize],
             retired: BTreeMap::new(),
             departed: BTreeMap::new(),

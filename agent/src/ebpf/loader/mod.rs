@@ -13,14 +13,14 @@ mod batch;
 mod maps;
 mod object;
 
-use std::collections::{BTreeMap, HashMap as StdHashMap};
+use std::collections::BTreeMap;
 
 use agent_ebpf::{PeerDropKey, WATCHED_DEVICES_CAPACITY};
 use aya::Ebpf;
 
 use super::{
     offsets::DropReasons,
-    peers::{PeerIds, TrieKey},
+    peers::{PeerIds, TrieEntries},
     snapshot::RawDrop,
     EbpfStatus,
 };
@@ -37,7 +37,7 @@ pub struct EbpfDropCounters {
     reasons: DropReasons,
     peers: PeerIds,
     /// Block → peer id currently in the LPM tries (IPv4 and IPv6).
-    trie: StdHashMap<TrieKey, u32>,
+    trie: TrieEntries,
     /// ifindex in each slot of the WATCHED_DEVICES array (0: free), as written.
     slots: [u32; WATCHED_DEVICES_CAPACITY as usize],
     /// Counts of devices no longer watched (their slot was reused), under
