@@ -4,7 +4,11 @@
 
 use std::fmt;
 
-use serde::de::{Deserialize, Deserializer, MapAccess, SeqAccess, Visitor};
+use serde::de::{self, Deserialize, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
+
+/// A node file is four levels deep (file, `nodes`, entry, `blocks`). Deeper input is refused
+/// before the parser's own recursion limit, which a small thread stack may not reach.
+const MAX_DEPTH: usize = 32;
 
 /// One value of a node file.
 #[derive(Debug, Clone, PartialEq)]
@@ -45,15 +49,32 @@ impl Item {
 
 impl<'de> Deserialize<'de> for Item {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        deserializer.deserialize_any(ItemVisitor)
+        ItemVisitor { depth: 0 }.deserialize(deserializer)
     }
 }
 
-struct ItemVisitor;
+/// Reads one value `depth` levels below the top.
+#[derive(Clone, Copy)]
+struct ItemVisitor {
+    depth: usize,
+}
 
-fn items<'de, A: SeqAccess<'de>>(mut seq: A) -> Result<Vec<Item>, A::Error> {
+impl<'de> DeserializeSeed<'de> for ItemVisitor {
+    type Value = Item;
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Item, D::Error> {
+        if self.depth > MAX_DEPTH {
+            return Err(de::Error::custom(format!(
+                "nested more than {MAX_DEPTH} levels deep; a node file needs four"
+            )));
+        }
+        deserializer.deserialize_any(self)
+    }
+}
+
+fn items<'de, A: SeqAccess<'de>>(mut seq: A, depth: usize) -> Result<Vec<Item>, A::Error> {
     let mut items = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(64));
-    while let Some(item) = seq.next_element()? {
+    while let Some(item) = seq.next_element_seed(ItemVisitor { depth: depth + 1 })? {
         items.push(item);
     }
     Ok(items)
@@ -107,16 +128,19 @@ impl<'de> Visitor<'de> for ItemVisitor {
     }
 
     fn visit_some<D: Deserializer<'de>>(self, deserializer: D) -> Result<Item, D::Error> {
-        Item::deserialize(deserializer)
+        self.deserialize(deserializer)
     }
 
     fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Item, A::Error> {
-        items(seq).map(Item::List)
+        items(seq, self.depth).map(Item::List)
     }
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Item, A::Error> {
         let mut entries = Vec::with_capacity(map.size_hint().unwrap_or(0).min(16));
-        while let Some((key, value)) = map.next_entry::<Item, Item>()? {
+        let below = ItemVisitor {
+            depth: self.depth + 1,
+        };
+        while let Some((key, value)) = map.next_entry_seed(below, below)? {
             entries.push((key.into_key(), value));
         }
         Ok(Item::Map(entries))
@@ -139,7 +163,8 @@ impl<'de> Deserialize<'de> for Nodes {
             }
 
             fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Nodes, A::Error> {
-                items(seq).map(Nodes)
+                // Under the file's top-level mapping.
+                items(seq, 1).map(Nodes)
             }
         }
         deserializer.deserialize_any(NodesVisitor)

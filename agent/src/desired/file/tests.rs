@@ -427,6 +427,35 @@ fn a_key_given_twice_skips_that_entry_only() {
 }
 
 #[test]
+fn deeply_nested_input_is_an_error_not_a_crash() {
+    // No event budget (a large cluster's file is large), but nesting stays limited, well
+    // before a test thread's stack runs out (an unoptimised build's frames are large).
+    for (format, text) in [
+        format!("nodes: [{}]\n", "[".repeat(100_000)),
+        format!(
+            "nodes:\n{}",
+            (0..2_000)
+                .map(|i| format!("{}-\n", " ".repeat(2 + 2 * i)))
+                .collect::<String>()
+        ),
+    ]
+    .into_iter()
+    .map(|t| (FileFormat::Yaml, t))
+    .chain([(
+        FileFormat::Toml,
+        format!("nodes = {}\n", "[".repeat(100_000)),
+    )]) {
+        let e = parse(&text, format, Path::new(PATH), "a").expect_err("deep");
+        // The parsers' own limits on brackets, or ours on any nesting.
+        let e = e.to_string();
+        assert!(
+            e.contains("levels deep") || e.contains("recursion limit"),
+            "{e}"
+        );
+    }
+}
+
+#[test]
 fn missing_local_node_is_a_problem() {
     let s = parse(&with_nodes(""), FileFormat::Yaml, Path::new(PATH), "k8s09").unwrap();
     assert_eq!(s.problems.len(), 1);
