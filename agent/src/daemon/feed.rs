@@ -50,9 +50,14 @@ impl LoopState {
         let for_status = desired.clone();
         let changed = self.engine.set_desired((!self.offline).then_some(desired));
         if changed {
-            if let Err(e) = lock_counters(&self.ebpf).set_peer_blocks(&blocks) {
+            let written = lock_counters(&self.ebpf).set_peer_blocks(&blocks);
+            if let Err(e) = &written {
                 warn!(error = %e, "eBPF peer blocks not updated; drops are not attributed to peers");
             }
+            let error = written.err().map(|e| e.to_string());
+            self.status
+                .update(|s| s.ebpf.peer_blocks_error = error)
+                .await;
             info!(
                 source = %for_status.source,
                 nodes = for_status.nodes.len(),

@@ -226,6 +226,9 @@ pub fn render_status(status: &Status, now: SystemTime) -> String {
         (true, None) => "not attached".to_string(),
     };
     let _ = writeln!(out, "eBPF:        {ebpf_line}");
+    if let Some(e) = &ebpf.peer_blocks_error {
+        let _ = writeln!(out, "             drops not attributed to peers: {e}");
+    }
 
     out.push_str("\nDEVICES\n");
     if status.devices.is_empty() {

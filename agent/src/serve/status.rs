@@ -354,6 +354,10 @@ pub struct EbpfSummary {
     /// Why eBPF is not (fully) attached: disabled by config, missing capability, load error.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub error: Option<String>,
+    /// Why the peers' blocks could not be written to the programs' tries: drops are then
+    /// counted per device but attributed to no peer.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub peer_blocks_error: Option<String>,
 }
 
 impl From<&crate::ebpf::EbpfStatus> for EbpfSummary {
@@ -373,6 +377,7 @@ impl From<&crate::ebpf::EbpfStatus> for EbpfSummary {
         EbpfSummary {
             attached,
             error: (!problems.is_empty()).then(|| problems.join("; ")),
+            peer_blocks_error: None,
         }
     }
 }

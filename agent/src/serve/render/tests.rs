@@ -140,7 +140,16 @@ fn human_view_shows_the_incident() {
     assert!(out.contains("k8s03  NEIGH_FAILED  1234"));
     assert!(out.contains("ALERTS (pending 0, sent 1, failed 0, dropped 0)"));
     assert!(out.contains("eBPF:        attached: kfree_skb"));
+    assert!(!out.contains("drops not attributed"));
     assert!(!out.contains("WARNING: this status was generated"));
+}
+
+#[test]
+fn human_view_says_when_drops_cannot_be_attributed_to_peers() {
+    let mut s = incident();
+    s.ebpf.peer_blocks_error = Some("300000 peer blocks exceed the map capacity 262144".into());
+    let out = render_status(&s, t(1000));
+    assert!(out.contains("eBPF:        attached: kfree_skb\n             drops not attributed to peers: 300000 peer blocks exceed the map capacity 262144"), "{out}");
 }
 
 #[test]
