@@ -718,6 +718,18 @@ fn every_fault_under_traffic_then_silence(spec: LabSpec, node: &str, peer: &str)
             .is_some_and(|r| r.values().sum::<u64>() > 0),
         "the faults blackholed traffic to {peer}, yet no drop was attributed to it: {drops:?}"
     );
+    // The peer table says the same (written only when a total changes).
+    let status = agent.status();
+    let row = status
+        .peers
+        .iter()
+        .find(|p| p.name == peer)
+        .expect("peer row");
+    assert_eq!(
+        row.drops,
+        status.drops.by_peer[peer].values().sum::<u64>(),
+        "{row:?}"
+    );
 }
 
 #[test]

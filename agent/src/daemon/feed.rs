@@ -66,6 +66,8 @@ impl LoopState {
             );
         }
         self.status.update(|s| s.set_desired(&for_status)).await;
+        // A rebuilt peer list: the next drop poll writes every peer's total again.
+        self.status_peer_drops = None;
     }
 
     pub(super) async fn adopt_feed(&mut self) {

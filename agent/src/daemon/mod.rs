@@ -165,6 +165,9 @@ struct LoopState {
     last_desired_ok: Option<Instant>,
     /// Per (device, ifindex): neighbour FAILED transitions already counted in metrics.
     neigh_failed_last: std::collections::BTreeMap<(String, u32), u64>,
+    /// Per-peer drop totals last written into the status' peer list; `None` after the list was
+    /// rebuilt. Unchanged totals (most seconds) leave the 5,000-entry list untouched.
+    status_peer_drops: Option<std::collections::BTreeMap<String, u64>>,
     /// At least one kernel dump succeeded.
     synced: bool,
     /// When the loop started (for [`DATASTORE_WAIT`]).

@@ -232,6 +232,7 @@ impl Daemon {
             last_tick: None,
             last_desired_ok: None,
             neigh_failed_last: Default::default(),
+            status_peer_drops: None,
             synced: false,
             started: Instant::now(),
             ready: false,

@@ -318,6 +318,10 @@ impl EbpfStatus {
 /// changes), and reads snapshots.
 pub trait DropCounterSource: Send {
     fn status(&self) -> EbpfStatus;
+    /// [`Self::status`]'s state alone (asked every drop poll: no copy of the program list).
+    fn state(&self) -> EbpfState {
+        self.status().state
+    }
     /// Replaces the set of watched overlay device ifindexes (in the watched netns).
     fn set_watched_devices(&mut self, ifindexes: &BTreeSet<u32>) -> Result<(), EbpfError>;
     /// Replaces the block → peer mapping (IPv4 and IPv6 blocks, borrowed /32s and /128s).

@@ -221,6 +221,7 @@ impl EbpfDropCounters {
             departed: BTreeMap::new(),
             generation: 0,
             peer_reported: std::sync::Mutex::new(BTreeMap::new()),
+            possible_cpus: aya::util::nr_cpus().ok(),
             kernel_log,
         })
     }

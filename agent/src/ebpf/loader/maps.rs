@@ -33,6 +33,10 @@ impl DropCounterSource for EbpfDropCounters {
         self.status.clone()
     }
 
+    fn state(&self) -> crate::ebpf::EbpfState {
+        self.status.state
+    }
+
     fn set_watched_devices(&mut self, ifindexes: &BTreeSet<u32>) -> Result<(), EbpfError> {
         if ifindexes.len() > WATCHED_DEVICES_CAPACITY as usize || ifindexes.contains(&0) {
             return Err(EbpfError::TooManyDevices {
@@ -167,7 +171,7 @@ impl EbpfDropCounters {
             .bpf
             .map(DEVICE_DROPS_MAP)
             .ok_or(EbpfError::MissingMap(DEVICE_DROPS_MAP))?;
-        if let (Map::PerCpuArray(data), Ok(cpus)) = (map, aya::util::nr_cpus()) {
+        if let (Map::PerCpuArray(data), Some(cpus)) = (map, self.possible_cpus) {
             match super::batch::per_cpu_sums(data.fd(), first, count, cpus) {
                 Ok(totals) => return Ok(totals),
                 Err(e) => tracing::debug!(error = %e, "batch lookup failed; one entry at a time"),

@@ -51,6 +51,9 @@ pub struct EbpfDropCounters {
     /// Highest per-peer count reported so far: a read can miss a count the kernel is moving
     /// from PEER_PENDING into PEER_DROPS, and reported counters must never go backwards.
     peer_reported: std::sync::Mutex<BTreeMap<PeerDropKey, u64>>,
+    /// Possible CPUs (per-CPU values come one per CPU), read once: aya reads and parses a
+    /// sysfs file each time it is asked. None if it could not be read (entry-by-entry reads).
+    possible_cpus: Option<usize>,
     /// Kernel diagnostics (aya-log), drained on every snapshot; None if the object has none.
     kernel_log: Option<std::sync::Mutex<aya_log::EbpfLogger<KernelLog>>>,
 }
