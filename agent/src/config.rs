@@ -18,6 +18,7 @@ mod alerts;
 mod error;
 pub use alerts::{AlertsConfig, SinkConfig, SinkKind, PAGERDUTY_EVENTS_URL};
 use error::parse_error;
+pub(crate) use error::toml_message;
 pub use error::ConfigError;
 mod renamed;
 pub use renamed::{Deprecation, RenamedKey, RENAMED_KEYS};

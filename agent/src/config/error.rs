@@ -72,23 +72,27 @@ pub(super) fn parse_error(
             .count()
             + 1
     });
-    // toml's message can span lines ("invalid table header\nexpected `.`, `]`") or be empty
-    // (a value missing after `=`).
-    let message = inner
+    ConfigError::Parse {
+        path: path.to_path_buf(),
+        key,
+        line,
+        message: toml_message(&inner),
+    }
+}
+
+/// A toml error's message on one line. It can span lines ("invalid table header\nexpected
+/// `.`, `]`") or be empty (a value missing after `=`). The node file's TOML errors too.
+pub(crate) fn toml_message(err: &toml::de::Error) -> String {
+    let message = err
         .message()
         .lines()
         .map(str::trim)
         .filter(|l| !l.is_empty())
         .collect::<Vec<_>>()
         .join("; ");
-    ConfigError::Parse {
-        path: path.to_path_buf(),
-        key,
-        line,
-        message: if message.is_empty() {
-            "invalid TOML (a value is missing or malformed)".to_string()
-        } else {
-            message
-        },
+    if message.is_empty() {
+        "invalid TOML (a value is missing or malformed)".to_string()
+    } else {
+        message
     }
 }

@@ -213,20 +213,7 @@ pub fn parse(
                 }
                 None => (None, None),
             };
-            // toml's message may span lines, or be empty when a value is missing.
-            let message = e
-                .message()
-                .lines()
-                .map(str::trim)
-                .filter(|l| !l.is_empty())
-                .collect::<Vec<_>>()
-                .join("; ");
-            let message = if message.is_empty() {
-                "invalid TOML (a value is missing or malformed)".to_string()
-            } else {
-                message
-            };
-            parse_err(line, column, message)
+            parse_err(line, column, crate::config::toml_message(&e))
         })?,
     };
 
