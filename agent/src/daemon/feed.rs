@@ -49,15 +49,14 @@ impl LoopState {
         let blocks = ebpf::peer_blocks_from_desired(&desired);
         let for_status = desired.clone();
         let changed = self.engine.set_desired((!self.offline).then_some(desired));
+        // `Some`: the peer blocks were written (or refused) again; the status says which.
+        let mut peer_blocks_error = None;
         if changed {
             let written = lock_counters(&self.ebpf).set_peer_blocks(&blocks);
             if let Err(e) = &written {
                 warn!(error = %e, "eBPF peer blocks not updated; drops are not attributed to peers");
             }
-            let error = written.err().map(|e| e.to_string());
-            self.status
-                .update(|s| s.ebpf.peer_blocks_error = error)
-                .await;
+            peer_blocks_error = Some(written.err().map(|e| e.to_string()));
             info!(
                 source = %for_status.source,
                 nodes = for_status.nodes.len(),
@@ -65,7 +64,14 @@ impl LoopState {
                 "desired state loaded"
             );
         }
-        self.status.update(|s| s.set_desired(&for_status)).await;
+        self.status
+            .update(|s| {
+                if let Some(error) = peer_blocks_error {
+                    s.ebpf.peer_blocks_error = error;
+                }
+                s.set_desired(&for_status)
+            })
+            .await;
         // A rebuilt peer list: the next drop poll writes every peer's total again.
         self.status_peer_drops = None;
     }
